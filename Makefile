@@ -1,0 +1,43 @@
+# tenantgate — the two commands of the quick start are `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PGBIN := /usr/lib/postgresql/15/bin
+STATE_DIR ?= $(CURDIR)/.tenantgate/demo
+LISTEN ?= 127.0.0.1:6432
+
+.PHONY: install run test bench fuzz-rewrite postgres clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# PostgreSQL 15 server, psql and pgbench from Debian when they are missing.
+postgres:
+	@if [ ! -x $(PGBIN)/postgres ] || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null; then \
+	  echo "installing PostgreSQL 15 with apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 postgresql-contrib >/dev/null; \
+	fi
+
+run: install postgres
+	$(BIN)/tenantgate demo --state-dir $(STATE_DIR) --listen $(LISTEN)
+
+test: install postgres
+	$(BIN)/python -m pytest -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: install postgres
+	@command -v pgbouncer >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null)
+	$(BIN)/python -m bench.run
+
+fuzz-rewrite: install postgres
+	TENANTGATE_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -p no:cacheprovider tests/test_rewrite_differential.py -x -q
+
+clean:
+	rm -rf $(VENV) .tenantgate build *.egg-info

@@ -1,0 +1,190 @@
+"""tenantgate's YAML configuration, validated with pydantic.
+
+One model is the single source of truth: validation, defaults and the JSON
+Schema (``tenantgate config-schema``).  Unknown keys are errors, and every
+error names the bad key (e.g. ``backend.port: Input should be a valid integer``).
+Secrets may be given inline or as ``*_env`` (name of an environment variable)
+or ``*_file`` (path to a file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _secret(inline: str | None, env: str | None, file: str | None, what: str) -> str | None:
+    if inline is not None:
+        return inline
+    if env is not None:
+        v = os.environ.get(env)
+        if v is None:
+            raise ConfigError(f"{what}: environment variable {env} is not set")
+        return v
+    if file is not None:
+        return Path(file).read_text().strip()
+    return None
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(6432, ge=0, le=65535)
+
+
+class TlsConfig(_Strict):
+    """TLS toward clients.  With cert and key set, SSLRequest gets real TLS."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    required: bool = False  # refuse clients that do not use TLS
+
+
+class BackendConfig(_Strict):
+    """How tenantgate reaches PostgreSQL.  Credentials never come from the client."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    database: str | None = None  # None: the database the client asked for
+    user: str = "tenantgate_app"
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    sslrootcert: str | None = None
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    def resolved_password(self) -> str | None:
+        return _secret(self.password, self.password_env, self.password_file, "backend.password")
+
+
+class UserConfig(_Strict):
+    """An application user of tenantgate (operators live in the control schema)."""
+
+    name: str
+    scram_verifier: str  # from `tenantgate passwd`
+    tenant: str | None = None  # credential-bound tenant
+    token_tenants: bool = False  # may choose its tenant with a signed token
+    passthrough: bool = False  # no policy at all; only for tests of the bare proxy
+
+    @field_validator("scram_verifier")
+    @classmethod
+    def _is_scram(cls, v: str) -> str:
+        if not v.startswith("SCRAM-SHA-256$"):
+            raise ValueError("must be a SCRAM-SHA-256 verifier made by `tenantgate passwd`")
+        return v
+
+
+class TimeoutsConfig(_Strict):
+    startup_s: float = Field(10.0, gt=0)  # client must finish startup+auth within this
+    drain_s: float = Field(30.0, ge=0)  # SIGTERM: wait this long for running transactions
+    idle_in_transaction_s: float | None = None
+
+
+class LimitsConfig(_Strict):
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_clients: int = Field(1000, ge=1)
+
+
+class TokensConfig(_Strict):
+    """Signed tenant tokens (HS256 JWT with claims ``tenant`` and ``exp``)."""
+
+    hmac_key: str | None = None
+    hmac_key_env: str | None = None
+    hmac_key_file: str | None = None
+
+    def resolved_key(self) -> str | None:
+        return _secret(self.hmac_key, self.hmac_key_env, self.hmac_key_file, "tokens.hmac_key")
+
+
+class ControlConfig(_Strict):
+    """The control schema (grants, operators, audit, tenant lifecycle)."""
+
+    dsn: str | None = None  # role that owns the control schema; never used by client sessions
+    dsn_env: str | None = None
+    schema_: str = Field("tenantgate_control", alias="schema")
+
+    def resolved_dsn(self) -> str | None:
+        return _secret(self.dsn, self.dsn_env, None, "control.dsn")
+
+
+class AuditConfig(_Strict):
+    signing_key_file: str | None = None  # Ed25519 private key (PEM) for checkpoints
+    signing_key_env: str | None = None
+    checkpoint_every: int = Field(100, ge=1)  # records between signed checkpoints
+    jsonl_path: str | None = None  # optional JSONL sink
+    redact_params: bool = False  # log bound parameters as <redacted>
+
+
+class GrantsConfig(_Strict):
+    max_duration: str = "8h"
+    approvals_required: int = Field(1, ge=1)
+    pending_ttl: str = "24h"  # an unanswered request expires after this
+
+
+class LifecycleConfig(_Strict):
+    retention_days: int = Field(90, ge=0)
+    purge_batch_rows: int = Field(5000, ge=1)
+
+
+class MetricsConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int | None = Field(9187, ge=0, le=65535)  # None disables the endpoint
+
+
+class Config(_Strict):
+    listen: ListenConfig = ListenConfig()
+    tls: TlsConfig = TlsConfig()
+    backend: BackendConfig = BackendConfig()
+    users: list[UserConfig] = []
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    rules_file: str | None = None  # path to the rules YAML (rules/); relative to the config file
+    tokens: TokensConfig = TokensConfig()
+    control: ControlConfig = ControlConfig()
+    audit: AuditConfig = AuditConfig()
+    grants: GrantsConfig = GrantsConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path)))
+    if cfg.rules_file and not os.path.isabs(cfg.rules_file):
+        cfg.rules_file = str((path.parent / cfg.rules_file).resolve())
+    if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+        raise ConfigError(f"{path}: tls.cert_file and tls.key_file must be set together")
+    if cfg.tls.required and cfg.tls.cert_file is None:
+        raise ConfigError(f"{path}: tls.required needs tls.cert_file and tls.key_file")
+    return cfg

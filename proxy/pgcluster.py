@@ -1,0 +1,168 @@
+"""An embedded, throwaway PostgreSQL cluster (for `tenantgate demo` and the tests).
+
+PostgreSQL refuses to run as root, so when we are root every server command
+runs as the ``postgres`` OS user via ``runuser``.  The cluster lives in its own
+directory and listens on loopback on its own port (and on a private unix
+socket directory), so several clusters can run side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("TENANTGATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+def _chown_to_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+@dataclass
+class PgCluster:
+    """A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port``.
+
+    The bootstrap superuser is ``postgres`` with password ``superuser_password``;
+    host connections need scram-sha-256 (trust only on the private unix socket).
+    """
+
+    datadir: Path
+    port: int
+    superuser_password: str = "postgres-admin"
+    host: str = "127.0.0.1"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.datadir.parent / (self.datadir.name + ".sock")
+
+    def dsn(self, user: str = "postgres", password: str | None = None, database: str = "postgres") -> str:
+        if password is None and user == "postgres":
+            password = self.superuser_password
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}?sslmode=disable"
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn()
+
+    def initdb(self, extra_conf: str = "") -> None:
+        if not (PG_BIN / "initdb").exists():
+            raise RuntimeError(f"PostgreSQL 15 not found at {PG_BIN}; install the postgresql-15 package")
+        self.datadir.parent.mkdir(parents=True, exist_ok=True)
+        if self.datadir.exists():
+            shutil.rmtree(self.datadir)
+        self.datadir.mkdir(mode=0o700)
+        _chown_to_postgres(self.datadir)
+        self.sockdir.mkdir(exist_ok=True)
+        _chown_to_postgres(self.sockdir)
+        pwfile = self.datadir.parent / (self.datadir.name + ".pw")
+        pwfile.write_text(self.superuser_password + "\n")
+        os.chmod(pwfile, 0o644)
+        try:
+            subprocess.run(
+                _as_postgres([
+                    str(PG_BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                    "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                    "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
+                ]),
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        conf = self.datadir / "postgresql.conf"
+        with conf.open("a") as f:
+            f.write(
+                "\n# tenantgate embedded cluster\n"
+                f"listen_addresses = '{self.host}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.sockdir}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 300\nshared_buffers = 128MB\n"
+                "log_min_messages = warning\nlogging_collector = off\n"
+                + extra_conf
+            )
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = self.datadir.parent / (self.datadir.name + ".log")
+        log.touch()
+        _chown_to_postgres(log)
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.datadir), "-l", str(log), "-w", "-t", str(int(timeout)), "start"]),
+            check=True, stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.datadir / "postmaster.pid").exists():
+            return
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"]),
+            check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def reload(self) -> None:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.datadir), "reload"]), check=True, stdout=subprocess.DEVNULL)
+
+    def psql(self, sql: str, database: str = "postgres", user: str = "postgres") -> str:
+        """Run SQL as a superuser over the private unix socket; returns stdout."""
+        out = subprocess.run(
+            _as_postgres(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-qAt", "-h", str(self.sockdir), "-p", str(self.port), "-U", user, "-d", database, "-c", sql]),
+            check=True, capture_output=True, text=True,
+        )
+        return out.stdout
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run([str(PG_BIN / "pg_isready"), "-h", self.host, "-p", str(self.port)], capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("PostgreSQL did not become ready")
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+def make_cluster(base: Path, name: str = "pg", extra_conf: str = "") -> PgCluster:
+    """initdb and start a fresh cluster under ``base`` on a free port."""
+    base.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # the postgres user must be able to traverse to the data directory
+        p = base
+        while p != p.parent:
+            try:
+                mode = p.stat().st_mode
+                if not mode & 0o001:
+                    os.chmod(p, mode | 0o001)
+            except OSError:
+                pass
+            p = p.parent
+    cluster = PgCluster(datadir=base / name, port=free_port())
+    cluster.initdb(extra_conf=extra_conf)
+    cluster.start()
+    return cluster

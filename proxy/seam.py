@@ -1,0 +1,178 @@
+"""The one seam between the protocol side and the policy side.
+
+The server (``proxy.server`` and friends) knows bytes and sockets but not SQL.
+The policy side (``proxy.policy``) knows SQL but not sockets.  They meet here:
+
+* At connection time the server authenticates the client against a
+  :class:`UserDirectory` (SCRAM verifiers) and then asks a :class:`Gatekeeper`
+  to open a :class:`SessionGate` for the session.  Opening may be refused with
+  :class:`SessionRefused` (sent to the client as FATAL).
+* Every statement the client sends, on every path (simple Query, Parse, COPY,
+  several statements in one Query) is handed to :meth:`SessionGate.check`,
+  which returns either :class:`Forward` (the SQL to send to PostgreSQL) or
+  :class:`Refuse` (an ErrorResponse for the client; the session stays usable).
+
+Everything in this module is plain data and protocols: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+
+class Origin(enum.Enum):
+    """Which protocol path a statement arrived on."""
+
+    SIMPLE = "simple"  # Query ('Q') message; may hold several statements
+    PARSE = "parse"  # Parse ('P') message of the extended protocol
+
+
+class SessionKind(enum.Enum):
+    TENANT = "tenant"  # application user bound to one tenant, or using tenant tokens
+    OPERATOR = "operator"  # human operator under a just-in-time grant
+    PASSTHROUGH = "passthrough"  # no policy at all (only for tests of the bare proxy)
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One entry of tenantgate's own user registry.
+
+    ``scram_verifier`` is in PostgreSQL's pg_authid format:
+    ``SCRAM-SHA-256$<iterations>:<salt b64>$<StoredKey b64>:<ServerKey b64>``.
+    """
+
+    name: str
+    scram_verifier: str
+    kind: SessionKind
+    tenant: str | None = None  # credential-bound tenant (application users)
+    token_tenants: bool = False  # may pick its tenant with a signed token
+    totp_secret: str | None = None  # operators with TOTP enrolled
+    roles: frozenset[str] = frozenset()  # e.g. {"operator"}, {"approver"}
+
+
+class UserDirectory(Protocol):
+    async def lookup(self, name: str) -> UserRecord | None: ...
+
+
+@dataclass(frozen=True)
+class StartupInfo:
+    user: str
+    database: str
+    client_addr: str  # "ip:port" or "unix"
+    options: dict[str, str]  # from the startup "options" (-c name=value) and extra startup parameters
+    application_name: str | None
+    session_id: str  # tenantgate's own id for the session (hex)
+    tls: bool
+
+
+class SessionRefused(Exception):
+    """Opening a session was refused: sent as FATAL, connection closed."""
+
+    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+
+class ParamCheck(Protocol):
+    """A check on one bound parameter value (Bind), e.g. "$1 must be this tenant"."""
+
+    def accepts(self, format_code: int, value: bytes | None) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class CopyInCheck(Protocol):
+    """Stateful check of the rows of a COPY ... FROM STDIN stream.
+
+    ``feed`` gets each CopyData payload in order; ``finish`` is called on
+    CopyDone.  Either returns an error message to abort the COPY (the proxy
+    then sends CopyFail to PostgreSQL, so nothing is committed), or None.
+    """
+
+    def feed(self, data: bytes) -> str | None: ...
+
+    def finish(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send ``sql`` to PostgreSQL instead of what the client sent."""
+
+    sql: str
+    # For Parse: checks on bound parameter values, by 0-based parameter index.
+    param_checks: tuple[tuple[int, ParamCheck], ...] = ()
+    # For COPY ... FROM STDIN: a checker for the data stream (one per COPY).
+    copy_in_check: Callable[[], CopyInCheck] | None = None
+    # The statement class for audit and metrics: "read", "write", "ddl", "tcl", "set", "other".
+    statement_class: str = "other"
+    # Free-form data the gate wants back in audit hooks (e.g. original SQL).
+    audit: Any = None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Do not forward; answer with ErrorResponse (severity ERROR)."""
+
+    sqlstate: str
+    message: str
+    detail: str | None = None
+    hint: str | None = None
+
+
+Decision = Forward | Refuse
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a forwarded statement (for audit)."""
+
+    sqlstate: str | None  # None = success
+    command_tag: str | None  # e.g. "SELECT 3", "UPDATE 1"
+    rows: int | None
+    duration_s: float
+
+
+class SessionGate(Protocol):
+    """Per-session policy object.  Created by :meth:`Gatekeeper.open_session`."""
+
+    kind: SessionKind
+    # True when every statement must be durably audited before it is forwarded
+    # (operator sessions).  When False, audit_before/audit_after are not called.
+    audited: bool
+    # SQL the proxy runs on the backend connection right after connecting,
+    # before the client's first statement (e.g. SET tenantgate.tenant_id ...).
+    backend_setup_sql: Sequence[str]
+
+    def check(self, sql: str, origin: Origin) -> Decision: ...
+
+    def on_ready_for_query(self, tx_status: bytes) -> None:
+        """Called with b"I", b"T" or b"E" on each ReadyForQuery (per-transaction state)."""
+
+    async def audit_before(self, decision: Forward, params: Sequence[bytes | None] | None) -> Any:
+        """Durably log a statement before it runs; raise to refuse it (then nothing runs)."""
+
+    async def audit_after(self, handle: Any, outcome: Outcome) -> None: ...
+
+    def on_refused(self, sql: str, refusal: Refuse) -> None:
+        """A statement was refused (fire-and-forget logging of possible attacks)."""
+
+    def set_terminator(self, terminate: Callable[[str, str], None]) -> None:
+        """Give the gate a callback to end the session: terminate(sqlstate, message).
+
+        Used to end operator sessions on grant expiry or revocation.
+        """
+
+    async def close(self) -> None: ...
+
+
+class Gatekeeper(Protocol):
+    """Decides who a session is, and gives it its SessionGate."""
+
+    users: UserDirectory
+
+    async def open_session(self, user: UserRecord, startup: StartupInfo) -> SessionGate: ...

@@ -1,0 +1,51 @@
+"""Test harness: one throwaway PostgreSQL 15 cluster for the whole test session.
+
+Each test module that needs a database creates its own database in it (see the
+``fresh_db`` fixture factory) so modules do not see each other's tables.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from proxy.pgcluster import PG_BIN, PgCluster, make_cluster
+
+
+def _require_pg() -> None:
+    if not (PG_BIN / "postgres").exists():
+        pytest.exit(f"PostgreSQL 15 server binaries missing at {PG_BIN} (make test installs them)", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def pg_base_dir():
+    d = Path(tempfile.mkdtemp(prefix="tenantgate-test-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg(pg_base_dir) -> PgCluster:
+    """The session's PostgreSQL cluster (superuser: cluster.admin_dsn)."""
+    _require_pg()
+    cluster = make_cluster(pg_base_dir, "main")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def make_db(pg):
+    """Factory: make_db(prefix) -> (dbname, superuser dsn) of a fresh, empty database."""
+
+    def _make(prefix: str = "t") -> tuple[str, str]:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        pg.psql(f'CREATE DATABASE "{name}"')
+        return name, pg.dsn(database=name)
+
+    return _make
