@@ -1,6 +1,71 @@
-"""`tenantgate doctor` (not yet implemented)."""
+"""`tenantgate doctor`: check that the PostgreSQL behind tenantgate is locked behind the gate.
+
+Exit status: 0 when no check failed (warnings allowed), 1 when any check
+failed, 2 on a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from urllib.parse import quote
+
+from proxy.config import ConfigError, load_config
+from proxy.doctor import diagnose
 
 
 def register(sub):
-    p = sub.add_parser("doctor", help="(not yet implemented)")
-    p.set_defaults(func=lambda args: (print("tenantgate doctor: not yet implemented"), 2)[1])
+    p = sub.add_parser(
+        "doctor",
+        help="check that PostgreSQL is locked behind tenantgate (roles, RLS, pg_hba, ssl, ...)",
+        description="Connects as tenantgate's backend role and reports every posture problem with a fix. "
+        "Exits 1 if any check fails.",
+    )
+    p.add_argument("--backend", metavar="DSN", help="DSN of tenantgate's backend role (e.g. tenantgate_app)")
+    p.add_argument("--config", metavar="FILE", help="take the backend DSN from tenantgate's config (backend.*)")
+    p.add_argument("--admin-dsn", metavar="DSN", help="superuser DSN: also check pg_hba.conf rules and password storage")
+    p.add_argument("--tenant-column", default="tenant_id", help="the tenant column (default: tenant_id)")
+    p.add_argument("--schema", action="append", dest="schemas", metavar="SCHEMA",
+                   help="application schema to check (repeatable; default: public)")
+    p.add_argument("--control-schema", default=None, help="control schema name (default: tenantgate_control)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def _dsn_from_config(path: str) -> tuple[str, str]:
+    cfg = load_config(path)
+    b = cfg.backend
+    if not b.database:
+        raise ConfigError(f"{path}: backend.database is not set; pass --backend DSN instead")
+    password = b.resolved_password()
+    auth = quote(b.user, safe="") + (":" + quote(password, safe="") if password else "")
+    dsn = f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
+    if b.sslrootcert:
+        dsn += f"&sslrootcert={quote(b.sslrootcert, safe='')}"
+    return dsn, cfg.control.schema_
+
+
+def run(args) -> int:
+    control_schema = args.control_schema
+    backend = args.backend
+    if backend is None:
+        if not args.config:
+            print("tenantgate doctor: pass --backend DSN or --config FILE", file=sys.stderr)
+            return 2
+        try:
+            backend, cfg_control = _dsn_from_config(args.config)
+        except ConfigError as e:
+            print(f"tenantgate doctor: {e}", file=sys.stderr)
+            return 2
+        control_schema = control_schema or cfg_control
+    report = asyncio.run(
+        diagnose(
+            backend,
+            admin_dsn=args.admin_dsn,
+            tenant_column=args.tenant_column,
+            schemas=args.schemas or ["public"],
+            control_schema=control_schema or "tenantgate_control",
+        )
+    )
+    print(report.to_json() if args.json else report.to_text())
+    return 0 if report.ok else 1
