@@ -1,6 +1,513 @@
-"""`tenantgate tenant` (not yet implemented)."""
+"""`tenantgate tenant …`: list, register, export, verify-export, import, offboard, restore, purge, purge-expired.
+
+The data path is :mod:`proxy.lifecycle` (export, import, purge over the
+``lifecycle.data_dsn`` role); who may act and the audit chain are the control
+plane's (:class:`proxy.control.plane.ControlPlane`):
+
+* the acting person is authenticated (``--as NAME``, password prompt or
+  ``--password-stdin``, ``--totp CODE`` when enrolled), never taken from a bare flag;
+* export needs an approved read (or write) grant for the tenant, import and
+  purge an approved write grant (``--grant ID`` to choose one);
+* offboard, restore and register need the approver role;
+* ``purge-expired`` runs as the platform's service identity (the holder of
+  the config's control and data DSNs), recorded as ``lifecycle.service_name``;
+* every action is appended to the audit chain before it runs, its outcome
+  after, and refusals too.
+
+Errors are printed as ``ERROR:  message (SQLSTATE xxxxx)``; exit status 1
+(2 for a bad config).  See docs/lifecycle.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.lifecycle.tables import (
+    INVALID_AUTHORIZATION,
+    INSUFFICIENT_PRIVILEGE,
+    OBJECT_NOT_IN_STATE,
+    UNDEFINED_OBJECT,
+    LifecycleError,
+    discover,
+)
+
+
+
+class _NoopMetric:
+    def labels(self, *a, **k):
+        return self
+
+    def inc(self, *a, **k):
+        pass
+
+
+class _Metrics:
+    """proxy.metrics' lifecycle counters; no-ops when the module cannot be imported."""
+
+    def __init__(self):
+        try:
+            from proxy import metrics as m
+
+            self.TENANT_EXPORTS_TOTAL = m.TENANT_EXPORTS_TOTAL
+            self.TENANT_PURGES_TOTAL = m.TENANT_PURGES_TOTAL
+            self.TENANT_PURGED_ROWS_TOTAL = m.TENANT_PURGED_ROWS_TOTAL
+        except Exception:  # e.g. a registry clash while the project is assembled: counting must not block purges
+            self.TENANT_EXPORTS_TOTAL = self.TENANT_PURGES_TOTAL = self.TENANT_PURGED_ROWS_TOTAL = _NoopMetric()
+
+
+metrics = _Metrics()
+
+# audit record types written by this command
+EXPORT = "tenant.export"
+IMPORT = "tenant.import"
+PURGE_STARTED = "tenant.purge.started"
+PURGE_RECEIPT = "tenant.purge"  # detail = the deletion receipt
+DONE = ".done"
+FAILED = ".failed"
+REFUSED = "tenant.refused"
+
+
+# --------------------------------------------------------------------------- helpers
+def _data_dsn(cfg: Config) -> str:
+    dsn = cfg.lifecycle.resolved_data_dsn()
+    if dsn:
+        return dsn
+    b = cfg.backend
+    if not b.database:
+        raise ConfigError("lifecycle.data_dsn (or backend.database) must be set for tenant export/import/purge")
+    pw = b.resolved_password()
+    auth = quote(b.user, safe="") + (":" + quote(pw, safe="") if pw else "")
+    return f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
+
+
+async def _schema(cfg: Config, conn):
+    """Tenant tables as the proxy sees them (rules file), else tenant_id in public."""
+    if cfg.rules_file:
+        from proxy.policy.rules import load_rules
+
+        rules = load_rules(cfg.rules_file)
+        tables = None if rules.discover else sorted(rules.tenant_table_keys)
+        return await discover(conn, rules.tenant_column, rules.schemas, tables)
+    return await discover(conn, "tenant_id", ["public"])
+
+
+def _control_error(e: Exception) -> LifecycleError:
+    from proxy.control import plane as P
+
+    code = {
+        P.AuthenticationFailed: "28P01",
+        P.PermissionDenied: INSUFFICIENT_PRIVILEGE,
+        P.NotFound: UNDEFINED_OBJECT,
+        P.InvalidRequest: "22023",
+    }.get(type(e), "XX000")
+    return LifecycleError(code, str(e))
+
+
+class _Ctx:
+    def __init__(self, args, cfg: Config, plane):
+        self.args = args
+        self.cfg = cfg
+        self.plane = plane
+        self.actor = None
+
+    async def audit(self, type_: str, **kw) -> int:
+        from proxy.control.audit import AuditRecord
+
+        return await self.plane.append(AuditRecord(type_, operator=self.actor.name if self.actor else kw.pop("operator", None), **kw))
+
+    async def refuse(self, err: LifecycleError, tenant: str | None, action: str, name: str | None = None) -> LifecycleError:
+        """Record a refused action in the audit chain (best effort), return the error to raise."""
+        try:
+            from proxy.control.audit import AuditRecord
+
+            await self.plane.append(AuditRecord(
+                REFUSED, operator=self.actor.name if self.actor else name, tenant=tenant, sqlstate=err.sqlstate,
+                detail={"action": action, "message": err.message}))
+        except Exception:
+            pass
+        return err
+
+    async def authenticate(self, action: str, tenant: str | None):
+        from proxy.control.plane import ControlError
+
+        name = self.args.as_
+        if not name:
+            raise await self.refuse(LifecycleError(INVALID_AUTHORIZATION, f"{action} needs the acting person: --as NAME"), tenant, action)
+        if self.args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"Password for {name}: ")
+        else:
+            raise LifecycleError(INVALID_AUTHORIZATION, "no terminal for the password prompt: use --password-stdin")
+        try:
+            self.actor = await self.plane.authenticate_actor(name, password, self.args.totp)
+        except ControlError as e:  # the plane audits failed authentications itself
+            raise _control_error(e)
+        return self.actor
+
+    async def tenant(self, name: str, action: str):
+        t = await self.plane.get_tenant(name)
+        if t is None:
+            raise await self.refuse(
+                LifecycleError(UNDEFINED_OBJECT, f'tenant "{name}" does not exist',
+                               hint="tenantgate tenant list shows the registered tenants"), name, action)
+        return t
+
+    async def grant(self, tenant: str, access: str, action: str):
+        from proxy.control.plane import ControlError
+
+        try:
+            return await self.plane.active_grant_for(self.actor, tenant, access, self.args.grant)
+        except ControlError as e:
+            raise await self.refuse(_control_error(e), tenant, action)
+
+    async def require_approver(self, tenant: str, action: str) -> None:
+        if not self.actor.is_approver:
+            raise await self.refuse(
+                LifecycleError(INSUFFICIENT_PRIVILEGE, f"{self.actor.name} may not {action} tenants (needs the approver role)"),
+                tenant, action)
+
+
+@asynccontextmanager
+async def _context(args):
+    from proxy.control.plane import ControlPlane
+
+    cfg = load_config(args.config)
+    plane = ControlPlane.from_config(cfg, pool_max_size=2)
+    await plane.start()
+    try:
+        yield _Ctx(args, cfg, plane)
+    finally:
+        await plane.close()
+
+
+@asynccontextmanager
+async def _data(cfg: Config):
+    import asyncpg
+
+    conn = await asyncpg.connect(_data_dsn(cfg), server_settings={"application_name": "tenantgate-lifecycle"})
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _print_json(doc) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+
+
+def _iso(d: datetime | None) -> str:
+    return d.astimezone(timezone.utc).isoformat(timespec="seconds") if d else "-"
+
+
+# --------------------------------------------------------------------------- actions
+async def _list(args) -> int:
+    async with _context(args) as ctx:
+        tenants = await ctx.plane.list_tenants()
+    if args.json:
+        _print_json([t.to_json() for t in tenants])
+        return 0
+    print(f"{'tenant':<24} {'status':<11} {'retention_end':<26} purged_at")
+    for t in tenants:
+        print(f"{t.name:<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
+    return 0
+
+
+async def _register(args) -> int:
+    async with _context(args) as ctx:
+        await ctx.authenticate("register", args.tenant)
+        await ctx.require_approver(args.tenant, "register")
+        t = await ctx.plane.register_tenant(args.tenant, ctx.actor)
+        _print_json(t.to_json())
+    return 0
+
+
+async def _export(args) -> int:
+    from proxy.lifecycle.export import export_tenant, manifest_sha256
+
+    async with _context(args) as ctx:
+        await ctx.authenticate("export", args.tenant)
+        t = await ctx.tenant(args.tenant, "export")
+        if t.status == "purged":
+            raise await ctx.refuse(LifecycleError(OBJECT_NOT_IN_STATE, f'tenant "{t.name}" has been purged: nothing to export'), t.name, "export")
+        g = await ctx.grant(t.name, "read", "export")
+        seq = await ctx.audit(EXPORT, grant_id=g.id, tenant=t.name,
+                              detail={"out": os.path.abspath(args.out), "format": args.format})
+        t0 = time.monotonic()
+        try:
+            async with _data(ctx.cfg) as conn:
+                schema = await _schema(ctx.cfg, conn)
+                manifest = await export_tenant(conn, schema, t.name, args.out, data_format=args.format)
+        except Exception as e:
+            metrics.TENANT_EXPORTS_TOTAL.labels("error").inc()
+            await ctx.audit(EXPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
+                            sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})
+            raise
+        metrics.TENANT_EXPORTS_TOTAL.labels("ok").inc()
+        await ctx.audit(EXPORT + DONE, grant_id=g.id, tenant=t.name, ref_seq=seq, rows=manifest["total_rows"],
+                        duration_us=int((time.monotonic() - t0) * 1e6),
+                        detail={"manifest_sha256": manifest_sha256(manifest), "snapshot_time": manifest["snapshot_time"],
+                                "tables": {x["name"]: x["rows"] for x in manifest["tables"]}})
+    _print_json({"tenant": t.name, "out": args.out, "total_rows": manifest["total_rows"],
+                 "tables": {x["name"]: x["rows"] for x in manifest["tables"]},
+                 "snapshot_time": manifest["snapshot_time"]})
+    return 0
+
+
+async def _verify_export(args) -> int:
+    from proxy.lifecycle.export import verify_export
+
+    m = verify_export(args.path)
+    _print_json({"ok": True, "path": args.path, "tenant": m["tenant"], "total_rows": m.get("total_rows"),
+                 "tables": {x["name"]: x["rows"] for x in m["tables"]}, "snapshot_time": m.get("snapshot_time")})
+    return 0
+
+
+async def _import(args) -> int:
+    from proxy.lifecycle.importer import import_tenant
+
+    async with _context(args) as ctx:
+        await ctx.authenticate("import", args.tenant)
+        t = await ctx.tenant(args.tenant, "import")
+        if t.status != "active":
+            raise await ctx.refuse(LifecycleError(
+                OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is {t.status}: import loads only into an active tenant'),
+                t.name, "import")
+        g = await ctx.grant(t.name, "write", "import")
+        seq = await ctx.audit(IMPORT, grant_id=g.id, tenant=t.name, detail={"path": os.path.abspath(args.path)})
+        t0 = time.monotonic()
+        try:
+            async with _data(ctx.cfg) as conn:
+                schema = await _schema(ctx.cfg, conn)
+                result = await import_tenant(conn, schema, t.name, args.path)
+        except Exception as e:
+            await ctx.audit(IMPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
+                            sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})
+            raise
+        await ctx.audit(IMPORT + DONE, grant_id=g.id, tenant=t.name, ref_seq=seq, rows=result["total_rows"],
+                        duration_us=int((time.monotonic() - t0) * 1e6), detail={"tables": result["tables"]})
+    _print_json({"tenant": t.name, "total_rows": result["total_rows"], "tables": result["tables"]})
+    return 0
+
+
+async def _offboard(args) -> int:
+    async with _context(args) as ctx:
+        await ctx.authenticate("offboard", args.tenant)
+        await ctx.require_approver(args.tenant, "offboard")
+        t = await ctx.tenant(args.tenant, "offboard")
+        if t.status != "active":
+            raise await ctx.refuse(LifecycleError(OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is {t.status}, not active'), t.name, "offboard")
+        t = await ctx.plane.set_tenant_status(t.name, "offboarded", actor=ctx.actor)
+        _print_json(t.to_json())
+    return 0
+
+
+async def _restore(args) -> int:
+    async with _context(args) as ctx:
+        await ctx.authenticate("restore", args.tenant)
+        await ctx.require_approver(args.tenant, "restore")
+        t = await ctx.tenant(args.tenant, "restore")
+        if t.status != "offboarded":
+            raise await ctx.refuse(LifecycleError(OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is {t.status}, not offboarded'), t.name, "restore")
+        if t.retention_end <= datetime.now(timezone.utc):
+            raise await ctx.refuse(LifecycleError(
+                OBJECT_NOT_IN_STATE, f'the retention period of tenant "{t.name}" ended at {_iso(t.retention_end)}',
+                hint="a tenant can be restored only within its retention period"), t.name, "restore")
+        t = await ctx.plane.set_tenant_status(t.name, "active", actor=ctx.actor)
+        _print_json(t.to_json())
+    return 0
+
+
+async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | None, mode: str) -> dict:
+    """Purge one tenant; the receipt goes into the audit chain and the tenant becomes purged."""
+    from proxy.control.audit import AuditRecord
+    from proxy.lifecycle.purge import PurgeOptions, purge_tenant
+
+    await ctx.plane.append(AuditRecord(PURGE_STARTED, operator=operator, grant_id=grant_id, tenant=tenant,
+                                       detail={"mode": mode}))
+
+    async def record(receipt: dict) -> None:
+        await ctx.plane.append(AuditRecord(PURGE_RECEIPT, operator=operator, grant_id=grant_id, tenant=tenant,
+                                           rows=receipt["total_rows"], detail=receipt))
+        await ctx.plane.set_tenant_status(tenant, "purged", actor=ctx.actor, grant_id=grant_id,
+                                          detail={"receipt_sha256": receipt["receipt_sha256"]})
+
+    opts = PurgeOptions(batch_rows=ctx.cfg.lifecycle.purge_batch_rows, journal_schema=ctx.cfg.lifecycle.journal_schema,
+                        operator=operator, grant_id=None if grant_id is None else str(grant_id))
+    try:
+        async with _data(ctx.cfg) as conn:
+            schema = await _schema(ctx.cfg, conn)
+            receipt = await purge_tenant(conn, schema, tenant, opts, record_receipt=record)
+    except Exception as e:
+        metrics.TENANT_PURGES_TOTAL.labels("error").inc()
+        try:
+            await ctx.plane.append(AuditRecord(PURGE_RECEIPT + FAILED, operator=operator, grant_id=grant_id, tenant=tenant,
+                                               sqlstate=getattr(e, "sqlstate", "XX000"),
+                                               detail={"message": str(getattr(e, "message", e))}))
+        except Exception:
+            pass
+        raise
+    metrics.TENANT_PURGES_TOTAL.labels("ok").inc()
+    metrics.TENANT_PURGED_ROWS_TOTAL.inc(receipt["total_rows"])
+    return receipt
+
+
+async def _pending(cfg: Config) -> list[str]:
+    from proxy.lifecycle.purge import pending_purges
+
+    async with _data(cfg) as conn:
+        return await pending_purges(conn, cfg.lifecycle.journal_schema)
+
+
+async def _purge(args) -> int:
+    async with _context(args) as ctx:
+        await ctx.authenticate("purge", args.tenant)
+        t = await ctx.tenant(args.tenant, "purge")
+        now = datetime.now(timezone.utc)
+        resuming = t.name in await _pending(ctx.cfg)
+        if t.status == "purged" and not resuming:
+            print(f'tenant "{t.name}" is already purged (at {_iso(t.purged_at)}); its receipt is in the audit chain',
+                  file=sys.stderr)
+            return 0
+        if t.status == "active":
+            raise await ctx.refuse(LifecycleError(
+                OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is active: offboard it first (tenantgate tenant offboard {t.name})'),
+                t.name, "purge")
+        mode = "resume" if t.status == "purged" else "retention ended"
+        if t.status == "offboarded" and t.retention_end > now:
+            if not args.now:
+                raise await ctx.refuse(LifecycleError(
+                    OBJECT_NOT_IN_STATE,
+                    f'the retention period of tenant "{t.name}" ends at {_iso(t.retention_end)}',
+                    hint=f"to purge before that, add --now --confirm {t.name}"), t.name, "purge")
+            if args.confirm != t.name:
+                raise await ctx.refuse(LifecycleError(
+                    OBJECT_NOT_IN_STATE, "purging before the retention ends needs confirmation",
+                    hint=f"repeat the tenant id: --now --confirm {t.name}"), t.name, "purge")
+            mode = "now"
+        g = await ctx.grant(t.name, "write", "purge")
+        receipt = await _run_purge(ctx, t.name, operator=ctx.actor.name, grant_id=g.id, mode=mode)
+    _print_json(receipt)
+    return 0
+
+
+async def _purge_expired(args) -> int:
+    failures = 0
+    from proxy.control.plane import Actor
+
+    async with _context(args) as ctx:
+        service = ctx.cfg.lifecycle.service_name
+        ctx.actor = Actor(service, frozenset())  # names the service in the audit records; it holds no roles
+        now = datetime.now(timezone.utc)
+        pending = set(await _pending(ctx.cfg))
+        due = [t for t in await ctx.plane.list_tenants()
+               if (t.status == "offboarded" and t.retention_end is not None and t.retention_end <= now)
+               or (t.name in pending and t.status != "active")]
+        for t in due:
+            try:
+                receipt = await _run_purge(ctx, t.name, operator=service, grant_id=None,
+                                           mode="resume" if t.status == "purged" else "retention ended")
+                print(json.dumps(receipt, ensure_ascii=False))
+            except Exception as e:
+                failures += 1
+                print(_format_error(e), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _format_error(e: BaseException) -> str:
+    if isinstance(e, LifecycleError):
+        return str(e)
+    sqlstate = getattr(e, "sqlstate", None)
+    if sqlstate:
+        return f"ERROR:  {e} (SQLSTATE {sqlstate})"
+    return f"ERROR:  {e}"
+
+
+# --------------------------------------------------------------------------- argparse
+def _run_loop(coro):
+    """uvloop when available (export throughput depends on per-chunk loop overhead)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _runner(coro_fn):
+    def run(args) -> int:
+        from proxy.control.plane import ControlError
+
+        try:
+            return _run_loop(coro_fn(args))
+        except ConfigError as e:
+            print(f"ERROR:  {e}", file=sys.stderr)
+            return 2
+        except ControlError as e:
+            print(str(_control_error(e)), file=sys.stderr)
+            return 1
+        except (LifecycleError, OSError) as e:
+            print(_format_error(e), file=sys.stderr)
+            return 1
+        except Exception as e:
+            if getattr(e, "sqlstate", None):
+                print(_format_error(e), file=sys.stderr)
+                return 1
+            raise
+
+    return run
 
 
 def register(sub):
-    p = sub.add_parser("tenant", help="(not yet implemented)")
-    p.set_defaults(func=lambda args: (print("tenantgate tenant: not yet implemented"), 2)[1])
+    p = sub.add_parser("tenant", help="tenant lifecycle: export, import, offboard, restore, purge, list",
+                       description=__doc__.splitlines()[0])
+    tsub = p.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=os.environ.get("TENANTGATE_CONFIG", "tenantgate.yaml"),
+                        help="config file (default: $TENANTGATE_CONFIG or tenantgate.yaml)")
+    actor = argparse.ArgumentParser(add_help=False)
+    actor.add_argument("--as", dest="as_", metavar="NAME", help="the person acting (authenticated)")
+    actor.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    actor.add_argument("--totp", metavar="CODE", help="current TOTP code (when enrolled)")
+    granted = argparse.ArgumentParser(add_help=False)
+    granted.add_argument("--grant", type=int, metavar="ID", help="the grant to act under (default: the newest active one)")
+
+    def add(name, fn, help_, parents):
+        sp = tsub.add_parser(name, help=help_, parents=parents)
+        sp.set_defaults(func=_runner(fn))
+        return sp
+
+    sp = add("list", _list, "tenants and their lifecycle status", [common])
+    sp.add_argument("--json", action="store_true")
+    sp = add("register", _register, "register a tenant as active (approver)", [common, actor])
+    sp.add_argument("tenant")
+    sp = add("export", _export, "export a tenant's rows (read grant)", [common, actor, granted])
+    sp.add_argument("tenant")
+    sp.add_argument("--out", required=True, help="a new directory, or a FILE.tar.zst")
+    sp.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    sp = tsub.add_parser("verify-export", help="re-check an export's row counts and checksums (offline)",
+                         parents=[common])
+    sp.add_argument("path")
+    sp.set_defaults(func=_runner(_verify_export))
+    sp = add("import", _import, "load an export into an empty tenant (write grant)", [common, actor, granted])
+    sp.add_argument("tenant")
+    sp.add_argument("path")
+    sp = add("offboard", _offboard, "start the retention period: read and export only (approver)", [common, actor])
+    sp.add_argument("tenant")
+    sp = add("restore", _restore, "undo an offboarding within the retention period (approver)", [common, actor])
+    sp.add_argument("tenant")
+    sp = add("purge", _purge, "delete every row of a tenant after retention (write grant)", [common, actor, granted])
+    sp.add_argument("tenant")
+    sp.add_argument("--now", action="store_true", help="purge before the retention period ends")
+    sp.add_argument("--confirm", metavar="TENANT", help="with --now: the tenant id again")
+    add("purge-expired", _purge_expired, "purge every tenant whose retention ended (service identity)", [common])
