@@ -1,6 +1,124 @@
-"""`tenantgate audit` (not yet implemented)."""
+"""`tenantgate audit verify|export|checkpoint|keygen`: the tamper-evident audit trail.
+
+    tenantgate audit verify --config tenantgate.yaml        # exit 1 and names the first problem
+    tenantgate audit export --since 2026-11-01T00:00Z > audit.jsonl
+    tenantgate audit export --since-seq 1200 --out siem.jsonl
+    tenantgate audit keygen --out /etc/tenantgate/audit.key # Ed25519; set audit.signing_key_file
+
+verify re-walks the hash chain and checks the Ed25519 signatures of the
+checkpoints (with the key from audit.signing_key_file/_env, or
+audit.verify_key_files).  It reports modified, deleted, inserted and
+reordered records and bad checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .control_common import EXIT_FAIL, EXIT_OK, UsageError, add_config_arg, control_plane, emit, run
 
 
 def register(sub):
-    p = sub.add_parser("audit", help="(not yet implemented)")
-    p.set_defaults(func=lambda args: (print("tenantgate audit: not yet implemented"), 2)[1])
+    p = sub.add_parser("audit", help="verify and export the audit trail",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ops = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    v = ops.add_parser("verify", help="re-walk the hash chain and check signed checkpoints")
+    add_config_arg(v)
+    v.set_defaults(func=lambda args: run(args, _verify))
+
+    e = ops.add_parser("export", help="write records as JSON lines (for a SIEM)")
+    e.add_argument("--since", help="ISO time (e.g. 2026-11-01T00:00Z); records at or after it")
+    e.add_argument("--since-seq", type=int, help="records with seq >= N")
+    e.add_argument("--out", help="file to write (default: standard output); must not exist")
+    add_config_arg(e)
+    e.set_defaults(func=lambda args: run(args, _export))
+
+    c = ops.add_parser("checkpoint", help="sign the chain's head now")
+    add_config_arg(c)
+    c.set_defaults(func=lambda args: run(args, _checkpoint))
+
+    k = ops.add_parser("keygen", help="create an Ed25519 signing key (PEM) and its public key (.pub)")
+    k.add_argument("--out", required=True, help="private key file to create (mode 0600); public key: OUT.pub")
+    k.set_defaults(func=_keygen)
+
+
+async def _verify(args) -> int:
+    async with control_plane(args) as plane:
+        report = await plane.verify()
+
+    def human() -> str:
+        sig = "signatures checked" if report.signatures_checked else "signatures NOT checked (no key configured)"
+        head = f"{report.records} records, head at {report.head_seq}, {report.checkpoints} checkpoints, {sig}"
+        if report.ok:
+            return f"audit chain OK: {head}"
+        lines = [f"audit chain FAILED: {report.first.message}", f"  ({head})"]
+        lines += [f"  - [{p.kind}] {p.message}" for p in report.problems[1:]]
+        return "\n".join(lines)
+
+    emit(args, report.to_json(), human)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        d = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r}: use an ISO time such as 2026-11-01T00:00Z")
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+async def _export(args) -> int:
+    since = _parse_since(args.since) if args.since else None
+    if args.out and os.path.exists(args.out):
+        raise UsageError(f"--out {args.out}: the file exists")
+    tmp = f"{args.out}.partial" if args.out else None
+    out = open(tmp, "x", encoding="utf-8") if tmp else sys.stdout
+    n = 0
+    try:
+        async with control_plane(args) as plane:
+            async for line in plane.export(since=since, since_seq=args.since_seq):
+                out.write(line + "\n")
+                n += 1
+        if tmp:
+            out.close()
+            os.replace(tmp, args.out)
+    except BaseException:
+        if tmp:
+            out.close()
+            os.unlink(tmp)
+        raise
+    if args.out:
+        print(f"exported {n} records to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _checkpoint(args) -> int:
+    async with control_plane(args) as plane:
+        seq = await plane.checkpoint()
+    if seq is None:
+        raise UsageError("no signing key configured (audit.signing_key_file or audit.signing_key_env)")
+    emit(args, {"checkpoint_seq": seq}, f"signed checkpoint at record {seq}")
+    return EXIT_OK
+
+
+def _keygen(args) -> int:
+    from proxy.control.audit import key_id_of, load_private_key, new_signing_key_pem
+
+    priv, pub = new_signing_key_pem()
+    out = Path(args.out)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"tenantgate audit keygen: {out} exists", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(priv)
+    Path(str(out) + ".pub").write_bytes(pub)
+    print(f"wrote {out} (key id {key_id_of(load_private_key(priv).public_key())}) and {out}.pub\n"
+          f"set audit.signing_key_file: {out}")
+    return EXIT_OK

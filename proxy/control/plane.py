@@ -1,0 +1,858 @@
+"""The control plane: operators, just-in-time grants, the audit chain and tenant lifecycle.
+
+Everything lives in the control schema (``schema.sql``) in PostgreSQL, so any
+number of tenantgate instances and CLI invocations share it.  One
+:class:`ControlPlane` per process::
+
+    plane = ControlPlane.from_config(cfg)          # or ControlPlane(dsn, schema=...)
+    await plane.start(install=True)                # pool; install the schema if missing
+    ...
+    await plane.close()                            # or: async with plane: ...
+
+Who may do what (identities are always proven: :meth:`authenticate_actor`
+checks the password and, when enrolled, the TOTP code):
+
+* ``request_grant``: any enabled account (operator or approver role).
+* ``approve_grant`` / ``deny_grant``: accounts with the ``approver`` role,
+  never the requester (self-approval is impossible whatever the roles); a
+  grant becomes *approved* once it has ``grants.approvals_required``
+  approvals; one deny denies it.
+* ``revoke_grant``: the requester (giving access up) or any approver.
+* account management (``add_operator``, ``remove_operator``, TOTP for
+  someone else): an approver, or the platform admin via
+  :meth:`platform_admin` (the holder of the control DSN; this is how the
+  very first accounts are made).
+
+Grant states (Customer Lockbox): pending -> approved | denied | expired |
+revoked; approved -> expired | revoked.  An approved grant runs for its
+requested duration from the moment of approval (capped by
+``grants.max_duration``); a pending one expires after ``grants.pending_ttl``.
+Every state change and its audit record commit in one transaction, and a
+trigger NOTIFYs all instances (see :mod:`proxy.control.watcher`).
+
+For the proxy: :meth:`bind_grant` at connect (raises
+:class:`proxy.seam.SessionRefused`, SQLSTATE 28000, with instructions),
+:meth:`append` / :meth:`complete` / :meth:`complete_nowait` for statement
+audit (all wrapped by :mod:`proxy.control.operator_gate`), :meth:`watch` and
+:meth:`watch_grant` to end sessions on expiry/revocation (call
+``await plane.watcher()`` at server start so LISTEN is up before the first
+operator connects), :class:`OperatorDirectory` as the operators'
+:class:`proxy.seam.UserDirectory`.
+
+For other commands: :meth:`authenticate_actor`, :meth:`active_grant_for`
+(export/purge need a grant), the tenant methods (:meth:`register_tenant`,
+:meth:`get_tenant`, :meth:`list_tenants`, :meth:`set_tenant_status`) and
+:meth:`append` for their own audit records.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+import asyncpg
+
+from proxy import metrics
+from proxy.config import AuditConfig, Config, ConfigError, GrantsConfig, LifecycleConfig
+from proxy.seam import Outcome, SessionKind, SessionRefused, UserRecord
+
+from . import audit as A
+from .credentials import check_password, check_totp, make_verifier, new_totp_secret, totp_uri
+from .durations import format_duration, parse_duration
+from .schema import check_schema_name, control_schema_installed, install_control_schema, notify_channel
+
+log = logging.getLogger("tenantgate.control")
+
+ROLES = ("operator", "approver")
+ACCESS = ("read", "write")
+GRANT_STATES = ("pending", "approved", "denied", "expired", "revoked")
+TENANT_STATUSES = ("active", "offboarded", "purged")
+PLATFORM_ADMIN = "platform-admin"
+INVALID_AUTHORIZATION = "28000"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ControlError(Exception):
+    """Base class: a control-plane request was refused or invalid."""
+
+
+class AuthenticationFailed(ControlError):
+    pass
+
+
+class PermissionDenied(ControlError):
+    pass
+
+
+class NotFound(ControlError):
+    pass
+
+
+class InvalidRequest(ControlError):
+    pass
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    roles: frozenset[str]
+    totp_enrolled: bool
+    enabled: bool
+    created_at: datetime
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "roles": sorted(self.roles), "totp_enrolled": self.totp_enrolled,
+                "enabled": self.enabled, "created_at": self.created_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """A person whose identity was proven (or the platform admin holding the control DSN)."""
+
+    name: str
+    roles: frozenset[str]
+    platform_admin: bool = False
+
+    @property
+    def is_approver(self) -> bool:
+        return "approver" in self.roles
+
+
+@dataclass(frozen=True)
+class Approval:
+    approver: str
+    decision: str
+    comment: str | None
+    decided_at: datetime
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: int
+    requester: str
+    tenant: str
+    access: str
+    reason: str
+    duration_s: int
+    approvals_required: int
+    state: str
+    created_at: datetime
+    pending_until: datetime
+    approved_at: datetime | None
+    expires_at: datetime | None
+    ended_at: datetime | None
+    ended_by: str | None
+    end_reason: str | None
+    approvals: tuple[Approval, ...] = ()
+
+    def to_json(self) -> dict:
+        iso = lambda d: d.isoformat() if d else None  # noqa: E731
+        return {
+            "id": self.id, "requester": self.requester, "tenant": self.tenant, "access": self.access,
+            "reason": self.reason, "duration": format_duration(self.duration_s), "duration_s": self.duration_s,
+            "approvals_required": self.approvals_required, "state": self.state,
+            "created_at": iso(self.created_at), "pending_until": iso(self.pending_until),
+            "approved_at": iso(self.approved_at), "expires_at": iso(self.expires_at),
+            "ended_at": iso(self.ended_at), "ended_by": self.ended_by, "end_reason": self.end_reason,
+            "approvals": [{"approver": a.approver, "decision": a.decision, "comment": a.comment,
+                           "decided_at": iso(a.decided_at)} for a in self.approvals],
+        }
+
+
+@dataclass(frozen=True)
+class ActiveGrant:
+    """The grant an operator session is bound to."""
+
+    id: int
+    operator: str
+    tenant: str
+    access: str  # "read" | "write"
+    expires_at: datetime
+    reason: str
+
+    @property
+    def read_only(self) -> bool:
+        return self.access == "read"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    offboarded_at: datetime | None
+    retention_end: datetime | None
+    purged_at: datetime | None
+
+    def to_json(self) -> dict:
+        iso = lambda d: d.isoformat() if d else None  # noqa: E731
+        return {"name": self.name, "status": self.status, "created_at": iso(self.created_at),
+                "updated_at": iso(self.updated_at), "offboarded_at": iso(self.offboarded_at),
+                "retention_end": iso(self.retention_end), "purged_at": iso(self.purged_at)}
+
+
+def _grant(row, approvals: Iterable[Approval] = ()) -> Grant:
+    return Grant(**{k: row[k] for k in Grant.__dataclass_fields__ if k != "approvals"}, approvals=tuple(approvals))
+
+
+def _tenant(row) -> Tenant:
+    return Tenant(**{k: row[k] for k in Tenant.__dataclass_fields__})
+
+
+def _operator(row) -> Operator:
+    return Operator(row["name"], frozenset(row["roles"]), row["totp_secret"] is not None, row["enabled"],
+                    row["created_at"])
+
+
+_DUMMY: list[str] = []
+
+
+def _dummy_verifier() -> str:
+    if not _DUMMY:
+        _DUMMY.append(make_verifier("tenantgate-no-such-operator"))
+    return _DUMMY[0]
+
+
+def request_hint(tenant: str | None = None) -> str:
+    return ('Request one with: tenantgate grant request --tenant {} --access read --for 1h --reason "..." '
+            "and have it approved by someone else.").format(tenant or "T")
+
+
+# --------------------------------------------------------------------------- the plane
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "tenantgate_control",
+        grants: GrantsConfig | None = None,
+        audit: AuditConfig | None = None,
+        lifecycle: LifecycleConfig | None = None,
+        pool_max_size: int = 10,
+    ):
+        self.dsn = dsn
+        self.schema = check_schema_name(schema)
+        self.s = f'"{schema}"'
+        self.channel = notify_channel(schema)
+        self.grants_cfg = grants or GrantsConfig()
+        self.audit_cfg = audit or AuditConfig()
+        self.lifecycle_cfg = lifecycle or LifecycleConfig()
+        self.max_duration = parse_duration(self.grants_cfg.max_duration)
+        self.pending_ttl = parse_duration(self.grants_cfg.pending_ttl)
+        self.pool_max_size = pool_max_size
+        self.pool: asyncpg.Pool | None = None
+        self.writer: A.AuditWriter | None = None
+        self._watcher = None
+        self._tx_audit: dict = {}  # connection -> records appended in its open transaction
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kw) -> "ControlPlane":
+        dsn = cfg.control.resolved_dsn()
+        if not dsn:
+            raise ConfigError("control.dsn (or control.dsn_env) is not set: the control plane needs it")
+        return cls(dsn, schema=cfg.control.schema_, grants=cfg.grants, audit=cfg.audit,
+                   lifecycle=cfg.lifecycle, **kw)
+
+    # ---- lifecycle of the object
+
+    async def connect(self) -> asyncpg.Connection:
+        """A fresh connection to the control database (used for LISTEN)."""
+        return await asyncpg.connect(self.dsn, server_settings=self._server_settings())
+
+    def _server_settings(self) -> dict[str, str]:
+        # Audit durability must not depend on the server's defaults.
+        return {"synchronous_commit": "on", "lock_timeout": "5s", "application_name": "tenantgate-control"}
+
+    async def start(self, *, install: bool = False) -> "ControlPlane":
+        self.pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_max_size, server_settings=self._server_settings()
+        )
+        async with self.pool.acquire() as conn:
+            if not await control_schema_installed(conn, self.schema):
+                if not install:
+                    raise ConfigError(f"control schema {self.schema!r} is not installed "
+                                      "(tenantgate operator add installs it, or install_control_schema())")
+                await install_control_schema(conn, self.schema)
+        sink = A.JsonlSink(self.audit_cfg.jsonl_path) if self.audit_cfg.jsonl_path else None
+        self.writer = A.AuditWriter(self.pool, self.schema, signer=A.signer_from_config(self.audit_cfg),
+                                    checkpoint_every=self.audit_cfg.checkpoint_every, sink=sink)
+        return self
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        if self.writer is not None:
+            await self.writer.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def __aenter__(self) -> "ControlPlane":
+        if self.pool is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- audit
+
+    async def append(self, record: A.AuditRecord) -> int:
+        """Durably append one audit record; returns its seq.  Raises AuditWriteError."""
+        assert self.writer is not None, "ControlPlane.start() first"
+        return await self.writer.append(record)
+
+    async def complete(self, seq: int, outcome: Outcome, context: A.AuditRecord | None = None) -> int:
+        """Append the outcome of the statement recorded at ``seq`` as its own chained record (durably)."""
+        return await self.complete_nowait(seq, outcome, context)
+
+    def complete_nowait(self, seq: int, outcome: Outcome, context: A.AuditRecord | None = None):
+        """Queue the outcome record now; returns a future (its seq once committed).
+
+        Because the queue is ordered, the outcome is committed no later than
+        the next record this process appends, e.g. the session's next
+        statement record: so it usually shares that statement's commit.
+        """
+        assert self.writer is not None, "ControlPlane.start() first"
+        ctx = context or A.AuditRecord(type=A.OUTCOME)
+        rec = A.AuditRecord(
+            type=A.OUTCOME, operator=ctx.operator, grant_id=ctx.grant_id, tenant=ctx.tenant,
+            client_addr=ctx.client_addr, session_id=ctx.session_id, ref_seq=seq,
+            sqlstate=outcome.sqlstate, command_tag=outcome.command_tag, rows=outcome.rows,
+            duration_us=int(round(outcome.duration_s * 1_000_000)),
+        )
+        return self.writer.enqueue(rec)
+
+    async def checkpoint(self) -> int | None:
+        assert self.writer is not None
+        return await self.writer.checkpoint()
+
+    async def verify(self) -> A.VerifyReport:
+        async with self.pool.acquire() as conn:
+            return await A.verify_chain(conn, self.schema, A.verify_keys_from_config(self.audit_cfg))
+
+    async def export(self, since: datetime | None = None, since_seq: int | None = None):
+        """Async iterator of JSON lines (one audit record each), in chain order."""
+        async with self.pool.acquire() as conn:
+            async for line in A.export_records(conn, self.schema, since=since, since_seq=since_seq):
+                yield line
+
+    @asynccontextmanager
+    async def _tx(self):
+        """A pooled connection in a transaction; audit records added with :meth:`_in_tx_audit` commit
+        with it (and reach the JSONL sink only after the commit)."""
+        async with self.pool.acquire() as conn:
+            committed: list = []
+            self._tx_audit[conn] = committed
+            try:
+                async with conn.transaction():
+                    yield conn
+            finally:
+                self._tx_audit.pop(conn, None)
+        for _, rec, _, _ in committed:
+            metrics.AUDIT_RECORDS_TOTAL.labels(rec.type).inc()
+        if self.writer.sink is not None and committed:
+            self.writer.sink.write(committed)
+
+    async def _in_tx_audit(self, conn, records: Sequence[A.AuditRecord]) -> None:
+        """Append audit records inside the current :meth:`_tx` transaction (atomic with the change)."""
+        committed = await A.chain_insert(conn, self.schema, records, signer=self.writer.signer,
+                                         checkpoint_every=self.audit_cfg.checkpoint_every)
+        self._tx_audit[conn].extend(committed)
+
+    # ---- operators and identities
+
+    def platform_admin(self) -> Actor:
+        """The holder of the control DSN (bootstrap and account management).  Audited with the OS user."""
+        return Actor(f"{PLATFORM_ADMIN}:{getpass.getuser()}", frozenset({"approver"}), platform_admin=True)
+
+    async def _op_row(self, conn, name: str):
+        return await conn.fetchrow(f"SELECT * FROM {self.s}.operators WHERE name = $1", name)
+
+    async def get_operator(self, name: str) -> Operator | None:
+        async with self.pool.acquire() as conn:
+            row = await self._op_row(conn, name)
+        return _operator(row) if row else None
+
+    async def list_operators(self) -> list[Operator]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT * FROM {self.s}.operators ORDER BY name")
+        return [_operator(r) for r in rows]
+
+    async def has_approver(self) -> bool:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {self.s}.operators WHERE enabled AND 'approver' = ANY (roles))"
+            )
+
+    def _require_account_admin(self, actor: Actor) -> None:
+        if not (actor.platform_admin or actor.is_approver):
+            raise PermissionDenied(f"{actor.name} may not manage operator accounts (needs the approver role)")
+
+    async def add_operator(self, actor: Actor, name: str, password: str, roles: Iterable[str] = ("operator",)) -> Operator:
+        self._require_account_admin(actor)
+        roles = sorted(set(roles))
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise InvalidRequest(f"invalid role(s) {bad or roles}: roles are {', '.join(ROLES)}")
+        verifier = make_verifier(password)
+        async with self._tx() as conn:
+            try:
+                row = await conn.fetchrow(
+                    f"INSERT INTO {self.s}.operators (name, scram_verifier, roles) VALUES ($1, $2, $3) RETURNING *",
+                    name, verifier, roles,
+                )
+            except asyncpg.UniqueViolationError:
+                raise InvalidRequest(f"operator {name!r} already exists")
+            except asyncpg.CheckViolationError:
+                raise InvalidRequest(f"invalid operator name {name!r}: use letters, digits and _ . @ - (max 63)")
+            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_ADDED, operator=actor.name,
+                                                         detail={"account": name, "roles": roles})])
+        return _operator(row)
+
+    async def remove_operator(self, actor: Actor, name: str) -> None:
+        """Delete the account and revoke its pending and approved grants."""
+        self._require_account_admin(actor)
+        async with self._tx() as conn:
+            deleted = await conn.fetchval(f"DELETE FROM {self.s}.operators WHERE name = $1 RETURNING name", name)
+            if deleted is None:
+                raise NotFound(f"operator {name!r} does not exist")
+            revoked = await conn.fetch(
+                f"UPDATE {self.s}.grants SET state = 'revoked', ended_at = now(), ended_by = $2, "
+                f"end_reason = 'operator account removed' "
+                f"WHERE requester = $1 AND state IN ('pending', 'approved') RETURNING id, tenant", name, actor.name,
+            )
+            recs = [A.AuditRecord(A.OPERATOR_REMOVED, operator=actor.name, detail={"account": name})]
+            recs += [A.AuditRecord(A.GRANT_REVOKED, operator=actor.name, grant_id=r["id"], tenant=r["tenant"],
+                                   detail={"reason": "operator account removed"}) for r in revoked]
+            await self._in_tx_audit(conn, recs)
+
+    async def set_password(self, actor: Actor, name: str, password: str) -> None:
+        if actor.name != name:
+            self._require_account_admin(actor)
+        async with self._tx() as conn:
+            n = await conn.execute(
+                f"UPDATE {self.s}.operators SET scram_verifier = $2, updated_at = now() WHERE name = $1",
+                name, make_verifier(password),
+            )
+            if n.endswith(" 0"):
+                raise NotFound(f"operator {name!r} does not exist")
+            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
+                                                         detail={"account": name, "change": "password"})])
+
+    async def enrol_totp(self, actor: Actor, name: str) -> tuple[str, str]:
+        """Enrol (or replace) a TOTP secret; returns (secret, otpauth:// URI) to put in an authenticator app."""
+        if actor.name != name:
+            self._require_account_admin(actor)
+        secret = new_totp_secret()
+        async with self._tx() as conn:
+            n = await conn.execute(
+                f"UPDATE {self.s}.operators SET totp_secret = $2, updated_at = now() WHERE name = $1", name, secret
+            )
+            if n.endswith(" 0"):
+                raise NotFound(f"operator {name!r} does not exist")
+            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
+                                                         detail={"account": name, "change": "totp enrolled"})])
+        return secret, totp_uri(secret, name)
+
+    async def set_enabled(self, actor: Actor, name: str, enabled: bool) -> None:
+        self._require_account_admin(actor)
+        async with self._tx() as conn:
+            n = await conn.execute(
+                f"UPDATE {self.s}.operators SET enabled = $2, updated_at = now() WHERE name = $1", name, enabled)
+            if n.endswith(" 0"):
+                raise NotFound(f"operator {name!r} does not exist")
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.OPERATOR_CHANGED, operator=actor.name,
+                detail={"account": name, "change": "enabled" if enabled else "disabled"})])
+
+    async def verify_password(self, name: str, password: str) -> bool:
+        async with self.pool.acquire() as conn:
+            row = await self._op_row(conn, name)
+        return bool(row and row["enabled"] and check_password(row["scram_verifier"], password))
+
+    async def verify_totp(self, name: str, code: str | None) -> bool:
+        """True when the account has no TOTP enrolled or ``code`` is current."""
+        async with self.pool.acquire() as conn:
+            row = await self._op_row(conn, name)
+        if row is None:
+            return False
+        return row["totp_secret"] is None or check_totp(row["totp_secret"], code)
+
+    async def authenticate_actor(self, name: str, password: str, totp_code: str | None = None) -> Actor:
+        """Prove who is acting: password, plus a current TOTP code when enrolled.  Raises AuthenticationFailed."""
+        async with self.pool.acquire() as conn:
+            row = await self._op_row(conn, name)
+        verifier = row["scram_verifier"] if row is not None else _dummy_verifier()  # same work for unknown names
+        if not check_password(verifier, password or "") or row is None or not row["enabled"]:
+            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "password"}))
+            raise AuthenticationFailed(f"authentication failed for {name!r}")
+        if row["totp_secret"] is not None and not check_totp(row["totp_secret"], totp_code):
+            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "totp"}))
+            raise AuthenticationFailed(
+                f"{name!r} has TOTP enrolled: give a current code with --totp CODE"
+                if not totp_code else f"authentication failed for {name!r}: TOTP code is not valid")
+        return Actor(name, frozenset(row["roles"]))
+
+    async def _audit_quietly(self, record: A.AuditRecord) -> None:
+        try:
+            await self.append(record)
+        except Exception as e:  # the refusal stands either way
+            log.error("could not audit %s: %s", record.type, e)
+
+    async def user_record(self, name: str) -> UserRecord | None:
+        """The operator as a :class:`proxy.seam.UserRecord` (for the proxy's SCRAM exchange)."""
+        async with self.pool.acquire() as conn:
+            row = await self._op_row(conn, name)
+        if row is None or not row["enabled"]:
+            return None
+        return UserRecord(name=row["name"], scram_verifier=row["scram_verifier"], kind=SessionKind.OPERATOR,
+                          totp_secret=row["totp_secret"], roles=frozenset(row["roles"]))
+
+    # ---- grants
+
+    async def _grant_row(self, conn, grant_id: int, *, lock: bool = False):
+        return await conn.fetchrow(
+            f"SELECT * FROM {self.s}.grants WHERE id = $1" + (" FOR UPDATE" if lock else ""), grant_id)
+
+    async def _approvals(self, conn, grant_id: int) -> list[Approval]:
+        rows = await conn.fetch(
+            f"SELECT approver, decision, comment, decided_at FROM {self.s}.approvals WHERE grant_id = $1 "
+            f"ORDER BY decided_at", grant_id)
+        return [Approval(**dict(r)) for r in rows]
+
+    async def get_grant(self, grant_id: int) -> Grant:
+        async with self.pool.acquire() as conn:
+            row = await self._grant_row(conn, grant_id)
+            if row is None:
+                raise NotFound(f"grant {grant_id} does not exist")
+            return _grant(row, await self._approvals(conn, grant_id))
+
+    async def list_grants(self, *, state: str | None = None, requester: str | None = None,
+                          tenant: str | None = None, limit: int = 100) -> list[Grant]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT * FROM {self.s}.grants WHERE ($1::text IS NULL OR state = $1) "
+                f"AND ($2::text IS NULL OR requester = $2) AND ($3::text IS NULL OR tenant = $3) "
+                f"ORDER BY id DESC LIMIT $4", state, requester, tenant, limit)
+        return [_grant(r) for r in rows]
+
+    async def request_grant(self, actor: Actor, tenant: str, access: str, duration: timedelta | str,
+                            reason: str) -> Grant:
+        if actor.platform_admin:
+            raise PermissionDenied("grants are requested by a person: use --as NAME")
+        if access not in ACCESS:
+            raise InvalidRequest(f"access must be read or write, not {access!r}")
+        if not reason or not reason.strip():
+            raise InvalidRequest("a reason is required (e.g. the ticket: --reason \"TICKET-123: ...\")")
+        if not tenant or not tenant.strip():
+            raise InvalidRequest("a tenant is required")
+        if isinstance(duration, str):
+            try:
+                duration = parse_duration(duration)
+            except ValueError as e:
+                raise InvalidRequest(str(e))
+        if duration.total_seconds() <= 0:
+            raise InvalidRequest("the duration must be positive")
+        if duration > self.max_duration:
+            raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the policy maximum "
+                                 f"{format_duration(self.max_duration)} (grants.max_duration)")
+        async with self._tx() as conn:
+            t = await conn.fetchrow(f"SELECT status FROM {self.s}.tenants WHERE name = $1", tenant)
+            if t is not None and t["status"] == "purged":
+                raise InvalidRequest(f"tenant {tenant!r} has been purged")
+            row = await conn.fetchrow(
+                f"INSERT INTO {self.s}.grants (requester, tenant, access, reason, duration_s, approvals_required, "
+                f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval) RETURNING *",
+                actor.name, tenant, access, reason.strip(), int(duration.total_seconds()),
+                self.grants_cfg.approvals_required, self.pending_ttl,
+            )
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.GRANT_REQUESTED, operator=actor.name, grant_id=row["id"], tenant=tenant,
+                detail={"access": access, "duration_s": row["duration_s"], "reason": row["reason"],
+                        "approvals_required": row["approvals_required"]})])
+        metrics.GRANT_EVENTS_TOTAL.labels("requested").inc()
+        return _grant(row)
+
+    async def _pending_for_decision(self, conn, actor: Actor, grant_id: int):
+        row = await self._grant_row(conn, grant_id, lock=True)
+        if row is None:
+            raise NotFound(f"grant {grant_id} does not exist")
+        if row["state"] == "pending" and row["pending_until"] <= datetime.now(timezone.utc):
+            return row, "expired"
+        if row["state"] != "pending":
+            raise InvalidRequest(f"grant {grant_id} is {row['state']}, not pending")
+        if row["requester"] == actor.name:
+            raise PermissionDenied(f"self-approval is not allowed: grant {grant_id} was requested by {actor.name}; "
+                                   "another approver must decide")
+        if actor.platform_admin or not actor.is_approver:
+            raise PermissionDenied(f"{actor.name} does not have the approver role")
+        prior = await conn.fetchval(
+            f"SELECT decision FROM {self.s}.approvals WHERE grant_id = $1 AND approver = $2", grant_id, actor.name)
+        if prior is not None:
+            raise InvalidRequest(f"{actor.name} has already decided on grant {grant_id} ({prior})")
+        return row, None
+
+    async def approve_grant(self, actor: Actor, grant_id: int, comment: str | None = None) -> Grant:
+        async with self._tx() as conn:
+            row, expired = await self._pending_for_decision(conn, actor, grant_id)
+            if not expired:
+                await conn.execute(
+                    f"INSERT INTO {self.s}.approvals (grant_id, approver, decision, comment) "
+                    f"VALUES ($1, $2, 'approve', $3)", grant_id, actor.name, comment)
+                n = await conn.fetchval(
+                    f"SELECT count(*) FROM {self.s}.approvals WHERE grant_id = $1 AND decision = 'approve'",
+                    grant_id)
+                recs = [A.AuditRecord(A.GRANT_APPROVAL, operator=actor.name, grant_id=grant_id,
+                                      tenant=row["tenant"],
+                                      detail={"approvals": n, "required": row["approvals_required"],
+                                              "comment": comment})]
+                if n >= row["approvals_required"]:
+                    row = await conn.fetchrow(
+                        f"UPDATE {self.s}.grants SET state = 'approved', approved_at = now(), "
+                        f"expires_at = now() + make_interval(secs => duration_s) WHERE id = $1 RETURNING *",
+                        grant_id)
+                    recs.append(A.AuditRecord(A.GRANT_APPROVED, operator=actor.name, grant_id=grant_id,
+                                              tenant=row["tenant"],
+                                              detail={"requester": row["requester"], "access": row["access"],
+                                                      "expires_at": row["expires_at"].isoformat()}))
+                await self._in_tx_audit(conn, recs)
+        if expired:
+            await self.expire_due()
+            raise InvalidRequest(f"grant {grant_id} expired unanswered")
+        metrics.GRANT_EVENTS_TOTAL.labels("approved" if row["state"] == "approved" else "approval").inc()
+        return await self.get_grant(grant_id)
+
+    async def deny_grant(self, actor: Actor, grant_id: int, comment: str | None = None) -> Grant:
+        async with self._tx() as conn:
+            row, expired = await self._pending_for_decision(conn, actor, grant_id)
+            if not expired:
+                await conn.execute(
+                    f"INSERT INTO {self.s}.approvals (grant_id, approver, decision, comment) "
+                    f"VALUES ($1, $2, 'deny', $3)", grant_id, actor.name, comment)
+                await conn.execute(
+                    f"UPDATE {self.s}.grants SET state = 'denied', ended_at = now(), ended_by = $2, "
+                    f"end_reason = $3 WHERE id = $1", grant_id, actor.name, comment)
+                await self._in_tx_audit(conn, [A.AuditRecord(
+                    A.GRANT_DENIED, operator=actor.name, grant_id=grant_id, tenant=row["tenant"],
+                    detail={"comment": comment})])
+        if expired:
+            await self.expire_due()
+            raise InvalidRequest(f"grant {grant_id} expired unanswered")
+        metrics.GRANT_EVENTS_TOTAL.labels("denied").inc()
+        return await self.get_grant(grant_id)
+
+    async def revoke_grant(self, actor: Actor, grant_id: int, reason: str | None = None) -> Grant:
+        async with self._tx() as conn:
+            row = await self._grant_row(conn, grant_id, lock=True)
+            if row is None:
+                raise NotFound(f"grant {grant_id} does not exist")
+            if not (actor.name == row["requester"] or actor.is_approver or actor.platform_admin):
+                raise PermissionDenied(f"{actor.name} may not revoke grant {grant_id} "
+                                       "(only its requester or an approver)")
+            if row["state"] not in ("pending", "approved"):
+                raise InvalidRequest(f"grant {grant_id} is already {row['state']}")
+            await conn.execute(
+                f"UPDATE {self.s}.grants SET state = 'revoked', ended_at = now(), ended_by = $2, end_reason = $3 "
+                f"WHERE id = $1", grant_id, actor.name, reason)
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.GRANT_REVOKED, operator=actor.name, grant_id=grant_id, tenant=row["tenant"],
+                detail={"reason": reason, "was": row["state"]})])
+        metrics.GRANT_EVENTS_TOTAL.labels("revoked").inc()
+        return await self.get_grant(grant_id)
+
+    async def expire_due(self) -> list[Grant]:
+        """Expire elapsed approved grants and unanswered pending ones (safe to run on every instance)."""
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"UPDATE {self.s}.grants SET state = 'expired', ended_at = now(), "
+                f"end_reason = CASE state WHEN 'pending' THEN 'unanswered' ELSE 'elapsed' END "
+                f"WHERE (state = 'approved' AND expires_at <= now()) "
+                f"   OR (state = 'pending' AND pending_until <= now()) RETURNING *")
+            if rows:
+                await self._in_tx_audit(conn, [A.AuditRecord(
+                    A.GRANT_EXPIRED, grant_id=r["id"], tenant=r["tenant"], operator=r["requester"],
+                    detail={"why": r["end_reason"]}) for r in rows])
+        for _ in rows:
+            metrics.GRANT_EVENTS_TOTAL.labels("expired").inc()
+        return [_grant(r) for r in rows]
+
+    async def count_active_grants(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                f"SELECT count(*) FROM {self.s}.grants WHERE state = 'approved' AND expires_at > now()")
+
+    async def bind_grant(self, operator_name: str, grant_id: int | None = None,
+                         totp_code: str | None = None) -> ActiveGrant:
+        """The grant an operator session runs under, or SessionRefused (28000) saying how to get one.
+
+        The operator's password has already been checked by the proxy's SCRAM
+        exchange; here the account must be enabled, the TOTP code (startup
+        option ``tenantgate.totp``) must be current when enrolled, and the grant
+        (``tenantgate.grant``, or the only active one) must be approved, unexpired,
+        requested by this operator, for a tenant that is not purged.
+        """
+        def refuse(msg: str, hint: str | None = None) -> SessionRefused:
+            # The instructions go into the message itself: every client shows the message.
+            return SessionRefused(INVALID_AUTHORIZATION, f"{msg}. {hint}" if hint else msg, hint=None)
+
+        async with self.pool.acquire() as conn:
+            op = await self._op_row(conn, operator_name)
+            if op is None or not op["enabled"]:
+                raise refuse(f'operator "{operator_name}" is not enabled in tenantgate')
+            if op["totp_secret"] is not None and not check_totp(op["totp_secret"], totp_code):
+                raise refuse(
+                    "a current TOTP code is required" if not totp_code else "the TOTP code is not valid",
+                    hint="Pass it as a startup option: PGOPTIONS='-c tenantgate.totp=123456' psql ...")
+            rows = await conn.fetch(
+                f"SELECT g.*, t.status AS tenant_status FROM {self.s}.grants g "
+                f"LEFT JOIN {self.s}.tenants t ON t.name = g.tenant "
+                f"WHERE g.requester = $1 AND g.state = 'approved' AND g.expires_at > now() "
+                f"AND ($2::bigint IS NULL OR g.id = $2) ORDER BY g.id", operator_name, grant_id)
+            if grant_id is not None and not rows:
+                g = await self._grant_row(conn, grant_id)
+                if g is None or g["requester"] != operator_name:
+                    raise refuse(f"grant {grant_id} does not exist for operator \"{operator_name}\"",
+                                 hint=request_hint())
+                state = "expired" if g["state"] == "approved" else g["state"]
+                raise refuse(f"grant {grant_id} is {state}, not active", hint=request_hint(g["tenant"]))
+        if not rows:
+            raise refuse(f'operator "{operator_name}" has no active grant', hint=request_hint())
+        if len(rows) > 1:
+            ids = ", ".join(str(r["id"]) for r in rows)
+            raise refuse(f'operator "{operator_name}" has several active grants ({ids}): choose one',
+                         hint="Pass it as a startup option: PGOPTIONS='-c tenantgate.grant=ID' psql ...")
+        r = rows[0]
+        if r["tenant_status"] == "purged":
+            raise refuse(f"tenant \"{r['tenant']}\" has been purged")
+        return ActiveGrant(r["id"], operator_name, r["tenant"], r["access"], r["expires_at"], r["reason"])
+
+    async def active_grant_for(self, actor: Actor, tenant: str, access: str,
+                               grant_id: int | None = None) -> ActiveGrant:
+        """For privileged commands (export, purge): the actor's active grant on ``tenant`` with at least
+        ``access`` ("write" covers "read").  Raises PermissionDenied with instructions."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT * FROM {self.s}.grants WHERE requester = $1 AND tenant = $2 AND state = 'approved' "
+                f"AND expires_at > now() AND ($3::bigint IS NULL OR id = $3) "
+                f"AND (access = 'write' OR $4 = 'read') ORDER BY id DESC", actor.name, tenant, grant_id, access)
+        if not rows:
+            raise PermissionDenied(
+                f"{actor.name} has no active {access} grant on tenant {tenant!r}. "
+                f'Request one with: tenantgate grant request --tenant {tenant} --access {access} --for 1h '
+                f'--reason "..."')
+        r = rows[0]
+        return ActiveGrant(r["id"], actor.name, r["tenant"], r["access"], r["expires_at"], r["reason"])
+
+    # ---- tenants
+
+    async def register_tenant(self, name: str, actor: Actor | None = None) -> Tenant:
+        """Make ``name`` known as an active tenant (idempotent)."""
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                f"INSERT INTO {self.s}.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING *", name)
+            if row is None:
+                row = await conn.fetchrow(f"SELECT * FROM {self.s}.tenants WHERE name = $1", name)
+            else:
+                await self._in_tx_audit(conn, [A.AuditRecord(
+                    A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None,
+                    detail={"status": "active", "event": "registered"})])
+        return _tenant(row)
+
+    async def get_tenant(self, name: str) -> Tenant | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT * FROM {self.s}.tenants WHERE name = $1", name)
+        return _tenant(row) if row else None
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT * FROM {self.s}.tenants ORDER BY name")
+        return [_tenant(r) for r in rows]
+
+    async def set_tenant_status(self, name: str, status: str, *, retention_end: datetime | None = None,
+                                actor: Actor | None = None, grant_id: int | None = None,
+                                detail: dict | None = None) -> Tenant:
+        """active | offboarded (retention_end defaults to now + lifecycle.retention_days) | purged.
+
+        Purged is final.  The change and its audit record commit together; all
+        instances are notified.
+        """
+        if status not in TENANT_STATUSES:
+            raise InvalidRequest(f"tenant status must be one of {', '.join(TENANT_STATUSES)}")
+        now = datetime.now(timezone.utc)
+        async with self._tx() as conn:
+            cur = await conn.fetchrow(f"SELECT * FROM {self.s}.tenants WHERE name = $1 FOR UPDATE", name)
+            if cur is None:
+                raise NotFound(f"tenant {name!r} is not registered")
+            if cur["status"] == "purged" and status != "purged":
+                raise InvalidRequest(f"tenant {name!r} has been purged; that cannot be undone")
+            if status == "offboarded":
+                end = retention_end or now + timedelta(days=self.lifecycle_cfg.retention_days)
+                row = await conn.fetchrow(
+                    f"UPDATE {self.s}.tenants SET status = 'offboarded', updated_at = now(), "
+                    f"offboarded_at = coalesce(offboarded_at, now()), retention_end = $2 "
+                    f"WHERE name = $1 RETURNING *", name, end)
+            elif status == "active":
+                row = await conn.fetchrow(
+                    f"UPDATE {self.s}.tenants SET status = 'active', updated_at = now(), offboarded_at = NULL, "
+                    f"retention_end = NULL WHERE name = $1 RETURNING *", name)
+            else:
+                row = await conn.fetchrow(
+                    f"UPDATE {self.s}.tenants SET status = 'purged', updated_at = now(), "
+                    f"purged_at = coalesce(purged_at, now()) WHERE name = $1 RETURNING *", name)
+            d = {"status": status, "was": cur["status"]}
+            if row["retention_end"] is not None:
+                d["retention_end"] = row["retention_end"].isoformat()
+            if detail:
+                d["detail"] = detail
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, grant_id=grant_id,
+                detail=d)])
+        return _tenant(row)
+
+    # ---- watching (see proxy.control.watcher)
+
+    async def watcher(self):
+        """This process's :class:`~proxy.control.watcher.Watcher` (started on first use)."""
+        if self._watcher is None:
+            from .watcher import Watcher
+
+            self._watcher = Watcher(self)
+            await self._watcher.start()
+        return self._watcher
+
+    async def watch(self, on_grant_ended: Callable[[int, str], Any] | None = None,
+                    on_tenant_changed: Callable[[str, str], Any] | None = None):
+        """Call ``on_grant_ended(grant_id, reason)`` when any grant ends (revoked, expired, denied) and
+        ``on_tenant_changed(name, status)`` on tenant status changes, across all instances.  Returns a
+        subscription with ``.close()``."""
+        w = await self.watcher()
+        return w.subscribe(on_grant_ended, on_tenant_changed)
+
+    async def watch_grant(self, grant: ActiveGrant, on_end: Callable[[int, str], Any]):
+        """Call ``on_end(grant_id, reason)`` once when this grant expires (local timer) or is revoked
+        (NOTIFY, or the periodic re-check).  Returns a handle with ``.cancel()``."""
+        w = await self.watcher()
+        return w.watch_grant(grant.id, grant.expires_at, on_end)
+
+
+class OperatorDirectory:
+    """:class:`proxy.seam.UserDirectory` over the control schema's operator accounts."""
+
+    def __init__(self, plane: ControlPlane):
+        self.plane = plane
+
+    async def lookup(self, name: str) -> UserRecord | None:
+        return await self.plane.user_record(name)

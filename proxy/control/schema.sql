@@ -1,0 +1,171 @@
+-- tenantgate control schema: operators, grants, approvals, the audit chain,
+-- signed checkpoints and tenant lifecycle.
+--
+-- Installed by proxy.control.schema.install_control_schema(), which replaces
+-- @schema@ with the quoted schema name and @channel@ with the NOTIFY channel.
+-- Every statement is idempotent, so installing twice is harmless.
+-- Client sessions never reach this schema: the proxy refuses any statement
+-- that names it, and the backend role of tenant/operator sessions has no
+-- privilege on it (REVOKE ALL ... FROM PUBLIC below).
+
+CREATE SCHEMA IF NOT EXISTS @schema@;
+REVOKE ALL ON SCHEMA @schema@ FROM PUBLIC;
+
+CREATE TABLE IF NOT EXISTS @schema@.schema_version (
+    version     integer PRIMARY KEY,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- People who may act: operators (request grants, connect) and approvers
+-- (approve/deny other people's grants, manage operator accounts).
+CREATE TABLE IF NOT EXISTS @schema@.operators (
+    name           text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.@-]{1,63}$'),
+    scram_verifier text NOT NULL CHECK (scram_verifier LIKE 'SCRAM-SHA-256$%'),
+    roles          text[] NOT NULL DEFAULT '{operator}'
+                   CHECK (roles <@ ARRAY['operator', 'approver']::text[] AND cardinality(roles) > 0),
+    totp_secret    text,
+    enabled        boolean NOT NULL DEFAULT true,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Just-in-time access grants (Customer Lockbox states).
+CREATE TABLE IF NOT EXISTS @schema@.grants (
+    id                bigserial PRIMARY KEY,
+    requester         text NOT NULL,          -- no FK: history outlives accounts
+    tenant            text NOT NULL,
+    access            text NOT NULL CHECK (access IN ('read', 'write')),
+    reason            text NOT NULL CHECK (length(btrim(reason)) > 0),
+    duration_s        integer NOT NULL CHECK (duration_s > 0),
+    approvals_required integer NOT NULL CHECK (approvals_required >= 1),
+    state             text NOT NULL DEFAULT 'pending'
+                      CHECK (state IN ('pending', 'approved', 'denied', 'expired', 'revoked')),
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    pending_until     timestamptz NOT NULL,   -- an unanswered request expires then
+    approved_at       timestamptz,
+    expires_at        timestamptz,            -- set on approval: approved_at + duration
+    ended_at          timestamptz,            -- denied/expired/revoked at
+    ended_by          text,
+    end_reason        text
+);
+CREATE INDEX IF NOT EXISTS grants_requester_state ON @schema@.grants (requester, state);
+CREATE INDEX IF NOT EXISTS grants_live ON @schema@.grants (state) WHERE state IN ('pending', 'approved');
+
+CREATE TABLE IF NOT EXISTS @schema@.approvals (
+    grant_id   bigint NOT NULL REFERENCES @schema@.grants (id),
+    approver   text NOT NULL,
+    decision   text NOT NULL CHECK (decision IN ('approve', 'deny')),
+    comment    text,
+    decided_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (grant_id, approver)
+);
+
+-- Tenant lifecycle (used by `tenantgate tenant ...`, see proxy.lifecycle).
+CREATE TABLE IF NOT EXISTS @schema@.tenants (
+    name          text PRIMARY KEY,
+    status        text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'offboarded', 'purged')),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    offboarded_at timestamptz,
+    retention_end timestamptz,
+    purged_at     timestamptz,
+    CHECK (status <> 'offboarded' OR retention_end IS NOT NULL)
+);
+
+-- The audit chain.  seq is dense (1, 2, 3, ...) and assigned while holding
+-- the row lock on audit_head; record_hash = sha256(canonical JSON of the
+-- record's fields including prev_hash).  See proxy/control/audit.py.
+CREATE TABLE IF NOT EXISTS @schema@.audit_log (
+    seq             bigint PRIMARY KEY,
+    prev_hash       text NOT NULL,
+    record_hash     text NOT NULL,
+    at              timestamptz NOT NULL,
+    type            text NOT NULL,
+    operator        text,
+    grant_id        bigint,
+    tenant          text,
+    client_addr     text,
+    session_id      text,
+    statement_class text,
+    original_sql    text,
+    rewritten_sql   text,
+    params          text,                     -- JSON, exactly as hashed
+    ref_seq         bigint,                   -- outcome records: the statement record
+    sqlstate        text,                     -- outcome: NULL = ok
+    command_tag     text,
+    rows            bigint,
+    duration_us     bigint,
+    detail          text                      -- JSON, exactly as hashed
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON @schema@.audit_log (at);
+
+-- One row: the chain's tail.  Its row lock is the only serialisation point.
+CREATE TABLE IF NOT EXISTS @schema@.audit_head (
+    one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+    seq  bigint NOT NULL,
+    hash text NOT NULL
+);
+INSERT INTO @schema@.audit_head (one, seq, hash)
+VALUES (true, 0, '0000000000000000000000000000000000000000000000000000000000000000')
+ON CONFLICT (one) DO NOTHING;
+
+-- Ed25519-signed checkpoints over (seq, record_hash).
+CREATE TABLE IF NOT EXISTS @schema@.audit_checkpoints (
+    seq         bigint PRIMARY KEY,
+    record_hash text NOT NULL,
+    signed_at   timestamptz NOT NULL,
+    key_id      text NOT NULL,
+    signature   text NOT NULL                 -- base64
+);
+
+-- The audit log is append-only: UPDATE, DELETE and TRUNCATE raise.  (The
+-- owner could disable the trigger; that is what the hash chain and the
+-- signed checkpoints are for.)
+CREATE OR REPLACE FUNCTION @schema@.audit_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the tenantgate audit log is append-only'
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+DROP TRIGGER IF EXISTS audit_log_append_only ON @schema@.audit_log;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON @schema@.audit_log
+    FOR EACH ROW EXECUTE FUNCTION @schema@.audit_append_only();
+DROP TRIGGER IF EXISTS audit_log_no_truncate ON @schema@.audit_log;
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON @schema@.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION @schema@.audit_append_only();
+DROP TRIGGER IF EXISTS audit_checkpoints_append_only ON @schema@.audit_checkpoints;
+CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON @schema@.audit_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION @schema@.audit_append_only();
+
+-- NOTIFY every tenantgate instance when a grant changes state or a tenant
+-- changes status (payload: JSON).  A trigger, so changes made by any
+-- client (CLI, another instance, an admin's psql) are announced.
+CREATE OR REPLACE FUNCTION @schema@.notify_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'grants' THEN
+        IF TG_OP = 'INSERT' OR NEW.state IS DISTINCT FROM OLD.state THEN
+            PERFORM pg_notify('@channel@', json_build_object(
+                'kind', 'grant', 'id', NEW.id, 'state', NEW.state,
+                'requester', NEW.requester, 'tenant', NEW.tenant)::text);
+        END IF;
+    ELSIF TG_TABLE_NAME = 'tenants' THEN
+        IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status
+           OR NEW.retention_end IS DISTINCT FROM OLD.retention_end THEN
+            PERFORM pg_notify('@channel@', json_build_object(
+                'kind', 'tenant', 'name', NEW.name, 'status', NEW.status,
+                'retention_end', NEW.retention_end)::text);
+        END IF;
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS grants_notify ON @schema@.grants;
+CREATE TRIGGER grants_notify AFTER INSERT OR UPDATE ON @schema@.grants
+    FOR EACH ROW EXECUTE FUNCTION @schema@.notify_change();
+DROP TRIGGER IF EXISTS tenants_notify ON @schema@.tenants;
+CREATE TRIGGER tenants_notify AFTER INSERT OR UPDATE ON @schema@.tenants
+    FOR EACH ROW EXECUTE FUNCTION @schema@.notify_change();
+
+INSERT INTO @schema@.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
