@@ -129,8 +129,10 @@ class PgCluster:
         """Run SQL as a superuser over the private unix socket; returns stdout."""
         out = subprocess.run(
             _as_postgres(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-qAt", "-h", str(self.sockdir), "-p", str(self.port), "-U", user, "-d", database, "-c", sql]),
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"psql failed ({out.returncode}): {out.stderr.strip()}")
         return out.stdout
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -148,20 +150,25 @@ class PgCluster:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
+def ensure_traversable(path: Path) -> None:
+    """When root, let the postgres OS user reach ``path`` (o+x on it and its parents)."""
+    if os.geteuid() != 0:
+        return
+    p = path.resolve()
+    while p != p.parent:
+        try:
+            mode = p.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(p, mode | 0o001)
+        except OSError:
+            pass
+        p = p.parent
+
+
 def make_cluster(base: Path, name: str = "pg", extra_conf: str = "") -> PgCluster:
     """initdb and start a fresh cluster under ``base`` on a free port."""
     base.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        # the postgres user must be able to traverse to the data directory
-        p = base
-        while p != p.parent:
-            try:
-                mode = p.stat().st_mode
-                if not mode & 0o001:
-                    os.chmod(p, mode | 0o001)
-            except OSError:
-                pass
-            p = p.parent
+    ensure_traversable(base)
     cluster = PgCluster(datadir=base / name, port=free_port())
     cluster.initdb(extra_conf=extra_conf)
     cluster.start()

@@ -49,3 +49,7 @@ def make_db(pg):
         return name, pg.dsn(database=name)
 
     return _make
+
+
+# One `tenantgate demo` for the whole session (end-to-end tests use it).
+from demo_support import demo  # noqa: E402,F401

@@ -1,6 +1,21 @@
-"""`tenantgate demo` (not yet implemented)."""
+"""`tenantgate demo`: embedded PostgreSQL + demo schema + tenantgate (what `make run` starts)."""
+
+from pathlib import Path
 
 
 def register(sub):
-    p = sub.add_parser("demo", help="(not yet implemented)")
-    p.set_defaults(func=lambda args: (print("tenantgate demo: not yet implemented"), 2)[1])
+    p = sub.add_parser("demo", help="start an embedded PostgreSQL with a demo SaaS schema behind tenantgate")
+    p.add_argument("--state-dir", default=".tenantgate/demo", help="where the cluster, config and dsns.json live")
+    p.add_argument("--listen", default="127.0.0.1:6432", help="HOST:PORT tenantgate listens on")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import asyncio
+
+    from proxy.demo import run_demo
+    from proxy.server import install_uvloop
+
+    install_uvloop()
+    return asyncio.run(run_demo(Path(args.state_dir), args.listen, args.metrics_port))

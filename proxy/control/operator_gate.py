@@ -74,7 +74,8 @@ TOTP_OPTION = "tenantgate.totp"
 
 # Ways to leave read-only mode under a read grant (the backend session starts with
 # default_transaction_read_only = on): READ WRITE transactions, the GUCs, RESET ALL, DISCARD ALL.
-_READ_WRITE_SWITCH = re.compile(r"read\s+write|transaction_read_only|\breset\s+all\b|\bdiscard\b", re.I)
+_READ_WRITE_SWITCH = re.compile(
+    r"read\s+write|\b(?:set|reset)\b[^;]*transaction_read_only|\breset\s+all\b|\bdiscard\b", re.I)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class OperatorSessionGate:
         decision = self.inner.check(sql, origin)
         if isinstance(decision, Refuse):
             return decision
-        if self.grant.read_only and (decision.statement_class in ("write", "ddl") or _READ_WRITE_SWITCH.search(sql)):
+        if self.grant.read_only and (decision.statement_class in ("write", "ddl") or (
+                decision.statement_class != "read" and _READ_WRITE_SWITCH.search(sql))):
             return Refuse(READ_ONLY_SQLSTATE, f"grant {self.grant.id} is read-only: this statement is not allowed",
                           hint="Request a write grant: tenantgate grant request --access write ...")
         return replace(decision, audit=StatementNote(sql, decision.audit))

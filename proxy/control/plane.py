@@ -655,6 +655,7 @@ class ControlPlane:
         return await self.get_grant(grant_id)
 
     async def revoke_grant(self, actor: Actor, grant_id: int, reason: str | None = None) -> Grant:
+        await self.expire_due()  # a grant whose time is up is expired, not revoked
         async with self._tx() as conn:
             row = await self._grant_row(conn, grant_id, lock=True)
             if row is None:

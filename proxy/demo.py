@@ -1,0 +1,251 @@
+"""`tenantgate demo`: an embedded PostgreSQL, the demo SaaS schema and tenantgate in front of it.
+
+What it sets up (first run; later runs reuse the state directory):
+
+* a PostgreSQL 15 cluster in ``<state dir>/pg`` on a free loopback port;
+* database ``app`` with the demo schema (``proxy/sql/demo_schema.sql``): shared
+  ``products``; tenant tables ``customers``, ``orders``, ``order_items``;
+  tenants ``acme`` and ``globex``;
+* the hardened bootstrap (``deploy/postgres/bootstrap.sql``): the
+  least-privileged ``tenantgate_app`` role, RLS backstop policies, the control
+  schema owned by ``tenantgate_control``;
+* application users ``acme_app`` and ``globex_app`` (credential-bound),
+  ``pool_app`` (chooses its tenant with a signed token), operator ``alice``
+  and approver ``bob``;
+* ``<state dir>/tenantgate.yaml`` (the config it runs with) and
+  ``<state dir>/dsns.json`` (the demo contract:
+  ``{"app": {tenant: dsn}, "operator": {name: dsn}, "backend_admin": dsn}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+from proxy.pgcluster import PgCluster, ensure_traversable, free_port
+
+DEMO_DB = "app"
+TENANTS = ("acme", "globex")
+OPERATORS = {"alice": ("operator",), "bob": ("approver",)}
+SCHEMA_SQL = Path(__file__).resolve().parent / "sql" / "demo_schema.sql"
+RULES_FILE = Path(__file__).resolve().parent.parent / "rules" / "tenancy.yaml"
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--listen must be HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class DemoState:
+    """Passwords, keys and ports of one demo state directory (``demo.json``)."""
+
+    def __init__(self, state_dir: Path):
+        self.dir = state_dir
+        self.file = state_dir / "demo.json"
+        self.data: dict = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def secret(self, name: str) -> str:
+        secrets_ = self.data.setdefault("secrets", {})
+        if name not in secrets_:
+            secrets_[name] = secrets.token_urlsafe(18)
+        return secrets_[name]
+
+    def save(self) -> None:
+        self.file.write_text(json.dumps(self.data, indent=2))
+        os.chmod(self.file, 0o600)
+
+
+def ensure_cluster(state: DemoState) -> PgCluster:
+    datadir = state.dir / "pg"
+    if (datadir / "PG_VERSION").exists() and "pg_port" in state.data:
+        cluster = PgCluster(datadir=datadir, port=state.data["pg_port"],
+                            superuser_password=state.secret("postgres"))
+        if not _port_free(cluster.port):
+            cluster.port = free_port()
+            with (datadir / "postgresql.conf").open("a") as f:
+                f.write(f"port = {cluster.port}\n")
+        cluster.stop("immediate")  # a stale postmaster.pid from a killed run
+        cluster.start()
+        state.data["pg_port"] = cluster.port
+        return cluster
+    os.chmod(state.dir, 0o755)
+    ensure_traversable(state.dir)
+    cluster = PgCluster(datadir=datadir, port=free_port(), superuser_password=state.secret("postgres"))
+    cluster.initdb()
+    cluster.start()
+    state.data["pg_port"] = cluster.port
+    state.data.pop("initialized", None)
+    return cluster
+
+
+async def initialize(cluster: PgCluster, state: DemoState) -> None:
+    """Create the demo database, schema, roles, control schema and accounts (once)."""
+    from proxy.bootstrap import apply_bootstrap
+    from proxy.config import AuditConfig
+    from proxy.control.plane import ControlPlane
+
+    if state.data.get("initialized"):
+        return
+    exists = cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DEMO_DB}'").strip()
+    if not exists:
+        cluster.psql(f"CREATE DATABASE {DEMO_DB}")
+        cluster.psql(SCHEMA_SQL.read_text(), database=DEMO_DB)
+    apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"))
+    plane = ControlPlane(control_dsn(cluster, state), audit=AuditConfig(signing_key_file=str(signing_key(state))))
+    await plane.start(install=True)
+    try:
+        admin = plane.platform_admin()
+        for tenant in TENANTS:
+            await plane.register_tenant(tenant, admin)
+        for name, roles in OPERATORS.items():
+            if await plane.get_operator(name) is None:
+                await plane.add_operator(admin, name, state.secret(f"operator:{name}"), roles)
+    finally:
+        await plane.close()
+    state.data["initialized"] = True
+    state.save()
+
+
+def control_dsn(cluster: PgCluster, state: DemoState) -> str:
+    return cluster.dsn("tenantgate_control", state.secret("tenantgate_control"), DEMO_DB)
+
+
+def signing_key(state: DemoState) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = state.dir / "audit-ed25519.pem"
+    if not path.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        path.write_bytes(pem)
+        os.chmod(path, 0o600)
+    return path
+
+
+def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_port: int | None) -> dict:
+    from proxy.scram import make_verifier
+
+    users = [
+        {"name": f"{t}_app", "scram_verifier": make_verifier(state.secret(f"app:{t}")), "tenant": t} for t in TENANTS
+    ]
+    users.append({"name": "pool_app", "scram_verifier": make_verifier(state.secret("app:pool")), "token_tenants": True})
+    return {
+        "listen": {"host": host, "port": port},
+        "backend": {"host": "127.0.0.1", "port": cluster.port, "database": DEMO_DB, "user": "tenantgate_app",
+                    "password": state.secret("tenantgate_app"), "sslmode": "disable"},
+        "users": users,
+        "rules_file": str(RULES_FILE),
+        "tokens": {"hmac_key": state.secret("token_key")},
+        "control": {"dsn": control_dsn(cluster, state)},
+        "audit": {"signing_key_file": str(signing_key(state))},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+    }
+
+
+def dsns(cluster: PgCluster, state: DemoState, host: str, port: int) -> dict:
+    def url(user: str, password: str) -> str:
+        from urllib.parse import quote
+
+        h = f"[{host}]" if ":" in host else host
+        return f"postgresql://{quote(user)}:{quote(password, safe='')}@{h}:{port}/{DEMO_DB}?sslmode=disable"
+
+    return {
+        "app": {t: url(f"{t}_app", state.secret(f"app:{t}")) for t in TENANTS},
+        "operator": {name: url(name, state.secret(f"operator:{name}")) for name in OPERATORS},
+        "backend_admin": cluster.dsn(database=DEMO_DB),
+    }
+
+
+def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
+    lines = [
+        "",
+        "tenantgate demo is running.",
+        f"  state directory : {state_dir}",
+        f"  connection strings: {state_dir / 'dsns.json'}",
+        "",
+        "Tenant sessions (each sees only its own rows):",
+    ]
+    for t, dsn in d["app"].items():
+        lines.append(f"  psql '{dsn}'")
+    lines += ["", "Operator sessions need an approved grant (two-person rule):"]
+    cfg = state_dir / "tenantgate.yaml"
+    pw = state_dir / "demo.json"
+    lines += [
+        f"  # passwords are in {pw} (secrets.operator:alice / operator:bob)",
+        f"  tenantgate grant request --config {cfg} --as alice --tenant acme --access read --for 1h --reason 'TICKET-1: demo'",
+        f"  tenantgate grant approve --config {cfg} --as bob ID",
+        f"  psql '{d['operator']['alice']}'",
+        "",
+        f"Backend (superuser, direct; for administration only): psql '{d['backend_admin']}'",
+    ]
+    if metrics_port:
+        lines.append(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics")
+    lines += ["", "Ctrl-C stops tenantgate and PostgreSQL.", ""]
+    return "\n".join(lines)
+
+
+async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None) -> int:
+    from proxy.config import Config
+    from proxy.gatekeeper import build_gatekeeper
+    from proxy.server import ProxyServer
+
+    host, port = _parse_listen(listen)
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = DemoState(state_dir)
+    cluster = ensure_cluster(state)
+    state.save()
+    server = None
+    gatekeeper = None
+    try:
+        await initialize(cluster, state)
+        raw = demo_config(cluster, state, host, port, metrics_port)
+        state.save()  # demo_config created the app passwords and the token key: keep them in demo.json
+        cfg_path = state_dir / "tenantgate.yaml"
+        cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        os.chmod(cfg_path, 0o600)
+        config = Config.model_validate(raw)
+        gatekeeper = await build_gatekeeper(config)
+        server = ProxyServer(config, gatekeeper, config_path=cfg_path)
+        await server.start()
+        if metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, addr="127.0.0.1")
+        d = dsns(cluster, state, host, server.port)
+        (state_dir / "dsns.json").write_text(json.dumps(d, indent=2))
+        print(banner(state_dir, d, metrics_port), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_from_file)
+        await stop.wait()
+        print("stopping tenantgate demo ...", flush=True)
+        return 0
+    finally:
+        if server is not None:
+            await server.close()
+        if gatekeeper is not None and hasattr(gatekeeper, "close"):
+            await gatekeeper.close()
+        cluster.stop()

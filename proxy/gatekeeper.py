@@ -1,0 +1,245 @@
+"""The production Gatekeeper: who a session is, and which SessionGate it gets.
+
+It composes the independent parts; none of them knows about the others:
+
+* users: application users from the config (:mod:`proxy.users`), then
+  operators from the control schema (:class:`proxy.control.plane.OperatorDirectory`);
+* tenant sessions: :func:`proxy.policy.session.open_tenant_session` over one
+  shared :class:`proxy.policy.engine.PolicyEngine` (rules, live catalog,
+  function/catalog allowlist);
+* operator sessions: the grant is bound by the control plane and the tenant
+  gate is wrapped in :class:`proxy.control.operator_gate.OperatorSessionGate`
+  (audit before action, termination on expiry/revocation);
+* tenant lifecycle: a purged tenant is refused at connect (28000); an
+  offboarded tenant's sessions are read-only (25006, naming the retention
+  end).  A status change ends the tenant's live sessions so that they
+  reconnect under the new status.
+
+Everything that needs I/O (catalog load, control plane) happens in
+:func:`build_gatekeeper`; :meth:`Gatekeeper.open_session` does at most the
+control-plane round trips an operator session needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from datetime import datetime
+from urllib.parse import quote
+
+from proxy.config import Config, ConfigError
+from proxy.seam import SessionGate, SessionKind, SessionRefused, StartupInfo, UserRecord
+from proxy.users import ConfigUserDirectory
+
+log = logging.getLogger("tenantgate.gatekeeper")
+
+TENANT_ENDED_SQLSTATE = "57P01"
+
+
+def backend_dsn(config: Config) -> str:
+    """A libpq URL for the backend role (used for catalog discovery)."""
+    b = config.backend
+    if not b.database:
+        raise ConfigError("backend.database must be set when rules_file is used (catalog discovery needs it)")
+    pw = b.resolved_password()
+    auth = quote(b.user, safe="") + (":" + quote(pw, safe="") if pw else "")
+    sslmode = "prefer" if b.sslmode == "prefer" else b.sslmode
+    url = f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={sslmode}"
+    if b.sslrootcert:
+        url += f"&sslrootcert={quote(b.sslrootcert)}"
+    return url
+
+
+class UserDirectoryChain:
+    """Config users first, then the control schema's operators."""
+
+    def __init__(self, *directories):
+        self.directories = list(directories)
+
+    async def lookup(self, name: str) -> UserRecord | None:
+        for d in self.directories:
+            rec = await d.lookup(name)
+            if rec is not None:
+                return rec
+        return None
+
+
+class PolicyGatekeeper:
+    def __init__(self, config: Config, engine, catalog, plane=None):
+        self.config = config
+        self.engine = engine
+        self.catalog = catalog
+        self.plane = plane
+        self.config_users = ConfigUserDirectory.from_config(config)
+        dirs = [self.config_users]
+        if plane is not None:
+            from proxy.control.plane import OperatorDirectory
+
+            dirs.append(OperatorDirectory(plane))
+        self.users = UserDirectoryChain(*dirs)
+        self._tenants: dict[str, object] = {}  # name -> proxy.control.plane.Tenant
+        self._live: dict[str, weakref.WeakSet] = {}  # tenant -> live tenant gates
+        self._subscription = None
+
+    # ---- life cycle
+
+    async def start(self) -> None:
+        if self.plane is not None:
+            for t in await self.plane.list_tenants():
+                self._tenants[t.name] = t
+            self._subscription = await self.plane.watch(on_tenant_changed=self._tenant_changed)
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self.config_users.replace(config.users)
+        if self.catalog is not None:
+            self.catalog.request_refresh("sighup")
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            close = getattr(self._subscription, "close", None)
+            if close:
+                r = close()
+                if asyncio.iscoroutine(r):
+                    await r
+        if self.catalog is not None:
+            await self.catalog.close()
+        if self.plane is not None:
+            await self.plane.close()
+
+    # ---- tenant lifecycle
+
+    def _tenant_changed(self, name: str, status: str) -> None:
+        asyncio.get_running_loop().create_task(self._refresh_tenant(name, status))
+
+    async def _refresh_tenant(self, name: str, status: str) -> None:
+        try:
+            t = await self.plane.get_tenant(name)
+        except Exception:  # keep the old status; the next change retries
+            log.exception("could not reload tenant %s", name)
+            return
+        if t is None:
+            self._tenants.pop(name, None)
+        else:
+            self._tenants[name] = t
+        for gate in list(self._live.get(name, ())):
+            term = getattr(gate, "_tg_terminate", None)
+            if term is not None:
+                term(TENANT_ENDED_SQLSTATE,
+                     f'tenant "{name}" is now {status}; this session was ended, reconnect to continue')
+
+    def _lifecycle(self, tenant: str | None) -> tuple[bool, str | None]:
+        """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect."""
+        if tenant is None or self.plane is None:
+            return False, None
+        t = self._tenants.get(tenant)
+        if t is None:
+            return False, None  # not registered in the control plane: an ordinary active tenant
+        if t.status == "purged":
+            raise SessionRefused("28000", f'tenant "{tenant}" has been purged; its credentials are no longer valid')
+        if t.status == "offboarded":
+            end = t.retention_end.date().isoformat() if isinstance(t.retention_end, datetime) else "the retention end"
+            return True, (f'tenant "{tenant}" is offboarded: its data is read-only and export-only '
+                          f"until it is purged after {end}")
+        return False, None
+
+    # ---- sessions
+
+    async def open_session(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
+        if user.kind is SessionKind.PASSTHROUGH:
+            from proxy.passthrough import PassthroughGate
+
+            return PassthroughGate(user.kind)
+        if user.kind is SessionKind.OPERATOR:
+            return await self._open_operator(user, startup)
+        return self._open_tenant(user, startup)
+
+    def _open_tenant(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
+        from proxy.policy.session import TOKEN_OPTION, open_tenant_session, verify_token
+
+        if user.tenant is None and not user.token_tenants:
+            bound = self.engine.rules.credentials.get(user.name)
+            if bound is not None:
+                from dataclasses import replace
+
+                user = replace(user, tenant=bound)
+        key = self.config.tokens.resolved_key()
+        tenant = user.tenant
+        if user.token_tenants and TOKEN_OPTION in startup.options:
+            try:
+                tenant = verify_token(startup.options[TOKEN_OPTION], key)
+            except Exception:
+                tenant = None  # open_tenant_session refuses it with the precise reason
+        read_only, message = self._lifecycle(tenant)
+        gate = open_tenant_session(self.engine, user, startup, token_key=key, read_only=read_only,
+                                   read_only_message=message)
+        if self.plane is not None:
+            # refused tenant statements may be attacks: they go to the audit chain too
+            from proxy.control.operator_gate import RefusalAuditor
+
+            auditor = RefusalAuditor(self.plane, user=user.name, tenant=tenant, startup=startup)
+            local_log = gate.on_refused
+
+            def on_refused(sql, refusal, _log=local_log, _audit=auditor):
+                _log(sql, refusal)
+                _audit(sql, refusal)
+
+            gate.on_refused = on_refused
+        self._track(tenant, gate)
+        return gate
+
+    async def _open_operator(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
+        if self.plane is None:
+            raise SessionRefused("28000", "operator sessions need the control plane (control.dsn) configured")
+        from proxy.control.operator_gate import open_operator_session
+        from proxy.policy.session import TenantSessionGate
+
+        def make_inner(grant):
+            read_only, message = self._lifecycle(grant.tenant)
+            if grant.read_only:
+                read_only = True
+                message = message or (f"grant {grant.id} is a read grant: writes are refused "
+                                      "(request a write grant if you need one)")
+            return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
+
+        return await open_operator_session(self.plane, user, startup, make_inner=make_inner)
+
+    def _track(self, tenant: str | None, gate) -> None:
+        if tenant is None:
+            return
+        self._live.setdefault(tenant, weakref.WeakSet()).add(gate)
+        original = gate.set_terminator
+
+        def set_terminator(cb, _orig=original, _gate=gate):
+            _gate._tg_terminate = cb
+            _orig(cb)
+
+        gate.set_terminator = set_terminator
+
+
+async def build_gatekeeper(config: Config):
+    """The Gatekeeper for ``config``: the policy engine when ``rules_file`` is set,
+    otherwise the pass-through gatekeeper (only ``passthrough: true`` users)."""
+    if not config.rules_file:
+        from proxy.passthrough import PassthroughGatekeeper
+
+        return PassthroughGatekeeper(config)
+    from proxy.policy.allowlist import FunctionChecker
+    from proxy.policy.catalog import CatalogManager
+    from proxy.policy.engine import PolicyEngine
+    from proxy.policy.rules import load_rules
+
+    rules = load_rules(config.rules_file)
+    catalog = await CatalogManager.from_dsn(backend_dsn(config), rules, refresh_interval_s=rules.catalog_refresh_s)
+    catalog.start_periodic()
+    engine = PolicyEngine(rules, catalog, FunctionChecker.from_rules(rules))
+    plane = None
+    if config.control.resolved_dsn():
+        from proxy.control.plane import ControlPlane
+
+        plane = ControlPlane.from_config(config)
+        await plane.start()
+    gk = PolicyGatekeeper(config, engine, catalog, plane)
+    await gk.start()
+    return gk
