@@ -158,6 +158,9 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
         "tokens": {"hmac_key": state.secret("token_key")},
         "control": {"dsn": control_dsn(cluster, state)},
         "audit": {"signing_key_file": str(signing_key(state))},
+        # export/import/purge read and delete tenant rows and keep a purge journal; in the demo
+        # they run as the cluster's superuser (production: a dedicated role, see docs/lifecycle.md)
+        "lifecycle": {"data_dsn": cluster.dsn(database=DEMO_DB)},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     }
 

@@ -34,7 +34,8 @@ class RecordingInnerGate:
         is_write = sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
         if is_write and self.read_only:
             return Refuse("25006", "read-only")
-        return Forward(f"{sql} /* tenant {self.tenant} */", statement_class="write" if is_write else "read",
+        return Forward(f"{sql} /* tenant {self.tenant} */", statement_class="write" if is_write else (
+            "read" if sql.lstrip().upper().startswith(("SELECT", "WITH", "SHOW", "TABLE")) else "other"),
                        audit="inner-note")
 
     def on_ready_for_query(self, tx_status):
