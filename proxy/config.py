@@ -125,6 +125,7 @@ class AuditConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1)  # records between signed checkpoints
     jsonl_path: str | None = None  # optional JSONL sink
     redact_params: bool = False  # log bound parameters as <redacted>
+    verify_key_files: list[str] = []  # extra Ed25519 public keys (PEM) accepted on checkpoints (key rotation)
 
 
 class GrantsConfig(_Strict):
@@ -136,6 +137,15 @@ class GrantsConfig(_Strict):
 class LifecycleConfig(_Strict):
     retention_days: int = Field(90, ge=0)
     purge_batch_rows: int = Field(5000, ge=1)
+    # Role that reads/writes tenant tables for export, import and purge (never used
+    # by client sessions).  Unset: built from backend.* (backend.database required).
+    data_dsn: str | None = None
+    data_dsn_env: str | None = None
+    journal_schema: str = "tenantgate_lifecycle"  # purge progress journal, in the data database
+    service_name: str = "tenantgate-retention"  # identity recorded by `tenant purge-expired`
+
+    def resolved_data_dsn(self) -> str | None:
+        return _secret(self.data_dsn, self.data_dsn_env, None, "lifecycle.data_dsn")
 
 
 class MetricsConfig(_Strict):

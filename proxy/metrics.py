@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CLIENT_CONNECTIONS = Gauge("tenantgate_client_connections", "Open client connections", ["kind"])
 CLIENT_CONNECTIONS_TOTAL = Counter(
-    "tenantgate_client_connections_total", "Client connection attempts by outcome", ["outcome"]
+    "tenantgate_client_connection_attempts_total", "Client connection attempts by outcome", ["outcome"]
 )
 BACKEND_CONNECTIONS = Gauge("tenantgate_backend_connections", "Open connections to PostgreSQL")
 BACKEND_CONNECT_ERRORS_TOTAL = Counter("tenantgate_backend_connect_errors_total", "Failed connects to PostgreSQL")

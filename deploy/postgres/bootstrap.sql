@@ -193,4 +193,83 @@ BEGIN
     END LOOP;
 END $$;
 
+-- 5. COPY FROM STDIN under row-level security ---------------------------------
+-- PostgreSQL refuses COPY FROM into a table with row-level security for roles
+-- subject to it ("COPY FROM not supported with row-level security").  For
+-- every tenant table the bootstrap makes a view in schema tenantgate_copy
+-- (named "<schema>.<table>") with the table's columns and defaults and an
+-- INSTEAD OF INSERT trigger that inserts each row into the table as the
+-- invoking role, so the RLS WITH CHECK policy still applies row by row and one
+-- bad row aborts the whole COPY.  tenantgate rewrites a tenant session's
+-- `COPY t FROM STDIN` to `COPY tenantgate_copy."public.t" FROM STDIN` when the
+-- view exists (and checks every row itself first).  Rerun after migrations.
+CREATE SCHEMA IF NOT EXISTS tenantgate_copy;
+REVOKE ALL ON SCHEMA tenantgate_copy FROM PUBLIC;
+GRANT USAGE ON SCHEMA tenantgate_copy TO tenantgate_app;
+
+DO $do$
+DECLARE
+    tenant_column text := current_setting('tenantgate.bootstrap_tenant_column');
+    schemas text[] := string_to_array(replace(current_setting('tenantgate.bootstrap_schemas'), ' ', ''), ',');
+    t record;
+    col record;
+    view_name text;
+    fn_name text;
+    cols text;
+    vals text;
+BEGIN
+    -- drop what an earlier run made (tables may have changed since)
+    FOR t IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'tenantgate_copy' AND c.relkind = 'v'
+    LOOP
+        EXECUTE format('DROP VIEW tenantgate_copy.%I CASCADE', t.relname);
+    END LOOP;
+    FOR t IN SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'tenantgate_copy'
+    LOOP
+        EXECUTE format('DROP FUNCTION tenantgate_copy.%I() CASCADE', t.proname);
+    END LOOP;
+    FOR t IN
+        SELECT n.nspname, c.relname, c.oid
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = tenant_column
+                             AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE n.nspname = ANY (schemas) AND c.relkind IN ('r', 'p')
+         ORDER BY 1, 2
+    LOOP
+        view_name := t.nspname || '.' || t.relname;
+        fn_name := 'insert_' || md5(view_name);
+        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum),
+               string_agg('NEW.' || quote_ident(attname), ', ' ORDER BY attnum)
+          INTO cols, vals
+          FROM pg_attribute
+         WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+        EXECUTE format('CREATE VIEW tenantgate_copy.%I AS SELECT %s FROM %I.%I', view_name, cols, t.nspname, t.relname);
+        FOR col IN
+            SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) AS dflt, a.attidentity,
+                   pg_get_serial_sequence(format('%I.%I', t.nspname, t.relname), a.attname) AS seq
+              FROM pg_attribute a
+              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+               AND (d.adbin IS NOT NULL OR a.attidentity <> '')
+        LOOP
+            EXECUTE format('ALTER VIEW tenantgate_copy.%I ALTER COLUMN %I SET DEFAULT %s', view_name, col.attname,
+                           CASE WHEN col.attidentity <> '' THEN format('nextval(%L::regclass)', col.seq) ELSE col.dflt END);
+        END LOOP;
+        EXECUTE format($f$CREATE FUNCTION tenantgate_copy.%I() RETURNS trigger LANGUAGE plpgsql SECURITY INVOKER
+                          SET search_path = pg_catalog AS $body$
+                          BEGIN
+                              INSERT INTO %I.%I (%s) OVERRIDING SYSTEM VALUE VALUES (%s);
+                              RETURN NEW;
+                          END $body$ $f$, fn_name, t.nspname, t.relname, cols, vals);
+        EXECUTE format('CREATE TRIGGER tenantgate_copy_insert INSTEAD OF INSERT ON tenantgate_copy.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION tenantgate_copy.%I()', view_name, fn_name);
+        EXECUTE format('REVOKE ALL ON tenantgate_copy.%I FROM PUBLIC', view_name);
+        EXECUTE format('GRANT INSERT ON tenantgate_copy.%I TO tenantgate_app', view_name);
+        EXECUTE format('REVOKE ALL ON FUNCTION tenantgate_copy.%I() FROM PUBLIC', fn_name);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION tenantgate_copy.%I() TO tenantgate_app', fn_name);
+    END LOOP;
+END $do$;
+
 RESET password_encryption;

@@ -1,6 +1,78 @@
-"""`tenantgate serve` (not yet implemented)."""
+"""`tenantgate serve --config FILE`: run the proxy in front of an existing PostgreSQL.
+
+SIGHUP re-reads FILE (existing connections stay); SIGTERM/SIGINT drain:
+stop accepting, let running transactions finish up to ``timeouts.drain_s``,
+then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+
+from proxy.config import Config, ConfigError, load_config
+
+
+def build_gatekeeper(config: Config):
+    """The Gatekeeper `serve` uses: ``proxy.gatekeeper.build_gatekeeper`` (the policy
+    engine when ``rules_file`` is set, else pass-through for ``passthrough: true`` users).
+    May return an awaitable."""
+    from proxy.gatekeeper import build_gatekeeper as build
+
+    return build(config)
+
+
+def start_metrics_endpoint(config: Config) -> None:
+    """Serve Prometheus metrics on ``metrics.host:metrics.port`` (unless the port is null)."""
+    if config.metrics.port is None:
+        return
+    from prometheus_client import start_http_server
+
+    start_http_server(config.metrics.port, addr=config.metrics.host)
+
+
+async def _serve(config: Config, config_path: str) -> None:
+    from proxy.server import ProxyServer
+
+    gatekeeper = build_gatekeeper(config)
+    if inspect.isawaitable(gatekeeper):
+        gatekeeper = await gatekeeper
+    server = ProxyServer(config, gatekeeper, config_path=config_path)
+    await server.start()
+    start_metrics_endpoint(config)
+    server.install_signal_handlers()
+    print(f"tenantgate: listening on {server.host}:{server.port} (backend {config.backend.host}:{config.backend.port})",
+          flush=True)
+    await server.serve_forever()
+    closer = getattr(gatekeeper, "close", None)
+    if closer is not None:
+        r = closer()
+        if inspect.isawaitable(r):
+            await r
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    from proxy.server import install_uvloop
+
+    install_uvloop()
+    try:
+        asyncio.run(_serve(config, args.config))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def register(sub):
-    p = sub.add_parser("serve", help="(not yet implemented)")
-    p.set_defaults(func=lambda args: (print("tenantgate serve: not yet implemented"), 2)[1])
+    p = sub.add_parser("serve", help="run the proxy in front of an existing PostgreSQL")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--verbose", "-v", action="store_true", help="log connections and reloads")
+    p.set_defaults(func=run)

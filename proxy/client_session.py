@@ -1,0 +1,950 @@
+"""One client connection: startup, authentication, and the relay to PostgreSQL.
+
+Lifecycle of a :class:`ClientSession` (an asyncio Protocol):
+
+1. *Startup* (a coroutine, bounded by ``timeouts.startup_s``): SSLRequest /
+   GSSENCRequest / CancelRequest / StartupMessage, SCRAM-SHA-256 against the
+   user registry, ``gatekeeper.open_session``, the backend connection, the
+   gate's ``backend_setup_sql``, then ParameterStatus, tenantgate's own
+   BackendKeyData and ReadyForQuery to the client.
+2. *Relay* (plain callbacks, no coroutine per message): every client
+   message is framed by the receive buffer, classified by the frontend state
+   machine, and statements go through ``gate.check``.  Backend bytes are
+   scanned for message boundaries only and forwarded in bulk.
+
+Ordering.  Everything the proxy forwards is answered by PostgreSQL in order.
+``inflight`` holds one entry per forwarded Query / Execute / Sync and per
+synthetic reply (a refused simple Query or FunctionCall), so a synthetic
+reply is written exactly where PostgreSQL's would have been.  A statement
+refused inside the extended protocol is replaced by a *marker* message that
+makes PostgreSQL fail at that very position (so the pipeline aborts exactly
+as it would for a real error); the marker's error is swapped for the
+refusal's ErrorResponse on the way back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from proxy.backend_link import BackendConnection, BackendError, connect_backend, send_cancel
+from proxy.metrics import (
+    BACKEND_CONNECTIONS,
+    BYTES_TOTAL,
+    CLIENT_CONNECTIONS,
+    CLIENT_CONNECTIONS_TOTAL,
+    PROTOCOL_ERRORS_TOTAL,
+    QUERY_DURATION_SECONDS,
+    STATEMENTS_REFUSED_TOTAL,
+    STATEMENTS_TOTAL,
+)
+from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
+from proxy.seam import Forward, Origin, Outcome, Refuse, SessionRefused, StartupInfo
+from proxy.wire import messages as m
+from proxy.wire.backend import (
+    AUDIT_INTERESTING,
+    COMMAND_COMPLETE,
+    COPY_BOTH_RESPONSE,
+    COPY_IN_RESPONSE,
+    EMPTY_QUERY,
+    ERROR_RESPONSE,
+    PORTAL_SUSPENDED,
+    READY_FOR_QUERY,
+    BackendScanner,
+)
+from proxy.wire.buffer import ReceiveBuffer
+from proxy.wire.errors import ProtocolError
+from proxy.wire.frontend import Action, FrontendState, Phase
+from proxy.wire.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    parse_options,
+    parse_startup_packet,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("tenantgate.session")
+
+#: startup parameters passed on to PostgreSQL (lower-case names); everything
+#: else (``options`` included) only goes to the policy via StartupInfo.options
+FORWARDED_STARTUP_PARAMS = frozenset(
+    {"application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"}
+)
+_STANDARD_PARAMS = FORWARDED_STARTUP_PARAMS | {"user", "database", "options", "replication"}
+
+MARKER_PREFIX = "tenantgate_refused_"
+FUNCTION_CALL_REFUSAL = Refuse(
+    "42501",
+    "FunctionCall messages are not allowed: they call functions without SQL the proxy could inspect",
+)
+
+_BYTES_IN = BYTES_TOTAL.labels(direction="client_to_server")
+_BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
+_ZERO = b"I"
+
+
+class _Entry:
+    """Something PostgreSQL (or the proxy) still has to answer, in order.
+
+    kind: b"Q" simple query, b"X" Execute, b"S" Sync, b"R" synthetic reply.
+    """
+
+    __slots__ = ("kind", "decision", "handle", "t0", "sqlstate", "tag", "data", "audited")
+
+    def __init__(self, kind: bytes, decision: Forward | None = None, handle: Any = None, data: bytes = b""):
+        self.kind = kind
+        self.decision = decision
+        self.handle = handle
+        self.t0 = time.perf_counter()
+        self.sqlstate: str | None = None
+        self.tag: str | None = None
+        self.data = data
+        self.audited = False
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, server: "ProxyServer"):
+        self.server = server
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buf = ReceiveBuffer(self.config.limits.max_message_bytes)
+        self.fstate = FrontendState()
+        self.session_id = secrets.token_hex(8)
+        self.kind_label = "unauthenticated"
+        self.relaying = False
+        self.closed = False
+        self.tls = False
+        self.user: str | None = None
+        self.gate = None
+        self.audited = False
+        self.backend: BackendConnection | None = None
+        self.bproto = None
+        self.scanner: BackendScanner | None = None
+        self.inflight: deque[_Entry] = deque()
+        self.tx_status = _ZERO
+        self.key: tuple[int, int] | None = None
+        self._waiter: asyncio.Future | None = None
+        self._startup_task: asyncio.Task | None = None
+        self._out: list[bytes] = []
+        self._blocked = False
+        self._held: tuple[bytes, bytes] | None = None  # a copy message waiting for CopyInResponse
+        self._stmts: dict[str, Forward] = {}
+        self._portals: dict[str, tuple[Forward, tuple]] = {}
+        self._copy_check = None
+        self._copy_failed = False
+        self._markers: list[tuple[int, bytes, bytes]] = []
+        self._marker_seq = 0
+        self._seg_sent = 0
+        self._seg_done = 0
+        self._backend_fatal = False
+        self._client_connected = False
+        self._counted = False
+        self._after_tasks: set[asyncio.Task] = set()
+        self._bytes_in = 0  # added to the byte counters at each ReadyForQuery and at close
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_tx_s = self.config.timeouts.idle_in_transaction_s
+        self._bwrite: Callable[[bytes], None] | None = None  # backend transport.write once relaying
+        self._bytes_out = 0
+        self._handlers: dict[bytes, Callable[[bytes, bytes], None]] = {
+            b"Q": self._on_query, b"P": self._on_parse, b"B": self._on_bind, b"E": self._on_execute,
+            b"D": self._on_describe, b"H": self._on_empty, b"C": self._on_close, b"S": self._on_sync,
+            b"d": self._on_copy_message, b"c": self._on_copy_message, b"f": self._on_copy_message,
+            b"F": self._on_function_call,
+        }
+
+    # ------------------------------------------------------------------ asyncio callbacks (client socket)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._client_connected = True
+        self.server.session_started(self)
+        self._startup_task = self.loop.create_task(self._run_startup())
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._bytes_in += len(data)
+        self.buf.feed(data)
+        if self.relaying:
+            self._process_client()
+        else:
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._client_connected = False
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        self._close(cancel_running=True)
+
+    def pause_writing(self) -> None:  # client is slow: stop reading results
+        if self.bproto is not None and self.bproto.transport is not None:
+            self.bproto.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.bproto is not None and self.bproto.transport is not None and not self.bproto.closed:
+            self.bproto.transport.resume_reading()
+
+    # ------------------------------------------------------------------ startup
+
+    async def _read(self, fn):
+        while True:
+            x = fn()
+            if x is not None:
+                return x
+            if not self._client_connected:
+                raise ConnectionResetError("client went away")
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def _read_auth_message(self) -> bytes:
+        t, payload = await self._read(self.buf.next_message)
+        if t == b"X":
+            raise ConnectionResetError("client terminated during authentication")
+        if t != b"p":
+            raise ProtocolError(f"expected SASL response, got message type {t[0]}", reason="auth")
+        return payload
+
+    async def _run_startup(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.timeouts.startup_s):
+                await self._startup()
+        except TimeoutError:
+            CLIENT_CONNECTIONS_TOTAL.labels(outcome="startup_timeout").inc()
+            PROTOCOL_ERRORS_TOTAL.labels(reason="startup_timeout").inc()
+            self._fatal("08P01", f"startup timeout: the connection did not complete startup within "
+                        f"{self.config.timeouts.startup_s:g} s")
+        except ProtocolError as e:
+            CLIENT_CONNECTIONS_TOTAL.labels(outcome="protocol_error").inc()
+            self._protocol_fatal(e)
+        except _Fatal as e:
+            CLIENT_CONNECTIONS_TOTAL.labels(outcome=e.outcome).inc()
+            self._fatal(e.sqlstate, e.message, e.detail, e.hint)
+        except (ConnectionError, asyncio.CancelledError):
+            self._close()
+        except Exception:  # never let one client crash the proxy
+            log.exception("session %s: unexpected error during startup", self.session_id)
+            self._fatal("XX000", "internal error in tenantgate during connection startup")
+
+    async def _startup(self) -> None:
+        server = self.server
+        while True:
+            payload = await self._read(self.buf.next_startup)
+            pkt = parse_startup_packet(payload)
+            if isinstance(pkt, SSLRequest):
+                ctx = server.tls_context
+                if ctx is None or self.tls:
+                    self.transport.write(b"N")
+                    continue
+                if len(self.buf):
+                    raise ProtocolError("received unencrypted data after SSL request", reason="tls")
+                self.transport.write(b"S")
+                try:
+                    self.transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
+                except (OSError, ConnectionError, Exception) as e:  # handshake failures close the socket
+                    log.info("session %s: TLS handshake failed: %s", self.session_id, e)
+                    raise ConnectionResetError("TLS handshake failed")
+                self.tls = True
+                continue
+            if isinstance(pkt, GSSENCRequest):
+                self.transport.write(b"N")
+                continue
+            if isinstance(pkt, CancelRequest):
+                server.cancels.cancel(pkt.pid, pkt.secret)
+                CLIENT_CONNECTIONS_TOTAL.labels(outcome="cancel_request").inc()
+                self._close()
+                return
+            assert isinstance(pkt, StartupMessage)
+            break
+        await self._authenticate_and_connect(pkt)
+
+    async def _authenticate_and_connect(self, pkt: StartupMessage) -> None:
+        cfg = self.config
+        server = self.server
+        params = pkt.params
+        if cfg.tls.required and not self.tls:
+            raise _Fatal("28000", "tenantgate requires TLS: connect with sslmode=require or stronger", outcome="no_tls")
+        if server.active_sessions > cfg.limits.max_clients:
+            raise _Fatal("53300", "sorry, too many clients already", outcome="too_many_clients")
+        if server.draining:
+            raise _Fatal("57P03", "tenantgate is shutting down", outcome="shutting_down")
+        if params.get("replication", "false").lower() not in ("false", "0", "off", "no"):
+            raise _Fatal("0A000", "replication connections are not supported by tenantgate", outcome="replication")
+        user = pkt.user
+        self.user = user
+        record = await server.gatekeeper.users.lookup(user)
+        verifier = None
+        if record is not None:
+            try:
+                verifier = parse_verifier(record.scram_verifier)
+            except ScramError:
+                log.error("user %s has an invalid SCRAM verifier", user)
+        exchange = ScramServerExchange(verifier or mock_verifier(user), always_fail=verifier is None)
+        self.transport.write(m.encode_auth_sasl(["SCRAM-SHA-256"]))
+        mech, first = m.decode_sasl_initial(await self._read_auth_message())
+        if mech != "SCRAM-SHA-256":
+            raise ProtocolError("client selected an invalid SASL authentication mechanism", reason="auth")
+        auth_failed = _Fatal("28P01", f'password authentication failed for user "{user}"', outcome="auth_failed")
+        try:
+            server_first = exchange.client_first(first)
+        except ScramError:
+            raise auth_failed
+        self.transport.write(m.encode_auth(m.AUTH_SASL_CONTINUE, server_first))
+        final = await self._read_auth_message()
+        try:
+            server_final = exchange.client_final(final)
+        except ScramError:
+            raise auth_failed
+        self.transport.write(m.encode_auth(m.AUTH_SASL_FINAL, server_final) + m.encode_auth(m.AUTH_OK))
+
+        options: dict[str, str] = {}
+        for k, v in params.items():
+            if k.lower() not in _STANDARD_PARAMS:
+                options[k] = v
+        options.update(parse_options(params.get("options", "")))
+        peer = self.transport.get_extra_info("peername")
+        client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unix"
+        info = StartupInfo(
+            user=user, database=pkt.database, client_addr=client_addr, options=options,
+            application_name=params.get("application_name"), session_id=self.session_id, tls=self.tls,
+        )
+        try:
+            gate = await server.gatekeeper.open_session(record, info)
+        except SessionRefused as e:
+            raise _Fatal(e.sqlstate, e.message, e.detail, e.hint, outcome="refused")
+        self.gate = gate
+        self.audited = bool(gate.audited)
+        self.kind_label = getattr(gate.kind, "value", str(gate.kind))
+        gate.set_terminator(self._terminator)
+
+        forwarded = {k: v for k, v in params.items() if k.lower() in FORWARDED_STARTUP_PARAMS}
+        try:
+            backend = await connect_backend(cfg.backend, cfg.backend.database or pkt.database, forwarded)
+        except BackendError as e:
+            raise _Fatal(e.sqlstate, e.message, e.detail, outcome="backend_unavailable")
+        self.backend = backend
+        self.bproto = backend.protocol
+        BACKEND_CONNECTIONS.inc()
+        if self.closed:  # client vanished while we were connecting
+            self._close()
+            return
+        status = await self._run_setup_sql(backend, list(gate.backend_setup_sql))
+
+        self.key = server.cancels.register(self)
+        out = [m.encode_parameter_status(k, v) for k, v in backend.parameters.items()]
+        out.append(m.encode_backend_key_data(*self.key))
+        out.append(m.encode_ready_for_query(status))
+        self.tx_status = status
+        self.transport.write(b"".join(out))
+        gate.on_ready_for_query(status)
+        CLIENT_CONNECTIONS_TOTAL.labels(outcome="accepted").inc()
+        CLIENT_CONNECTIONS.labels(kind=self.kind_label).inc()
+        self._counted = True
+        self._m_forwarded = STATEMENTS_TOTAL.labels(kind=self.kind_label, result="forwarded")
+        self._m_refused = STATEMENTS_TOTAL.labels(kind=self.kind_label, result="refused")
+
+        bp = self.bproto
+        bp.on_lost = self._backend_lost
+        bp.on_pause_writing = self._pause_client
+        bp.on_resume_writing = self._resume_client
+        self.scanner = BackendScanner(AUDIT_INTERESTING)
+        self._bwrite = bp.transport.write
+        self.relaying = True
+        bp.start_relay(self._on_backend_data)
+        self._process_client()
+
+    async def _run_setup_sql(self, backend: BackendConnection, statements: list[str]) -> bytes:
+        status = backend.tx_status
+        if not statements:
+            return status
+        proto = backend.protocol
+        proto.write(b"".join(m.encode_query(s) for s in statements))
+        pending = len(statements)
+        error: str | None = None
+        try:
+            while pending:
+                t, payload = await proto.read_message()
+                if t == b"S":
+                    k, v = m.decode_parameter_status(payload)
+                    backend.parameters[k] = v
+                elif t == b"E" and error is None:
+                    error = m.decode_error_fields(payload).message
+                elif t == b"Z":
+                    pending -= 1
+                    status = payload[:1] or b"I"
+        except (BackendError, ProtocolError) as e:
+            raise _Fatal("08006", f"session setup on the database server failed: {e}", outcome="setup_failed")
+        if error is not None:
+            raise _Fatal("XX000", "session setup on the database server failed", detail=error, outcome="setup_failed")
+        return status
+
+    # ------------------------------------------------------------------ client -> backend
+
+    def _process_client(self) -> None:
+        if self._blocked or self.closed:
+            return
+        buf = self.buf
+        accept = self.fstate.accept
+        handlers = self._handlers
+        try:
+            if self._held is not None:
+                held, self._held = self._held, None
+                handlers[held[0]](*held)
+            while not self._blocked:
+                msg = buf.next_message()
+                if msg is None:
+                    break
+                t, payload = msg
+                action = accept(t[0])
+                if action is Action.PROCESS:
+                    handlers[t](t, payload)
+                elif action is Action.TERMINATE:
+                    self._flush_backend()
+                    self._close(cancel_running=False)
+                    return
+        except ProtocolError as e:
+            self._flush_backend()
+            self._protocol_fatal(e)
+            return
+        except Exception:
+            log.exception("session %s: internal error relaying client messages", self.session_id)
+            self._fatal("XX000", "internal error in tenantgate")
+            return
+        self._flush_backend()
+
+    def _flush_backend(self) -> None:
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            bwrite = self._bwrite
+            if bwrite is not None:
+                bwrite(data)
+            elif self.bproto is not None:
+                self.bproto.write(data)
+
+    def _on_describe(self, t: bytes, payload: bytes) -> None:
+        if payload[:1] not in (b"S", b"P") or payload.find(b"\0") != len(payload) - 1:
+            m.decode_describe(payload)  # raises the precise ProtocolError
+        self._out.append(m.frame(t, payload))
+
+    def _on_empty(self, t: bytes, payload: bytes) -> None:
+        if payload:
+            raise ProtocolError(f"invalid message format: {t.decode()} message has a body", reason="malformed")
+        self._out.append(m.frame(t, payload))
+
+    def _on_query(self, t: bytes, payload: bytes) -> None:
+        if payload.find(b"\0") == len(payload) - 1 >= 0:
+            try:
+                sql = payload[:-1].decode("utf-8")
+            except UnicodeDecodeError:
+                sql = m.decode_query(payload).sql  # raises the precise ProtocolError
+        else:
+            sql = m.decode_query(payload).sql
+        decision = self._check(sql, Origin.SIMPLE)
+        if isinstance(decision, Refuse):
+            self._refuse_simple(sql, decision)
+            return
+        if self.audited:
+            self._audit_then(decision, None, lambda h: self._forward_query(sql, payload, decision, h),
+                             lambda r: self._refuse_simple(sql, r))
+            return
+        self._forward_query(sql, payload, decision, None)
+
+    def _check(self, sql: str, origin: Origin):
+        """gate.check; a policy that crashes refuses the statement (fail closed)."""
+        try:
+            decision = self.gate.check(sql, origin)
+        except Exception:
+            log.exception("session %s: policy check failed", self.session_id)
+            return Refuse("XX000", "internal error in tenantgate while checking the statement")
+        if not isinstance(decision, (Forward, Refuse)):
+            log.error("session %s: policy returned %r", self.session_id, decision)
+            return Refuse("XX000", "internal error in tenantgate while checking the statement")
+        return decision
+
+    def _forward_query(self, sql: str, payload: bytes, decision: Forward, handle: Any) -> None:
+        self._out.append(m.frame(b"Q", payload) if decision.sql == sql else m.encode_query(decision.sql))
+        e = _Entry(b"Q", decision, handle)
+        e.audited = self.audited
+        self.inflight.append(e)
+        self._seg_sent += 1
+        self._m_forwarded.inc()
+
+    def _on_parse(self, t: bytes, payload: bytes) -> None:
+        p = m.decode_parse(payload)
+        decision = self._check(p.query, Origin.PARSE)
+        if isinstance(decision, Refuse):
+            self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(p.name, tok))
+            return
+        self._out.append(m.frame(t, payload) if decision.sql == p.query
+                         else m.encode_parse(p.name, decision.sql, p.param_types))
+        if decision.param_checks or decision.copy_in_check is not None or self.audited:
+            self._stmts[p.name] = decision
+        elif self._stmts:
+            self._stmts.pop(p.name, None)
+        self._m_forwarded.inc()
+
+    def _on_bind(self, t: bytes, payload: bytes) -> None:
+        if not self._stmts:
+            m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
+            self._out.append(m.frame(t, payload))
+            return
+        bind = m.decode_bind(payload)
+        decision = self._stmts.get(bind.statement)
+        if decision is None:
+            self._portals.pop(bind.portal, None)
+            self._out.append(m.frame(t, payload))
+            return
+        for idx, check in decision.param_checks:
+            value = bind.params[idx] if 0 <= idx < len(bind.params) else None
+            try:
+                ok = idx < len(bind.params) and bool(check.accepts(bind.format_of(idx), value))
+                why = check.describe()
+            except Exception as e:  # a broken check fails closed
+                ok, why = False, f"check failed: {e}"
+            if not ok:
+                refusal = Refuse("42501", f"bound parameter ${idx + 1} is not allowed: {why}")
+                self._refuse_extended(f"<bind of statement {bind.statement!r}>", refusal,
+                                      lambda tok: m.encode_bind(bind.portal, tok))
+                return
+        self._portals[bind.portal] = (decision, bind.params)
+        self._out.append(m.frame(t, payload))
+
+    def _on_execute(self, t: bytes, payload: bytes) -> None:
+        ex = m.decode_execute(payload)
+        if not self._portals and not self.audited:
+            self._out.append(m.frame(t, payload))
+            self.inflight.append(_Entry(b"X"))
+            return
+        info = self._portals.get(ex.portal)
+        if not self.audited:
+            self._out.append(m.frame(t, payload))
+            self.inflight.append(_Entry(b"X", info[0] if info else None))
+            return
+        if info is None:
+            refusal = Refuse("42501", "cannot execute a portal whose statement tenantgate did not see",
+                             hint="prepare statements with the Parse message through tenantgate")
+            self._refuse_extended("<execute>", refusal, lambda tok: m.encode_execute(tok))
+            return
+        decision, params = info
+
+        def forward(handle: Any) -> None:
+            self._out.append(m.frame(t, payload))
+            e = _Entry(b"X", decision, handle)
+            e.audited = True
+            self.inflight.append(e)
+
+        self._audit_then(decision, params, forward,
+                         lambda r: self._refuse_extended(decision.sql, r, lambda tok: m.encode_execute(tok)))
+
+    def _on_close(self, t: bytes, payload: bytes) -> None:
+        c = m.decode_close(payload)
+        if self._stmts or self._portals:
+            (self._stmts if c.kind == b"S" else self._portals).pop(c.name, None)
+        self._out.append(m.frame(t, payload))
+
+    def _on_sync(self, t: bytes, payload: bytes) -> None:
+        if payload:
+            raise ProtocolError("invalid message format: Sync message has a body", reason="malformed")
+        self._out.append(m.SYNC)
+        if self.fstate.phase is Phase.COPY_IN:
+            return  # PostgreSQL ignores Sync during COPY FROM STDIN: no ReadyForQuery follows
+        self.inflight.append(_Entry(b"S"))
+        self._seg_sent += 1
+
+    def _on_function_call(self, t: bytes, payload: bytes) -> None:
+        self._refuse_simple("<FunctionCall message>", FUNCTION_CALL_REFUSAL)
+
+    def _on_copy_message(self, t: bytes, payload: bytes) -> None:
+        if self.fstate.phase is not Phase.COPY_IN:
+            if self.inflight:  # CopyInResponse may still be on its way: wait for it (or ReadyForQuery)
+                self._held = (t, payload)
+                self._blocked = True
+            # otherwise PostgreSQL would ignore it too
+            return
+        if t == b"d":
+            if self._copy_failed:
+                return
+            check = self._copy_check
+            if check is not None:
+                try:
+                    err = check.feed(payload)
+                except Exception as e:
+                    err = f"COPY data check failed: {e}"
+                if err:
+                    self._out.append(m.encode_copy_fail(err))
+                    self._copy_failed = True
+                    return
+            self._out.append(m.frame(t, payload))
+        elif t == b"c":
+            check = self._copy_check
+            if not self._copy_failed:
+                err = None
+                if check is not None:
+                    try:
+                        err = check.finish()
+                    except Exception as e:
+                        err = f"COPY data check failed: {e}"
+                self._out.append(m.encode_copy_fail(err) if err else m.frame(t, payload))
+            self._end_copy()
+        else:  # CopyFail
+            if not self._copy_failed:
+                self._out.append(m.frame(t, payload))
+            self._end_copy()
+
+    def _end_copy(self) -> None:
+        self.fstate.copy_in_ended()
+        self._copy_check = None
+        self._copy_failed = False
+
+    # ------------------------------------------------------------------ refusals and audit
+
+    def _note_refusal(self, sql: str, refusal: Refuse) -> None:
+        self._m_refused.inc()
+        STATEMENTS_REFUSED_TOTAL.labels(kind=self.kind_label, sqlstate=refusal.sqlstate).inc()
+        try:
+            self.gate.on_refused(sql, refusal)
+        except Exception:
+            log.exception("session %s: on_refused failed", self.session_id)
+
+    def _refuse_simple(self, sql: str, refusal: Refuse) -> None:
+        """ErrorResponse + ReadyForQuery (current status) where PostgreSQL's answer would be."""
+        self._note_refusal(sql, refusal)
+        err = m.encode_error("ERROR", refusal.sqlstate, refusal.message, refusal.detail, refusal.hint)
+        self.inflight.append(_Entry(b"R", data=err))
+        if len(self.inflight) == 1:
+            self.inflight.popleft()
+            self._write_client(err + m.encode_ready_for_query(self.tx_status))
+
+    def _refuse_extended(self, sql: str, refusal: Refuse, marker: Callable[[str], bytes]) -> None:
+        """Send a marker message that fails in PostgreSQL at this position, skip to Sync."""
+        self._note_refusal(sql, refusal)
+        self._marker_seq += 1
+        token = f"{MARKER_PREFIX}{self.session_id}_{self._marker_seq}"
+        err = m.encode_error("ERROR", refusal.sqlstate, refusal.message, refusal.detail, refusal.hint)
+        self._markers.append((self._seg_sent + 1, token.encode(), err))
+        self._out.append(marker(token))
+        self.fstate.error_in_extended()
+
+    def _audit_then(self, decision: Forward, params, forward: Callable[[Any], None],
+                    refuse: Callable[[Refuse], None]) -> None:
+        self._blocked = True
+        self._flush_backend()
+        self.loop.create_task(self._audit_task(decision, params, forward, refuse))
+
+    async def _audit_task(self, decision, params, forward, refuse) -> None:
+        try:
+            handle = await self.gate.audit_before(decision, params)
+        except Exception as e:
+            if self.closed:
+                return
+            sqlstate = getattr(e, "sqlstate", None) or "58000"
+            msg = getattr(e, "message", None) or str(e) or "audit record could not be written"
+            refuse(Refuse(sqlstate, f"statement not run: {msg}"))
+        else:
+            if self.closed:
+                return
+            forward(handle)
+        self._blocked = False
+        self._flush_backend()
+        self._process_client()
+
+    def _finish_audit(self, e: _Entry) -> None:
+        outcome = Outcome(e.sqlstate, e.tag, m.rows_from_tag(e.tag) if e.tag else None, time.perf_counter() - e.t0)
+        task = self.loop.create_task(self._audit_after(e.handle, outcome))
+        self._after_tasks.add(task)
+        task.add_done_callback(self._after_tasks.discard)
+
+    async def _audit_after(self, handle, outcome: Outcome) -> None:
+        try:
+            await self.gate.audit_after(handle, outcome)
+        except Exception:
+            log.exception("session %s: audit_after failed", self.session_id)
+
+    # ------------------------------------------------------------------ backend -> client
+
+    def _on_backend_data(self, data: bytes) -> None:
+        try:
+            self._relay_backend(data)
+        except ProtocolError as e:
+            self._fatal("08006", f"invalid data from the database server: {e.message}")
+        except Exception:
+            log.exception("session %s: internal error relaying server messages", self.session_id)
+            self._fatal("XX000", "internal error in tenantgate")
+
+    def _relay_backend(self, data: bytes) -> None:
+        items = self.scanner.feed(data)
+        if len(items) == 1 and type(items[0]) is bytes:
+            self._write_client(items[0])
+            return
+        out: list[bytes] = []
+        for it in items:
+            if type(it) is bytes:
+                out.append(it)
+                continue
+            t, payload, raw = it
+            if t == READY_FOR_QUERY:
+                out.append(raw)
+                self._on_ready(payload[:1], out)
+            elif t == COMMAND_COMPLETE or t == EMPTY_QUERY or t == PORTAL_SUSPENDED:
+                out.append(raw)
+                inflight = self.inflight
+                if inflight:
+                    head = inflight[0]
+                    if head.kind == b"X":
+                        inflight.popleft()
+                        if head.audited:
+                            head.tag = m.command_tag(payload) if t == COMMAND_COMPLETE else None
+                            self._finish_audit(head)
+                    elif head.audited and t == COMMAND_COMPLETE:
+                        head.tag = m.command_tag(payload)
+            elif t == ERROR_RESPONSE:
+                out.append(self._on_backend_error(payload, raw))
+            elif t == COPY_IN_RESPONSE:
+                out.append(raw)
+                self._on_copy_in_response()
+            elif t == COPY_BOTH_RESPONSE:
+                self._write_client(b"".join(out))
+                self._fatal("0A000", "COPY BOTH (replication) is not supported by tenantgate")
+                return
+            else:
+                out.append(raw)
+        self._write_client(b"".join(out))
+
+    def _write_client(self, data: bytes) -> None:
+        if data and self._client_connected and not self.transport.is_closing():
+            self._bytes_out += len(data)
+            self.transport.write(data)
+
+    def _flush_byte_counters(self) -> None:
+        if self._bytes_in:
+            _BYTES_IN.inc(self._bytes_in)
+            self._bytes_in = 0
+        if self._bytes_out:
+            _BYTES_OUT.inc(self._bytes_out)
+            self._bytes_out = 0
+
+    def _on_ready(self, status: bytes, out: list[bytes]) -> None:
+        self.tx_status = status
+        if self._bytes_in > 65536 or self._bytes_out > 65536:
+            self._flush_byte_counters()
+        inflight = self.inflight
+        while inflight:
+            e = inflight.popleft()
+            k = e.kind
+            if k == b"R":
+                out.append(e.data + m.encode_ready_for_query(status))
+                continue
+            if e.audited:
+                self._finish_audit(e)
+            if k == b"Q" or k == b"S":
+                QUERY_DURATION_SECONDS.observe(time.perf_counter() - e.t0)
+                break
+        self._seg_done += 1
+        if self._markers:
+            done = self._seg_done
+            self._markers = [mk for mk in self._markers if mk[0] > done]
+        while inflight and inflight[0].kind == b"R":
+            out.append(inflight.popleft().data + m.encode_ready_for_query(status))
+        if self.fstate.phase is Phase.COPY_IN:
+            self._end_copy()
+        try:
+            self.gate.on_ready_for_query(status)
+        except Exception:
+            log.exception("session %s: on_ready_for_query failed", self.session_id)
+        if self._held is not None and self._blocked and not (inflight and self.fstate.phase is not Phase.COPY_IN):
+            self._unblock_soon()
+        if self.server.draining and status == b"I" and not inflight and not self._blocked:
+            self.loop.call_soon(self._drain_close)
+        idle_tx = self._idle_tx_s
+        if idle_tx and status != b"I" and not inflight:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = self.loop.call_later(
+                idle_tx, self._fatal, "25P03", "terminating connection due to idle-in-transaction timeout")
+
+    def _on_backend_error(self, payload: bytes, raw: bytes) -> bytes:
+        if self._markers:
+            for i, (_seg, token, err) in enumerate(self._markers):
+                if token in raw:
+                    del self._markers[i]
+                    raw = err
+                    payload = err[5:]
+                    break
+        if b"SFATAL\0" in payload or b"SPANIC\0" in payload:
+            self._backend_fatal = True
+        inflight = self.inflight
+        if inflight:
+            head = inflight[0]
+            if head.kind == b"X":
+                inflight.popleft()
+                if head.audited:
+                    head.sqlstate = _sqlstate_of(payload)
+                    self._finish_audit(head)
+            elif head.audited and head.sqlstate is None:
+                head.sqlstate = _sqlstate_of(payload)
+        if self.fstate.phase is Phase.COPY_IN:
+            self._end_copy()
+        return raw
+
+    def _on_copy_in_response(self) -> None:
+        head = self.inflight[0] if self.inflight else None
+        decision = head.decision if head is not None else None
+        factory = decision.copy_in_check if decision is not None else None
+        self._copy_failed = False
+        self._copy_check = None
+        self.fstate.copy_in_started()
+        if factory is not None:
+            try:
+                self._copy_check = factory()
+            except Exception as e:
+                log.exception("session %s: creating the COPY check failed", self.session_id)
+                self._out.append(m.encode_copy_fail(f"COPY data check could not start: {e}"))
+                self._copy_failed = True
+                self._flush_backend()
+        if self._held is not None and self._blocked:
+            self._unblock_soon()
+
+    def _unblock_soon(self) -> None:
+        def go():
+            self._blocked = False
+            self._process_client()
+        self.loop.call_soon(go)
+
+    def _pause_client(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume_client(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _backend_lost(self, exc) -> None:
+        if self.closed:
+            return
+        if not self._backend_fatal:
+            self._write_client(m.encode_error(
+                "FATAL", "08006", "the connection to the database server was lost",
+                "the database server closed the connection unexpectedly"))
+        self._close(cancel_running=False)
+
+    # ------------------------------------------------------------------ ending
+
+    def cancel_backend_query(self) -> None:
+        """Called by the CancelRegistry for a valid CancelRequest."""
+        b = self.backend
+        if b is not None and not self.closed:
+            self.loop.create_task(send_cancel(self.config.backend, b.pid, b.secret))
+
+    def _terminator(self, sqlstate: str, message: str) -> None:
+        """Given to the gate: end this session (FATAL to the client, backend closed)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.loop.call_soon(self._fatal, sqlstate, message)
+        else:
+            self.loop.call_soon_threadsafe(self._fatal, sqlstate, message)
+
+    def _drain_close(self) -> None:
+        if not self.closed:
+            self._fatal("57P01", "terminating connection because tenantgate is shutting down")
+
+    def drain(self) -> None:
+        """Server shutdown: close now when idle, else at the next idle ReadyForQuery."""
+        if self.closed:
+            return
+        if not self.relaying:
+            self._close()
+        elif self.tx_status == b"I" and not self.inflight and not self._blocked:
+            self._drain_close()
+
+    @property
+    def idle(self) -> bool:
+        return self.relaying and self.tx_status == b"I" and not self.inflight
+
+    def _protocol_fatal(self, e: ProtocolError) -> None:
+        PROTOCOL_ERRORS_TOTAL.labels(reason=e.reason).inc()
+        self._fatal(e.sqlstate, e.message)
+
+    def _fatal(self, sqlstate: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
+        if self.closed:
+            return
+        self._write_client(m.encode_error("FATAL", sqlstate, message, detail, hint))
+        self._close(cancel_running=True)
+
+    def _close(self, cancel_running: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.relaying = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        task = self._startup_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._bwrite = None
+        b = self.backend
+        if b is not None:
+            if cancel_running and (self.inflight or self.fstate.phase is Phase.COPY_IN) and not b.protocol.closed:
+                self.loop.create_task(send_cancel(self.config.backend, b.pid, b.secret))
+            b.protocol.on_lost = None
+            b.protocol.close(terminate=True)
+            BACKEND_CONNECTIONS.dec()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self.key is not None:
+            self.server.cancels.unregister(self.key[0])
+        self._flush_byte_counters()
+        if self._counted:
+            CLIENT_CONNECTIONS.labels(kind=self.kind_label).dec()
+        gate = self.gate
+        if gate is not None:
+            self.loop.create_task(self._close_gate(gate))
+        self.server.session_ended(self)
+
+    async def _close_gate(self, gate) -> None:
+        if self._after_tasks:
+            await asyncio.gather(*self._after_tasks, return_exceptions=True)
+        try:
+            await gate.close()
+        except Exception:
+            log.exception("session %s: gate.close failed", self.session_id)
+
+
+def _sqlstate_of(payload: bytes) -> str | None:
+    try:
+        return m.decode_error_fields(payload).sqlstate or None
+    except ProtocolError:
+        return None
+
+
+class _Fatal(Exception):
+    def __init__(self, sqlstate: str, message: str, detail: str | None = None, hint: str | None = None,
+                 *, outcome: str = "refused"):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+        self.outcome = outcome

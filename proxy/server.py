@@ -1,0 +1,196 @@
+"""The listener: accepts clients, owns TLS, reload (SIGHUP) and drain (SIGTERM).
+
+Start it in-process::
+
+    server = ProxyServer(config, gatekeeper)
+    await server.start()            # binds; server.port is the real port (listen.port 0 works)
+    ...
+    await server.drain()            # or: await server.close()
+
+or run it until a signal with :func:`run_server`.  The server speaks to the
+policy only through the :class:`proxy.seam.Gatekeeper` it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from pathlib import Path
+
+from proxy.cancel import CancelRegistry
+from proxy.config import Config, ConfigError, load_config
+from proxy.metrics import CONFIG_RELOADS_TOTAL
+from proxy.seam import Gatekeeper
+
+log = logging.getLogger("tenantgate.server")
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """TLS context toward clients, or None when no certificate is configured."""
+    if not config.tls.cert_file or not config.tls.key_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    return ctx
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for new event loops when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class ProxyServer:
+    """tenantgate's listener.  One instance per listening address.
+
+    ``config`` is the validated :class:`proxy.config.Config`; ``gatekeeper``
+    any :class:`proxy.seam.Gatekeeper`.  ``config_path`` (optional) is
+    re-read on SIGHUP when signal handlers are installed.
+    """
+
+    def __init__(self, config: Config, gatekeeper: Gatekeeper, *, config_path: str | Path | None = None):
+        self.config = config
+        self.gatekeeper = gatekeeper
+        self.config_path = Path(config_path) if config_path else None
+        self.tls_context = server_ssl_context(config)
+        self.cancels = CancelRegistry()
+        self.sessions: set = set()
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+        self._closed = asyncio.Event()
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        from proxy.client_session import ClientSession
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientSession(self), self.config.listen.host, self.config.listen.port,
+            reuse_address=True, backlog=1024,
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("tenantgate listening on %s:%d", self.host, self.port)
+
+    @property
+    def host(self) -> str:
+        return self.config.listen.host
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when listen.port is 0)."""
+        assert self._server is not None, "call start() first"
+        return self._port
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)
+
+    def session_started(self, session) -> None:
+        self.sessions.add(session)
+
+    def session_ended(self, session) -> None:
+        self.sessions.discard(session)
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config to new connections; existing sessions keep running.
+
+        Changing ``listen`` needs a restart (logged); everything else takes effect
+        for the next connection.  Raises (and keeps the old config) when the new
+        TLS files cannot be loaded.
+        """
+        try:
+            tls = server_ssl_context(config)
+            reload_gatekeeper = getattr(self.gatekeeper, "reload", None)
+            if reload_gatekeeper is not None:
+                reload_gatekeeper(config)
+        except Exception:
+            CONFIG_RELOADS_TOTAL.labels(result="error").inc()
+            raise
+        if config.listen != self.config.listen:
+            log.warning("listen address changes need a restart; keeping %s:%s", self.host, self.config.listen.port)
+            config = config.model_copy(update={"listen": self.config.listen})
+        self.config = config
+        self.tls_context = tls
+        CONFIG_RELOADS_TOTAL.labels(result="ok").inc()
+        log.info("configuration reloaded")
+
+    def reload_from_file(self) -> bool:
+        if self.config_path is None:
+            return False
+        try:
+            self.reload(load_config(self.config_path))
+            return True
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as e:
+            CONFIG_RELOADS_TOTAL.labels(result="error").inc()
+            log.error("reload failed, keeping the old configuration: %s", e)
+            return False
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; close idle sessions now and busy ones when their
+        transaction ends, or when ``timeout`` (default ``timeouts.drain_s``) runs out."""
+        if timeout is None:
+            timeout = self.config.timeouts.drain_s
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s._fatal("57P01", "terminating connection because tenantgate is shutting down")
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listener and every session at once."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s._fatal("57P01", "terminating connection because tenantgate is shutting down")
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        await asyncio.sleep(0)
+        self._closed.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP: reload config_path.  SIGTERM/SIGINT: drain and stop."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_from_file)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.drain()))
+
+
+async def run_server(
+    config: Config,
+    gatekeeper: Gatekeeper,
+    *,
+    ready: asyncio.Event | None = None,
+    config_path: str | Path | None = None,
+    signals: bool = True,
+) -> ProxyServer:
+    """Start a :class:`ProxyServer` and serve until it is drained (SIGTERM) or closed."""
+    server = ProxyServer(config, gatekeeper, config_path=config_path)
+    await server.start()
+    if signals:
+        server.install_signal_handlers()
+    if ready is not None:
+        ready.set()
+    await server.serve_forever()
+    return server
