@@ -42,23 +42,12 @@ BUG_COPY_FROM_RLS = (
     "security': the bootstrap FORCEs RLS on tenant tables and tenantgate_app has NOBYPASSRLS, so the proxy's "
     "checked COPY FROM STDIN can never reach the table"
 )
-BUG_OID_ARRAY_CAST = (
-    "asyncpg type introspection (asyncpg.introspection.INTRO_LOOKUP_TYPES, contains `ti.oid = any($1::oid[])`) "
-    "is refused with 0A000 'statement starting with WITH is not supported ... Bracket': sqlglot cannot parse "
-    "`::oid[]`, so any type asyncpg does not know yet (int4[], int4range, a table's row type) fails"
-)
 BUG_ROW_CONSTRUCTOR = "SELECT ROW(1, 'a') is refused with 42501 'function row is not allowed': ROW(...) is a row constructor, not a function"
 BUG_PREPARED_TENANT = (
     "a named prepared statement keeps the tenant of the moment it was Parsed: pool_app SETs a token for globex, "
     "prepares `SELECT tenant_id, count(*) FROM orders GROUP BY 1`, SETs a token for acme, executes it again -> "
     "0 rows (the rewritten text still says tenant_id = 'globex'; only the RLS backstop, now keyed on acme, keeps "
     "globex's rows out; without RLS it would leak them). asyncpg's statement cache does exactly this"
-)
-BUG_BIND_CAST = (
-    "INSERT with the tenant column given as a cast parameter, e.g. SQLAlchemy+psycopg's "
-    "`VALUES (%(tenant_id)s::VARCHAR, ...)`, is refused with 42501 'the value of the tenant column tenant_id must "
-    "be a plain literal or a parameter (found Cast)': a cast of a parameter to a text type should be checked like "
-    "the parameter itself"
 )
 
 
@@ -129,7 +118,6 @@ async def test_asyncpg_builtin_codecs_and_set_type_codec(demo):
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_OID_ARRAY_CAST)
 async def test_asyncpg_type_introspection_of_arrays_ranges_and_row_types(demo):
     conn = await asyncpg.connect(demo.app("acme"))
     try:
@@ -336,10 +324,6 @@ async def test_asyncpg_bound_tenant_parameters_are_checked(demo):
     assert after == before
 
 
-@pytest.mark.xfail(strict=True, reason="PREPARE and EXECUTE of it in ONE simple Query message "
-                   "(`PREPARE e2e_q(int) AS SELECT ...; EXECUTE e2e_q(1)`) is refused with 42501 'EXECUTE of \"e2e_q\" "
-                   "refused: only statements PREPAREd through tenantgate in this session can be executed': the "
-                   "statement's own PREPARE is not counted; PostgreSQL runs both")
 async def test_prepare_and_execute_in_one_query_message(demo):
     conn = await asyncpg.connect(demo.app("acme"))
     try:
@@ -642,7 +626,6 @@ def test_sqlalchemy_orm_update_and_delete_touch_only_own_rows(demo, sa_engine):
     assert snapshot(demo, "acme") == before["acme"]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_BIND_CAST)
 def test_sqlalchemy_orm_relationship_create_and_explicit_tenant(demo, sa_engine):
     globex_before = snapshot(demo, "globex")
     c1, c2, o1 = fresh_ids(3)

@@ -1,0 +1,533 @@
+"""COPY in tenant sessions.
+
+* ``COPY (query) TO STDOUT``: the query is rewritten like any other.
+* ``COPY table [(cols)] TO STDOUT``: rewritten to
+  ``COPY (SELECT cols|* FROM (SELECT * FROM table WHERE "tc" = T) AS table) TO STDOUT``.
+* ``COPY table [(cols)] FROM STDIN``: forwarded unchanged, with a :class:`TenantCopyInCheck`
+  that parses the data stream (text, CSV or binary format, across CopyData chunk
+  boundaries) and aborts the COPY (nothing committed) at the first row whose tenant column is
+  not the session's tenant.  The tenant column must be in the column list.
+* Files and programs (``TO 'file'``, ``FROM PROGRAM``) are refused (42501).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from sqlglot.tokens import Token, TokenType
+
+from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
+from proxy.policy.inject import TENANT, Edit
+from proxy.policy.piece import CopyInSpec, Piece
+from proxy.policy.resolve import fold_identifier, quote_ident, truncate_identifier, UnknownRelation
+from proxy.policy.tenantvalue import binary_matches, text_matches
+
+
+def _refuse(msg: str, state: str = FEATURE_NOT_SUPPORTED) -> PolicyRefusal:
+    return PolicyRefusal(state, msg)
+
+
+def _ident(t: Token) -> str:
+    if t.token_type == TokenType.IDENTIFIER:
+        return truncate_identifier(t.text)
+    if t.token_type in (TokenType.STRING, TokenType.L_PAREN, TokenType.R_PAREN, TokenType.COMMA, TokenType.DOT):
+        raise _refuse(f"unexpected {t.text!r} in COPY", SYNTAX_ERROR)
+    return fold_identifier(t.text)
+
+
+def _match_paren(toks: list[Token], i: int) -> int:
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j].token_type == TokenType.L_PAREN:
+            depth += 1
+        elif toks[j].token_type == TokenType.R_PAREN:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise _refuse("unbalanced parentheses in COPY", SYNTAX_ERROR)
+
+
+def _word(t: Token) -> str:
+    return "" if t.token_type in (TokenType.STRING, TokenType.IDENTIFIER) else t.text.upper()
+
+
+def copy_piece(sql: str, start: int, end: int, toks: list[Token], inner) -> Piece:
+    snapshot, rules = inner.snapshot, inner.rules
+    if not toks:
+        raise _refuse("COPY without a source", SYNTAX_ERROR)
+    i = 0
+    if toks[0].token_type == TokenType.L_PAREN:
+        close = _match_paren(toks, 0)
+        if close == 1:
+            raise _refuse("COPY with an empty query", SYNTAX_ERROR)
+        body = inner(sql, toks[1].start, toks[close - 1].end + 1)
+        if body.statement_class not in ("read", "write"):
+            raise _refuse("COPY (statement) needs a SELECT, INSERT, UPDATE or DELETE")
+        direction, options = _direction(toks, close + 1)
+        if direction != "TO":
+            raise _refuse("COPY (query) FROM is not valid", SYNTAX_ERROR)
+        _parse_options(options, "text")
+        piece = Piece(statement_class=body.statement_class)
+        piece.absorb(body)
+        return piece
+    # table name
+    parts = [_ident(toks[0])]
+    i = 1
+    while i + 1 < len(toks) and toks[i].token_type == TokenType.DOT:
+        parts.append(_ident(toks[i + 1]))
+        i += 2
+    if len(parts) > 2:
+        raise _refuse("cross-database references are not implemented")
+    schema, name = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+    name_start, name_end = toks[0].start, toks[i - 1].end + 1
+    cols: list[str] | None = None
+    cols_text = "*"
+    span_end = name_end
+    if i < len(toks) and toks[i].token_type == TokenType.L_PAREN:
+        close = _match_paren(toks, i)
+        inner_toks = toks[i + 1 : close]
+        cols = [_ident(t) for t in inner_toks[0::2]]
+        if any(t.token_type != TokenType.COMMA for t in inner_toks[1::2]) or not cols:
+            raise _refuse("unsupported COPY column list", SYNTAX_ERROR)
+        cols_text = sql[toks[i + 1].start : toks[close - 1].end + 1]
+        span_end = toks[close].end + 1
+        i = close + 1
+    direction, options = _direction(toks, i)
+    rel = snapshot.resolve(schema, name)
+    shown = f"{schema}.{name}" if schema else name
+    if rel is None:
+        raise UnknownRelation(shown)
+    if rel.classification == "denied":
+        raise _refuse(f"permission denied for relation {rel.qualified}: {rel.reason}", INSUFFICIENT_PRIVILEGE)
+    fmt = _parse_options(options, "text")
+    if direction == "TO":
+        piece = Piece(statement_class="read")
+        if rel.classification == "tenant":
+            piece.touches_tenant = True
+            piece.edits.append(
+                Edit(
+                    name_start,
+                    span_end,
+                    (
+                        "(SELECT ", cols_text, " FROM (SELECT * FROM ", sql[name_start:name_end], " WHERE ",
+                        quote_ident(rules.tenant_column), " = ", TENANT, ") AS ", quote_ident(rel.name), ")",
+                    ),
+                )
+            )
+        return piece
+    # FROM STDIN
+    if rel.classification != "tenant":
+        raise _refuse(f"permission denied: tenant sessions cannot COPY into {rel.qualified}", INSUFFICIENT_PRIVILEGE)
+    if rel.kind not in ("r", "p"):
+        raise _refuse(f"permission denied: cannot COPY into view {rel.qualified}", INSUFFICIENT_PRIVILEGE)
+    names = cols if cols is not None else [c.name for c in rel.columns]
+    if rules.tenant_column not in names:
+        raise _refuse(
+            f"COPY FROM into {rel.qualified} must include the tenant column {rules.tenant_column} in its column list"
+        )
+    spec = CopyInSpec(
+        format=fmt["format"], ncols=len(names), tenant_index=names.index(rules.tenant_column),
+        delimiter=fmt["delimiter"], null=fmt["null"], quote=fmt["quote"], escape=fmt["escape"],
+        header=fmt["header"], table=rel.qualified,
+    )
+    return Piece(statement_class="write", touches_tenant=True, writes=True, copy_in=spec)
+
+
+def _direction(toks: list[Token], i: int) -> tuple[str, list[Token]]:
+    if i + 1 >= len(toks):
+        raise _refuse("COPY needs TO STDOUT or FROM STDIN", SYNTAX_ERROR)
+    d, target = _word(toks[i]), toks[i + 1]
+    if d not in ("TO", "FROM"):
+        raise _refuse(f"unsupported COPY form near {toks[i].text!r}", SYNTAX_ERROR)
+    tw = _word(target)
+    if d == "TO" and tw == "STDOUT" or d == "FROM" and tw == "STDIN":
+        return d, toks[i + 2 :]
+    if tw == "PROGRAM" or target.token_type == TokenType.STRING:
+        raise _refuse("COPY to or from a file or program is not allowed through tenantgate", INSUFFICIENT_PRIVILEGE)
+    raise _refuse(f"COPY {d} {target.text} is not supported (use STDIN/STDOUT)", INSUFFICIENT_PRIVILEGE)
+
+
+def _string(t: Token, what: str) -> str:
+    if t.token_type != TokenType.STRING:
+        raise _refuse(f"COPY option {what} needs a quoted string")
+    return t.text
+
+
+def _parse_options(toks: list[Token], default_format: str) -> dict:
+    opts: dict = {"format": default_format, "header": False}
+    raw: dict[str, str] = {}
+    if toks and _word(toks[0]) == "WITH":
+        toks = toks[1:]
+    if toks and toks[0].token_type == TokenType.L_PAREN:
+        close = _match_paren(toks, 0)
+        if close != len(toks) - 1:
+            raise _refuse("unsupported text after COPY options")
+        body = toks[1:close]
+        groups: list[list[Token]] = [[]]
+        depth = 0
+        for t in body:
+            if t.token_type == TokenType.L_PAREN:
+                depth += 1
+            elif t.token_type == TokenType.R_PAREN:
+                depth -= 1
+            if t.token_type == TokenType.COMMA and depth == 0:
+                groups.append([])
+            else:
+                groups[-1].append(t)
+        for g in groups:
+            if not g:
+                raise _refuse("empty COPY option", SYNTAX_ERROR)
+            key = g[0].text.lower()
+            val = g[1:]
+            if key == "format":
+                raw["format"] = val[0].text.lower() if len(val) == 1 else "?"
+            elif key in ("delimiter", "null", "quote", "escape") and len(val) == 1:
+                raw[key] = _string(val[0], key)
+            elif key == "header":
+                v = val[0].text.lower() if val else "true"
+                if v == "match":
+                    raw["header"] = "match"
+                else:
+                    raw["header"] = "true" if v in ("true", "on", "1") else "false" if v in ("false", "off", "0") else "?"
+            elif key in ("freeze", "force_quote", "force_not_null", "force_null"):
+                continue
+            else:
+                raise _refuse(f"COPY option {key} is not supported through tenantgate")
+    else:
+        i = 0
+        while i < len(toks):
+            w = _word(toks[i])
+            if w == "BINARY":
+                raw["format"] = "binary"
+            elif w == "CSV":
+                raw["format"] = "csv"
+            elif w == "HEADER":
+                raw["header"] = "true"
+            elif w in ("DELIMITER", "NULL", "QUOTE", "ESCAPE"):
+                i += 1
+                if i < len(toks) and toks[i].token_type == TokenType.ALIAS:
+                    i += 1
+                if i >= len(toks):
+                    raise _refuse(f"COPY option {w} needs a value", SYNTAX_ERROR)
+                raw[w.lower()] = _string(toks[i], w)
+            else:
+                raise _refuse(f"COPY option {toks[i].text} is not supported through tenantgate")
+            i += 1
+    fmt = raw.get("format", default_format)
+    if fmt not in ("text", "csv", "binary"):
+        raise _refuse(f"COPY format {fmt} is not supported")
+    if raw.get("header") == "?":
+        raise _refuse("unsupported COPY HEADER value")
+    opts["format"] = fmt
+    opts["header"] = raw.get("header", "false") in ("true", "match")
+    opts["delimiter"] = raw.get("delimiter", "," if fmt == "csv" else "\t")
+    opts["null"] = raw.get("null", "" if fmt == "csv" else "\\N")
+    opts["quote"] = raw.get("quote", '"')
+    opts["escape"] = raw.get("escape", opts["quote"])
+    for k in ("delimiter", "quote", "escape"):
+        if len(opts[k].encode()) != 1:
+            raise _refuse(f"COPY {k} must be a single one-byte character")
+    return opts
+
+
+# ---- the COPY FROM STDIN data stream -------------------------------------------------------------
+_TEXT_ESCAPES = {ord("b"): 8, ord("f"): 12, ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("v"): 11}
+BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+def _text_unescape(raw: bytes) -> bytes:
+    if b"\\" not in raw:
+        return raw
+    out = bytearray()
+    i, n = 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c != 0x5C or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        d = raw[i + 1]
+        if 0x30 <= d <= 0x37:
+            j = i + 1
+            v = 0
+            while j < n and j < i + 4 and 0x30 <= raw[j] <= 0x37:
+                v = v * 8 + raw[j] - 0x30
+                j += 1
+            out.append(v & 0xFF)
+            i = j
+        elif d == ord("x") and i + 2 < n and chr(raw[i + 2]) in "0123456789abcdefABCDEF":
+            j = i + 2
+            hx = ""
+            while j < n and j < i + 4 and chr(raw[j]) in "0123456789abcdefABCDEF":
+                hx += chr(raw[j])
+                j += 1
+            out.append(int(hx, 16))
+            i = j
+        else:
+            out.append(_TEXT_ESCAPES.get(d, d))
+            i += 2
+    return bytes(out)
+
+
+def _split_text(line: bytes, delim: int) -> list[bytes]:
+    if b"\\" not in line:
+        return line.split(bytes([delim]))
+    fields, cur, i, n = [], bytearray(), 0, len(line)
+    while i < n:
+        c = line[i]
+        if c == 0x5C and i + 1 < n:
+            cur += line[i : i + 2]
+            i += 2
+        elif c == delim:
+            fields.append(bytes(cur))
+            cur = bytearray()
+            i += 1
+        else:
+            cur.append(c)
+            i += 1
+    fields.append(bytes(cur))
+    return fields
+
+
+class TenantCopyInCheck:
+    """Implements :class:`proxy.seam.CopyInCheck` for one COPY ... FROM STDIN."""
+
+    def __init__(self, spec: CopyInSpec, tenant: str, type_: str):
+        self.spec = spec
+        self.tenant = tenant
+        self.type_ = type_
+        self.buf = bytearray()
+        self.row = 0
+        self.done = False
+        self.header_pending = spec.header
+        self.binary_header_done = False
+
+    # -- public protocol
+    def feed(self, data: bytes) -> str | None:
+        self.buf += data
+        return self._process(eof=False)
+
+    def finish(self) -> str | None:
+        err = self._process(eof=True)
+        if err:
+            return err
+        if self.spec.format == "binary" and not self.done:
+            return "COPY data ended without the binary trailer"
+        if self.buf and not self.done:
+            return "COPY data ended in the middle of a row"
+        return None
+
+    # -- helpers
+    def _bad(self, why: str) -> str:
+        return f"COPY into {self.spec.table} refused at row {self.row}: {why}"
+
+    def _check_field(self, value: bytes | None, binary: bool = False) -> str | None:
+        if value is None:
+            return self._bad("the tenant column is NULL")
+        ok = binary_matches(value, self.tenant, self.type_) if binary else text_matches(value, self.tenant, self.type_)
+        return None if ok else self._bad("the tenant column is not the session's tenant")
+
+    def _process(self, eof: bool) -> str | None:
+        if self.done:
+            if self.buf.strip():
+                return "COPY data after the end-of-data marker"
+            return None
+        if self.spec.format == "text":
+            return self._text(eof)
+        if self.spec.format == "csv":
+            return self._csv(eof)
+        return self._binary()
+
+    def _text(self, eof: bool) -> str | None:
+        buf = self.buf
+        pos = 0
+        delim = self.spec.delimiter.encode()[0]
+        null = self.spec.null.encode()
+        while True:
+            nl = buf.find(b"\n", pos)
+            while nl >= 0:
+                k = nl - 1
+                bs = 0
+                while k >= pos and buf[k] == 0x5C:
+                    bs += 1
+                    k -= 1
+                if bs % 2 == 0:
+                    break
+                nl = buf.find(b"\n", nl + 1)
+            if nl < 0:
+                if eof and pos < len(buf):
+                    line, pos = bytes(buf[pos:]), len(buf)
+                else:
+                    break
+            else:
+                line, pos = bytes(buf[pos:nl]), nl + 1
+            if line.endswith(b"\r") and not line.endswith(b"\\\r"):
+                line = line[:-1]
+            if line == b"\\.":
+                self.done = True
+                rest = bytes(buf[pos:])
+                del buf[:]
+                return "COPY data after the end-of-data marker" if rest.strip() else None
+            if self.header_pending:
+                self.header_pending = False
+                continue
+            self.row += 1
+            fields = _split_text(line, delim)
+            if len(fields) != self.spec.ncols:
+                del buf[:pos]
+                return self._bad(f"expected {self.spec.ncols} columns, got {len(fields)}")
+            raw = fields[self.spec.tenant_index]
+            err = self._check_field(None if raw == null else _text_unescape(raw))
+            if err:
+                return err
+        del buf[:pos]
+        return None
+
+    def _csv(self, eof: bool) -> str | None:
+        buf = self.buf
+        q = self.spec.quote.encode()[0]
+        e = self.spec.escape.encode()[0]
+        d = self.spec.delimiter.encode()[0]
+        null = self.spec.null.encode()
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            # end-of-data marker line
+            if buf.startswith(b"\\.", pos) and (pos + 2 == n and eof or pos + 2 < n and buf[pos + 2] in (10, 13)):
+                self.done = True
+                rest = bytes(buf[pos + 2 :])
+                del buf[:]
+                return "COPY data after the end-of-data marker" if rest.strip() else None
+            if buf.startswith(b"\\.", pos) and pos + 2 == n and not eof:
+                break
+            rec = self._csv_record(buf, pos, n, q, e, d, eof)
+            if rec is None:
+                break
+            fields, pos = rec
+            if self.header_pending:
+                self.header_pending = False
+                continue
+            self.row += 1
+            if len(fields) != self.spec.ncols:
+                del buf[:pos]
+                return self._bad(f"expected {self.spec.ncols} columns, got {len(fields)}")
+            raw, quoted = fields[self.spec.tenant_index]
+            err = self._check_field(None if (not quoted and raw == null) else raw)
+            if err:
+                return err
+        del buf[:pos]
+        return None
+
+    @staticmethod
+    def _csv_record(buf, i, n, q, e, d, eof):
+        fields: list[tuple[bytes, bool]] = []
+        cur = bytearray()
+        quoted = in_quote = False
+        while True:
+            if i >= n:
+                if not eof or in_quote:
+                    return None
+                fields.append((bytes(cur), quoted))
+                return fields, i
+            c = buf[i]
+            if in_quote:
+                if c == e and e != q:
+                    if i + 1 >= n and not eof:
+                        return None
+                    if i + 1 < n and buf[i + 1] in (q, e):
+                        cur.append(buf[i + 1])
+                        i += 2
+                        continue
+                    cur.append(c)
+                    i += 1
+                    continue
+                if c == q:
+                    if e == q:
+                        if i + 1 >= n and not eof:
+                            return None
+                        if i + 1 < n and buf[i + 1] == q:
+                            cur.append(q)
+                            i += 2
+                            continue
+                    in_quote = False
+                    i += 1
+                    continue
+                cur.append(c)
+                i += 1
+            else:
+                if c == q:
+                    in_quote = quoted = True
+                    i += 1
+                elif c == d:
+                    fields.append((bytes(cur), quoted))
+                    cur = bytearray()
+                    quoted = False
+                    i += 1
+                elif c == 10:
+                    fields.append((bytes(cur), quoted))
+                    return fields, i + 1
+                elif c == 13:
+                    if i + 1 >= n and not eof:
+                        return None
+                    fields.append((bytes(cur), quoted))
+                    return fields, i + 2 if i + 1 < n and buf[i + 1] == 10 else i + 1
+                else:
+                    cur.append(c)
+                    i += 1
+
+    def _binary(self) -> str | None:
+        buf = self.buf
+        pos = 0
+        n = len(buf)
+        if not self.binary_header_done:
+            if n < 19:
+                return None
+            if bytes(buf[:11]) != BINARY_SIGNATURE:
+                return "COPY binary data has an invalid signature"
+            ext = struct.unpack_from("!I", buf, 15)[0]
+            if n < 19 + ext:
+                return None
+            pos = 19 + ext
+            self.binary_header_done = True
+        while True:
+            if n - pos < 2:
+                break
+            nf = struct.unpack_from("!h", buf, pos)[0]
+            if nf == -1:
+                self.done = True
+                rest = bytes(buf[pos + 2 :])
+                del buf[:]
+                return "COPY data after the binary trailer" if rest else None
+            if nf != self.spec.ncols:
+                self.row += 1
+                return self._bad(f"expected {self.spec.ncols} columns, got {nf}")
+            p = pos + 2
+            tenant_val: bytes | None = None
+            complete = True
+            for k in range(nf):
+                if n - p < 4:
+                    complete = False
+                    break
+                ln = struct.unpack_from("!i", buf, p)[0]
+                p += 4
+                if ln < -1:
+                    return self._bad("invalid field length")
+                if ln == -1:
+                    val = None
+                else:
+                    if n - p < ln:
+                        complete = False
+                        break
+                    val = bytes(buf[p : p + ln])
+                    p += ln
+                if k == self.spec.tenant_index:
+                    tenant_val = val
+            if not complete:
+                break
+            self.row += 1
+            err = self._check_field(tenant_val, binary=True)
+            if err:
+                return err
+            pos = p
+        del buf[:pos]
+        return None

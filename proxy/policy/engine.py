@@ -1,0 +1,111 @@
+"""The policy engine for tenant sessions: one statement text in, Forward or Refuse out.
+
+Pure Python, no sockets, no I/O.  The passes, one module each, run in order:
+
+    lexer.split_statements    -> exact statement boundaries (PostgreSQL's lexical rules); U&"..."
+                                 identifiers and strings decoded (lexer.decode_unicode_escapes)
+    parse.parse_tokens        -> sqlglot tree with token positions (exp.Command/parse errors refused)
+    commands.command_piece    -> SET/SHOW/RESET, transactions, PREPARE/EXECUTE/DEALLOCATE, EXPLAIN,
+                                 DECLARE/FETCH/CLOSE, COPY (copy.py): the proxy's own small parser
+    classify.classify         -> statement kind (read/write), refuses DDL and everything else
+    resolve.resolve_table     -> every relation resolved as PostgreSQL would (search_path, case
+                                 folding, quoting, CTE shadowing); unknown -> 42P01 + catalog refresh
+    inject.inject_tenant      -> text edits that add the tenant predicates, spliced into the
+                                 original text so everything else stays byte-identical
+    verify.verify_rewrite     -> re-parse the result and check every tenant relation is guarded
+    pipeline.Pipeline         -> composes them; cache.RewriteCache keeps tenant-independent templates
+
+Public API (stable)::
+
+    engine = PolicyEngine(rules, catalog_manager, function_checker=None)
+    decision = engine.check(sql, PolicyContext(tenant="acme"), Origin.SIMPLE)   # Forward | Refuse
+    result = engine.analyze(sql, ctx, origin)   # Analysis: decision + session effects
+
+``Forward.sql`` is the statement to send; ``Forward.param_checks`` (Parse only) are
+``(index, ParamCheck)`` for parameters that go into the tenant column; ``Forward.copy_in_check``
+is a factory of :class:`~proxy.policy.copy.TenantCopyInCheck` for COPY ... FROM STDIN;
+``Forward.statement_class`` is read / write / tcl / set / other.
+
+``PolicyContext(tenant, read_only=False, read_only_message=..., prepared_names=frozenset())``:
+``tenant=None`` is a tenant-less session, which may only run statements that touch no tenant
+data.  ``prepared_names`` are the statement names this session PREPAREd through the engine
+(EXECUTE/DEALLOCATE of any other name is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy.policy.errors import (
+    FEATURE_NOT_SUPPORTED,
+    PolicyRefusal,
+)
+from proxy.policy.rules import Rules
+from proxy.seam import Forward, Origin, Refuse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READ_ONLY_MESSAGE = "cannot execute a write statement in a read-only tenant session"
+
+
+class FunctionCheckerLike(Protocol):
+    def check(self, tree: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    tenant: str | None
+    read_only: bool = False
+    read_only_message: str = DEFAULT_READ_ONLY_MESSAGE
+    prepared_names: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Effects:
+    """Session-state changes the gate applies when the statement is forwarded."""
+
+    prepared: tuple[str, ...] = ()  # PREPARE name
+    deallocated: tuple[str, ...] = ()  # DEALLOCATE name
+    deallocate_all: bool = False
+    tenant_token: tuple[str, bool] | None = None  # (token, is_local) from SET tenantgate.tenant
+
+
+@dataclass(frozen=True)
+class Analysis:
+    decision: Forward | Refuse
+    effects: Effects = Effects()
+    cached: bool = False
+
+
+from proxy.policy.pipeline import Pipeline  # noqa: E402  (after the dataclasses it uses)
+
+
+class PolicyEngine:
+    def __init__(self, rules: Rules, catalog_manager, function_checker: FunctionCheckerLike | None = None,
+                 *, cache_size: int = 20000):
+        self.rules = rules
+        self.catalog_manager = catalog_manager
+        self.function_checker = function_checker
+        self._pipeline = Pipeline(rules, catalog_manager, function_checker, cache_size=cache_size)
+
+    @property
+    def cache(self):
+        return self._pipeline.cache
+
+    def analyze(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Analysis:
+        """The decision plus the session effects (PREPARE/DEALLOCATE names, tenant token SET).
+
+        Never raises: anything unexpected is a refusal (fail closed)."""
+        try:
+            return self._pipeline.analyze(sql, ctx, origin)
+        except PolicyRefusal as e:
+            return Analysis(e.to_refuse())
+        except Exception as e:  # pragma: no cover - defensive
+            log.exception("policy engine failed; refusing the statement")
+            return Analysis(Refuse(FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})"))
+
+    def check(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Forward | Refuse:
+        """Forward (the SQL to send, Bind/COPY checks, statement class) or Refuse."""
+        return self.analyze(sql, ctx, origin).decision

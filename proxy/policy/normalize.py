@@ -1,0 +1,100 @@
+"""Numeric-literal normalisation for the rewrite cache.
+
+``SELECT abalance FROM pgbench_accounts WHERE aid = 4711`` and ``... aid = 815`` get the same
+cache entry: the template's segments mark where each numeric literal goes, and a hit only
+substitutes the new literals (and the tenant).  This is sound because nothing the engine
+decides depends on a numeric literal's value; templates where one could (a literal as the
+tenant column value) are never normalised, and string literals are never normalised (the
+function allowlist looks at some of them, e.g. ``set_config('name', ...)``).
+
+To stay lexically exact the fast scanner gives up (returns None) on anything it does not
+model: block comments, dollar quotes, backslashes (E'' strings), U& escapes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.policy.inject import TENANT
+
+_BAIL = re.compile(r"/\*|\$[^0-9]|\\|[Uu]&|(?<![\w$])[Ee]'")
+_TOKENS = re.compile(r"""--[^\n]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|[\w$.\x80-\uffff]+""")
+_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE]\d+)?")
+QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
+
+
+class Literal:
+    """Marker for the k-th numeric literal in a normalised template."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __repr__(self) -> str:
+        return f"LIT{self.k}"
+
+
+def number_literals(sql: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """(key text with each numeric literal replaced by NUL, literal spans), or None."""
+    if _BAIL.search(sql):
+        return None
+    fullmatch = _NUMBER.fullmatch
+    spans = [m.span() for m in _TOKENS.finditer(sql) if m.group()[0] in "0123456789." and fullmatch(m.group())]
+    if not spans:
+        return None
+    out = []
+    pos = 0
+    for s, e in spans:
+        out.append(sql[pos:s])
+        out.append("\x00")
+        pos = e
+    out.append(sql[pos:])
+    return "".join(out), spans
+
+
+def literal_parts(sql: str, edits, spans: list[tuple[int, int]]) -> tuple | None:
+    """The spliced statement as strings, TENANT and :class:`Literal` markers; None if an edit
+    touches a literal."""
+    out: list = []
+    pos = 0
+    si = 0
+
+    def copy(upto: int) -> bool:
+        nonlocal pos, si
+        while si < len(spans) and spans[si][0] < upto:
+            s, e = spans[si]
+            if s < pos or e > upto:
+                return False
+            out.append(sql[pos:s])
+            out.append(Literal(si))
+            pos = e
+            si += 1
+        out.append(sql[pos:upto])
+        pos = upto
+        return True
+
+    for ed in sorted(edits, key=lambda e: (e.start, e.end)):
+        if not copy(ed.start):
+            return None
+        out.extend(ed.parts)
+        if si < len(spans) and spans[si][0] < ed.end:
+            return None
+        pos = ed.end
+    if not copy(len(sql)):
+        return None
+    if si != len(spans):
+        return None
+    merged: list = []
+    for p in out:
+        if isinstance(p, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += p
+        elif p != "":
+            merged.append(p)
+    return tuple(merged)
+
+
+def render(parts: tuple, tenant_literal: str, literals: list[str]) -> str:
+    return "".join(
+        p if isinstance(p, str) else tenant_literal if p is TENANT else literals[p.k] for p in parts
+    )

@@ -1,0 +1,320 @@
+"""Composes the passes (parse -> classify -> resolve/inject -> verify) and the cache.
+
+A statement text is turned once into a tenant-independent :class:`Template`; each use
+then only checks the session context and joins the template's segments with the quoted
+tenant literal.  See :mod:`proxy.policy.engine` for the public API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from proxy.metrics import REWRITE_SECONDS
+from proxy.policy.cache import RewriteCache
+from proxy.policy.catalog import CatalogSnapshot
+from proxy.policy.classify import classify, refuse_keyword
+from proxy.policy.commands import command_piece
+from proxy.policy.copy import TenantCopyInCheck
+from proxy.policy.errors import (
+    FEATURE_NOT_SUPPORTED,
+    INSUFFICIENT_PRIVILEGE,
+    READ_ONLY_TRANSACTION,
+    SYNTAX_ERROR,
+    PolicyRefusal,
+)
+from proxy.policy.inject import TENANT, Edit, inject_tenant
+from proxy.policy.lexer import decode_unicode_escapes, first_word, split_statements
+from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
+from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
+from proxy.policy.piece import CopyInSpec, Piece
+from proxy.policy.resolve import UnknownRelation
+from proxy.policy.rules import Rules
+from proxy.policy.tenantvalue import TenantParamCheck, tenant_literal, text_matches, validate_tenant
+from proxy.policy.verify import MARKER_SQL, verify_rewrite
+from proxy.seam import Forward, Origin, Refuse
+
+log = logging.getLogger(__name__)
+
+_CLASS_RANK = {"write": 4, "read": 3, "set": 2, "tcl": 1, "other": 0}
+
+
+@dataclass(frozen=True)
+class Template:
+    parts: tuple[str, ...]
+    statement_class: str = "other"
+    touches_tenant: bool = False
+    writes: bool = False
+    read_write_request: bool = False
+    param_checks: tuple[int, ...] = ()
+    required_literals: tuple[str, ...] = ()
+    copy_in: CopyInSpec | None = None
+    prepared: tuple[str, ...] = ()
+    deallocated: tuple[str, ...] = ()
+    deallocate_all: bool = False
+    requires_prepared: tuple[str, ...] = ()
+    tenant_token: tuple[str, bool] | None = None
+    refusal: Refuse | None = None
+    unknown_relation: bool = False
+    # for the numeric-literal-normalised cache: segments with TENANT and Literal markers
+    norm_parts: tuple | None = None
+    # per-tenant finished Analysis objects (hot path of cache hits); bounded in analyze()
+    done: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def splice(sql: str, edits: list[Edit], start: int = 0, end: int | None = None) -> list:
+    """Apply edits to ``sql[start:end]``; returns a list of strings and TENANT markers."""
+    end = len(sql) if end is None else end
+    out: list = []
+    pos = start
+    for e in sorted(edits, key=lambda e: (e.start, e.end)):
+        if e.start < pos:
+            raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "overlapping rewrites (internal error)")
+        out.append(sql[pos : e.start])
+        out.extend(e.parts)
+        pos = e.end
+    out.append(sql[pos:end])
+    return out
+
+
+def _segments(pieces: list) -> tuple[str, ...]:
+    segs: list[str] = []
+    cur: list[str] = []
+    for p in pieces:
+        if p is TENANT:
+            segs.append("".join(cur))
+            cur = []
+        else:
+            cur.append(p)
+    segs.append("".join(cur))
+    return tuple(segs)
+
+
+def _unprepared_requirements(pieces: list[Piece]) -> tuple[str, ...]:
+    """EXECUTE names not PREPAREd by an earlier statement of the same query string."""
+    prepared: set[str] = set()
+    needed: list[str] = []
+    for p in pieces:
+        needed.extend(n for n in p.requires_prepared if n not in prepared)
+        prepared.update(p.prepared)
+        prepared.difference_update(p.deallocated)
+    return tuple(needed)
+
+
+class _StatementHandler:
+    """Callable (sql, start, end) -> Piece for one statement; also used for inner statements."""
+
+    def __init__(self, rules: Rules, snapshot: CatalogSnapshot, function_checker):
+        self.rules = rules
+        self.snapshot = snapshot
+        self.function_checker = function_checker
+
+    def __call__(self, sql: str, start: int, end: int) -> Piece:
+        kw = first_word(sql, start)
+        refuse_keyword(kw)
+        if kw in COMMAND_KEYWORDS:
+            return command_piece(sql, start, end, kw, self)
+        tokens = tokenize_span(sql, start, end)
+        if not tokens:
+            raise PolicyRefusal(SYNTAX_ERROR, "empty statement")
+        if _UESC.search(sql, start, end):
+            _refuse_unicode_escapes(tokens)
+        tree = parse_tokens(sql, tokens)
+        cls, writes = classify(tree, kw)
+        if self.function_checker is not None:
+            self.function_checker.check(tree)
+        inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
+        if inj.edits or inj.touches_tenant:
+            spliced = "".join(MARKER_SQL if p is TENANT else p for p in splice(sql, inj.edits, start, end))
+            verify_rewrite(
+                spliced, 0, len(spliced), self.snapshot, self.rules,
+                param_checks=inj.param_checks, required_literals=len(inj.required_literals),
+            )
+        return Piece(
+            edits=inj.edits, statement_class=cls, touches_tenant=inj.touches_tenant, writes=writes or inj.writes,
+            param_checks=set(inj.param_checks), required_literals=list(inj.required_literals),
+        )
+
+
+_ENGINE_TYPES: list = []
+_NO_EFFECTS: list = []
+
+
+def _engine_types():
+    if not _ENGINE_TYPES:
+        from proxy.policy.engine import Analysis, Effects
+
+        _ENGINE_TYPES.extend((Analysis, Effects))
+        _NO_EFFECTS.append(Effects())
+    return _ENGINE_TYPES
+
+
+class Pipeline:
+    def __init__(self, rules: Rules, catalog_manager, function_checker, *, cache_size: int = 20000):
+        self.rules = rules
+        self.catalog_manager = catalog_manager
+        self.function_checker = function_checker
+        self.cache = RewriteCache(cache_size)
+        self._tenant_cache: dict[str, str] = {}
+
+    # ---- building templates (cache misses) ---------------------------------------------
+    def build(self, sql: str, origin) -> Template:
+        snapshot = self.catalog_manager.snapshot
+        original = sql
+        try:
+            sql = decode_unicode_escapes(sql)
+            spans = split_statements(sql)
+            if "\x00" in sql:
+                raise PolicyRefusal(SYNTAX_ERROR, "statement contains a NUL character")
+            if origin == Origin.PARSE and len(spans) > 1:
+                raise PolicyRefusal(SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement")
+            if not spans:
+                return Template(parts=(sql,))
+            handler = _StatementHandler(self.rules, snapshot, self.function_checker)
+            pieces = [handler(sql, s, e) for s, e in spans]
+        except UnknownRelation as e:
+            return Template(parts=(), refusal=e.to_refuse(), unknown_relation=True)
+        except PolicyRefusal as e:
+            return Template(parts=(), refusal=e.to_refuse())
+        except Exception as e:  # fail closed on anything unexpected (e.g. a sqlglot bug)
+            log.exception("policy engine failed on a statement; refusing it")
+            return Template(parts=(), refusal=Refuse(
+                FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})"))
+        if len(pieces) > 1 and any(p.tenant_token or p.copy_in for p in pieces):
+            what = "SET tenantgate.tenant" if any(p.tenant_token for p in pieces) else "COPY FROM STDIN"
+            return Template(parts=(), refusal=Refuse(FEATURE_NOT_SUPPORTED, f"{what} must be sent as its own statement"))
+        edits = [e for p in pieces for e in p.edits]
+        try:
+            parts = _segments(splice(sql, edits))
+        except PolicyRefusal as e:
+            return Template(parts=(), refusal=e.to_refuse())
+        cls = max((p.statement_class for p in pieces), key=lambda c: _CLASS_RANK.get(c, 0))
+        param_checks: set[int] = set()
+        for p in pieces:
+            param_checks |= p.param_checks
+        norm_parts = None
+        if (
+            sql == original
+            and not any(p.required_literals or p.tenant_token or p.copy_in for p in pieces)
+            and all(first_word(sql, s) in QUERY_KEYWORDS for s, _ in spans)
+        ):
+            norm = number_literals(sql)
+            if norm is not None:
+                norm_parts = literal_parts(sql, edits, norm[1])
+        return Template(
+            norm_parts=norm_parts,
+            parts=parts,
+            statement_class=cls,
+            touches_tenant=any(p.touches_tenant for p in pieces),
+            writes=any(p.writes for p in pieces),
+            read_write_request=any(p.read_write_request for p in pieces),
+            param_checks=tuple(sorted(param_checks)),
+            required_literals=tuple(lit for p in pieces for lit in p.required_literals),
+            copy_in=pieces[0].copy_in if len(pieces) == 1 else None,
+            prepared=tuple(n for p in pieces for n in p.prepared),
+            deallocated=tuple(n for p in pieces for n in p.deallocated),
+            deallocate_all=any(p.deallocate_all for p in pieces),
+            requires_prepared=_unprepared_requirements(pieces),
+            tenant_token=pieces[0].tenant_token if len(pieces) == 1 else None,
+        )
+
+    def template(self, sql: str, origin) -> tuple[Template, list[str] | None, bool]:
+        """(template, numeric literals to substitute or None, cache hit)."""
+        version = self.catalog_manager.snapshot.version
+        key = (sql, origin, version)
+        tpl = self.cache.lookup(key)
+        if tpl is not None:
+            self.cache.count(True)
+            return tpl, None, True
+        norm = number_literals(sql)
+        if norm is not None:
+            ntpl = self.cache.lookup(("#", norm[0], origin, version))
+            if ntpl is not None:
+                self.cache.count(True)
+                return ntpl, [sql[s:e] for s, e in norm[1]], True
+        self.cache.count(False)
+        t0 = time.perf_counter()
+        tpl = self.build(sql, origin)
+        REWRITE_SECONDS.observe(time.perf_counter() - t0)
+        if norm is not None and tpl.norm_parts is not None:
+            self.cache.put(("#", norm[0], origin, version), tpl)
+        else:
+            self.cache.put(key, tpl)
+        return tpl, None, False
+
+    # ---- applying a template to a session -------------------------------------------------
+    def literal(self, tenant: str) -> str:
+        lit = self._tenant_cache.get(tenant)
+        if lit is None:
+            lit = tenant_literal(validate_tenant(tenant, self.rules.tenant_column_type))
+            if len(self._tenant_cache) > 10000:
+                self._tenant_cache.clear()
+            self._tenant_cache[tenant] = lit
+        return lit
+
+    def analyze(self, sql: str, ctx, origin):
+        Analysis, Effects = _engine_types()
+        tpl, literals, cached = self.template(sql, origin)
+        if tpl.refusal is not None:
+            if tpl.unknown_relation:
+                self.catalog_manager.request_refresh("unknown_relation")
+            return Analysis(tpl.refusal, cached=cached)
+        tenant = ctx.tenant
+        if tpl.touches_tenant and tenant is None:
+            return Analysis(Refuse(
+                INSUFFICIENT_PRIVILEGE,
+                "no tenant is selected for this session: this statement reads or writes tenant data",
+                hint="SET tenantgate.tenant = '<signed token>' first",
+            ), cached=cached)
+        if ctx.read_only and (tpl.writes or tpl.read_write_request):
+            return Analysis(Refuse(READ_ONLY_TRANSACTION, ctx.read_only_message), cached=cached)
+        for name in tpl.requires_prepared:
+            if name not in ctx.prepared_names:
+                return Analysis(Refuse(
+                    INSUFFICIENT_PRIVILEGE,
+                    f'EXECUTE of "{name}" refused: only statements PREPAREd through tenantgate in this session '
+                    "can be executed",
+                ), cached=cached)
+        type_ = self.rules.tenant_column_type
+        for lit in tpl.required_literals:
+            if tenant is None or not text_matches(lit.encode("utf-8"), tenant, type_):
+                return Analysis(Refuse(
+                    INSUFFICIENT_PRIVILEGE,
+                    f"the value {lit!r} of the tenant column {self.rules.tenant_column} is not this session's tenant",
+                ), cached=cached)
+        if literals is None:
+            done = tpl.done.get(tenant)
+            if done is not None:
+                return done if cached else Analysis(done.decision, done.effects, cached=False)
+        effects = Effects(
+            prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
+            tenant_token=tpl.tenant_token,
+        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token) else _NO_EFFECTS[0]
+        if literals is not None:
+            out = render(tpl.norm_parts, self.literal(tenant) if tenant is not None else "", literals)
+        elif len(tpl.parts) == 1:
+            out = tpl.parts[0]
+        else:
+            out = self.literal(tenant).join(tpl.parts)
+        param_checks = ()
+        if tpl.param_checks:
+            if tenant is None:
+                return Analysis(Refuse(INSUFFICIENT_PRIVILEGE, "no tenant is selected for this session"), cached=cached)
+            param_checks = tuple(
+                (i, TenantParamCheck(i, tenant, type_, self.rules.tenant_column)) for i in tpl.param_checks
+            )
+        copy_factory = None
+        if tpl.copy_in is not None:
+            spec = tpl.copy_in
+            copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
+        result = Analysis(
+            Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class),
+            effects,
+            cached=True,
+        )
+        if literals is None:
+            if len(tpl.done) >= 64:
+                tpl.done.clear()
+            tpl.done[tenant] = result
+        return result if cached else Analysis(result.decision, effects, cached=False)

@@ -1,0 +1,152 @@
+"""The tenancy rules (``rules/tenancy.yaml``): model, loader and JSON Schema.
+
+One pydantic model is the single source of truth for the format.  Unknown keys
+are errors that name the key (``tenant_tables.0: ...``).  Print the JSON Schema
+with ``python -m proxy.policy.rules``.
+
+Public API (stable):
+
+* :class:`Rules` — the validated rules.
+* :func:`load_rules(path) <load_rules>` -> :class:`Rules`; raises :class:`RulesError`.
+* :func:`rules_json_schema` -> dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class RulesError(Exception):
+    """The rules file is missing, not YAML, or invalid (message names the bad key)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """'schema.table' -> ('schema', 'table'); 'table' -> (None, 'table').  Names are exact (no folding)."""
+    if "." in name:
+        schema, _, rel = name.partition(".")
+        return schema, rel
+    return None, name
+
+
+class Rules(_Strict):
+    """Which relations hold tenant data, and how a tenant is named.
+
+    Relation names are written as PostgreSQL stores them (lower case unless
+    created quoted), optionally schema-qualified (``public.orders``).  An
+    unqualified name refers to the first schema of ``schemas``.
+    """
+
+    tenant_column: str = Field("tenant_id", description="Column that carries the tenant in every tenant-scoped relation")
+    tenant_column_type: Literal["text", "varchar", "uuid", "integer", "bigint"] = Field(
+        "text", description="SQL type of the tenant column (decides literal form and Bind-value checks)"
+    )
+    schemas: list[str] = Field(
+        default_factory=lambda: ["public"],
+        description="The proxy's fixed search_path (pg_catalog is implicitly first); also where tables are discovered",
+    )
+    discover: bool = Field(
+        True, description="Treat every table in `schemas` that has the tenant column as tenant-scoped"
+    )
+    tenant_tables: list[str] = Field(default_factory=list, description="Tenant-scoped tables, listed explicitly")
+    shared_tables: list[str] = Field(
+        default_factory=list, description="Tables every tenant may read; writes are refused in tenant sessions"
+    )
+    safe_views: list[str] = Field(
+        default_factory=list,
+        description="Views declared safe; a view with the tenant column is filtered like a tenant table, "
+        "one without it is treated as shared (read-only)",
+    )
+    safe_functions: list[str] = Field(
+        default_factory=list, description="User-defined functions declared safe (used by the function allowlist)"
+    )
+    function_allowlist_file: str | None = Field(
+        None, description="Path of the built-in function allowlist (relative to this file); see rules/README.md"
+    )
+    credentials: dict[str, str] = Field(
+        default_factory=dict, description="Application user name -> the one tenant it is bound to"
+    )
+    catalog_refresh_s: float = Field(60.0, gt=0, description="Seconds between periodic catalog refreshes")
+
+    @field_validator("tenant_column")
+    @classmethod
+    def _column_nonempty(cls, v: str) -> str:
+        if not v or "\x00" in v:
+            raise ValueError("must be a non-empty column name")
+        return v
+
+    @field_validator("schemas")
+    @classmethod
+    def _schemas_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one schema")
+        if "pg_catalog" in v or "information_schema" in v:
+            raise ValueError("pg_catalog/information_schema cannot hold tenant data")
+        return v
+
+    def qualify(self, name: str) -> tuple[str, str]:
+        schema, rel = _split_name(name)
+        return (schema or self.schemas[0], rel)
+
+    @property
+    def tenant_table_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.qualify(n) for n in self.tenant_tables)
+
+    @property
+    def shared_table_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.qualify(n) for n in self.shared_tables)
+
+    @property
+    def safe_view_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.qualify(n) for n in self.safe_views)
+
+
+def format_rules_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid rules"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_rules(path: str | Path) -> Rules:
+    """Load and validate a rules YAML file.  ``function_allowlist_file`` is made absolute."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise RulesError(f"{path}: no such file")
+    except yaml.YAMLError as e:
+        raise RulesError(f"{path}: not valid YAML: {e}")
+    if not isinstance(raw, dict):
+        raise RulesError(f"{path}: the top level must be a mapping")
+    try:
+        rules = Rules.model_validate(raw)
+    except ValidationError as e:
+        raise RulesError(format_rules_error(e, str(path)))
+    overlap = rules.tenant_table_keys & rules.shared_table_keys
+    if overlap:
+        names = ", ".join(f"{s}.{n}" for s, n in sorted(overlap))
+        raise RulesError(f"{path}: tables both tenant-scoped and shared: {names}")
+    if rules.function_allowlist_file and not os.path.isabs(rules.function_allowlist_file):
+        rules = rules.model_copy(
+            update={"function_allowlist_file": str((path.parent / rules.function_allowlist_file).resolve())}
+        )
+    return rules
+
+
+def rules_json_schema() -> dict:
+    return Rules.model_json_schema()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(rules_json_schema(), indent=2))

@@ -1,0 +1,217 @@
+"""The :class:`proxy.seam.SessionGate` of tenant sessions.
+
+Who the tenant is:
+
+1. credential-bound — the user record's ``tenant`` (fixed for the session);
+2. signed tenant token — for users with ``token_tenants``: ``SET tenantgate.tenant = '<token>'``
+   (session), ``SET LOCAL tenantgate.tenant = '<token>'`` (until the transaction ends), or the
+   startup option ``-c tenantgate.tenant=<token>``.  The token is an HS256 JWT with claims
+   ``tenant`` and ``exp`` (see :func:`make_token`); forged, expired or malformed tokens are
+   refused with 28000.  A successful token SET is forwarded as ``SET [LOCAL]
+   tenantgate.tenant_id = '<tenant>'`` so the backend's RLS backstop follows the proxy.
+
+A ``read_only`` session (operator read grants, offboarded tenants) refuses writes with 25006
+and the caller's message.
+
+Public API (stable)::
+
+    gate = open_tenant_session(engine, user, startup, token_key=None, read_only=False,
+                               read_only_message=None)            # raises SessionRefused
+    gate = TenantSessionGate(engine, tenant="acme", token_key=None, allow_tokens=False, ...)
+    token = make_token("acme", key, ttl_s=3600)
+    tenant = verify_token(token, key)                             # raises PolicyRefusal 28000
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jwt
+
+from proxy.policy.engine import DEFAULT_READ_ONLY_MESSAGE, PolicyContext, PolicyEngine
+from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, INVALID_AUTHORIZATION, PolicyRefusal
+from proxy.policy.tenantvalue import tenant_literal, validate_tenant
+from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
+
+log = logging.getLogger(__name__)
+
+TENANT_GUC = "tenantgate.tenant_id"
+TOKEN_OPTION = "tenantgate.tenant"
+
+
+def make_token(tenant: str, key: str, ttl_s: float = 3600) -> str:
+    """A signed tenant token (HS256 JWT with ``tenant`` and ``exp``)."""
+    return jwt.encode({"tenant": tenant, "exp": int(time.time() + ttl_s)}, key, algorithm="HS256")
+
+
+def verify_token(token: str, key: str | None) -> str:
+    if not key:
+        raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant tokens are not configured on this proxy")
+    try:
+        claims = jwt.decode(token, key, algorithms=["HS256"], options={"require": ["exp", "tenant"]})
+    except jwt.ExpiredSignatureError:
+        raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant token has expired") from None
+    except jwt.InvalidTokenError as e:
+        raise PolicyRefusal(INVALID_AUTHORIZATION, f"invalid tenant token ({type(e).__name__})") from None
+    tenant = claims.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise PolicyRefusal(INVALID_AUTHORIZATION, "invalid tenant token (no tenant claim)")
+    return tenant
+
+
+class TenantSessionGate:
+    kind = SessionKind.TENANT
+    audited = False
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        tenant: str | None,
+        *,
+        token_key: str | None = None,
+        allow_tokens: bool = False,
+        read_only: bool = False,
+        read_only_message: str | None = None,
+    ):
+        self.engine = engine
+        type_ = engine.rules.tenant_column_type
+        self._type = type_
+        self._bound = tenant is not None and not allow_tokens
+        self._tenant = validate_tenant(tenant, type_) if tenant is not None else None
+        self._local_tenant: str | None = None
+        self._token_key = token_key
+        self._allow_tokens = allow_tokens
+        self.read_only = read_only
+        self.read_only_message = read_only_message or DEFAULT_READ_ONLY_MESSAGE
+        self._prepared: set[str] = set()
+        self._tx_status = b"I"
+        self._ctx: PolicyContext | None = None
+        self._terminate: Callable[[str, str], None] | None = None
+        # Incremented whenever the effective tenant changes.  A Parse'd statement carries the
+        # tenant literal of its epoch: the server must Parse named statements again (or refuse
+        # to Bind them) when the epoch moved on.
+        self.tenant_epoch = 0
+        self._epoch_tenant = self.tenant
+        lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
+        self.backend_setup_sql: Sequence[str] = (f"SET {TENANT_GUC} = {lit}",)
+
+    # ---- state -------------------------------------------------------------------------
+    @property
+    def tenant(self) -> str | None:
+        return self._local_tenant if self._local_tenant is not None else self._tenant
+
+    @property
+    def context(self) -> PolicyContext:
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = PolicyContext(
+                tenant=self.tenant,
+                read_only=self.read_only,
+                read_only_message=self.read_only_message,
+                prepared_names=frozenset(self._prepared),
+            )
+        return ctx
+
+    def _changed(self) -> None:
+        tenant = self.tenant
+        if tenant != self._epoch_tenant:
+            self._epoch_tenant = tenant
+            self.tenant_epoch += 1
+        self._ctx = None
+
+    # ---- SessionGate ----------------------------------------------------------------------
+    def check(self, sql: str, origin: Origin) -> Decision:
+        analysis = self.engine.analyze(sql, self.context, origin)
+        decision = analysis.decision
+        if isinstance(decision, Refuse):
+            return decision
+        eff = analysis.effects
+        if eff.tenant_token is not None:
+            return self._set_token(*eff.tenant_token)
+        if eff.prepared or eff.deallocated or eff.deallocate_all:
+            if eff.deallocate_all:
+                self._prepared.clear()
+            self._prepared.difference_update(eff.deallocated)
+            self._prepared.update(eff.prepared)
+            self._changed()
+        return decision
+
+    def _set_token(self, token: str, local: bool) -> Decision:
+        if not self._allow_tokens:
+            return Refuse(
+                INSUFFICIENT_PRIVILEGE,
+                "this user is bound to one tenant; tenant tokens are not enabled for it",
+            )
+        try:
+            tenant = validate_tenant(verify_token(token, self._token_key), self._type)
+        except PolicyRefusal as e:
+            return e.to_refuse()
+        if not local and self._tx_status != b"I":
+            return Refuse(
+                FEATURE_NOT_SUPPORTED,
+                "SET tenantgate.tenant inside a transaction block must be SET LOCAL",
+            )
+        if local:
+            if self._tx_status == b"I":
+                # like PostgreSQL: SET LOCAL outside a transaction has no lasting effect
+                return Forward(f"SET LOCAL {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
+            self._local_tenant = tenant
+        else:
+            self._tenant = tenant
+            self._local_tenant = None
+        self._changed()
+        kw = "SET LOCAL" if local else "SET"
+        return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
+
+    def on_ready_for_query(self, tx_status: bytes) -> None:
+        self._tx_status = tx_status
+        if tx_status == b"I" and self._local_tenant is not None:
+            self._local_tenant = None
+            self._changed()
+
+    async def audit_before(self, decision: Forward, params: Sequence[bytes | None] | None) -> Any:
+        return None
+
+    async def audit_after(self, handle: Any, outcome: Outcome) -> None:
+        return None
+
+    def on_refused(self, sql: str, refusal: Refuse) -> None:
+        log.info("tenant %s: refused (%s) %s: %.200s", self.tenant, refusal.sqlstate, refusal.message, sql)
+
+    def set_terminator(self, terminate: Callable[[str, str], None]) -> None:
+        self._terminate = terminate
+
+    async def close(self) -> None:
+        return None
+
+
+def open_tenant_session(
+    engine: PolicyEngine,
+    user: UserRecord,
+    startup: StartupInfo,
+    *,
+    token_key: str | None = None,
+    read_only: bool = False,
+    read_only_message: str | None = None,
+) -> TenantSessionGate:
+    """Open the gate for an application user; a bad startup token is a FATAL 28000."""
+    tenant = user.tenant
+    token = startup.options.get(TOKEN_OPTION)
+    if token is not None:
+        if not user.token_tenants:
+            raise SessionRefused(INVALID_AUTHORIZATION, "tenant tokens are not enabled for this user")
+        try:
+            tenant = verify_token(token, token_key)
+        except PolicyRefusal as e:
+            raise SessionRefused(e.sqlstate, e.message) from None
+    if tenant is None and not user.token_tenants:
+        raise SessionRefused(INVALID_AUTHORIZATION, f'user "{user.name}" is bound to no tenant')
+    try:
+        return TenantSessionGate(
+            engine, tenant, token_key=token_key, allow_tokens=user.token_tenants,
+            read_only=read_only, read_only_message=read_only_message,
+        )
+    except PolicyRefusal as e:
+        raise SessionRefused(e.sqlstate, e.message) from None

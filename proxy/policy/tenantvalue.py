@@ -1,0 +1,82 @@
+"""The tenant value in its three forms: SQL literal, Bind parameter, COPY field.
+
+* :func:`tenant_literal` quotes a tenant for SQL (``'acme'``; quotes doubled; the proxy
+  refuses changing standard_conforming_strings, so backslashes are plain characters).
+* :class:`TenantParamCheck` is the :class:`proxy.seam.ParamCheck` for a Bind value that goes
+  into the tenant column (text and binary formats).
+* :func:`field_matches` compares one decoded COPY field with the tenant.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+from proxy.policy.errors import INVALID_AUTHORIZATION, PolicyRefusal
+
+
+def validate_tenant(tenant: str, type_: str) -> str:
+    if not tenant or "\x00" in tenant or len(tenant) > 1000:
+        raise PolicyRefusal(INVALID_AUTHORIZATION, "invalid tenant identifier")
+    if type_ == "uuid":
+        try:
+            return str(uuid.UUID(tenant))
+        except ValueError:
+            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not a valid uuid") from None
+    if type_ in ("integer", "bigint"):
+        if not tenant.lstrip("-").isdigit():
+            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not an integer")
+        return str(int(tenant))
+    return tenant
+
+
+def tenant_literal(tenant: str) -> str:
+    return "'" + tenant.replace("'", "''") + "'"
+
+
+def text_matches(value: bytes, tenant: str, type_: str) -> bool:
+    try:
+        s = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if type_ == "uuid":
+        try:
+            return uuid.UUID(s.strip()) == uuid.UUID(tenant)
+        except ValueError:
+            return False
+    if type_ in ("integer", "bigint"):
+        s = s.strip()
+        return s.lstrip("-").isdigit() and int(s) == int(tenant)
+    return s == tenant
+
+
+def binary_matches(value: bytes, tenant: str, type_: str) -> bool:
+    if type_ == "uuid":
+        return len(value) == 16 and value == uuid.UUID(tenant).bytes
+    if type_ == "integer":
+        return len(value) == 4 and struct.unpack("!i", value)[0] == int(tenant)
+    if type_ == "bigint":
+        return len(value) == 8 and struct.unpack("!q", value)[0] == int(tenant)
+    return value == tenant.encode("utf-8")
+
+
+class TenantParamCheck:
+    """$n must carry exactly the session tenant."""
+
+    def __init__(self, index: int, tenant: str, type_: str, column: str):
+        self.index = index
+        self.tenant = tenant
+        self.type_ = type_
+        self.column = column
+
+    def accepts(self, format_code: int, value: bytes | None) -> bool:
+        if value is None:
+            return False
+        if format_code == 0:
+            return text_matches(value, self.tenant, self.type_)
+        if format_code == 1:
+            return binary_matches(value, self.tenant, self.type_)
+        return False
+
+    def describe(self) -> str:
+        return f"parameter ${self.index + 1} (tenant column {self.column}) must be the session's tenant"
