@@ -4,7 +4,8 @@
    rows).  The same point-select script runs through tenantgate in a tenant
    session (rewriting on) and directly against PostgreSQL with the already
    filtered statement (``... AND tenant_id = 'acme'``), interleaved, in
-   ``-M simple`` (literal values differ per statement) and ``-M prepared``.
+   ``-M simple`` (literal values differ per statement) and ``-M prepared``,
+   with tenantgate running 1 and 2 worker processes (``workers``).
 2. Cold rewrite time (cache disabled), p50 and p99 over the adversarial corpus
    (tests/data/adversarial.yaml).
 3. The cost of a cached hit (``PolicyEngine.check`` on a statement already in the cache).
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from contextlib import ExitStack
 
 import yaml
 
@@ -47,7 +50,9 @@ def _script(workdir: Path, name: str, filtered: bool) -> Path:
     return p
 
 
-def throughput(workdir: Path, rounds: int = 3, seconds: int = 8, clients: int = 16) -> dict:
+def throughput(workdir: Path, rounds: int = 3, seconds: int = 8, clients: int = 16,
+               workers: tuple[int, ...] = (1, 2)) -> dict:
+    """Interleaved pgbench runs: direct (pre-filtered) and tenantgate with each worker count in ``workers``."""
     results: dict[str, list[float]] = {}
     with bench_cluster(workdir) as cluster:
         cluster.psql(f"CREATE ROLE {BACKEND} LOGIN PASSWORD '{BACKEND_PW}'")
@@ -65,21 +70,26 @@ def throughput(workdir: Path, rounds: int = 3, seconds: int = 8, clients: int = 
         }
         tg_script = _script(workdir, "tenant.sql", filtered=False)
         direct_script = _script(workdir, "direct.sql", filtered=True)
-        with tenantgate_process(config, workdir) as tg_port:
+        with ExitStack() as stack:
+            tg_ports = {n: stack.enter_context(tenantgate_process({**config, "workers": n}, workdir)) for n in workers}
             for _ in range(rounds):
                 for mode in ("simple", "prepared"):
                     common = ["-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", mode]
                     tps, _ = pgbench([*common, "-f", str(direct_script)], host="127.0.0.1", port=cluster.port,
                                      user=BACKEND, password=BACKEND_PW, database=DB)
                     results.setdefault(f"direct/{mode}", []).append(tps)
-                    tps, _ = pgbench([*common, "-f", str(tg_script)], host="127.0.0.1", port=tg_port,
-                                     user=APP, password=APP_PW, database=DB)
-                    results.setdefault(f"tenantgate/{mode}", []).append(tps)
+                    for n, tg_port in tg_ports.items():
+                        tps, _ = pgbench([*common, "-f", str(tg_script)], host="127.0.0.1", port=tg_port,
+                                         user=APP, password=APP_PW, database=DB)
+                        results.setdefault(f"tenantgate-{n}w/{mode}", []).append(tps)
     summary = {k: median(v) for k, v in results.items()}
     print(f"\n== tenant-scoped point selects, {clients} clients, {rounds} interleaved rounds of {seconds}s ==")
     for mode in ("simple", "prepared"):
-        d, t = summary[f"direct/{mode}"], summary[f"tenantgate/{mode}"]
-        print(f"  -M {mode:<9} direct (pre-filtered) {d:9.0f} TPS   tenantgate (rewriting) {t:9.0f} TPS   ratio {t / d:5.2f}")
+        d = summary[f"direct/{mode}"]
+        for n in workers:
+            t = summary[f"tenantgate-{n}w/{mode}"]
+            print(f"  -M {mode:<9} direct (pre-filtered) {d:9.0f} TPS   tenantgate (rewriting, {n} worker"
+                  f"{'s' if n > 1 else ''}) {t:9.0f} TPS   ratio {t / d:5.2f}")
     return summary
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -89,6 +91,27 @@ FUNCTION_CALL_REFUSAL = Refuse(
 _BYTES_IN = BYTES_TOTAL.labels(direction="client_to_server")
 _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
+_unpack_i32 = struct.Struct("!I").unpack_from
+
+# Per-session metrics are added up locally and handed to prometheus_client in
+# bulk (its counters and histograms take a lock per call): at least every
+# _METRICS_FLUSH_EVERY statements or _METRICS_FLUSH_S seconds of a busy
+# session, and when the session ends.
+_METRICS_FLUSH_EVERY = 32
+_METRICS_FLUSH_S = 1.0
+_DURATION_BOUNDS: tuple[float, ...] = tuple(getattr(QUERY_DURATION_SECONDS, "_upper_bounds", ()))
+_DURATION_BATCHED = (bool(_DURATION_BOUNDS) and _DURATION_BOUNDS[-1] == float("inf")
+                     and hasattr(QUERY_DURATION_SECONDS, "_buckets") and hasattr(QUERY_DURATION_SECONDS, "_sum"))
+
+
+def _flush_durations(counts: list[int], total: float) -> None:
+    """Add locally counted histogram buckets (non-cumulative, like prometheus_client keeps them)."""
+    buckets = QUERY_DURATION_SECONDS._buckets
+    for i, c in enumerate(counts):
+        if c:
+            buckets[i].inc(c)
+            counts[i] = 0
+    QUERY_DURATION_SECONDS._sum.inc(total)
 
 
 class _Entry:
@@ -154,6 +177,11 @@ class ClientSession(asyncio.Protocol):
         self._idle_tx_s = self.config.timeouts.idle_in_transaction_s
         self._bwrite: Callable[[bytes], None] | None = None  # backend transport.write once relaying
         self._bytes_out = 0
+        self._n_forwarded = 0  # statements forwarded since the last metrics flush
+        self._dur_counts = [0] * len(_DURATION_BOUNDS)  # query durations since the last flush, per bucket
+        self._dur_sum = 0.0
+        self._dur_n = 0
+        self._metrics_t = time.perf_counter()
         self._handlers: dict[bytes, Callable[[bytes, bytes], None]] = {
             b"Q": self._on_query, b"P": self._on_parse, b"B": self._on_bind, b"E": self._on_execute,
             b"D": self._on_describe, b"H": self._on_empty, b"C": self._on_close, b"S": self._on_sync,
@@ -408,7 +436,10 @@ class ClientSession(asyncio.Protocol):
             if self._held is not None:
                 held, self._held = self._held, None
                 handlers[held[0]](*held)
+            fstate = self.fstate
             while not self._blocked:
+                if fstate.phase is Phase.READY:
+                    self._relay_verbatim_run()
                 msg = buf.next_message()
                 if msg is None:
                     break
@@ -429,6 +460,57 @@ class ClientSession(asyncio.Protocol):
             self._fatal("XX000", "internal error in tenantgate")
             return
         self._flush_backend()
+
+    def _relay_verbatim_run(self) -> None:
+        """Forward, as one slice of the receive buffer, the longest run of
+        messages that pass unchanged and need no per-message objects: Bind
+        (when no statement is checked), Describe, Execute of the unnamed portal
+        (when no portal is tracked), Sync and Flush, in the READY phase.
+
+        Anything else, or anything malformed, ends the run; the generic path
+        then handles that message (and raises the precise ProtocolError).
+        """
+        data, pos = self.buf.window()
+        start = pos
+        n = len(data)
+        max_len = self.buf.max_length
+        binds_free = not self._stmts
+        executes_free = not self._portals and not self.audited
+        inflight = self.inflight
+        while n - pos >= 5:
+            t = data[pos]
+            (length,) = _unpack_i32(data, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length > max_len or end > n:
+                break
+            if t == 66:  # Bind
+                if not binds_free:
+                    break
+                try:
+                    m.validate_bind(data[pos + 5:end])
+                except ProtocolError:
+                    break
+            elif t == 69:  # Execute
+                if not executes_free or length != 9 or data[pos + 5] != 0:
+                    break
+                inflight.append(_Entry(b"X"))
+            elif t == 83:  # Sync
+                if length != 4:
+                    break
+                inflight.append(_Entry(b"S"))
+                self._seg_sent += 1
+            elif t == 68:  # Describe
+                if length < 6 or data[pos + 5] not in (83, 80) or data.find(b"\0", pos + 6, end) != end - 1:
+                    break
+            elif t == 72:  # Flush
+                if length != 4:
+                    break
+            else:
+                break
+            pos = end
+        if pos > start:
+            self._out.append(bytes(data[start:pos]))
+            self.buf.consume_to(pos)
 
     def _flush_backend(self) -> None:
         out = self._out
@@ -487,7 +569,7 @@ class ClientSession(asyncio.Protocol):
         e.audited = self.audited
         self.inflight.append(e)
         self._seg_sent += 1
-        self._m_forwarded.inc()
+        self._n_forwarded += 1
 
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
@@ -501,7 +583,7 @@ class ClientSession(asyncio.Protocol):
             self._stmts[p.name] = decision
         elif self._stmts:
             self._stmts.pop(p.name, None)
-        self._m_forwarded.inc()
+        self._n_forwarded += 1
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
         if not self._stmts:
@@ -736,6 +818,15 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(data)
 
     def _flush_byte_counters(self) -> None:
+        """Hand the locally counted metrics to prometheus_client."""
+        self._metrics_t = time.perf_counter()
+        if self._n_forwarded:
+            self._m_forwarded.inc(self._n_forwarded)
+            self._n_forwarded = 0
+        if self._dur_n:
+            _flush_durations(self._dur_counts, self._dur_sum)
+            self._dur_sum = 0.0
+            self._dur_n = 0
         if self._bytes_in:
             _BYTES_IN.inc(self._bytes_in)
             self._bytes_in = 0
@@ -757,7 +848,16 @@ class ClientSession(asyncio.Protocol):
             if e.audited:
                 self._finish_audit(e)
             if k == b"Q" or k == b"S":
-                QUERY_DURATION_SECONDS.observe(time.perf_counter() - e.t0)
+                now = time.perf_counter()
+                took = now - e.t0
+                if _DURATION_BATCHED:
+                    self._dur_counts[bisect_left(_DURATION_BOUNDS, took)] += 1
+                    self._dur_sum += took
+                    self._dur_n += 1
+                    if self._dur_n >= _METRICS_FLUSH_EVERY or now - self._metrics_t > _METRICS_FLUSH_S:
+                        self._flush_byte_counters()
+                else:
+                    QUERY_DURATION_SECONDS.observe(took)
                 break
         self._seg_done += 1
         if self._markers:

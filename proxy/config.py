@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.yamlfile import format_validation_error, load_mapping
 
 
 class ConfigError(Exception):
@@ -54,7 +55,7 @@ class TlsConfig(_Strict):
 class BackendConfig(_Strict):
     """How tenantgate reaches PostgreSQL.  Credentials never come from the client."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # or a unix socket directory ("/..."), as in libpq
     port: int = Field(5432, ge=1, le=65535)
     database: str | None = None  # None: the database the client asked for
     user: str = "tenantgate_app"
@@ -155,6 +156,11 @@ class MetricsConfig(_Strict):
 
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
+    workers: int = Field(
+        1, ge=0, le=256,
+        description="Worker processes sharing the listen address (SO_REUSEPORT); 0 means one per CPU. "
+                    "Changing it needs a restart.",
+    )
     tls: TlsConfig = TlsConfig()
     backend: BackendConfig = BackendConfig()
     users: list[UserConfig] = []
@@ -169,24 +175,9 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file")
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = load_mapping(path, ConfigError)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:

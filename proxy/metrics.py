@@ -3,17 +3,25 @@
 Names follow Prometheus conventions (``_total`` counters, ``_seconds``
 durations).  Dashboards (grafana/) and alert rules (deploy/prometheus/) refer
 to these names; tests check that they exist.
+
+With several worker processes (``workers`` > 1) the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before the workers start, so every worker records
+into shared files and the supervisor's /metrics sums them
+(prometheus_client multiprocess mode).  Gauges therefore say how to combine
+the workers' values (``multiprocess_mode``; ignored in a single process).
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CLIENT_CONNECTIONS = Gauge("tenantgate_client_connections", "Open client connections", ["kind"])
+CLIENT_CONNECTIONS = Gauge("tenantgate_client_connections", "Open client connections", ["kind"],
+                           multiprocess_mode="livesum")
 CLIENT_CONNECTIONS_TOTAL = Counter(
     "tenantgate_client_connection_attempts_total", "Client connection attempts by outcome", ["outcome"]
 )
-BACKEND_CONNECTIONS = Gauge("tenantgate_backend_connections", "Open connections to PostgreSQL")
+BACKEND_CONNECTIONS = Gauge("tenantgate_backend_connections", "Open connections to PostgreSQL",
+                            multiprocess_mode="livesum")
 BACKEND_CONNECT_ERRORS_TOTAL = Counter("tenantgate_backend_connect_errors_total", "Failed connects to PostgreSQL")
 STATEMENTS_TOTAL = Counter(
     "tenantgate_statements_total", "Statements seen, by session kind and result", ["kind", "result"]
@@ -45,7 +53,8 @@ AUDIT_WRITE_SECONDS = Histogram(
 )
 AUDIT_FAILURES_TOTAL = Counter("tenantgate_audit_failures_total", "Audit writes that failed (statement refused)")
 GRANT_EVENTS_TOTAL = Counter("tenantgate_grant_events_total", "Grant lifecycle events", ["event"])
-ACTIVE_GRANTS = Gauge("tenantgate_active_grants", "Approved, unexpired grants")
+# every worker counts the same grants in the control schema: report one count, not the sum
+ACTIVE_GRANTS = Gauge("tenantgate_active_grants", "Approved, unexpired grants", multiprocess_mode="livemax")
 OPERATOR_SESSIONS_TERMINATED_TOTAL = Counter(
     "tenantgate_operator_sessions_terminated_total", "Operator sessions ended by the proxy", ["reason"]
 )

@@ -67,8 +67,9 @@ class StartupInfo:
     tls: bool
 
 
-class SessionRefused(Exception):
-    """Opening a session was refused: sent as FATAL, connection closed."""
+class SqlStateError(Exception):
+    """An error that reaches a client or an operator as a PostgreSQL-style error: SQLSTATE, message,
+    optional detail and hint.  The refusals of every part of tenantgate derive from it."""
 
     def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None):
         super().__init__(message)
@@ -76,6 +77,10 @@ class SessionRefused(Exception):
         self.message = message
         self.detail = detail
         self.hint = hint
+
+
+class SessionRefused(SqlStateError):
+    """Opening a session was refused: sent as FATAL, connection closed."""
 
 
 class ParamCheck(Protocol):

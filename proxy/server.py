@@ -37,6 +37,16 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated so far (modules, sqlglot, the rules, pools) out of
+    the cyclic GC's reach, so full collections during relaying scan only
+    objects made since (``gc.freeze``).  Call once the server has started."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def install_uvloop() -> bool:
     """Use uvloop for new event loops when it is installed."""
     try:
@@ -52,15 +62,19 @@ class ProxyServer:
 
     ``config`` is the validated :class:`proxy.config.Config`; ``gatekeeper``
     any :class:`proxy.seam.Gatekeeper`.  ``config_path`` (optional) is
-    re-read on SIGHUP when signal handlers are installed.
+    re-read on SIGHUP when signal handlers are installed.  A worker process
+    (:mod:`proxy.workers`) passes its own ``cancels`` registry and
+    ``reuse_port=True`` so all workers bind the same address.
     """
 
-    def __init__(self, config: Config, gatekeeper: Gatekeeper, *, config_path: str | Path | None = None):
+    def __init__(self, config: Config, gatekeeper: Gatekeeper, *, config_path: str | Path | None = None,
+                 cancels: CancelRegistry | None = None, reuse_port: bool = False):
         self.config = config
         self.gatekeeper = gatekeeper
         self.config_path = Path(config_path) if config_path else None
         self.tls_context = server_ssl_context(config)
-        self.cancels = CancelRegistry()
+        self.cancels = cancels if cancels is not None else CancelRegistry()
+        self.reuse_port = reuse_port  # several worker processes share the listen address
         self.sessions: set = set()
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
@@ -74,7 +88,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientSession(self), self.config.listen.host, self.config.listen.port,
-            reuse_address=True, backlog=1024,
+            reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024,
         )
         self._port = self._server.sockets[0].getsockname()[1]
         log.info("tenantgate listening on %s:%d", self.host, self.port)

@@ -29,7 +29,7 @@ def db(pg, make_db):
 @pytest.fixture(scope="module")
 def proxy(pg, db):
     p = start_proxy(make_config(pg, db, {"app": PW}, limits={"max_message_bytes": 4096},
-                                timeouts={"startup_s": 0.5}))
+                                timeouts={"startup_s": 2.0}))  # generous: startups run on a loaded 2-core machine
     yield p
     p.stop()
 

@@ -3,6 +3,10 @@
 SIGHUP re-reads FILE (existing connections stay); SIGTERM/SIGINT drain:
 stop accepting, let running transactions finish up to ``timeouts.drain_s``,
 then close.
+
+``workers`` (config) or ``--workers N`` (overrides it; 0 = one per CPU) above 1
+runs a supervisor with N worker processes sharing the listen address
+(:mod:`proxy.workers`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def start_metrics_endpoint(config: Config) -> None:
 
 
 async def _serve(config: Config, config_path: str) -> None:
-    from proxy.server import ProxyServer
+    from proxy.server import ProxyServer, freeze_startup_heap
 
     gatekeeper = build_gatekeeper(config)
     if inspect.isawaitable(gatekeeper):
@@ -42,6 +46,7 @@ async def _serve(config: Config, config_path: str) -> None:
     server = ProxyServer(config, gatekeeper, config_path=config_path)
     await server.start()
     start_metrics_endpoint(config)
+    freeze_startup_heap()
     server.install_signal_handlers()
     print(f"tenantgate: listening on {server.host}:{server.port} (backend {config.backend.host}:{config.backend.port})",
           flush=True)
@@ -61,6 +66,15 @@ def run(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    count = config.workers if args.workers is None else args.workers
+    if count < 0:
+        print("--workers must be 0 (one per CPU) or more", file=sys.stderr)
+        return 2
+    from proxy.workers import resolve_worker_count, run_supervisor
+
+    count = resolve_worker_count(count)
+    if count > 1:
+        return run_supervisor(config, args.config, count, verbose=args.verbose)
     from proxy.server import install_uvloop
 
     install_uvloop()
@@ -75,4 +89,6 @@ def register(sub):
     p = sub.add_parser("serve", help="run the proxy in front of an existing PostgreSQL")
     p.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML configuration file")
     p.add_argument("--verbose", "-v", action="store_true", help="log connections and reloads")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes sharing the listen address (overrides `workers`; 0 = one per CPU)")
     p.set_defaults(func=run)

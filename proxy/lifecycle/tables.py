@@ -28,16 +28,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from proxy.seam import SqlStateError
 
-class LifecycleError(Exception):
+
+class LifecycleError(SqlStateError):
     """A lifecycle operation was refused or failed; carries a PostgreSQL-style SQLSTATE."""
-
-    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None):
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.detail = detail
-        self.hint = hint
 
     def __str__(self) -> str:
         text = f"ERROR:  {self.message} (SQLSTATE {self.sqlstate})"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.seam import Refuse
+from proxy.seam import Refuse, SqlStateError
 
 INSUFFICIENT_PRIVILEGE = "42501"
 FEATURE_NOT_SUPPORTED = "0A000"
@@ -12,13 +12,8 @@ READ_ONLY_TRANSACTION = "25006"
 INVALID_AUTHORIZATION = "28000"
 
 
-class PolicyRefusal(Exception):
-    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None):
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.detail = detail
-        self.hint = hint
+class PolicyRefusal(SqlStateError):
+    """A statement is refused; the proxy answers with an ErrorResponse and the session stays usable."""
 
     def to_refuse(self) -> Refuse:
         return Refuse(self.sqlstate, self.message, self.detail, self.hint)

@@ -74,6 +74,17 @@ class ReceiveBuffer:
         self._compact()
         return mtype, payload
 
+    def window(self) -> tuple[bytearray, int]:
+        """The internal buffer and the offset of the first unread byte, for
+        callers that scan many small messages in place (the relay's hot path).
+        Read only; hand back what was used with :meth:`consume_to`."""
+        return self._buf, self._pos
+
+    def consume_to(self, pos: int) -> None:
+        """Mark everything before ``pos`` (an offset into :meth:`window`) as read."""
+        self._pos = pos
+        self._compact()
+
     def next_startup(self) -> bytes | None:
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 4:
