@@ -144,6 +144,15 @@ class PolicyGatekeeper:
                           f"until it is purged after {end}")
         return False, None
 
+    def _token_tenant_status(self, tenant: str) -> tuple[bool, str | None]:
+        """:func:`_lifecycle` for a tenant chosen later by ``SET tenantgate.tenant`` (refusal: PolicyRefusal)."""
+        from proxy.policy.errors import PolicyRefusal
+
+        try:
+            return self._lifecycle(tenant)
+        except SessionRefused as e:
+            raise PolicyRefusal(e.sqlstate, e.message) from None
+
     # ---- sessions
 
     async def open_session(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
@@ -172,8 +181,19 @@ class PolicyGatekeeper:
             except Exception:
                 tenant = None  # open_tenant_session refuses it with the precise reason
         read_only, message = self._lifecycle(tenant)
+        opened: list = []
+
+        def tenant_status(chosen: str):
+            # a tenant chosen later by SET tenantgate.tenant: its lifecycle applies, and the session
+            # is ended like the tenant's other sessions when its status changes
+            status = self._token_tenant_status(chosen)
+            if opened:
+                self._live.setdefault(chosen, weakref.WeakSet()).add(opened[0])
+            return status
+
         gate = open_tenant_session(self.engine, user, startup, token_key=key, read_only=read_only,
-                                   read_only_message=message)
+                                   read_only_message=message, tenant_status=tenant_status)
+        opened.append(gate)
         if self.plane is not None:
             # refused tenant statements may be attacks: they go to the audit chain too
             from proxy.control.operator_gate import RefusalAuditor
@@ -206,10 +226,9 @@ class PolicyGatekeeper:
         return await open_operator_session(self.plane, user, startup, make_inner=make_inner)
 
     def _track(self, tenant: str | None, gate) -> None:
-        if tenant is None:
-            return
-        self._live.setdefault(tenant, weakref.WeakSet()).add(gate)
-        original = gate.set_terminator
+        if tenant is not None:
+            self._live.setdefault(tenant, weakref.WeakSet()).add(gate)
+        original = gate.set_terminator  # also without a tenant yet: a token may choose one later
 
         def set_terminator(cb, _orig=original, _gate=gate):
             _gate._tg_terminate = cb

@@ -240,9 +240,6 @@ def test_refusals_are_in_the_audit_chain(demo):
     assert control_schema_exists(demo)
 
 
-@pytest.mark.xfail(strict=True, reason="a CTE named like a denied catalog is refused although PostgreSQL resolves the "
-                   "name to the CTE: `WITH pg_stats AS (SELECT 1 AS x) SELECT * FROM pg_stats` -> 42501 'reading "
-                   "system catalog pg_catalog.pg_stats is not allowed' (PostgreSQL returns one row, x = 1)")
 async def test_cte_shadowing_a_denied_catalog_is_the_cte(demo):
     conn = await asyncpg.connect(demo.app("acme"))
     try:

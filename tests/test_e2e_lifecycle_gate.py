@@ -35,11 +35,6 @@ WRITES = [
     "INSERT INTO orders (order_id, customer_id) SELECT 987654, customer_id FROM customers LIMIT 1",
 ]
 
-BUG_SET_TOKEN_LIFECYCLE = (
-    "the lifecycle status is applied only to the tenant known at connect: pool_app connecting without a token and "
-    "then running SET tenantgate.tenant = '<token for an offboarded tenant>' can still write (UPDATE orders ... -> "
-    "UPDATE n instead of 25006), and a token for a purged tenant is accepted by SET (instead of 28000)"
-)
 BUG_DEMO_PURGE = (
     "`tenantgate tenant purge T --now --confirm T --config <demo state>/tenantgate.yaml` fails with "
     "'ERROR:  permission denied for database app (SQLSTATE 42501)': the demo config has no lifecycle.data_dsn, so "
@@ -227,7 +222,6 @@ class _Sink:
         self.n += len(data)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SET_TOKEN_LIFECYCLE)
 async def test_set_token_for_an_offboarded_tenant_is_read_only(demo):
     tenant = new_tenant_name("ro")
     seed_tenant(demo, tenant)
@@ -246,6 +240,22 @@ async def test_set_token_for_an_offboarded_tenant_is_read_only(demo):
             await conn.close()
         assert snapshot(demo, tenant) == before
     finally:
+        drop_tenant_rows(demo, tenant)
+
+
+def test_offboarding_a_tenant_chosen_by_set_ends_the_session(demo):
+    tenant = new_tenant_name("setend")
+    seed_tenant(demo, tenant)
+    client = RawClient(pool_dsn(demo))  # connected without a tenant; SET chooses it later
+    try:
+        ok(cli(demo, "bob", "tenant", "register", tenant))
+        assert client.query(f"SET tenantgate.tenant = '{token(demo, tenant)}'")[-1] == (b"Z", b"I")
+        ok(cli(demo, "bob", "tenant", "offboard", tenant))
+        err = wait_for_fatal(client)
+        assert (err.severity, err.sqlstate) == ("FATAL", "57P01")
+        assert "offboarded" in err.message
+    finally:
+        client.close()
         drop_tenant_rows(demo, tenant)
 
 
@@ -347,7 +357,6 @@ def test_purged_tenant_token_is_refused_at_connect(demo, purged):
         assert conn.execute("SELECT DISTINCT tenant_id FROM orders").fetchall() == [("globex",)]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SET_TOKEN_LIFECYCLE)
 async def test_purged_tenant_token_is_refused_at_set_time(demo, purged):
     conn = await asyncpg.connect(pool_dsn(demo))
     try:

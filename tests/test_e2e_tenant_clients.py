@@ -37,18 +37,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthW
 
 TENANT_TABLES = ("customers", "orders", "order_items")
 
-BUG_COPY_FROM_RLS = (
-    "COPY <tenant table> FROM STDIN fails in PostgreSQL with 0A000 'COPY FROM not supported with row-level "
-    "security': the bootstrap FORCEs RLS on tenant tables and tenantgate_app has NOBYPASSRLS, so the proxy's "
-    "checked COPY FROM STDIN can never reach the table"
-)
-BUG_ROW_CONSTRUCTOR = "SELECT ROW(1, 'a') is refused with 42501 'function row is not allowed': ROW(...) is a row constructor, not a function"
-BUG_PREPARED_TENANT = (
-    "a named prepared statement keeps the tenant of the moment it was Parsed: pool_app SETs a token for globex, "
-    "prepares `SELECT tenant_id, count(*) FROM orders GROUP BY 1`, SETs a token for acme, executes it again -> "
-    "0 rows (the rewritten text still says tenant_id = 'globex'; only the RLS backstop, now keyed on acme, keeps "
-    "globex's rows out; without RLS it would leak them). asyncpg's statement cache does exactly this"
-)
 
 
 def snapshot(demo, tenant: str) -> dict:
@@ -129,7 +117,6 @@ async def test_asyncpg_type_introspection_of_arrays_ranges_and_row_types(demo):
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_ROW_CONSTRUCTOR)
 async def test_asyncpg_row_constructor(demo):
     conn = await asyncpg.connect(demo.app("acme"))
     try:
@@ -195,7 +182,6 @@ async def test_asyncpg_copy_out_only_own_rows(demo):
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COPY_FROM_RLS)
 async def test_asyncpg_copy_records_to_table_own_tenant_rows(demo):
     ids = fresh_ids(2)
     conn = await asyncpg.connect(demo.app("acme"))
@@ -210,8 +196,6 @@ async def test_asyncpg_copy_records_to_table_own_tenant_rows(demo):
         delete_customers(demo, ids)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COPY_FROM_RLS + " (so the proxy's own check of the tenant column, "
-                   "57014 'COPY from stdin failed: ... not the session's tenant', is never what the client sees)")
 async def test_asyncpg_copy_records_with_a_foreign_tenant_row_commits_nothing(demo):
     before = {t: snapshot(demo, t) for t in ("acme", "globex")}
     ids = fresh_ids(3)
@@ -435,7 +419,6 @@ def test_psycopg_copy_to_only_own_rows(demo):
             assert sorted(rows) == [("globex", 1, 1, 2, 7), ("globex", 2, 1, 3, 1)]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COPY_FROM_RLS)
 def test_psycopg_copy_from_own_rows(demo):
     ids = fresh_ids(2)
     try:
@@ -451,8 +434,6 @@ def test_psycopg_copy_from_own_rows(demo):
         delete_customers(demo, ids)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_COPY_FROM_RLS + " (the foreign row must be refused by the proxy's check, "
-                   "57014 naming the row)")
 def test_psycopg_copy_from_with_a_foreign_tenant_row_commits_nothing(demo):
     before = {t: snapshot(demo, t) for t in ("acme", "globex")}
     ids = fresh_ids(2)
@@ -790,7 +771,6 @@ async def test_prepared_statement_never_returns_the_previous_tenants_rows(demo):
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_PREPARED_TENANT)
 async def test_prepared_statement_follows_a_tenant_switch(demo):
     conn = await asyncpg.connect(pool_dsn(demo))
     try:

@@ -16,6 +16,11 @@ ACME = PolicyContext(tenant="acme")
 GUARD = "(SELECT * FROM {} WHERE \"tenant_id\" = 'acme')"
 
 
+def GJ(item: str, ref: str, n: int = 1) -> str:
+    """A FROM item filtered before its outer join by the zero-column guard join."""
+    return f"({item} INNER JOIN (SELECT) AS tenantgate_guard_{n} ON \"{ref}\".\"tenant_id\" = 'acme')"
+
+
 def P(ref: str) -> str:
     """The tenant predicate on a FROM item."""
     return f"\"{ref}\".\"tenant_id\" = 'acme'"
@@ -61,7 +66,7 @@ def test_outer_join_nullable_side_is_filtered_in_its_join_condition_not_in_where
     )
     # RIGHT and FULL joins, and LEFT JOIN ... USING: the relations are filtered before the join
     out = fwd(engine, "SELECT * FROM customers c FULL JOIN orders o USING (customer_id)")
-    assert out == f"SELECT * FROM {GUARD.format('customers')} c FULL JOIN {GUARD.format('orders')} o USING (customer_id)"
+    assert out == f"SELECT * FROM {GJ('customers c', 'c')} FULL JOIN {GJ('orders o', 'o', 2)} USING (customer_id)"
     out = fwd(engine, "SELECT * FROM customers c RIGHT JOIN orders o ON true")
     assert out == f"SELECT * FROM customers c RIGHT JOIN orders o ON ( true) AND {P('c')}  WHERE {P('o')} "
     # everything left of a RIGHT JOIN is its nullable side
@@ -71,7 +76,7 @@ def test_outer_join_nullable_side_is_filtered_in_its_join_condition_not_in_where
         f"RIGHT JOIN orders d ON ( d.x = a.x) AND {P('a')} AND {P('b')}  WHERE {P('d')} "
     )
     out = fwd(engine, "SELECT * FROM customers c LEFT JOIN orders o USING (customer_id)")
-    assert out == f"SELECT * FROM customers c LEFT JOIN {GUARD.format('orders')} o USING (customer_id) WHERE {P('c')} "
+    assert out == f"SELECT * FROM customers c LEFT JOIN {GJ('orders o', 'o')} USING (customer_id) WHERE {P('c')} "
 
 
 def test_shared_and_system_relations_untouched(engine):
@@ -82,9 +87,9 @@ def test_schema_qualified_names(engine):
     assert fwd(engine, "SELECT public.orders.order_id FROM public.orders") == (
         f"SELECT public.orders.order_id FROM public.orders WHERE {P('orders')} "
     )
-    # a wrapped relation without alias keeps its name as the alias
+    # a guarded relation without alias is referred to by its name
     assert fwd(engine, "SELECT * FROM public.orders FULL JOIN customers USING (customer_id)").startswith(
-        f"SELECT * FROM {GUARD.format('public.orders')} AS \"orders\" FULL JOIN"
+        f"SELECT * FROM {GJ('public.orders', 'orders')} FULL JOIN"
     )
 
 
@@ -444,3 +449,86 @@ def test_numeric_literals_share_one_cache_entry(engine):
     fwd(engine, "SELECT status FROM orders WHERE status = 'a'")
     fwd(engine, "SELECT status FROM orders WHERE status = 'b'")
     assert engine.cache.misses == before + 3
+
+
+# ---- COPY FROM under row-level security: the bootstrap's tenantgate_copy views ------------------
+COPY_VIEW = RelationRow("tenantgate_copy", "public.customers", "v",
+                        (("tenant_id", "text"), ("customer_id", "integer"), ("name", "text"), ("email", "text")))
+
+
+@pytest.fixture(scope="module")
+def copy_engine():
+    return demo_engine(extra=[
+        COPY_VIEW,
+        RelationRow("public", "gen", "r", (("tenant_id", "text"), ("a", "integer"), ("b", "integer"))),
+        RelationRow("tenantgate_copy", "public.gen", "v", (("tenant_id", "text"), ("a", "integer"))),
+        # a view that does not fit its table is never used
+        RelationRow("tenantgate_copy", "public.orders", "v", (("tenant_id", "text"), ("nope", "integer"))),
+    ])
+
+
+def test_copy_from_goes_through_the_copy_view_when_it_exists(copy_engine):
+    d = copy_engine.check("COPY customers (tenant_id, customer_id, name) FROM STDIN", ACME)
+    assert isinstance(d, Forward)
+    assert d.sql == 'COPY "tenantgate_copy"."public.customers" (tenant_id, customer_id, name) FROM STDIN'
+    c = d.copy_in_check()
+    assert "not the session's tenant" in c.feed(b"globex\t1\tx\n")
+    assert fwd(copy_engine, "COPY public.customers FROM STDIN (FORMAT binary)") == (
+        'COPY "tenantgate_copy"."public.customers" FROM STDIN (FORMAT binary)')
+    # without a column list the view's columns count (generated columns are not copied)
+    c = _copy_check(copy_engine, "COPY gen FROM STDIN")
+    assert c.feed(b"acme\t1\n\\.\n") is None and c.finish() is None
+    assert fwd(copy_engine, "COPY gen FROM STDIN").startswith('COPY "tenantgate_copy"."public.gen" FROM')
+    # naming a column the view lacks: plain COPY (PostgreSQL gives its own error)
+    assert fwd(copy_engine, "COPY gen (tenant_id, b) FROM STDIN") == "COPY gen (tenant_id, b) FROM STDIN"
+    assert fwd(copy_engine, "COPY orders (tenant_id) FROM STDIN") == "COPY orders (tenant_id) FROM STDIN"
+    # COPY TO is unchanged
+    assert "tenantgate_copy" not in fwd(copy_engine, "COPY customers TO STDOUT")
+
+
+def test_copy_without_views_stays_plain(engine):
+    assert fwd(engine, "COPY customers FROM STDIN") == "COPY customers FROM STDIN"
+
+
+def test_copy_views_cannot_be_named_by_clients(copy_engine):
+    for sql in ['SELECT * FROM tenantgate_copy."public.customers"',
+                'INSERT INTO tenantgate_copy."public.customers" (tenant_id, customer_id) VALUES (\'acme\', 1)',
+                'COPY tenantgate_copy."public.customers" FROM STDIN',
+                'COPY tenantgate_copy."public.customers" TO STDOUT']:
+        refused(copy_engine, sql, state="42501")
+
+
+# ---- keywords sqlglot parses as function calls --------------------------------------------------
+@pytest.fixture(scope="module")
+def checked_engine():
+    from proxy.policy.allowlist import FunctionChecker
+    from proxy.policy.demo import demo_rules
+
+    return demo_engine(FunctionChecker.from_rules(demo_rules()))
+
+
+def test_row_constructor_is_not_a_function_call(checked_engine):
+    assert fwd(checked_engine, "SELECT ROW(1, 'a')") == "SELECT ROW(1, 'a')"
+    assert P("customers") in fwd(checked_engine, "SELECT row(1, (SELECT name FROM customers LIMIT 1))")
+    # its arguments are still checked; a quoted or qualified "row" is a real function call
+    refused(checked_engine, "SELECT ROW(pg_read_file('/etc/passwd'))", state="42501")
+    refused(checked_engine, 'SELECT "row"(1, 2)', state="42501")
+    refused(checked_engine, "SELECT public.row(1)", state="42501")
+
+
+def test_all_some_over_a_set_operation_is_a_comparison(checked_engine):
+    out = fwd(checked_engine, "SELECT 1 <> ALL ((SELECT 1) UNION (SELECT customer_id FROM customers))")
+    assert P("customers") in out
+    fwd(checked_engine, "SELECT 1 = SOME ((SELECT 1) UNION (SELECT 2))")
+    refused(checked_engine, 'SELECT 1 <> "all"((SELECT 1))', state="42501")
+    refused(checked_engine, "SELECT 1 <> ALL ((SELECT 1) UNION (SELECT lo_import('/etc/passwd')))", state="42501")
+
+
+def test_cte_named_like_a_denied_catalog_is_the_cte(checked_engine):
+    sql = "WITH pg_stats AS (SELECT 1 AS x) SELECT * FROM pg_stats"
+    assert fwd(checked_engine, sql) == sql
+    # but not inside its own (non-recursive) definition, nor when qualified, nor outside its scope
+    refused(checked_engine, "WITH pg_stats AS (SELECT * FROM pg_stats) SELECT * FROM pg_stats", state="42501")
+    refused(checked_engine, "WITH pg_stats AS (SELECT 1 AS x) SELECT * FROM pg_catalog.pg_stats", state="42501")
+    refused(checked_engine, "SELECT * FROM (WITH pg_stats AS (SELECT 1) SELECT 1) s, pg_stats", state="42501")
+    refused(checked_engine, "WITH a AS (SELECT * FROM pg_stats), pg_stats AS (SELECT 1) SELECT * FROM a", state="42501")

@@ -223,3 +223,21 @@ async def test_unknown_relation_then_refresh(demo_db, engine):
     finally:
         await c.execute("DROP TABLE invoices")
         await c.close()
+
+
+async def test_group_by_primary_key_across_an_outer_join_using(conn, engine):
+    # the nullable side stays a base relation (guard join), so PostgreSQL's functional dependency
+    # on its primary key holds: no 42803, and only own rows
+    sql = ("SELECT o.order_id, o.status, count(c.name) FROM customers c RIGHT JOIN orders o USING (customer_id) "
+           "GROUP BY o.tenant_id, o.order_id ORDER BY 1")
+    got = await rows(conn, engine, sql)
+    assert [r[0] for r in got] == [1, 2, 3]
+    sql = ("SELECT c.name, count(o.order_id) FROM customers c FULL JOIN orders o USING (tenant_id, customer_id) "
+           "GROUP BY c.tenant_id, c.customer_id ORDER BY 1")
+    assert await rows(conn, engine, sql) == [(n, k) for n, k in await conn.fetch(
+        "SELECT c.name, count(o.order_id) FROM customers c FULL JOIN orders o USING (tenant_id, customer_id) "
+        "WHERE coalesce(c.tenant_id, o.tenant_id) = 'acme' GROUP BY c.tenant_id, c.customer_id ORDER BY 1")]
+    # SELECT * keeps its columns (the guard has none)
+    star = await conn.fetch(rewrite(engine, "SELECT * FROM customers NATURAL LEFT JOIN orders LIMIT 1"))
+    assert list(star[0].keys()) == list((await conn.fetch(
+        "SELECT * FROM customers NATURAL LEFT JOIN orders LIMIT 1"))[0].keys())

@@ -124,3 +124,135 @@ def test_user_without_tenant_or_tokens_refused(engine):
 
 def test_verify_token_roundtrip():
     assert verify_token(make_token("acme", KEY, ttl_s=60), KEY) == "acme"
+
+
+# ---- prepared statements follow a tenant switch (token sessions) ------------------------------
+GUC_REF = "(pg_catalog.current_setting('tenantgate.tenant_id')::pg_catalog.text)"
+
+
+def _token_gate(engine, tenant="globex"):
+    gate = open_tenant_session(engine, user(tokens=True), startup(), token_key=KEY)
+    gate.check(f"SET tenantgate.tenant = '{make_token(tenant, KEY)}'", Origin.SIMPLE)
+    gate.on_ready_for_query(b"I")
+    return gate
+
+
+def test_token_session_parse_references_the_backend_guc(engine):
+    gate = _token_gate(engine)
+    d = gate.check("SELECT tenant_id, count(*) FROM orders GROUP BY 1", Origin.PARSE)
+    assert isinstance(d, Forward) and GUC_REF in d.sql and "'globex'" not in d.sql
+    # no parameter is added: the client's parameter count and Describe stay the same
+    assert "$" not in d.sql
+    # simple queries run once: they keep the literal
+    assert "'globex'" in gate.check("SELECT * FROM orders", Origin.SIMPLE).sql
+    # credential-bound sessions never switch: literals everywhere
+    bound = open_tenant_session(engine, user("acme"), startup())
+    assert "'acme'" in bound.check("SELECT * FROM orders", Origin.PARSE).sql
+
+
+def test_token_session_sql_prepare_body_references_the_guc(engine):
+    gate = _token_gate(engine)
+    d = gate.check("SELECT * FROM customers; PREPARE p AS SELECT * FROM orders", Origin.SIMPLE)
+    assert isinstance(d, Forward)
+    first, second = d.sql.split(";", 1)
+    assert "'globex'" in first and GUC_REF not in first
+    assert GUC_REF in second and "'globex'" not in second
+    bound = open_tenant_session(engine, user("acme"), startup())
+    assert "'acme'" in bound.check("PREPARE p AS SELECT * FROM orders", Origin.SIMPLE).sql
+
+
+def test_param_checks_read_the_tenant_at_bind_time(engine):
+    gate = _token_gate(engine, "globex")
+    d = gate.check("INSERT INTO customers (tenant_id, customer_id, name) VALUES ($1, $2, $3)", Origin.PARSE)
+    assert isinstance(d, Forward) and [i for i, _ in d.param_checks] == [0]
+    check = d.param_checks[0][1]
+    assert check.accepts(0, b"globex") and not check.accepts(0, b"acme")
+    gate.check(f"SET tenantgate.tenant = '{make_token('acme', KEY)}'", Origin.SIMPLE)
+    gate.on_ready_for_query(b"I")
+    assert check.accepts(0, b"acme") and not check.accepts(0, b"globex")
+    # checks are per session: another session's Parse of the same text is not affected
+    other = _token_gate(engine, "globex")
+    d2 = other.check("INSERT INTO customers (tenant_id, customer_id, name) VALUES ($1, $2, $3)", Origin.PARSE)
+    assert d2.param_checks[0][1].accepts(0, b"globex") and check.accepts(0, b"acme")
+
+
+def test_copy_in_check_reads_the_tenant_at_copy_time(engine):
+    gate = _token_gate(engine, "globex")
+    d = gate.check("COPY customers (tenant_id, customer_id) FROM STDIN", Origin.PARSE)
+    gate.check(f"SET tenantgate.tenant = '{make_token('acme', KEY)}'", Origin.SIMPLE)
+    gate.on_ready_for_query(b"I")
+    c = d.copy_in_check()
+    assert c.feed(b"acme\t1\n") is None
+    assert "not the session's tenant" in c.feed(b"globex\t2\n")
+
+
+def test_clients_cannot_move_the_tenant_guc():
+    from proxy.policy.allowlist import FunctionChecker
+    from proxy.policy.demo import demo_rules
+
+    gate = _token_gate(demo_engine(FunctionChecker.from_rules(demo_rules())))
+    for sql in ["SET tenantgate.tenant_id = 'acme'", "SET LOCAL tenantgate.tenant_id = 'acme'",
+                'SET "tenantgate.tenant_id" = \'acme\'', "SET TenantGate.Tenant_Id TO 'acme'",
+                "RESET tenantgate.tenant_id", "RESET ALL", "DISCARD ALL",
+                "SELECT set_config('tenantgate.tenant_id', 'acme', false)",
+                "SELECT pg_catalog.set_config('tenantgate.tenant_id', 'acme', true)"]:
+        for origin in (Origin.SIMPLE, Origin.PARSE):
+            assert isinstance(gate.check(sql, origin), Refuse), (sql, origin)
+
+
+# ---- tenant lifecycle when a token switches the tenant ----------------------------------------
+def _status(tenant):
+    from proxy.policy.errors import PolicyRefusal
+
+    if tenant == "gone":
+        raise PolicyRefusal("28000", 'tenant "gone" has been purged')
+    if tenant == "leaving":
+        return True, 'tenant "leaving" is offboarded'
+    return False, None
+
+
+def test_token_switch_applies_the_new_tenants_lifecycle(engine):
+    gate = open_tenant_session(engine, user(tokens=True), startup(), token_key=KEY, tenant_status=_status)
+    gate.on_ready_for_query(b"I")
+    assert isinstance(gate.check(f"SET tenantgate.tenant = '{make_token('leaving', KEY)}'", Origin.SIMPLE), Forward)
+    gate.on_ready_for_query(b"I")
+    assert isinstance(gate.check("SELECT * FROM orders", Origin.SIMPLE), Forward)
+    assert gate.check("UPDATE orders SET status = 'x'", Origin.SIMPLE) == Refuse("25006", 'tenant "leaving" is offboarded')
+    # a purged tenant's token is refused at SET time and nothing changes
+    d = gate.check(f"SET tenantgate.tenant = '{make_token('gone', KEY)}'", Origin.SIMPLE)
+    assert isinstance(d, Refuse) and d.sqlstate == "28000" and gate.tenant == "leaving"
+    d = gate.check(f"SET tenantgate.tenant = '{make_token('acme', KEY)}'", Origin.SIMPLE)
+    gate.on_ready_for_query(b"I")
+    assert isinstance(gate.check("UPDATE orders SET status = 'x'", Origin.SIMPLE), Forward)
+    # SET LOCAL: the offboarded tenant's read-only status ends with the transaction
+    gate.check("BEGIN", Origin.SIMPLE)
+    gate.on_ready_for_query(b"T")
+    gate.check(f"SET LOCAL tenantgate.tenant = '{make_token('leaving', KEY)}'", Origin.SIMPLE)
+    gate.on_ready_for_query(b"T")
+    assert gate.check("DELETE FROM orders", Origin.SIMPLE).sqlstate == "25006"
+    assert gate.check(f"SET LOCAL tenantgate.tenant = '{make_token('gone', KEY)}'", Origin.SIMPLE).sqlstate == "28000"
+    gate.on_ready_for_query(b"I")
+    assert gate.tenant == "acme" and isinstance(gate.check("DELETE FROM orders", Origin.SIMPLE), Forward)
+
+
+def test_a_failing_status_hook_refuses_the_switch(engine):
+    def broken(tenant):
+        raise RuntimeError("control plane down")
+
+    gate = open_tenant_session(engine, user(tokens=True), startup(), token_key=KEY, tenant_status=broken)
+    d = gate.check(f"SET tenantgate.tenant = '{make_token('acme', KEY)}'", Origin.SIMPLE)
+    assert isinstance(d, Refuse) and d.sqlstate == "28000" and gate.tenant is None
+
+
+def test_a_set_local_only_tenant_keeps_literals(engine):
+    # without a session-level tenant the backend GUC falls back to '' when the transaction ends:
+    # a statement parsed under SET LOCAL alone must not follow it (it keeps its literal)
+    gate = open_tenant_session(engine, user(tokens=True), startup(), token_key=KEY)
+    gate.on_ready_for_query(b"T")
+    gate.check(f"SET LOCAL tenantgate.tenant = '{make_token('globex', KEY)}'", Origin.SIMPLE)
+    d = gate.check("SELECT * FROM orders", Origin.PARSE)
+    assert "'globex'" in d.sql and "current_setting" not in d.sql
+    d = gate.check("INSERT INTO customers (tenant_id, customer_id) VALUES ($1, 1)", Origin.PARSE)
+    gate.on_ready_for_query(b"I")
+    assert gate.tenant is None and not d.param_checks[0][1].accepts(0, b"")
+    assert d.param_checks[0][1].accepts(0, b"globex")

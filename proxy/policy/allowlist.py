@@ -95,10 +95,11 @@ from pathlib import Path
 from typing import Iterable
 
 import sqlglot
-import yaml
 from sqlglot import exp
 
 from proxy.policy.errors import INSUFFICIENT_PRIVILEGE, PolicyRefusal
+from proxy.policy.resolve import visible_ctes
+from proxy.yamlfile import load_mapping
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
 
@@ -211,15 +212,7 @@ class CatalogRules:
 
 
 def _load_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise AllowlistError(f"{path}: no such file")
-    except yaml.YAMLError as e:
-        raise AllowlistError(f"{path}: not valid YAML: {e}")
-    if not isinstance(data, dict):
-        raise AllowlistError(f"{path}: the top level must be a mapping")
-    return data
+    return load_mapping(path, AllowlistError)
 
 
 def _str_list(value, where: str) -> list[str]:
@@ -606,8 +599,35 @@ class FunctionChecker:
                 return fold_identifier(db.name, bool(db.args.get("quoted")))
         return None
 
+    # Unquoted, unqualified keywords that sqlglot parses as calls of exp.Anonymous but that
+    # PostgreSQL's grammar never treats as function calls (they are reserved or "cannot be
+    # function" keywords): ROW(...) is a row constructor, and ALL/SOME/ANY (...) on the right of
+    # a comparison is a subquery or array comparison.  Their arguments are walked like any others.
+    _ROW_CONSTRUCTOR = "row"
+    _QUANTIFIERS = {"all", "some", "any"}
+    _COMPARISONS = (exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE, exp.Like, exp.ILike)
+
+    def _is_syntax_not_call(self, node: exp.Func, schema: str | None) -> bool:
+        raw = node.this
+        if not isinstance(node, exp.Anonymous) or not isinstance(raw, str) or schema is not None:
+            return False
+        if isinstance(node.parent, exp.Dot):
+            return False
+        word = raw.lower()
+        if word == self._ROW_CONSTRUCTOR:
+            return True
+        parent = node.parent
+        return (
+            word in self._QUANTIFIERS
+            and len(node.expressions) == 1
+            and isinstance(parent, self._COMPARISONS)
+            and parent.args.get("expression") is node
+        )
+
     def _check_func_node(self, node: exp.Func) -> None:
         schema = self._call_schema(node)
+        if self._is_syntax_not_call(node, schema):
+            return
         if isinstance(node, (exp.Anonymous, exp.AnonymousAggFunc)):
             raw = node.this
             if isinstance(raw, exp.Identifier):
@@ -660,6 +680,8 @@ class FunctionChecker:
         if db is not None and not isinstance(db, exp.Identifier):
             raise _refuse(f"relation {node.sql('postgres')[:80]} has a schema that is not understood")
         schema = fold_identifier(db.name, bool(db.args.get("quoted"))) if db is not None else None
+        if schema is None and node.args.get("catalog") is None and name in visible_ctes(node):
+            return  # a CTE named like a catalog: PostgreSQL resolves the name to the CTE
         self.check_relation(schema, name)
 
     def _check_operator_node(self, node: exp.Operator) -> None:

@@ -43,6 +43,10 @@ from proxy.policy.rules import Rules
 log = logging.getLogger(__name__)
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
+# The bootstrap's views for COPY FROM under row-level security (deploy/postgres/bootstrap.sql,
+# section 5): view "<schema>.<table>" in this schema.  They are loaded so the COPY rewrite knows
+# which exist, but always classified ``denied``: client SQL can never name them.
+COPY_VIEW_SCHEMA = "tenantgate_copy"
 Classification = Literal["tenant", "shared", "system", "denied"]
 
 
@@ -117,8 +121,11 @@ class CatalogSnapshot:
             cols = tuple(Column(*c) for c in row.columns)
             has_tc = any(c.name == col for c in cols)
             reason = ""
-            if row.schema in SYSTEM_SCHEMAS:
-                cls_: Classification = "system"
+            if row.schema == COPY_VIEW_SCHEMA:
+                cls_: Classification = "denied"
+                reason = "internal to tenantgate (COPY FROM views)"
+            elif row.schema in SYSTEM_SCHEMAS:
+                cls_ = "system"
             elif row.schema not in schemas:
                 cls_, reason = "denied", f"schema {row.schema} is not in the rules' schemas"
             elif key in shared_keys:
@@ -160,6 +167,25 @@ class CatalogSnapshot:
                 return rel
         return None
 
+    def copy_view(self, rel: Relation, tenant_column: str) -> Relation | None:
+        """The bootstrap's COPY FROM view for tenant table ``rel``, if it exists and fits.
+
+        It must be a view with the table's tenant column, and only columns of the table; a name
+        longer than PostgreSQL's identifier limit (which the bootstrap would have truncated,
+        perhaps onto another table's view) is never used."""
+        name = f"{rel.schema}.{rel.name}"
+        if len(name.encode("utf-8")) > 63:
+            return None
+        view = self.relations.get((COPY_VIEW_SCHEMA, name))
+        if view is None or view.kind != "v" or not view.columns:
+            return None
+        table_cols = {c.name: c.type for c in rel.columns}
+        if any(table_cols.get(c.name) != c.type for c in view.columns):
+            return None
+        if not view.has_column(tenant_column):
+            return None
+        return view
+
     def tenant_relations(self) -> list[Relation]:
         return [r for r in self.relations.values() if r.tenant_scoped]
 
@@ -173,9 +199,10 @@ SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_catalog.pg_attribute a
-       ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND n.nspname = ANY($1::text[])
+       ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+      AND (n.nspname = ANY($1::text[]) OR n.nspname = 'tenantgate_copy')
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND (n.nspname = ANY($1::text[]) OR n.nspname IN ('pg_catalog', 'information_schema'))
+  AND (n.nspname = ANY($1::text[]) OR n.nspname IN ('pg_catalog', 'information_schema', 'tenantgate_copy'))
 GROUP BY n.nspname, c.relname, c.relkind
 """
 

@@ -15,6 +15,7 @@ from typing import Callable
 from sqlglot.tokens import Token, TokenType
 
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
+from proxy.policy.inject import TENANT, TENANT_LASTING, Edit
 from proxy.policy.parse import tokenize_span
 from proxy.policy.piece import Piece
 from proxy.policy.resolve import fold_identifier
@@ -286,6 +287,9 @@ def _prepare(sql, start, end, toks, inner) -> Piece:
         )
     piece = Piece(statement_class=body.statement_class)
     piece.absorb(body)
+    piece.edits = [
+        Edit(e.start, e.end, tuple(TENANT_LASTING if p is TENANT else p for p in e.parts)) for e in piece.edits
+    ]
     piece.prepared = (name,)
     return piece
 

@@ -3,7 +3,9 @@
 * ``COPY (query) TO STDOUT``: the query is rewritten like any other.
 * ``COPY table [(cols)] TO STDOUT``: rewritten to
   ``COPY (SELECT cols|* FROM (SELECT * FROM table WHERE "tc" = T) AS table) TO STDOUT``.
-* ``COPY table [(cols)] FROM STDIN``: forwarded unchanged, with a :class:`TenantCopyInCheck`
+* ``COPY table [(cols)] FROM STDIN``: forwarded (to the bootstrap's view
+  ``tenantgate_copy."<schema>.<table>"`` when the catalog has it, because PostgreSQL refuses
+  COPY FROM into a table under row-level security; unchanged otherwise), with a :class:`TenantCopyInCheck`
   that parses the data stream (text, CSV or binary format, across CopyData chunk
   boundaries) and aborts the COPY (nothing committed) at the first row whose tenant column is
   not the session's tenant.  The tenant column must be in the column list.
@@ -120,17 +122,26 @@ def copy_piece(sql: str, start: int, end: int, toks: list[Token], inner) -> Piec
         raise _refuse(f"permission denied: tenant sessions cannot COPY into {rel.qualified}", INSUFFICIENT_PRIVILEGE)
     if rel.kind not in ("r", "p"):
         raise _refuse(f"permission denied: cannot COPY into view {rel.qualified}", INSUFFICIENT_PRIVILEGE)
-    names = cols if cols is not None else [c.name for c in rel.columns]
+    view = snapshot.copy_view(rel, rules.tenant_column)
+    # without a column list PostgreSQL copies every column but generated ones: the view has exactly those
+    names = cols if cols is not None else [c.name for c in (view or rel).columns]
     if rules.tenant_column not in names:
         raise _refuse(
             f"COPY FROM into {rel.qualified} must include the tenant column {rules.tenant_column} in its column list"
         )
+    if view is not None and any(not view.has_column(c) for c in names):
+        view = None  # e.g. a generated column named: plain COPY gives PostgreSQL's own error
     spec = CopyInSpec(
         format=fmt["format"], ncols=len(names), tenant_index=names.index(rules.tenant_column),
         delimiter=fmt["delimiter"], null=fmt["null"], quote=fmt["quote"], escape=fmt["escape"],
         header=fmt["header"], table=rel.qualified,
     )
-    return Piece(statement_class="write", touches_tenant=True, writes=True, copy_in=spec)
+    piece = Piece(statement_class="write", touches_tenant=True, writes=True, copy_in=spec)
+    if view is not None:
+        # PostgreSQL refuses COPY FROM into a table under row-level security; the bootstrap's view
+        # (INSTEAD OF INSERT, RLS still applies row by row) takes the rows instead
+        piece.edits.append(Edit(name_start, name_end, (quote_ident(view.schema), ".", quote_ident(view.name))))
+    return piece
 
 
 def _direction(toks: list[Token], i: int) -> tuple[str, list[Token]]:
@@ -292,7 +303,7 @@ def _split_text(line: bytes, delim: int) -> list[bytes]:
 class TenantCopyInCheck:
     """Implements :class:`proxy.seam.CopyInCheck` for one COPY ... FROM STDIN."""
 
-    def __init__(self, spec: CopyInSpec, tenant: str, type_: str):
+    def __init__(self, spec: CopyInSpec, tenant: str | None, type_: str):
         self.spec = spec
         self.tenant = tenant
         self.type_ = type_
@@ -322,6 +333,8 @@ class TenantCopyInCheck:
         return f"COPY into {self.spec.table} refused at row {self.row}: {why}"
 
     def _check_field(self, value: bytes | None, binary: bool = False) -> str | None:
+        if self.tenant is None:
+            return self._bad("no tenant is selected for this session")
         if value is None:
             return self._bad("the tenant column is NULL")
         ok = binary_matches(value, self.tenant, self.type_) if binary else text_matches(value, self.tenant, self.type_)

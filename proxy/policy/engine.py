@@ -29,14 +29,18 @@ is a factory of :class:`~proxy.policy.copy.TenantCopyInCheck` for COPY ... FROM 
 ``PolicyContext(tenant, read_only=False, read_only_message=..., prepared_names=frozenset())``:
 ``tenant=None`` is a tenant-less session, which may only run statements that touch no tenant
 data.  ``prepared_names`` are the statement names this session PREPAREd through the engine
-(EXECUTE/DEALLOCATE of any other name is refused).
+(EXECUTE/DEALLOCATE of any other name is refused).  ``tenant_source`` (sessions that switch
+tenant with tokens) returns the session's current tenant: then Parse'd statements and SQL
+PREPARE bodies name the tenant as ``current_setting('tenantgate.tenant_id')`` cast to the tenant
+column's type (the proxy keeps that GUC equal to the session's tenant; clients cannot set it),
+and Bind/COPY checks read the tenant at Bind/COPY time, so prepared statements follow a switch.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from proxy.policy.errors import (
     FEATURE_NOT_SUPPORTED,
@@ -60,6 +64,9 @@ class PolicyContext:
     read_only: bool = False
     read_only_message: str = DEFAULT_READ_ONLY_MESSAGE
     prepared_names: frozenset[str] = frozenset()
+    # Sessions whose tenant can change (tenant tokens): the session's tenant right now.  Given,
+    # statements that outlive one execution reference the backend GUC and checks read it late.
+    tenant_source: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,18 @@ from proxy.policy.rules import Rules
 
 
 class _TenantMarker:
+    def __init__(self, name: str):
+        self.name = name
+
     def __repr__(self) -> str:
-        return "TENANT"
+        return self.name
 
 
-TENANT = _TenantMarker()
+TENANT = _TenantMarker("TENANT")
+GUARD_PREFIX = "tenantgate_guard_"  # alias of the zero-column guard of :meth:`_Injector.guard_join`
+# The tenant inside a statement that outlives this execution (the body of SQL PREPARE): in
+# sessions whose tenant can change it becomes a reference to the backend GUC, not a literal.
+TENANT_LASTING = _TenantMarker("TENANT_LASTING")
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,7 @@ class _Injector:
         self.out = Injection()
         self._where_preds: dict[int, tuple[exp.Select, list]] = {}
         self._on_preds: dict[int, tuple[exp.Join, list]] = {}
+        self._guards = 0
         self.by_start = {t.start: i for i, t in enumerate(tokens)}
 
     # ---- token helpers -------------------------------------------------------------
@@ -240,7 +248,7 @@ class _Injector:
                 )
         self.out.touches_tenant = True
         self.out.tenant_relations.append(rel.qualified)
-        if self.plan_predicate(table, rel):
+        if self.plan_predicate(table, rel) or self.guard_join(table, rel):
             return
         start, end = self.name_span(table)
         i = self.tok_index(start)
@@ -262,6 +270,40 @@ class _Injector:
             self.add(start, end, *wrapped)
         else:
             self.add(start, end, *wrapped, " AS ", quote_ident(rel.name))
+
+    def guard_join(self, table: exp.Table, rel: Relation) -> bool:
+        """A FROM item of a SELECT that must be filtered before its outer join but has no ON to
+        take the predicate (USING / NATURAL outer joins, FULL JOIN without NOT NULL tenant
+        columns) becomes ``(<rel> [AS a] INNER JOIN (SELECT) AS tenantgate_guard_N ON <ref>."tc" = T)``.
+
+        Unlike a subquery wrapper the relation stays a base relation of the query, so
+        PostgreSQL's functional dependency on its primary key (GROUP BY pk) still holds; the
+        zero-column guard adds no columns to ``*``, USING or NATURAL.  False: not applicable."""
+        alias = table.args.get("alias")
+        if isinstance(alias, exp.TableAlias) and alias.args.get("columns"):
+            return False
+        if from_item_index(table) is None or table.args.get("joins"):
+            return False
+        start, end = self.name_span(table)
+        i = self.tok_index(start)
+        if table.args.get("only"):
+            if i == 0 or self.tokens[i - 1].token_type != TokenType.ONLY:
+                return False
+            i -= 1
+            start = self.tokens[i].start
+        if i > 0 and self.tokens[i - 1].token_type == TokenType.TABLE:
+            return False
+        if isinstance(alias, exp.TableAlias) and alias.this is not None:
+            meta = alias.this.meta if isinstance(alias.this, exp.Identifier) else {}
+            if "end" not in meta:
+                return False
+            end = meta["end"] + 1
+        self._guards += 1
+        self.add(
+            start, end, "(", self.sql[start:end], " INNER JOIN (SELECT) AS ", f"{GUARD_PREFIX}{self._guards}",
+            " ON ", self.relation_ref(table, rel), ".", self.qcol, " = ", TENANT, ")",
+        )
+        return True
 
     # ---- predicates in WHERE / ON (preferred: keeps PostgreSQL's own name resolution) ----------
     def plan_predicate(self, table: exp.Table, rel: Relation) -> bool:

@@ -24,14 +24,14 @@ from proxy.policy.errors import (
     SYNTAX_ERROR,
     PolicyRefusal,
 )
-from proxy.policy.inject import TENANT, Edit, inject_tenant
+from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
 from proxy.policy.lexer import decode_unicode_escapes, first_word, split_statements
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
 from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
 from proxy.policy.piece import CopyInSpec, Piece
 from proxy.policy.resolve import UnknownRelation
 from proxy.policy.rules import Rules
-from proxy.policy.tenantvalue import TenantParamCheck, tenant_literal, text_matches, validate_tenant
+from proxy.policy.tenantvalue import TenantParamCheck, tenant_guc_reference, tenant_literal, text_matches, validate_tenant
 from proxy.policy.verify import MARKER_SQL, verify_rewrite
 from proxy.seam import Forward, Origin, Refuse
 
@@ -43,6 +43,9 @@ _CLASS_RANK = {"write": 4, "read": 3, "set": 2, "tcl": 1, "other": 0}
 @dataclass(frozen=True)
 class Template:
     parts: tuple[str, ...]
+    # per gap between parts: True where the tenant sits in a statement that outlives this
+    # execution (SQL PREPARE body); empty when there is none
+    lasting: tuple[bool, ...] = ()
     statement_class: str = "other"
     touches_tenant: bool = False
     writes: bool = False
@@ -78,17 +81,20 @@ def splice(sql: str, edits: list[Edit], start: int = 0, end: int | None = None) 
     return out
 
 
-def _segments(pieces: list) -> tuple[str, ...]:
+def _segments(pieces: list) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """(text segments between tenant markers, which gaps are TENANT_LASTING or () if none)."""
     segs: list[str] = []
+    lasting: list[bool] = []
     cur: list[str] = []
     for p in pieces:
-        if p is TENANT:
+        if p is TENANT or p is TENANT_LASTING:
             segs.append("".join(cur))
+            lasting.append(p is TENANT_LASTING)
             cur = []
         else:
             cur.append(p)
     segs.append("".join(cur))
-    return tuple(segs)
+    return tuple(segs), (tuple(lasting) if any(lasting) else ())
 
 
 def _unprepared_requirements(pieces: list[Piece]) -> tuple[str, ...]:
@@ -186,7 +192,7 @@ class Pipeline:
             return Template(parts=(), refusal=Refuse(FEATURE_NOT_SUPPORTED, f"{what} must be sent as its own statement"))
         edits = [e for p in pieces for e in p.edits]
         try:
-            parts = _segments(splice(sql, edits))
+            parts, lasting = _segments(splice(sql, edits))
         except PolicyRefusal as e:
             return Template(parts=(), refusal=e.to_refuse())
         cls = max((p.statement_class for p in pieces), key=lambda c: _CLASS_RANK.get(c, 0))
@@ -205,6 +211,7 @@ class Pipeline:
         return Template(
             norm_parts=norm_parts,
             parts=parts,
+            lasting=lasting,
             statement_class=cls,
             touches_tenant=any(p.touches_tenant for p in pieces),
             writes=any(p.writes for p in pieces),
@@ -283,38 +290,58 @@ class Pipeline:
                     INSUFFICIENT_PRIVILEGE,
                     f"the value {lit!r} of the tenant column {self.rules.tenant_column} is not this session's tenant",
                 ), cached=cached)
-        if literals is None:
-            done = tpl.done.get(tenant)
+        # Sessions whose tenant can change (tenant tokens) reference the tenant through the backend
+        # GUC in statements that outlive this execution (Parse, SQL PREPARE), and their Bind and
+        # COPY checks read the tenant current at that time, so a prepared statement follows a
+        # tenant switch.  The proxy alone sets tenantgate.tenant_id, always to the session's tenant.
+        source = ctx.tenant_source
+        dynamic = source is not None and tenant is not None
+        per_session = dynamic and bool(tpl.param_checks or tpl.copy_in is not None)
+        done_key = (tenant, True) if dynamic else tenant
+        if literals is None and not per_session:
+            done = tpl.done.get(done_key)
             if done is not None:
                 return done if cached else Analysis(done.decision, done.effects, cached=False)
         effects = Effects(
             prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
             tenant_token=tpl.tenant_token,
         ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token) else _NO_EFFECTS[0]
+        lit = self.literal(tenant) if tenant is not None else ""
+        if dynamic and origin == Origin.PARSE:
+            lit = tenant_guc_reference(type_)
         if literals is not None:
-            out = render(tpl.norm_parts, self.literal(tenant) if tenant is not None else "", literals)
+            out = render(tpl.norm_parts, lit, literals)
         elif len(tpl.parts) == 1:
             out = tpl.parts[0]
+        elif dynamic and tpl.lasting and origin != Origin.PARSE:
+            ref = tenant_guc_reference(type_)
+            out = "".join(
+                seg if k == 0 else (ref if tpl.lasting[k - 1] else lit) + seg for k, seg in enumerate(tpl.parts)
+            )
         else:
-            out = self.literal(tenant).join(tpl.parts)
+            out = lit.join(tpl.parts)
         param_checks = ()
         if tpl.param_checks:
             if tenant is None:
                 return Analysis(Refuse(INSUFFICIENT_PRIVILEGE, "no tenant is selected for this session"), cached=cached)
+            checked = source if dynamic else tenant
             param_checks = tuple(
-                (i, TenantParamCheck(i, tenant, type_, self.rules.tenant_column)) for i in tpl.param_checks
+                (i, TenantParamCheck(i, checked, type_, self.rules.tenant_column)) for i in tpl.param_checks
             )
         copy_factory = None
         if tpl.copy_in is not None:
             spec = tpl.copy_in
-            copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
+            if dynamic:
+                copy_factory = lambda: TenantCopyInCheck(spec, source(), type_)  # noqa: E731
+            else:
+                copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
         result = Analysis(
             Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class),
             effects,
             cached=True,
         )
-        if literals is None:
+        if literals is None and not per_session:
             if len(tpl.done) >= 64:
                 tpl.done.clear()
-            tpl.done[tenant] = result
+            tpl.done[done_key] = result
         return result if cached else Analysis(result.decision, effects, cached=False)

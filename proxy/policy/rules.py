@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.yamlfile import format_validation_error, load_mapping
 
 
 class RulesError(Exception):
@@ -110,29 +111,14 @@ class Rules(_Strict):
         return frozenset(self.qualify(n) for n in self.safe_views)
 
 
-def format_rules_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid rules"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def load_rules(path: str | Path) -> Rules:
     """Load and validate a rules YAML file.  ``function_allowlist_file`` is made absolute."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise RulesError(f"{path}: no such file")
-    except yaml.YAMLError as e:
-        raise RulesError(f"{path}: not valid YAML: {e}")
-    if not isinstance(raw, dict):
-        raise RulesError(f"{path}: the top level must be a mapping")
+    raw = load_mapping(path, RulesError)
     try:
         rules = Rules.model_validate(raw)
     except ValidationError as e:
-        raise RulesError(format_rules_error(e, str(path)))
+        raise RulesError(format_validation_error(e, str(path), "rules"))
     overlap = rules.tenant_table_keys & rules.shared_table_keys
     if overlap:
         names = ", ".join(f"{s}.{n}" for s, n in sorted(overlap))

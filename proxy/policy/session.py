@@ -11,12 +11,15 @@ Who the tenant is:
    tenantgate.tenant_id = '<tenant>'`` so the backend's RLS backstop follows the proxy.
 
 A ``read_only`` session (operator read grants, offboarded tenants) refuses writes with 25006
-and the caller's message.
+and the caller's message.  When a token switches the tenant, the ``tenant_status`` hook (the
+gatekeeper's lifecycle lookup) gives the new tenant's ``(read_only, read_only_message)`` or
+raises :class:`PolicyRefusal` (28000, e.g. a purged tenant: the SET is refused and nothing
+changes); a SET LOCAL's status ends with its transaction.
 
 Public API (stable)::
 
     gate = open_tenant_session(engine, user, startup, token_key=None, read_only=False,
-                               read_only_message=None)            # raises SessionRefused
+                               read_only_message=None, tenant_status=None)  # raises SessionRefused
     gate = TenantSessionGate(engine, tenant="acme", token_key=None, allow_tokens=False, ...)
     token = make_token("acme", key, ttl_s=3600)
     tenant = verify_token(token, key)                             # raises PolicyRefusal 28000
@@ -32,12 +35,11 @@ import jwt
 
 from proxy.policy.engine import DEFAULT_READ_ONLY_MESSAGE, PolicyContext, PolicyEngine
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, INVALID_AUTHORIZATION, PolicyRefusal
-from proxy.policy.tenantvalue import tenant_literal, validate_tenant
+from proxy.policy.tenantvalue import TENANT_GUC, tenant_literal, validate_tenant
 from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
 
 log = logging.getLogger(__name__)
 
-TENANT_GUC = "tenantgate.tenant_id"
 TOKEN_OPTION = "tenantgate.tenant"
 
 
@@ -74,8 +76,10 @@ class TenantSessionGate:
         allow_tokens: bool = False,
         read_only: bool = False,
         read_only_message: str | None = None,
+        tenant_status: Callable[[str], tuple[bool, str | None]] | None = None,
     ):
         self.engine = engine
+        self._tenant_status = tenant_status
         type_ = engine.rules.tenant_column_type
         self._type = type_
         self._bound = tenant is not None and not allow_tokens
@@ -83,15 +87,15 @@ class TenantSessionGate:
         self._local_tenant: str | None = None
         self._token_key = token_key
         self._allow_tokens = allow_tokens
-        self.read_only = read_only
-        self.read_only_message = read_only_message or DEFAULT_READ_ONLY_MESSAGE
+        # (read_only, message) of the session tenant, and of a SET LOCAL tenant while it lasts
+        self._status: tuple[bool, str] = (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE)
+        self._local_status: tuple[bool, str] | None = None
         self._prepared: set[str] = set()
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
-        # Incremented whenever the effective tenant changes.  A Parse'd statement carries the
-        # tenant literal of its epoch: the server must Parse named statements again (or refuse
-        # to Bind them) when the epoch moved on.
+        # Incremented whenever the effective tenant changes (informational: in token sessions
+        # Parse'd statements reference the backend GUC and follow the switch by themselves).
         self.tenant_epoch = 0
         self._epoch_tenant = self.tenant
         lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
@@ -103,6 +107,14 @@ class TenantSessionGate:
         return self._local_tenant if self._local_tenant is not None else self._tenant
 
     @property
+    def read_only(self) -> bool:
+        return (self._local_status or self._status)[0]
+
+    @property
+    def read_only_message(self) -> str:
+        return (self._local_status or self._status)[1]
+
+    @property
     def context(self) -> PolicyContext:
         ctx = self._ctx
         if ctx is None:
@@ -111,8 +123,14 @@ class TenantSessionGate:
                 read_only=self.read_only,
                 read_only_message=self.read_only_message,
                 prepared_names=frozenset(self._prepared),
+                # only with a session-level tenant: the backend GUC then never falls back to ''
+                # (a statement parsed under a SET LOCAL alone keeps its literal; RLS fails it closed)
+                tenant_source=self._current_tenant if self._allow_tokens and self._tenant is not None else None,
             )
         return ctx
+
+    def _current_tenant(self) -> str | None:
+        return self.tenant
 
     def _changed(self) -> None:
         tenant = self.tenant
@@ -146,8 +164,12 @@ class TenantSessionGate:
             )
         try:
             tenant = validate_tenant(verify_token(token, self._token_key), self._type)
+            status = self._status_of(tenant)
         except PolicyRefusal as e:
             return e.to_refuse()
+        except Exception:  # a broken status hook fails closed
+            log.exception("tenant status lookup failed")
+            return Refuse(INVALID_AUTHORIZATION, "could not check the tenant's status; try again")
         if not local and self._tx_status != b"I":
             return Refuse(
                 FEATURE_NOT_SUPPORTED,
@@ -158,17 +180,28 @@ class TenantSessionGate:
                 # like PostgreSQL: SET LOCAL outside a transaction has no lasting effect
                 return Forward(f"SET LOCAL {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
             self._local_tenant = tenant
+            self._local_status = status
         else:
             self._tenant = tenant
             self._local_tenant = None
+            self._local_status = None
+            self._status = status
         self._changed()
         kw = "SET LOCAL" if local else "SET"
         return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
+
+    def _status_of(self, tenant: str) -> tuple[bool, str]:
+        """The lifecycle status of a tenant chosen by token; PolicyRefusal if it may not be used."""
+        if self._tenant_status is None:
+            return self._status
+        read_only, message = self._tenant_status(tenant)
+        return bool(read_only), message or DEFAULT_READ_ONLY_MESSAGE
 
     def on_ready_for_query(self, tx_status: bytes) -> None:
         self._tx_status = tx_status
         if tx_status == b"I" and self._local_tenant is not None:
             self._local_tenant = None
+            self._local_status = None
             self._changed()
 
     async def audit_before(self, decision: Forward, params: Sequence[bytes | None] | None) -> Any:
@@ -195,6 +228,7 @@ def open_tenant_session(
     token_key: str | None = None,
     read_only: bool = False,
     read_only_message: str | None = None,
+    tenant_status: Callable[[str], tuple[bool, str | None]] | None = None,
 ) -> TenantSessionGate:
     """Open the gate for an application user; a bad startup token is a FATAL 28000."""
     tenant = user.tenant
@@ -211,7 +245,7 @@ def open_tenant_session(
     try:
         return TenantSessionGate(
             engine, tenant, token_key=token_key, allow_tokens=user.token_tenants,
-            read_only=read_only, read_only_message=read_only_message,
+            read_only=read_only, read_only_message=read_only_message, tenant_status=tenant_status,
         )
     except PolicyRefusal as e:
         raise SessionRefused(e.sqlstate, e.message) from None

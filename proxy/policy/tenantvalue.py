@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from typing import Callable
 
 from proxy.policy.errors import INVALID_AUTHORIZATION, PolicyRefusal
 
@@ -32,6 +33,16 @@ def validate_tenant(tenant: str, type_: str) -> str:
 
 def tenant_literal(tenant: str) -> str:
     return "'" + tenant.replace("'", "''") + "'"
+
+
+TENANT_GUC = "tenantgate.tenant_id"
+_GUC_CASTS = {"text": "text", "varchar": "varchar", "uuid": "uuid", "integer": "int4", "bigint": "int8"}
+
+
+def tenant_guc_reference(type_: str) -> str:
+    """The session's tenant as the backend sees it: the GUC only the proxy sets, cast to the
+    tenant column's type (for statements that outlive one execution in token sessions)."""
+    return f"(pg_catalog.current_setting('{TENANT_GUC}')::pg_catalog.{_GUC_CASTS[type_]})"
 
 
 def text_matches(value: bytes, tenant: str, type_: str) -> bool:
@@ -61,21 +72,23 @@ def binary_matches(value: bytes, tenant: str, type_: str) -> bool:
 
 
 class TenantParamCheck:
-    """$n must carry exactly the session tenant."""
+    """$n must carry exactly the session tenant (``tenant``: the tenant, or a callable giving the
+    session's tenant at Bind time)."""
 
-    def __init__(self, index: int, tenant: str, type_: str, column: str):
+    def __init__(self, index: int, tenant: "str | Callable[[], str | None]", type_: str, column: str):
         self.index = index
         self.tenant = tenant
         self.type_ = type_
         self.column = column
 
     def accepts(self, format_code: int, value: bytes | None) -> bool:
-        if value is None:
+        tenant = self.tenant() if callable(self.tenant) else self.tenant
+        if value is None or tenant is None:
             return False
         if format_code == 0:
-            return text_matches(value, self.tenant, self.type_)
+            return text_matches(value, tenant, self.type_)
         if format_code == 1:
-            return binary_matches(value, self.tenant, self.type_)
+            return binary_matches(value, tenant, self.type_)
         return False
 
     def describe(self) -> str:

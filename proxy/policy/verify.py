@@ -5,7 +5,9 @@ This pass re-parses the spliced text (with a marker literal in place of the
 tenant) and checks, on the new tree, that *every* reference to a tenant
 relation is guarded:
 
-* a FROM item must be exactly ``(SELECT * FROM <rel> WHERE "tc" = <marker>)``;
+* a FROM item must be exactly ``(SELECT * FROM <rel> WHERE "tc" = <marker>)``, or
+  ``(<rel> [AS a] INNER JOIN (SELECT) AS tenantgate_guard_N ON <ref>."tc" = <marker>)``, or
+  filtered in the WHERE / ON that the join plan assigns to it;
 * an UPDATE/DELETE target must have ``WHERE ... AND <ref>."tc" = <marker>`` (or just the
   predicate) at the top of its WHERE;
 * an INSERT target must list the tenant column, with the marker, a checked literal or a
@@ -22,7 +24,7 @@ from sqlglot import exp
 from proxy.policy.catalog import CatalogSnapshot
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, PolicyRefusal
 from proxy.policy.parse import parse_tokens, tokenize_span
-from proxy.policy.inject import from_item_index, join_plan
+from proxy.policy.inject import GUARD_PREFIX, from_item_index, join_plan
 from proxy.policy.resolve import fold_identifier, resolve_table
 from proxy.policy.rules import Rules
 
@@ -94,6 +96,39 @@ def _guarded_from_item(table: exp.Table, col: str) -> bool:
         return False
     w = sel.args.get("where")
     return isinstance(w, exp.Where) and _is_pred(w.this, col, False)
+
+
+def _guard_joined(table: exp.Table, col: str) -> bool:
+    """``(<rel> [AS a] INNER JOIN (SELECT) AS tenantgate_guard_N ON <ref>."tc" = <marker>)``:
+    the relation is the left operand of a parenthesised join whose only join is the zero-column
+    guard, and the guard's ON is exactly the predicate on this relation."""
+    sub = table.parent
+    if not (isinstance(sub, exp.Subquery) and table.arg_key == "this") or sub.args.get("alias"):
+        return False
+    if any(v for k, v in sub.args.items() if k != "this"):
+        return False
+    alias = table.args.get("alias")
+    if isinstance(alias, exp.TableAlias) and alias.args.get("columns"):
+        return False
+    joins = table.args.get("joins") or []
+    if len(joins) != 1:
+        return False
+    j = joins[0]
+    if (j.args.get("side") or "") or (j.args.get("kind") or "").upper() not in ("", "INNER"):
+        return False
+    if any(j.args.get(k) for k in ("using", "method", "global_", "global")):
+        return False
+    guard = j.this
+    if not isinstance(guard, exp.Subquery) or not isinstance(guard.this, exp.Select):
+        return False
+    if any(v for v in guard.this.args.values()):
+        return False  # (SELECT) with nothing: zero columns, one row
+    galias = guard.args.get("alias")
+    if not (isinstance(galias, exp.TableAlias) and isinstance(galias.this, exp.Identifier)
+            and galias.this.name.startswith(GUARD_PREFIX) and not galias.args.get("columns")):
+        return False
+    on = j.args.get("on")
+    return _pred_ref(on, col) == _ref_name(table) if on is not None else False
 
 
 def _pred_ref(e: exp.Expression, col: str) -> str | None:
@@ -277,5 +312,6 @@ def verify_rewrite(
                 raise _fail(f"INSERT into {rel.qualified} is not bound to the tenant")
         elif isinstance(parent, exp.Insert):
             raise _fail(f"INSERT into {rel.qualified} has no column list")
-        elif not (_guarded_from_item(node, col) or _predicate_guarded(node, col, snapshot)):
+        elif not (_guarded_from_item(node, col) or _guard_joined(node, col)
+                  or _predicate_guarded(node, col, snapshot)):
             raise _fail(f"reference to {rel.qualified} is not filtered")
