@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from datetime import datetime
 from urllib.parse import quote
 
 from proxy.config import Config, ConfigError
+from proxy.lifecycle.status import connect_refusal, write_refusal
 from proxy.seam import SessionGate, SessionKind, SessionRefused, StartupInfo, UserRecord
 from proxy.users import ConfigUserDirectory
 
@@ -130,19 +130,18 @@ class PolicyGatekeeper:
                      f'tenant "{name}" is now {status}; this session was ended, reconnect to continue')
 
     def _lifecycle(self, tenant: str | None) -> tuple[bool, str | None]:
-        """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect."""
+        """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect.
+
+        What each status means is defined once, in :mod:`proxy.lifecycle.status`.
+        """
         if tenant is None or self.plane is None:
             return False, None
-        t = self._tenants.get(tenant)
-        if t is None:
-            return False, None  # not registered in the control plane: an ordinary active tenant
-        if t.status == "purged":
-            raise SessionRefused("28000", f'tenant "{tenant}" has been purged; its credentials are no longer valid')
-        if t.status == "offboarded":
-            end = t.retention_end.date().isoformat() if isinstance(t.retention_end, datetime) else "the retention end"
-            return True, (f'tenant "{tenant}" is offboarded: its data is read-only and export-only '
-                          f"until it is purged after {end}")
-        return False, None
+        t = self._tenants.get(tenant)  # None: not registered in the control plane, an ordinary active tenant
+        refusal = connect_refusal(t)
+        if refusal is not None:
+            raise refusal
+        read_only = write_refusal(t)
+        return (True, read_only.message) if read_only is not None else (False, None)
 
     def _token_tenant_status(self, tenant: str) -> tuple[bool, str | None]:
         """:func:`_lifecycle` for a tenant chosen later by ``SET tenantgate.tenant`` (refusal: PolicyRefusal)."""
