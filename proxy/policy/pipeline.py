@@ -228,26 +228,30 @@ class Pipeline:
 
     def template(self, sql: str, origin) -> tuple[Template, list[str] | None, bool]:
         """(template, numeric literals to substitute or None, cache hit)."""
+        # Exact text first (value: the template and, for a normalised template, this text's
+        # numeric literals), so a repeated statement skips normalisation; then the
+        # numeric-literal-normalised text; then a cold rewrite.
         version = self.catalog_manager.snapshot.version
         key = (sql, origin, version)
-        tpl = self.cache.lookup(key)
-        if tpl is not None:
+        hit = self.cache.lookup(key)
+        if hit is not None:
             self.cache.count(True)
-            return tpl, None, True
+            return hit[0], hit[1], True
         norm = number_literals(sql)
         if norm is not None:
             ntpl = self.cache.lookup(("#", norm[0], origin, version))
             if ntpl is not None:
                 self.cache.count(True)
-                return ntpl, [sql[s:e] for s, e in norm[1]], True
+                literals = [sql[s:e] for s, e in norm[1]]
+                self.cache.put(key, (ntpl, literals))
+                return ntpl, literals, True
         self.cache.count(False)
         t0 = time.perf_counter()
         tpl = self.build(sql, origin)
         REWRITE_SECONDS.observe(time.perf_counter() - t0)
         if norm is not None and tpl.norm_parts is not None:
             self.cache.put(("#", norm[0], origin, version), tpl)
-        else:
-            self.cache.put(key, tpl)
+        self.cache.put(key, (tpl, None))
         return tpl, None, False
 
     # ---- applying a template to a session -------------------------------------------------
