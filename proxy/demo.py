@@ -63,10 +63,10 @@ class DemoState:
         self.file = state_dir / "demo.json"
         self.data: dict = json.loads(self.file.read_text()) if self.file.exists() else {}
 
-    def secret(self, name: str) -> str:
+    def secret(self, name: str, nbytes: int = 18) -> str:
         secrets_ = self.data.setdefault("secrets", {})
         if name not in secrets_:
-            secrets_[name] = secrets.token_urlsafe(18)
+            secrets_[name] = secrets.token_urlsafe(nbytes)
         return secrets_[name]
 
     def save(self) -> None:
@@ -155,7 +155,7 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
                     "password": state.secret("tenantgate_app"), "sslmode": "disable"},
         "users": users,
         "rules_file": str(RULES_FILE),
-        "tokens": {"hmac_key": state.secret("token_key")},
+        "tokens": {"hmac_key": state.secret("token_key", 32)},  # HS256 wants a key of at least 32 bytes
         "control": {"dsn": control_dsn(cluster, state)},
         "audit": {"signing_key_file": str(signing_key(state))},
         # export/import/purge read and delete tenant rows and keep a purge journal; in the demo
