@@ -45,7 +45,7 @@ from proxy.metrics import (
     STATEMENTS_TOTAL,
 )
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
-from proxy.seam import Forward, Origin, Outcome, Refuse, SessionRefused, StartupInfo
+from proxy.seam import Forward, Origin, Outcome, Refuse, SessionRefused, StartupInfo, client_encoding_is_safe
 from proxy.wire import messages as m
 from proxy.wire.backend import (
     AUDIT_INTERESTING,
@@ -364,6 +364,11 @@ class ClientSession(asyncio.Protocol):
         gate.set_terminator(self._terminator)
 
         forwarded = {k: v for k, v in params.items() if k.lower() in FORWARDED_STARTUP_PARAMS}
+        encoding = next((v for k, v in forwarded.items() if k.lower() == "client_encoding"), None)
+        if encoding is not None and not client_encoding_is_safe(encoding):
+            # statement text is read as UTF-8; this encoding would make PostgreSQL see other SQL
+            raise _Fatal("0A000", f"client_encoding {encoding!r} is not supported through tenantgate",
+                         None, "set client_encoding=UTF8 (PGCLIENTENCODING=UTF8)", outcome="refused")
         try:
             backend = await connect_backend(cfg.backend, cfg.backend.database or pkt.database, forwarded)
         except BackendError as e:
@@ -574,6 +579,8 @@ class ClientSession(asyncio.Protocol):
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
         decision = self._check(p.query, Origin.PARSE)
+        if isinstance(decision, Forward) and decision.param_checks:
+            decision = _check_declared_types(decision, p.param_types)
         if isinstance(decision, Refuse):
             self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(p.name, tok))
             return
@@ -1037,6 +1044,17 @@ def _sqlstate_of(payload: bytes) -> str | None:
         return m.decode_error_fields(payload).sqlstate or None
     except ProtocolError:
         return None
+
+
+def _check_declared_types(decision: Forward, param_types) -> Forward | Refuse:
+    """A checked parameter must not be declared with a type that changes its value after the check."""
+    for idx, check in decision.param_checks:
+        declared = param_types[idx] if idx < len(param_types) else 0
+        if declared != 0 and declared not in getattr(check, "type_oids", ()):
+            return Refuse("42501", f"parameter ${idx + 1} is declared with type OID {declared}, which is not "
+                                   f"allowed for it: {check.describe()}",
+                          hint="leave the parameter's type unspecified or use the column's type")
+    return decision
 
 
 class _Fatal(Exception):

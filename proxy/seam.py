@@ -67,6 +67,22 @@ class StartupInfo:
     tls: bool
 
 
+_SAFE_ENCODING_PREFIXES = ("latin", "iso8859", "win12", "win866", "win874", "cp12", "cp866", "cp874",
+                           "koi8", "euc", "alt", "tcvn", "abc", "mule")
+
+
+def client_encoding_is_safe(name: str) -> bool:
+    """Whether statement text in client encoding ``name`` reads the same to tenantgate and PostgreSQL.
+
+    The proxy reads statement text as UTF-8.  UTF8, SQL_ASCII, single-byte and EUC encodings keep
+    every ASCII byte an ASCII character; SJIS, BIG5, GBK, UHC, GB18030 and JOHAB can hide a
+    backslash or quote inside a multi-byte character, so PostgreSQL would see another statement.
+    Names are normalised as PostgreSQL does (case and punctuation ignored).
+    """
+    norm = "".join(ch for ch in name.lower() if ch.isalnum())
+    return norm in ("utf8", "unicode", "sqlascii") or norm.startswith(_SAFE_ENCODING_PREFIXES)
+
+
 class SqlStateError(Exception):
     """An error that reaches a client or an operator as a PostgreSQL-style error: SQLSTATE, message,
     optional detail and hint.  The refusals of every part of tenantgate derive from it."""
@@ -85,6 +101,9 @@ class SessionRefused(SqlStateError):
 
 class ParamCheck(Protocol):
     """A check on one bound parameter value (Bind), e.g. "$1 must be this tenant"."""
+
+    # Declared parameter type OIDs (Parse) the check stays valid for; 0 (unspecified) always is.
+    type_oids: frozenset[int]
 
     def accepts(self, format_code: int, value: bytes | None) -> bool: ...
 

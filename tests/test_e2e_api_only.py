@@ -255,3 +255,26 @@ async def test_cte_shadowing_a_tenant_table_is_the_cte(demo):
         assert [tuple(r) for r in rows] == [("not a tenant",)]
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("oid, name", [(18, '"char"'), (19, "name"), (23, "int4")])
+def test_a_checked_tenant_parameter_cannot_be_declared_with_a_value_changing_type(demo, oid, name):
+    # "char" would store 'a' for 'acme', name truncates, int4 turns the value into digits:
+    # the Bind check would pass on a value PostgreSQL then changes
+    from proxy.wire import messages as m
+
+    c = RawClient(demo.app("acme"))
+    try:
+        c.send(m.encode_parse("", "INSERT INTO customers (tenant_id, customer_id, name) VALUES ($1, 990001, 'x')",
+                              (oid,)),
+               m.encode_bind("", "", (b"acme",)), m.encode_execute(), m.SYNC)
+        errs = errors(c.until_ready())
+        assert errs and errs[0].sqlstate == "42501" and "declared with type" in errs[0].message, (name, errs)
+        c.send(m.encode_parse("", "INSERT INTO customers (tenant_id, customer_id, name) VALUES ($1, 990001, 'x') "
+                                  "RETURNING tenant_id", (25,)),
+               m.encode_bind("", "", (b"acme",)), m.encode_execute(), m.SYNC)
+        msgs = c.until_ready()
+        assert not errors(msgs) and data_rows(msgs) == [[b"acme"]]
+    finally:
+        c.query("DELETE FROM customers WHERE customer_id = 990001")
+        c.close()

@@ -263,3 +263,15 @@ def test_backend_key_data_is_tenantgates_own(proxy, db):
     backend_pid = int([p for t, p in c.read_until(b"Z") if t == b"D"][0][6:])
     assert c.key is not None and c.key[0] != backend_pid
     c.close()
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "BIG5", "GBK"])
+def test_client_encodings_that_can_hide_a_quote_are_refused_at_startup(proxy, db, encoding):
+    # in these encodings a multi-byte character can end in a backslash or quote byte, so
+    # PostgreSQL would split the statement text differently from the proxy
+    c = RawClient(proxy.host, proxy.port)
+    with pytest.raises(RuntimeError, match="0A000"):
+        c.startup("app", PW, database=db, client_encoding=encoding)
+    c.close()
+    c = client(proxy, db, client_encoding="UTF8")
+    c.close()

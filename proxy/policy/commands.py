@@ -18,6 +18,7 @@ from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, S
 from proxy.policy.inject import TENANT, TENANT_LASTING, Edit
 from proxy.policy.parse import tokenize_span
 from proxy.policy.piece import Piece
+from proxy.seam import client_encoding_is_safe
 from proxy.policy.resolve import fold_identifier
 
 InnerHandler = Callable[[str, int, int], Piece]
@@ -37,6 +38,7 @@ SAFE_PARAMETERS = frozenset(
     }
 )
 READ_ONLY_PARAMS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+
 FALSY = frozenset({"off", "false", "0", "no", "f", "n"})
 TOKEN_PARAMETER = "tenantgate.tenant"
 
@@ -160,6 +162,12 @@ def _set(sql, start, end, toks, inner) -> Piece:
     if name not in SAFE_PARAMETERS:
         raise _refuse(f'parameter "{name}" cannot be set in a tenant session')
     _check_value(value, f"SET {name}")
+    if name == "client_encoding":
+        words = [(t.text if t.token_type == TokenType.STRING else (_word(t) or t.text)).lower() for t in value]
+        if len(words) != 1 or not client_encoding_is_safe(words[0]):
+            # PostgreSQL would read the statement text differently from the proxy (see the function)
+            raise _refuse(f"client_encoding {' '.join(words)!r} is not supported through tenantgate; use UTF8",
+                          FEATURE_NOT_SUPPORTED)
     piece = Piece(statement_class="set")
     if name in READ_ONLY_PARAMS:
         words = {(_word(t) or t.text).lower() for t in value}
@@ -367,6 +375,12 @@ def _explain(sql, start, end, toks, inner) -> Piece:
             j += 1
     if j >= len(toks):
         raise _refuse("EXPLAIN without a statement", SYNTAX_ERROR)
+    if analyze:
+        # the executed plan's counters ("Rows Removed by Filter") count the rows the tenant
+        # filter removed: other tenants' rows, and with a filter on another column, whether
+        # another tenant has a given value
+        raise _refuse("EXPLAIN ANALYZE is not allowed in a tenant session: its row counters reveal other "
+                      "tenants' rows; use EXPLAIN without ANALYZE")
     body = inner(sql, toks[j].start, end)
     if body.statement_class not in ("read", "write"):
         raise _refuse("EXPLAIN of this statement kind is not supported", FEATURE_NOT_SUPPORTED)

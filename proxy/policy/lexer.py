@@ -15,8 +15,17 @@ import re
 
 from proxy.policy.errors import SYNTAX_ERROR, PolicyRefusal
 
-_DOLLAR_TAG = re.compile(r"\$([A-Za-z_\x80-\uffff][A-Za-z_0-9\x80-\uffff]*)?\$")
-_IDENT_CHAR = re.compile(r"[A-Za-z_0-9$\x80-\uffff]")
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_\x80-\U0010ffff][A-Za-z_0-9\x80-\U0010ffff]*)?\$")
+_IDENT_CHAR = re.compile(r"[A-Za-z_0-9$\x80-\U0010ffff]")
+# PostgreSQL 15's whitespace (scan.l: space [ \t\n\r\f]); a -- comment ends at \n or \r.
+PG_SPACE = " \t\n\r\f"
+_COMMENT_END = re.compile(r"[\n\r]")
+
+
+def _comment_end(sql: str, i: int, n: int) -> int:
+    """Index just past the -- comment starting at ``i`` (PostgreSQL ends it at \\n or \\r)."""
+    m = _COMMENT_END.search(sql, i, n)
+    return n if m is None else m.end()
 
 
 def _unterminated(what: str) -> PolicyRefusal:
@@ -66,8 +75,7 @@ def _split(sql: str, ufound: list | None) -> list[tuple[int, int]]:
                 i = k + 1
                 break
         elif c == "-" and sql.startswith("--", i):
-            k = sql.find("\n", i)
-            i = n if k < 0 else k + 1
+            i = _comment_end(sql, i, n)
         elif c == "/" and sql.startswith("/*", i):
             depth = 1
             j = i + 2
@@ -98,6 +106,14 @@ def _split(sql: str, ufound: list | None) -> list[tuple[int, int]]:
             i += 1
             start = i
         else:
+            if c.isspace() and c not in PG_SPACE:
+                # sqlglot would skip it as whitespace; PostgreSQL reads it as part of an
+                # identifier (non-ASCII) or rejects it: the two would see different statements
+                raise PolicyRefusal(
+                    SYNTAX_ERROR,
+                    f"character U+{ord(c):04X} is not whitespace to PostgreSQL; "
+                    "use spaces, tabs or newlines between tokens",
+                )
             i += 1
     spans.append((start, n))
     out = []
@@ -197,11 +213,10 @@ def _skip_string(sql: str, i: int, escaped: bool) -> int:
 def _trim(sql: str, s: int, e: int) -> tuple[int, int]:
     """Shrink a span to exclude surrounding whitespace and comments."""
     while True:
-        while s < e and sql[s].isspace():
+        while s < e and sql[s] in PG_SPACE:
             s += 1
         if sql.startswith("--", s):
-            k = sql.find("\n", s)
-            s = e if k < 0 or k >= e else k + 1
+            s = _comment_end(sql, s, e)
             continue
         if sql.startswith("/*", s):
             depth, j = 1, s + 2
@@ -215,7 +230,7 @@ def _trim(sql: str, s: int, e: int) -> tuple[int, int]:
             s = j
             continue
         break
-    while e > s and sql[e - 1].isspace():
+    while e > s and sql[e - 1] in PG_SPACE:
         e -= 1
     return s, e
 

@@ -18,7 +18,7 @@ import re
 from proxy.policy.inject import TENANT
 
 _BAIL = re.compile(r"/\*|\$[^0-9]|\\|[Uu]&|(?<![\w$])[Ee]'")
-_TOKENS = re.compile(r"""--[^\n]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|[\w$.\x80-\uffff]+""")
+_TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|[\w$.\x80-\U0010ffff]+""")
 _NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE]\d+)?")
 QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
 

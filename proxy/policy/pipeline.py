@@ -176,7 +176,8 @@ class Pipeline:
             if origin == Origin.PARSE and len(spans) > 1:
                 raise PolicyRefusal(SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement")
             if not spans:
-                return Template(parts=(sql,))
+                # only whitespace and comments: forward nothing the parser has not seen
+                return Template(parts=("",))
             handler = _StatementHandler(self.rules, snapshot, self.function_checker)
             pieces = [handler(sql, s, e) for s, e in spans]
         except UnknownRelation as e:

@@ -71,15 +71,28 @@ def binary_matches(value: bytes, tenant: str, type_: str) -> bool:
     return value == tenant.encode("utf-8")
 
 
+# Parameter type OIDs a client may declare (in Parse) for a checked tenant parameter, besides 0
+# (unspecified): other types would change the value after the check ("char" or name truncate,
+# an int4 read as text becomes its decimal digits).
+PARAM_TYPE_OIDS = {
+    "text": frozenset({25, 1043}),
+    "varchar": frozenset({25, 1043}),
+    "uuid": frozenset({2950}),
+    "integer": frozenset({23}),
+    "bigint": frozenset({20}),
+}
+
+
 class TenantParamCheck:
     """$n must carry exactly the session tenant (``tenant``: the tenant, or a callable giving the
-    session's tenant at Bind time)."""
+    session's tenant at Bind time).  ``type_oids``: the parameter types a Parse may declare for it."""
 
     def __init__(self, index: int, tenant: "str | Callable[[], str | None]", type_: str, column: str):
         self.index = index
         self.tenant = tenant
         self.type_ = type_
         self.column = column
+        self.type_oids = PARAM_TYPE_OIDS.get(type_, frozenset())
 
     def accepts(self, format_code: int, value: bytes | None) -> bool:
         tenant = self.tenant() if callable(self.tenant) else self.tenant
