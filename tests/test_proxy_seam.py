@@ -19,6 +19,8 @@ PW = "pw"
 
 
 class OnlySeven:
+    type_oids = frozenset({20, 21, 23})  # psycopg declares small ints as int2
+
     def accepts(self, format_code, value):
         if value is None:
             return False

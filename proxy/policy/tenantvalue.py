@@ -74,12 +74,13 @@ def binary_matches(value: bytes, tenant: str, type_: str) -> bool:
 # Parameter type OIDs a client may declare (in Parse) for a checked tenant parameter, besides 0
 # (unspecified): other types would change the value after the check ("char" or name truncate,
 # an int4 read as text becomes its decimal digits).
+# 705 is "unknown" (psycopg declares str parameters so); integers keep their value across widths.
 PARAM_TYPE_OIDS = {
-    "text": frozenset({25, 1043}),
-    "varchar": frozenset({25, 1043}),
-    "uuid": frozenset({2950}),
-    "integer": frozenset({23}),
-    "bigint": frozenset({20}),
+    "text": frozenset({25, 1043, 705}),
+    "varchar": frozenset({25, 1043, 705}),
+    "uuid": frozenset({2950, 705}),
+    "integer": frozenset({20, 21, 23, 705}),
+    "bigint": frozenset({20, 21, 23, 705}),
 }
 
 
