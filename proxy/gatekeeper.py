@@ -15,6 +15,9 @@ It composes the independent parts; none of them knows about the others:
   end).  A status change ends the tenant's live sessions so that they
   reconnect under the new status.
 
+* passthrough users (``passthrough: true``, for the bare proxy only) are refused:
+  with a policy configured nothing is forwarded unchecked.
+
 Everything that needs I/O (catalog load, control plane) happens in
 :func:`build_gatekeeper`; :meth:`Gatekeeper.open_session` does at most the
 control-plane round trips an operator session needs.
@@ -23,6 +26,7 @@ control-plane round trips an operator session needs.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import logging
 import weakref
 from urllib.parse import quote
@@ -124,10 +128,8 @@ class PolicyGatekeeper:
         else:
             self._tenants[name] = t
         for gate in list(self._live.get(name, ())):
-            term = getattr(gate, "_tg_terminate", None)
-            if term is not None:
-                term(TENANT_ENDED_SQLSTATE,
-                     f'tenant "{name}" is now {status}; this session was ended, reconnect to continue')
+            gate.terminate(TENANT_ENDED_SQLSTATE,
+                           f'tenant "{name}" is now {status}; this session was ended, reconnect to continue')
 
     def _lifecycle(self, tenant: str | None) -> tuple[bool, str | None]:
         """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect.
@@ -156,56 +158,39 @@ class PolicyGatekeeper:
 
     async def open_session(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
         if user.kind is SessionKind.PASSTHROUGH:
-            from proxy.passthrough import PassthroughGate
-
-            return PassthroughGate(user.kind)
+            # with a policy configured, nothing is forwarded unchecked
+            raise SessionRefused("28000", f'user "{user.name}" is a passthrough user, which a tenantgate with '
+                                          "rules_file does not accept", hint="bind the user to a tenant instead")
         if user.kind is SessionKind.OPERATOR:
             return await self._open_operator(user, startup)
         return self._open_tenant(user, startup)
 
     def _open_tenant(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
-        from proxy.policy.session import TOKEN_OPTION, open_tenant_session, verify_token
+        from proxy.policy.session import open_tenant_session
 
         if user.tenant is None and not user.token_tenants:
             bound = self.engine.rules.credentials.get(user.name)
             if bound is not None:
-                from dataclasses import replace
-
                 user = replace(user, tenant=bound)
-        key = self.config.tokens.resolved_key()
-        tenant = user.tenant
-        if user.token_tenants and TOKEN_OPTION in startup.options:
-            try:
-                tenant = verify_token(startup.options[TOKEN_OPTION], key)
-            except Exception:
-                tenant = None  # open_tenant_session refuses it with the precise reason
-        read_only, message = self._lifecycle(tenant)
-        opened: list = []
+        gate = None
 
         def tenant_status(chosen: str):
-            # a tenant chosen later by SET tenantgate.tenant: its lifecycle applies, and the session
-            # is ended like the tenant's other sessions when its status changes
+            # the tenant's lifecycle applies (at connect and on every token switch), and the
+            # session is ended like the tenant's other sessions when its status changes
             status = self._token_tenant_status(chosen)
-            if opened:
-                self._live.setdefault(chosen, weakref.WeakSet()).add(opened[0])
+            if gate is not None:
+                self._live.setdefault(chosen, weakref.WeakSet()).add(gate)
             return status
 
-        gate = open_tenant_session(self.engine, user, startup, token_key=key, read_only=read_only,
-                                   read_only_message=message, tenant_status=tenant_status)
-        opened.append(gate)
+        gate = open_tenant_session(self.engine, user, startup, token_key=self.config.tokens.resolved_key(),
+                                   tenant_status=tenant_status)
+        if gate.tenant is not None:
+            self._live.setdefault(gate.tenant, weakref.WeakSet()).add(gate)
         if self.plane is not None:
             # refused tenant statements may be attacks: they go to the audit chain too
             from proxy.control.operator_gate import RefusalAuditor
 
-            auditor = RefusalAuditor(self.plane, user=user.name, tenant=tenant, startup=startup)
-            local_log = gate.on_refused
-
-            def on_refused(sql, refusal, _log=local_log, _audit=auditor):
-                _log(sql, refusal)
-                _audit(sql, refusal)
-
-            gate.on_refused = on_refused
-        self._track(tenant, gate)
+            gate.refusal_hook = RefusalAuditor(self.plane, user=user.name, tenant=gate.tenant, startup=startup)
         return gate
 
     async def _open_operator(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
@@ -223,17 +208,6 @@ class PolicyGatekeeper:
             return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
 
         return await open_operator_session(self.plane, user, startup, make_inner=make_inner)
-
-    def _track(self, tenant: str | None, gate) -> None:
-        if tenant is not None:
-            self._live.setdefault(tenant, weakref.WeakSet()).add(gate)
-        original = gate.set_terminator  # also without a tenant yet: a token may choose one later
-
-        def set_terminator(cb, _orig=original, _gate=gate):
-            _gate._tg_terminate = cb
-            _orig(cb)
-
-        gate.set_terminator = set_terminator
 
 
 async def build_gatekeeper(config: Config):

@@ -83,6 +83,17 @@ class PurgeOptions:
     lock_timeout_ms: int = 5000  # a batch that cannot get its locks fails instead of queueing others
 
 
+def _raise_if_still_referenced(e: Exception, tenant: str, where: str) -> None:
+    """Turn a foreign-key violation during a purge into a LifecycleError that says what to do."""
+    if getattr(e, "sqlstate", None) == FK_VIOLATION:
+        raise LifecycleError(
+            FK_VIOLATION,
+            f'cannot purge tenant "{tenant}" from {where}: rows are still referenced',
+            detail=str(e) + (f" ({e.detail})" if getattr(e, "detail", None) else ""),
+            hint="another tenant's or a shared table's rows reference this tenant's rows; fix them, then rerun",
+        ) from e
+
+
 async def ensure_journal(conn, journal_schema: str = DEFAULT_JOURNAL_SCHEMA) -> None:
     js = quote_ident(journal_schema)
     await conn.execute(
@@ -190,13 +201,7 @@ async def _delete_rest(conn, tables: list[TenantTable], tenant: str, journal: _J
         try:
             got = await conn.fetchval(sql)
         except Exception as e:
-            if getattr(e, "sqlstate", None) == FK_VIOLATION:
-                raise LifecycleError(
-                    FK_VIOLATION,
-                    f'cannot purge tenant "{tenant}" from {", ".join(t.key for t in tables)}: rows are still referenced',
-                    detail=str(e) + (f" ({e.detail})" if getattr(e, "detail", None) else ""),
-                    hint="another tenant's or a shared table's rows reference this tenant's rows; fix them, then rerun",
-                ) from e
+            _raise_if_still_referenced(e, tenant, ", ".join(t.key for t in tables))
             raise
         for t, n in zip(tables, got):
             if n:
@@ -296,13 +301,7 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
             try:
                 n = await _delete_batch(conn, table, tenant, options.batch_rows, leaf, journal)
             except Exception as e:
-                if getattr(e, "sqlstate", None) == FK_VIOLATION:
-                    raise LifecycleError(
-                        FK_VIOLATION,
-                        f'cannot purge tenant "{tenant}" from {table.key}: rows are still referenced',
-                        detail=str(e) + (f" ({e.detail})" if getattr(e, "detail", None) else ""),
-                        hint="another tenant's or a shared table's rows reference this tenant's rows; fix them, then rerun",
-                    ) from e
+                _raise_if_still_referenced(e, tenant, table.key)
                 raise
             if on_batch and n:
                 on_batch(table.key, n)

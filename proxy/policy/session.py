@@ -94,6 +94,8 @@ class TenantSessionGate:
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
+        # Called with (sql, refusal) for every refused statement (e.g. the audit chain's auditor).
+        self.refusal_hook: Callable[[str, Refuse], None] | None = None
         # Incremented whenever the effective tenant changes (informational: in token sessions
         # Parse'd statements reference the backend GUC and follow the switch by themselves).
         self.tenant_epoch = 0
@@ -212,9 +214,16 @@ class TenantSessionGate:
 
     def on_refused(self, sql: str, refusal: Refuse) -> None:
         log.info("tenant %s: refused (%s) %s: %.200s", self.tenant, refusal.sqlstate, refusal.message, sql)
+        if self.refusal_hook is not None:
+            self.refusal_hook(sql, refusal)
 
     def set_terminator(self, terminate: Callable[[str, str], None]) -> None:
         self._terminate = terminate
+
+    def terminate(self, sqlstate: str, message: str) -> None:
+        """End the session (FATAL to the client) through the proxy's terminator, once it is set."""
+        if self._terminate is not None:
+            self._terminate(sqlstate, message)
 
     async def close(self) -> None:
         return None
@@ -230,7 +239,11 @@ def open_tenant_session(
     read_only_message: str | None = None,
     tenant_status: Callable[[str], tuple[bool, str | None]] | None = None,
 ) -> TenantSessionGate:
-    """Open the gate for an application user; a bad startup token is a FATAL 28000."""
+    """Open the gate for an application user; a bad startup token is a FATAL 28000.
+
+    ``tenant_status(tenant) -> (read_only, message)`` (raising PolicyRefusal when the tenant may
+    not be used) applies to the tenant known at connect and to every tenant chosen later.
+    """
     tenant = user.tenant
     token = startup.options.get(TOKEN_OPTION)
     if token is not None:
@@ -243,6 +256,10 @@ def open_tenant_session(
     if tenant is None and not user.token_tenants:
         raise SessionRefused(INVALID_AUTHORIZATION, f'user "{user.name}" is bound to no tenant')
     try:
+        if tenant is not None and tenant_status is not None:
+            status_ro, status_message = tenant_status(tenant)
+            read_only = read_only or status_ro
+            read_only_message = read_only_message or status_message
         return TenantSessionGate(
             engine, tenant, token_key=token_key, allow_tokens=user.token_tenants,
             read_only=read_only, read_only_message=read_only_message, tenant_status=tenant_status,
