@@ -270,6 +270,10 @@ def test_audit_hooks_simple_and_extended(proxy, db, gk):
         assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1/0")
+    # audit_after runs as a task in the proxy's thread: give the last one a moment to land
+    deadline = time.monotonic() + 5
+    while sum(e[0] == "audit_after" for e in gk.events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
     before = [e for e in gk.events if e[0] == "audit_before"]
     after = [e for e in gk.events if e[0] == "audit_after"]
     assert any(e[2] in ((b"41",), (struct.pack("!h", 41),)) and "$1" in e[1] for e in before)
