@@ -6,7 +6,7 @@ PGBIN := /usr/lib/postgresql/15/bin
 STATE_DIR ?= $(CURDIR)/.tenantgate/demo
 LISTEN ?= 127.0.0.1:6432
 
-.PHONY: install run test bench fuzz-rewrite postgres clean
+.PHONY: install run test bench fuzz-rewrite postgres prometheus clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,10 +25,19 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 postgresql-contrib >/dev/null; \
 	fi
 
+# promtool and prometheus (Debian's prometheus package) for tests/test_observability_prometheus.py;
+# the package's service is not left running.
+prometheus:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  echo "installing Prometheus (promtool) with apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  (systemctl stop prometheus 2>/dev/null; systemctl disable prometheus 2>/dev/null) || true; \
+	fi
+
 run: install postgres
 	$(BIN)/tenantgate demo --state-dir $(STATE_DIR) --listen $(LISTEN)
 
-test: install postgres
+test: install postgres prometheus
 	$(BIN)/python -m pytest -p no:cacheprovider tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -121,6 +121,12 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
         gatekeeper = await gatekeeper
     server = ProxyServer(config, gatekeeper, config_path=config_path, cancels=registry, reuse_port=True)
     await server.start()
+    from proxy.session_events import TENANT_LABELS
+
+    TENANT_LABELS.configure(config.metrics.tenant_labels, config.metrics.tenant_top_n)
+    from proxy.control.stats import AUDIT_TAIL
+
+    AUDIT_TAIL.enabled = index == 0  # exports/purges from the audit chain: counted once, not per worker
     sock_path = cancel_socket_path(runtime_dir, index)
     if os.path.exists(sock_path):
         os.unlink(sock_path)
@@ -166,6 +172,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    from proxy.logformat import configure_logging
+
+    configure_logging(config.logging, verbose=args.verbose, worker=args.index)
     config = config.model_copy(update={"listen": config.listen.model_copy(update={"port": args.port})})
     from proxy.server import install_uvloop
 
@@ -198,15 +207,60 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
     return s, s.getsockname()[1]
 
 
-def _start_metrics_endpoint(config: Config, metrics_dir: Path) -> None:
+class _SupervisorCollector:
+    """The workers' metrics (MultiProcessCollector), with the readiness gauges the supervisor
+    itself measures (tenantgate_backend_up, tenantgate_control_up: its /readyz probe) in place of
+    the workers' never-probed values.  (The supervisor's own values live in memory: the CLI
+    imported prometheus_client before PROMETHEUS_MULTIPROC_DIR was set.)"""
+
+    _OWN = ("tenantgate_backend_up", "tenantgate_control_up")
+
+    def __init__(self, workers_collector):
+        self.workers = workers_collector
+
+    def _own(self) -> dict:
+        from proxy import metrics
+
+        return {"tenantgate_backend_up": metrics.BACKEND_UP, "tenantgate_control_up": metrics.CONTROL_UP}
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.samples import Sample
+
+        own = {name: gauge._value.get() for name, gauge in self._own().items()}
+        seen = set()
+        for family in self.workers.collect():
+            if family.name in own:
+                seen.add(family.name)
+                family.samples = [Sample(family.name, {}, own[family.name])]
+            yield family
+        for name in self._OWN:
+            if name not in seen:
+                g = GaugeMetricFamily(name, self._own()[name]._documentation)
+                g.add_metric([], own[name])
+                yield g
+
+
+def _start_metrics_endpoint(config: Config, metrics_dir: Path, workers_alive=None) -> None:
+    """/metrics (the workers' sum, MultiProcessCollector), /healthz and /readyz, served by the
+    supervisor from a thread (proxy.admin_http).  ``workers_alive()`` counts running workers."""
     if config.metrics.port is None:
         return
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    from proxy.admin_http import start_admin_server_in_thread
+    from proxy.readiness import Readiness
+
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir))
-    start_http_server(config.metrics.port, addr=config.metrics.host, registry=registry)
+    registry.register(_SupervisorCollector(MultiProcessCollector(None, path=str(metrics_dir))))
+
+    def workers_check() -> tuple[bool, str]:
+        n = workers_alive() if workers_alive is not None else 1
+        return n > 0, f"{n} worker(s) running"
+
+    start_admin_server_in_thread(config.metrics.host, config.metrics.port, registry=registry,
+                                 readiness_factory=lambda: Readiness(lambda: config, None, {"workers": workers_check}))
 
 
 def run_supervisor(config: Config, config_path: str, count: int, *, verbose: bool = False) -> int:
@@ -291,7 +345,8 @@ def run_supervisor(config: Config, config_path: str, count: int, *, verbose: boo
             holder.close()
             holder = None
         try:
-            _start_metrics_endpoint(config, metrics_dir)
+            _start_metrics_endpoint(config, metrics_dir,
+                                    lambda: sum(1 for w in workers if w.proc is not None and w.proc.poll() is None))
         except OSError as e:
             print(f"tenantgate: could not serve metrics on {config.metrics.host}:{config.metrics.port}: {e}",
                   file=sys.stderr, flush=True)

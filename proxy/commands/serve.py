@@ -28,13 +28,21 @@ def build_gatekeeper(config: Config):
     return build(config)
 
 
-def start_metrics_endpoint(config: Config) -> None:
-    """Serve Prometheus metrics on ``metrics.host:metrics.port`` (unless the port is null)."""
-    if config.metrics.port is None:
-        return
-    from prometheus_client import start_http_server
+async def start_metrics_endpoint(config: Config, server=None, gatekeeper=None):
+    """Serve /metrics, /healthz and /readyz on ``metrics.host:metrics.port`` (unless the port is
+    null) in the running event loop (:mod:`proxy.admin_http`); returns the AdminHttpServer or None.
+    ``server`` (a ProxyServer) lets readiness follow config reloads."""
+    from proxy.session_events import TENANT_LABELS
 
-    start_http_server(config.metrics.port, addr=config.metrics.host)
+    TENANT_LABELS.configure(config.metrics.tenant_labels, config.metrics.tenant_top_n)
+    if config.metrics.port is None:
+        return None
+    from proxy.admin_http import start_admin_server
+    from proxy.readiness import Readiness
+
+    current = (lambda: server.config) if server is not None else (lambda: config)
+    return await start_admin_server(config.metrics.host, config.metrics.port,
+                                    readiness=Readiness(current, gatekeeper))
 
 
 async def _serve(config: Config, config_path: str) -> None:
@@ -45,12 +53,14 @@ async def _serve(config: Config, config_path: str) -> None:
         gatekeeper = await gatekeeper
     server = ProxyServer(config, gatekeeper, config_path=config_path)
     await server.start()
-    start_metrics_endpoint(config)
+    admin = await start_metrics_endpoint(config, server, gatekeeper)
     freeze_startup_heap()
     server.install_signal_handlers()
     print(f"tenantgate: listening on {server.host}:{server.port} (backend {config.backend.host}:{config.backend.port})",
           flush=True)
     await server.serve_forever()
+    if admin is not None:
+        await admin.close()
     closer = getattr(gatekeeper, "close", None)
     if closer is not None:
         r = closer()
@@ -66,6 +76,9 @@ def run(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    from proxy.logformat import configure_logging
+
+    configure_logging(config.logging, verbose=args.verbose)
     count = config.workers if args.workers is None else args.workers
     if count < 0:
         print("--workers must be 0 (one per CPU) or more", file=sys.stderr)

@@ -50,6 +50,9 @@ class _NoopMetric:
     def inc(self, *a, **k):
         pass
 
+    def observe(self, *a, **k):
+        pass
+
 
 class _Metrics:
     """proxy.metrics' lifecycle counters; no-ops when the module cannot be imported."""
@@ -61,8 +64,12 @@ class _Metrics:
             self.TENANT_EXPORTS_TOTAL = m.TENANT_EXPORTS_TOTAL
             self.TENANT_PURGES_TOTAL = m.TENANT_PURGES_TOTAL
             self.TENANT_PURGED_ROWS_TOTAL = m.TENANT_PURGED_ROWS_TOTAL
+            self.TENANT_EXPORTED_ROWS_TOTAL = m.TENANT_EXPORTED_ROWS_TOTAL
+            self.TENANT_EXPORT_SECONDS = m.TENANT_EXPORT_SECONDS
+            self.TENANT_PURGE_SECONDS = m.TENANT_PURGE_SECONDS
         except Exception:  # e.g. a registry clash while the project is assembled: counting must not block purges
             self.TENANT_EXPORTS_TOTAL = self.TENANT_PURGES_TOTAL = self.TENANT_PURGED_ROWS_TOTAL = _NoopMetric()
+            self.TENANT_EXPORTED_ROWS_TOTAL = self.TENANT_EXPORT_SECONDS = self.TENANT_PURGE_SECONDS = _NoopMetric()
 
 
 metrics = _Metrics()
@@ -254,6 +261,8 @@ async def _export(args) -> int:
                             sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})
             raise
         metrics.TENANT_EXPORTS_TOTAL.labels("ok").inc()
+        metrics.TENANT_EXPORTED_ROWS_TOTAL.inc(manifest["total_rows"])
+        metrics.TENANT_EXPORT_SECONDS.observe(time.monotonic() - t0)
         await ctx.audit(EXPORT + DONE, grant_id=g.id, tenant=t.name, ref_seq=seq, rows=manifest["total_rows"],
                         duration_us=int((time.monotonic() - t0) * 1e6),
                         detail={"manifest_sha256": manifest_sha256(manifest), "snapshot_time": manifest["snapshot_time"],
@@ -344,6 +353,7 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
 
     opts = PurgeOptions(batch_rows=ctx.cfg.lifecycle.purge_batch_rows, journal_schema=ctx.cfg.lifecycle.journal_schema,
                         operator=operator, grant_id=None if grant_id is None else str(grant_id))
+    t0 = time.monotonic()
     try:
         async with _data(ctx.cfg) as conn:
             schema = await _schema(ctx.cfg, conn)
@@ -359,6 +369,7 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
         raise
     metrics.TENANT_PURGES_TOTAL.labels("ok").inc()
     metrics.TENANT_PURGED_ROWS_TOTAL.inc(receipt["total_rows"])
+    metrics.TENANT_PURGE_SECONDS.observe(time.monotonic() - t0)
     return receipt
 
 

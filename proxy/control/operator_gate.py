@@ -128,14 +128,14 @@ class OperatorSessionGate:
 
     def check(self, sql: str, origin: Origin) -> Decision:
         if self.ended is not None:
-            return Refuse(self.ended[0], self.ended[1])
+            return Refuse(self.ended[0], self.ended[1], reason="grant")
         decision = self.inner.check(sql, origin)
         if isinstance(decision, Refuse):
             return decision
         if self.grant.read_only and (decision.statement_class in ("write", "ddl") or (
                 decision.statement_class != "read" and _READ_WRITE_SWITCH.search(sql))):
             return Refuse(READ_ONLY_SQLSTATE, f"grant {self.grant.id} is read-only: this statement is not allowed",
-                          hint="Request a write grant: tenantgate grant request --access write ...")
+                          hint="Request a write grant: tenantgate grant request --access write ...", reason="read_only")
         return replace(decision, audit=StatementNote(sql, decision.audit))
 
     def on_ready_for_query(self, tx_status: bytes) -> None:
@@ -145,7 +145,7 @@ class OperatorSessionGate:
         if self.ended is None and self.grant.expires_at <= datetime.now(timezone.utc):
             self._grant_ended(self.grant.id, "expired")
         if self.ended is not None:
-            raise PolicyRefusal(self.ended[0], self.ended[1])
+            raise PolicyRefusal(self.ended[0], self.ended[1], reason="grant")
         note = decision.audit if isinstance(decision.audit, StatementNote) else None
         rec = replace(
             self.context, type=A.STATEMENT, statement_class=decision.statement_class,
@@ -157,7 +157,7 @@ class OperatorSessionGate:
             log.error("operator %s: audit write failed, statement refused: %s", self.grant.operator, e)
             raise PolicyRefusal(AUDIT_UNAVAILABLE_SQLSTATE,
                                 "statement refused: the audit log could not be written, nothing was run",
-                                detail=str(e))
+                                detail=str(e), reason="audit")
 
     async def audit_after(self, handle: Any, outcome: Outcome) -> None:
         try:

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import asyncpg
 
-from proxy import metrics
+from proxy import metrics  # noqa: F401 - metrics.ACTIVE_GRANTS is set by proxy.control.stats
+from proxy.control.stats import publish_control_stats
 
 log = logging.getLogger("tenantgate.watcher")
 
@@ -161,7 +162,7 @@ class Watcher:
                 await self._recheck()
                 for g in await self.plane.expire_due():
                     self._end(g.id, "expired")
-                metrics.ACTIVE_GRANTS.set(await self.plane.count_active_grants())
+                await publish_control_stats(self.plane)  # active grants, tenants by status, overdue purges
                 if len(self._announced) > 100_000:
                     self._announced.clear()
             except asyncio.CancelledError:

@@ -125,8 +125,17 @@ def fold_identifier(name: str, quoted: bool) -> str:
     return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in name)
 
 
-def _refuse(message: str, *, hint: str | None = None) -> PolicyRefusal:
-    return PolicyRefusal(INSUFFICIENT_PRIVILEGE, message, hint=hint)
+#: exclusion groups (rules/functions.yaml) that reach the server's storage: refusal reason "storage"
+STORAGE_GROUPS = frozenset({"server_files", "adminpack_writers", "large_objects"})
+
+
+def _refuse(message: str, *, hint: str | None = None, reason: str = "function") -> PolicyRefusal:
+    """A 42501 refusal; ``reason`` (proxy.policy.refusal_reason) is "function" unless the caller says otherwise."""
+    return PolicyRefusal(INSUFFICIENT_PRIVILEGE, message, hint=hint, reason=reason)
+
+
+def _group_reason(group) -> str:
+    return "storage" if group.name in STORAGE_GROUPS else "function"
 
 
 # ----------------------------------------------------------------------------- data
@@ -468,10 +477,12 @@ class FunctionChecker:
     def check_relation(self, schema: str | None, name: str) -> None:
         """Judge one resolved relation (names already folded).  Non-system schemas pass."""
         if schema in self.catalogs.control_schemas:
-            raise _refuse(f"relation {schema}.{name} is in tenantgate's control schema, which no session may reach")
+            raise _refuse(f"relation {schema}.{name} is in tenantgate's control schema, which no session may reach",
+                          reason="catalog")
         if name in self.catalogs.denied_in_any_schema:
             shown = f"{schema}.{name}" if schema else name
-            raise _refuse(f"reading {shown} is not allowed: {self.catalogs.denied_in_any_schema[name]}")
+            raise _refuse(f"reading {shown} is not allowed: {self.catalogs.denied_in_any_schema[name]}",
+                          reason="catalog")
         if schema is None:
             if not self.catalogs.is_catalog_name(name):
                 return
@@ -480,11 +491,11 @@ class FunctionChecker:
             return
         reason = self.catalogs.denial(schema, name)
         if reason:
-            raise _refuse(f"reading system catalog {schema}.{name} is not allowed: {reason}")
+            raise _refuse(f"reading system catalog {schema}.{name} is not allowed: {reason}", reason="catalog")
         if name not in self.catalogs.allowed.get(schema, frozenset()):
             raise _refuse(
                 f"reading system catalog {schema}.{name} is not allowed: it is not on the catalog allowlist",
-                hint="rules/catalogs.yaml lists the catalog relations drivers and psql may read",
+                hint="rules/catalogs.yaml lists the catalog relations drivers and psql may read", reason="catalog",
             )
 
     def check_function(self, schema: str | None, name: str, args: list[exp.Expression] | None = None) -> None:
@@ -495,7 +506,7 @@ class FunctionChecker:
         if name != "set_config":
             group = self.allowlist.exclusion(name)
             if group is not None:  # in any schema: extensions install these wherever they are created
-                raise _refuse(f"function {shown} is not allowed: {group.reason}")
+                raise _refuse(f"function {shown} is not allowed: {group.reason}", reason=_group_reason(group))
         if schema is not None and schema not in SYSTEM_SCHEMAS:
             if f"{schema}.{name}" in self.declared_safe_functions:
                 return
@@ -525,7 +536,7 @@ class FunctionChecker:
             kind = str(tree.args.get("kind") or "").upper()
             for obj, why in _CREATE_ALTER_OBJECTS:
                 if kind == obj:
-                    raise _refuse(f"CREATE {obj} is not allowed: {why}")
+                    raise _refuse(f"CREATE {obj} is not allowed: {why}", reason="unsupported")
         elif isinstance(tree, exp.Copy):
             self._check_copy(tree)
         elif isinstance(tree, exp.Set):
@@ -534,7 +545,8 @@ class FunctionChecker:
                 if isinstance(target, exp.EQ) and isinstance(target.this, exp.Column):
                     param = fold_identifier(target.this.name, bool(target.this.this.args.get("quoted")))
                     if param in _SET_PARAMS_REFUSED:
-                        raise _refuse(f"{_SET_PARAMS_REFUSED[param]} is not allowed: it changes the backend's privileges")
+                        raise _refuse(f"{_SET_PARAMS_REFUSED[param]} is not allowed: it changes the backend's privileges",
+                                      reason="unsupported")
 
     def _check_command(self, node: exp.Command) -> None:
         text = _normalise_command(node)
@@ -543,13 +555,13 @@ class FunctionChecker:
             return
         for prefix, what, why in _REFUSED_COMMANDS:
             if _starts_with_words(text, prefix):
-                raise _refuse(f"{what} is not allowed: {why}")
+                raise _refuse(f"{what} is not allowed: {why}", reason="unsupported")
         for verb in ("CREATE OR REPLACE", "CREATE", "ALTER", "DROP"):
             if _starts_with_words(text, verb):
                 rest = text[len(verb):].strip()
                 for obj, why in _CREATE_ALTER_OBJECTS:
                     if _starts_with_words(rest, obj):
-                        raise _refuse(f"{verb} {obj} is not allowed: {why}")
+                        raise _refuse(f"{verb} {obj} is not allowed: {why}", reason="unsupported")
                 break
 
     def _check_call(self, node: exp.Command) -> None:
@@ -568,7 +580,7 @@ class FunctionChecker:
         try:
             self.check(probe)
         except PolicyRefusal as e:
-            raise _refuse(e.message.replace("function ", "procedure ", 1)) from None
+            raise _refuse(e.message.replace("function ", "procedure ", 1), reason=e.reason or "function") from None
 
     def _check_copy(self, node: exp.Copy) -> None:
         files = node.args.get("files") or []
@@ -577,8 +589,10 @@ class FunctionChecker:
                     and target.name.upper() in ("STDIN", "STDOUT"):
                 continue
             if isinstance(target, exp.Identifier) and target.name.upper() == "PROGRAM":
-                raise _refuse("COPY ... PROGRAM is not allowed: it runs a program on the database server")
-            raise _refuse("COPY to or from a server file is not allowed: only COPY ... TO STDOUT / FROM STDIN")
+                raise _refuse("COPY ... PROGRAM is not allowed: it runs a program on the database server",
+                              reason="storage")
+            raise _refuse("COPY to or from a server file is not allowed: only COPY ... TO STDOUT / FROM STDIN",
+                          reason="storage")
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -646,7 +660,7 @@ class FunctionChecker:
         for cand in sorted(candidates):
             group = self.allowlist.exclusion(cand)
             if group is not None:
-                raise _refuse(f"function {cand} is not allowed: {group.reason}")
+                raise _refuse(f"function {cand} is not allowed: {group.reason}", reason=_group_reason(group))
         if schema is not None and schema not in SYSTEM_SCHEMAS:
             shown = f"{schema}.{sorted(candidates)[0] if candidates else cls.__name__.lower()}"
             self.check_function(schema, shown.split(".", 1)[1])
@@ -700,10 +714,10 @@ class FunctionChecker:
 
     def _check_control_name(self, name: str) -> None:
         if name in self.catalogs.control_schemas:
-            raise _refuse(f"{name} is tenantgate's control schema, which no session may reach")
+            raise _refuse(f"{name} is tenantgate's control schema, which no session may reach", reason="catalog")
 
     def _check_control_literal(self, text: str) -> None:
         lowered = text.lower()
         for schema in self.catalogs.control_schemas:
             if schema in lowered:
-                raise _refuse(f"{schema} is tenantgate's control schema, which no session may reach")
+                raise _refuse(f"{schema} is tenantgate's control schema, which no session may reach", reason="catalog")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Hashable
 
-from proxy.metrics import REWRITE_CACHE_HITS_TOTAL, REWRITE_CACHE_MISSES_TOTAL
+from proxy.metrics import REWRITE_CACHE_ENTRIES, REWRITE_CACHE_HITS_TOTAL, REWRITE_CACHE_MISSES_TOTAL
 
 
 # Hits are published to Prometheus in batches: a hit costs about a microsecond, and each
@@ -56,12 +56,16 @@ class RewriteCache:
     def put(self, key: Hashable, value: Any) -> None:
         if self.maxsize <= 0:
             return
+        before = len(self._data)
         self._data[key] = value
         self._data.move_to_end(key)
         while len(self._data) > self.maxsize:
             self._data.popitem(last=False)
+        if len(self._data) != before:  # tenantgate_rewrite_cache_entries (puts are cache misses: not hot)
+            REWRITE_CACHE_ENTRIES.inc(len(self._data) - before)
 
     def clear(self) -> None:
+        REWRITE_CACHE_ENTRIES.dec(len(self._data))
         self._data.clear()
 
     def __len__(self) -> int:

@@ -32,7 +32,8 @@ def refuse_keyword(keyword: str) -> None:
     if what is None:
         return
     raise PolicyRefusal(
-        INSUFFICIENT_PRIVILEGE, f"{keyword} is not allowed in a tenant session ({what} is refused by tenantgate)"
+        INSUFFICIENT_PRIVILEGE, f"{keyword} is not allowed in a tenant session ({what} is refused by tenantgate)",
+        reason="unsupported",
     )
 
 

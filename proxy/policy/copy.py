@@ -154,8 +154,10 @@ def _direction(toks: list[Token], i: int) -> tuple[str, list[Token]]:
     if d == "TO" and tw == "STDOUT" or d == "FROM" and tw == "STDIN":
         return d, toks[i + 2 :]
     if tw == "PROGRAM" or target.token_type == TokenType.STRING:
-        raise _refuse("COPY to or from a file or program is not allowed through tenantgate", INSUFFICIENT_PRIVILEGE)
-    raise _refuse(f"COPY {d} {target.text} is not supported (use STDIN/STDOUT)", INSUFFICIENT_PRIVILEGE)
+        raise PolicyRefusal(INSUFFICIENT_PRIVILEGE, "COPY to or from a file or program is not allowed through tenantgate",
+                            reason="storage")
+    raise PolicyRefusal(INSUFFICIENT_PRIVILEGE, f"COPY {d} {target.text} is not supported (use STDIN/STDOUT)",
+                        reason="storage")
 
 
 def _string(t: Token, what: str) -> str:

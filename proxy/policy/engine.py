@@ -111,7 +111,8 @@ class PolicyEngine:
             return Analysis(e.to_refuse())
         except Exception as e:  # pragma: no cover - defensive
             log.exception("policy engine failed; refusing the statement")
-            return Analysis(Refuse(FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})"))
+            return Analysis(Refuse(FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})",
+                                   reason="internal"))
 
     def check(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Forward | Refuse:
         """Forward (the SQL to send, Bind/COPY checks, statement class) or Refuse."""

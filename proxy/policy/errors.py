@@ -13,7 +13,16 @@ INVALID_AUTHORIZATION = "28000"
 
 
 class PolicyRefusal(SqlStateError):
-    """A statement is refused; the proxy answers with an ErrorResponse and the session stays usable."""
+    """A statement is refused; the proxy answers with an ErrorResponse and the session stays usable.
+
+    ``reason`` classifies the refusal for metrics and logs (see :mod:`proxy.policy.refusal_reason`);
+    left empty, it is derived from the SQLSTATE and message.
+    """
+
+    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None,
+                 reason: str = ""):
+        super().__init__(sqlstate, message, detail=detail, hint=hint)
+        self.reason = reason
 
     def to_refuse(self) -> Refuse:
-        return Refuse(self.sqlstate, self.message, self.detail, self.hint)
+        return Refuse(self.sqlstate, self.message, self.detail, self.hint, self.reason)

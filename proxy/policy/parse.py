@@ -96,15 +96,17 @@ def parse_tokens(sql: str, tokens: list[Token], what: str = "statement") -> exp.
         first = tokens[0].text.upper()
         msg = str(e).split("\n")[0]
         raise PolicyRefusal(
-            FEATURE_NOT_SUPPORTED, f"{what} starting with {first} is not supported by tenantgate: {msg}"
+            FEATURE_NOT_SUPPORTED, f"{what} starting with {first} is not supported by tenantgate: {msg}",
+            reason="parse",
         ) from None
     trees = [t for t in trees if t is not None]
     if len(trees) != 1:
-        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{what} did not parse as exactly one statement")
+        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{what} did not parse as exactly one statement", reason="parse")
     tree = trees[0]
     if isinstance(tree, exp.Command) or any(isinstance(n, exp.Command) for n in tree.walk()):
         name = str(tree.this).upper() if isinstance(tree, exp.Command) else tokens[0].text.upper()
-        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{name} statements are not supported by tenantgate")
+        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{name} statements are not supported by tenantgate",
+                            reason="unsupported")
     return tree
 
 

@@ -18,15 +18,15 @@ from proxy.policy.errors import INVALID_AUTHORIZATION, PolicyRefusal
 
 def validate_tenant(tenant: str, type_: str) -> str:
     if not tenant or "\x00" in tenant or len(tenant) > 1000:
-        raise PolicyRefusal(INVALID_AUTHORIZATION, "invalid tenant identifier")
+        raise PolicyRefusal(INVALID_AUTHORIZATION, "invalid tenant identifier", reason="tenant")
     if type_ == "uuid":
         try:
             return str(uuid.UUID(tenant))
         except ValueError:
-            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not a valid uuid") from None
+            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not a valid uuid", reason="tenant") from None
     if type_ in ("integer", "bigint"):
         if not tenant.lstrip("-").isdigit():
-            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not an integer")
+            raise PolicyRefusal(INVALID_AUTHORIZATION, "tenant identifier is not an integer", reason="tenant")
         return str(int(tenant))
     return tenant
 
