@@ -118,6 +118,16 @@ class BackendProtocol(asyncio.Protocol):
         if rest:
             sink(rest)
 
+    def detach(self) -> None:
+        """Back to buffering (a pooled connection between two clients): no sink, no callbacks."""
+        self._sink = None
+        self.on_lost = None
+        self.on_pause_writing = None
+        self.on_resume_writing = None
+
+    def has_buffered_data(self) -> bool:
+        return len(self._buf) > 0
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)

@@ -33,6 +33,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from proxy import varcache
 from proxy.backend_link import BackendConnection, BackendError, connect_backend, send_cancel
 from proxy.metrics import (
     BACKEND_CONNECTIONS,
@@ -43,9 +44,22 @@ from proxy.metrics import (
     QUERY_DURATION_SECONDS,
     STATEMENTS_REFUSED_TOTAL,
     STATEMENTS_TOTAL,
+    TLS_HANDSHAKE_FAILED,
+    TLS_HANDSHAKE_OK,
 )
+from proxy.pool import PoolTimeout, ServerConn
+from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
-from proxy.seam import Forward, Origin, Outcome, Refuse, SessionRefused, StartupInfo, client_encoding_is_safe
+from proxy.seam import (
+    Forward,
+    Origin,
+    Outcome,
+    Refuse,
+    SessionKind,
+    SessionRefused,
+    StartupInfo,
+    client_encoding_is_safe,
+)
 from proxy.wire import messages as m
 from proxy.wire.backend import (
     AUDIT_INTERESTING,
@@ -55,6 +69,7 @@ from proxy.wire.backend import (
     EMPTY_QUERY,
     ERROR_RESPONSE,
     PORTAL_SUSPENDED,
+    PARAMETER_STATUS,
     READY_FOR_QUERY,
     BackendScanner,
 )
@@ -91,6 +106,14 @@ FUNCTION_CALL_REFUSAL = Refuse(
 _BYTES_IN = BYTES_TOTAL.labels(direction="client_to_server")
 _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
+PARSE_COMPLETE = ord("1")
+DATA_ROW = ord("D")
+#: what a transaction-pooled session must see: ParseComplete of statements it prepares again
+POOLED_INTERESTING = AUDIT_INTERESTING | {PARSE_COMPLETE}
+#: while a swallowed query (the settings probe) is answered: everything
+EVERYTHING = frozenset(range(256))
+_EXTENDED_TYPES = frozenset((b"P", b"B", b"D", b"E", b"C"))  # Flush (H) leaves nothing pending by itself
+NO_STATEMENT = "tenantgate_no_such_statement"
 _unpack_i32 = struct.Struct("!I").unpack_from
 
 # Per-session metrics are added up locally and handed to prometheus_client in
@@ -177,17 +200,36 @@ class ClientSession(asyncio.Protocol):
         self._idle_tx_s = self.config.timeouts.idle_in_transaction_s
         self._bwrite: Callable[[bytes], None] | None = None  # backend transport.write once relaying
         self._bytes_out = 0
+        self._pool_marks = (0, 0)  # (_bytes_in, _bytes_out) already counted for the pool
         self._n_forwarded = 0  # statements forwarded since the last metrics flush
         self._dur_counts = [0] * len(_DURATION_BOUNDS)  # query durations since the last flush, per bucket
         self._dur_sum = 0.0
         self._dur_n = 0
         self._metrics_t = time.perf_counter()
-        self._handlers: dict[bytes, Callable[[bytes, bytes], None]] = {
-            b"Q": self._on_query, b"P": self._on_parse, b"B": self._on_bind, b"E": self._on_execute,
-            b"D": self._on_describe, b"H": self._on_empty, b"C": self._on_close, b"S": self._on_sync,
-            b"d": self._on_copy_message, b"c": self._on_copy_message, b"f": self._on_copy_message,
-            b"F": self._on_function_call,
-        }
+        self.database: str | None = None
+        self.application_name: str | None = None
+        self.connected_at = self.request_time = time.time()
+        # transaction pooling (pool.mode: transaction): the backend is borrowed per transaction
+        self.pooled = False
+        self.pool = None
+        self.sconn: ServerConn | None = None  # the pooled connection while lent to this session
+        self._last_sconn: ServerConn | None = None
+        self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
+        self._probe_names: tuple[str, ...] = ()
+        self._probe_values: list | None = None
+        self._swallowing = False  # the settings probe is being answered
+        self._pinned = False  # session state on the connection: keep it (SQL PREPARE, WITH HOLD)
+        self._unsynced = False  # extended-protocol messages sent without their Sync yet
+        self._settings_dirty = False  # a SET ran since the connection was lent
+        self._stmt_names: dict[str, str] = {}  # client statement name -> server statement name
+        self._stmt_parse: dict[str, bytes] = {}  # server statement name -> its Parse message
+        self._stmt_seq = 0
+        self._unnamed_parse: bytes | None = None  # this client's unnamed statement (Parse message)
+        self._setting_stmts: set[str] = set()  # server names of statements that change settings
+        self._parse_fifo: deque[tuple[int, bool, str | None]] = deque()  # (segment, swallow?, name)
+        self._attach_t0 = 0.0
+        self._attach_task: asyncio.Task | None = None
+        self._console = None  # the admin console (SHOW POOLS, ...) instead of a backend
 
     # ------------------------------------------------------------------ asyncio callbacks (client socket)
 
@@ -256,20 +298,21 @@ class ClientSession(asyncio.Protocol):
             async with asyncio.timeout(self.config.timeouts.startup_s):
                 await self._startup()
         except TimeoutError:
-            CLIENT_CONNECTIONS_TOTAL.labels(outcome="startup_timeout").inc()
+            note_connection(self, "startup_timeout", "08P01")
             PROTOCOL_ERRORS_TOTAL.labels(reason="startup_timeout").inc()
             self._fatal("08P01", f"startup timeout: the connection did not complete startup within "
                         f"{self.config.timeouts.startup_s:g} s")
         except ProtocolError as e:
-            CLIENT_CONNECTIONS_TOTAL.labels(outcome="protocol_error").inc()
+            note_connection(self, "protocol_error", e.sqlstate, e.message)
             self._protocol_fatal(e)
         except _Fatal as e:
-            CLIENT_CONNECTIONS_TOTAL.labels(outcome=e.outcome).inc()
+            note_connection(self, e.outcome, e.sqlstate, e.message)
             self._fatal(e.sqlstate, e.message, e.detail, e.hint)
         except (ConnectionError, asyncio.CancelledError):
             self._close()
         except Exception:  # never let one client crash the proxy
             log.exception("session %s: unexpected error during startup", self.session_id)
+            note_connection(self, "internal_error", "XX000")
             self._fatal("XX000", "internal error in tenantgate during connection startup")
 
     async def _startup(self) -> None:
@@ -289,7 +332,9 @@ class ClientSession(asyncio.Protocol):
                     self.transport = await self.loop.start_tls(self.transport, self, ctx, server_side=True)
                 except (OSError, ConnectionError, Exception) as e:  # handshake failures close the socket
                     log.info("session %s: TLS handshake failed: %s", self.session_id, e)
+                    TLS_HANDSHAKE_FAILED.inc()
                     raise ConnectionResetError("TLS handshake failed")
+                TLS_HANDSHAKE_OK.inc()
                 self.tls = True
                 continue
             if isinstance(pkt, GSSENCRequest):
@@ -297,7 +342,7 @@ class ClientSession(asyncio.Protocol):
                 continue
             if isinstance(pkt, CancelRequest):
                 server.cancels.cancel(pkt.pid, pkt.secret)
-                CLIENT_CONNECTIONS_TOTAL.labels(outcome="cancel_request").inc()
+                note_connection(self, "cancel_request")
                 self._close()
                 return
             assert isinstance(pkt, StartupMessage)
@@ -318,6 +363,8 @@ class ClientSession(asyncio.Protocol):
             raise _Fatal("0A000", "replication connections are not supported by tenantgate", outcome="replication")
         user = pkt.user
         self.user = user
+        self.database = pkt.database
+        self.application_name = params.get("application_name")
         record = await server.gatekeeper.users.lookup(user)
         verifier = None
         if record is not None:
@@ -341,7 +388,11 @@ class ClientSession(asyncio.Protocol):
             server_final = exchange.client_final(final)
         except ScramError:
             raise auth_failed
+        self.kind_label = getattr(record.kind, "value", "unknown")  # authenticated: label refusals by kind
         self.transport.write(m.encode_auth(m.AUTH_SASL_FINAL, server_final) + m.encode_auth(m.AUTH_OK))
+        if pkt.database == cfg.admin.database:
+            self._start_admin_console(record)
+            return
 
         options: dict[str, str] = {}
         for k, v in params.items():
@@ -369,17 +420,24 @@ class ClientSession(asyncio.Protocol):
             # statement text is read as UTF-8; this encoding would make PostgreSQL see other SQL
             raise _Fatal("0A000", f"client_encoding {encoding!r} is not supported through tenantgate",
                          None, "set client_encoding=UTF8 (PGCLIENTENCODING=UTF8)", outcome="refused")
-        try:
-            backend = await connect_backend(cfg.backend, cfg.backend.database or pkt.database, forwarded)
-        except BackendError as e:
-            raise _Fatal(e.sqlstate, e.message, e.detail, outcome="backend_unavailable")
-        self.backend = backend
-        self.bproto = backend.protocol
-        BACKEND_CONNECTIONS.inc()
-        if self.closed:  # client vanished while we were connecting
-            self._close()
-            return
-        status = await self._run_setup_sql(backend, list(gate.backend_setup_sql))
+        database = cfg.backend.database or pkt.database
+        if gate.kind is SessionKind.TENANT and cfg.pool_mode_for(user, pkt.database) == "transaction":
+            backend = await self._start_pooled(gate, database, forwarded)
+            if backend is None:
+                return
+            status = b"I"
+        else:
+            try:
+                backend = await connect_backend(cfg.backend, database, forwarded)
+            except BackendError as e:
+                raise _Fatal(e.sqlstate, e.message, e.detail, outcome="backend_unavailable")
+            self.backend = backend
+            self.bproto = backend.protocol
+            BACKEND_CONNECTIONS.inc()
+            if self.closed:  # client vanished while we were connecting
+                self._close()
+                return
+            status = await self._run_setup_sql(backend, list(gate.backend_setup_sql))
 
         self.key = server.cancels.register(self)
         out = [m.encode_parameter_status(k, v) for k, v in backend.parameters.items()]
@@ -388,21 +446,260 @@ class ClientSession(asyncio.Protocol):
         self.tx_status = status
         self.transport.write(b"".join(out))
         gate.on_ready_for_query(status)
-        CLIENT_CONNECTIONS_TOTAL.labels(outcome="accepted").inc()
+        note_connection(self, "accepted")
         CLIENT_CONNECTIONS.labels(kind=self.kind_label).inc()
         self._counted = True
         self._m_forwarded = STATEMENTS_TOTAL.labels(kind=self.kind_label, result="forwarded")
+        self._m_forwarded = count_tenant_statements(self._m_forwarded, self)  # metrics.tenant_labels
         self._m_refused = STATEMENTS_TOTAL.labels(kind=self.kind_label, result="refused")
 
         bp = self.bproto
         bp.on_lost = self._backend_lost
         bp.on_pause_writing = self._pause_client
         bp.on_resume_writing = self._resume_client
-        self.scanner = BackendScanner(AUDIT_INTERESTING)
+        self.scanner = BackendScanner(POOLED_INTERESTING if self.pooled else AUDIT_INTERESTING)
         self._bwrite = bp.transport.write
         self.relaying = True
         bp.start_relay(self._on_backend_data)
         self._process_client()
+        if self.pooled:
+            self._maybe_release()
+
+    # ------------------------------------------------------------------ transaction pooling
+
+    async def _start_pooled(self, gate, database: str, forwarded: dict[str, str]) -> BackendConnection | None:
+        """Transaction mode: borrow a pooled connection for the startup (settings applied, their
+        ParameterStatus reported to the client); it goes back at the first idle ReadyForQuery."""
+        self.pooled = True
+        self.pool = self.server.pools.get(database)
+        settings = gate.backend_settings()
+        self._probe_names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
+        self._wanted = {k.lower(): v for k, v in forwarded.items()}
+        self._wanted.update(settings)
+        try:
+            sc = await self.pool.acquire(self.config.pool.queue_timeout_s)
+        except PoolTimeout as e:
+            raise _Fatal("53300", str(e), hint="try again later, or raise pool.size", outcome="pool_timeout")
+        except BackendError as e:
+            raise _Fatal(e.sqlstate, e.message, e.detail, outcome="backend_unavailable")
+        try:
+            await self._sync_server(sc)
+        except BackendError as e:
+            self.pool.discard(sc)
+            raise _Fatal(e.sqlstate, "session setup on the database server failed", detail=e.message,
+                         outcome="setup_failed")
+        except BaseException:
+            self.pool.discard(sc)
+            raise
+        if self.closed:
+            self.pool.release(sc)
+            return None
+        self._bind_server(sc, start=False)
+        return sc.conn
+
+    async def _sync_server(self, sc: ServerConn) -> None:
+        """Give a borrowed connection this session's settings (one round trip, only when they differ)."""
+        pool = self.pool
+        if pool.baseline is None:
+            names = self._probe_names
+            values = await _server_query(sc.conn, varcache.probe_sql(names)) if names else []
+            if pool.baseline is None:
+                pool.baseline = {n: v.decode() for n, v in zip(names, values) if v is not None}
+        to_set, to_reset = varcache.changes(sc.state, self._wanted, pool.baseline)
+        if to_set or to_reset:
+            sc.unnamed_owner = None  # a simple Query drops the unnamed statement
+            await _server_query(sc.conn, varcache.apply_sql(to_set, to_reset))
+        sc.state = dict(self._wanted)
+
+    def _bind_server(self, sc: ServerConn, *, start: bool = True) -> None:
+        self.sconn = sc
+        self._last_sconn = sc
+        sc.client = self
+        backend = self.backend = sc.conn
+        bp = self.bproto = backend.protocol
+        self._attach_t0 = time.perf_counter()
+        self.request_time = time.time()
+        if start:
+            bp.on_lost = self._backend_lost
+            bp.on_pause_writing = self._pause_client
+            bp.on_resume_writing = self._resume_client
+            self._bwrite = bp.transport.write
+            bp.start_relay(self._on_backend_data)
+
+    def _attach(self) -> bool:
+        """Borrow a connection for what the client sent; True when attached right away."""
+        gate_settings = self.gate.backend_settings()
+        wanted = self._wanted
+        if any(wanted.get(k) != v for k, v in gate_settings.items()):
+            wanted.update(gate_settings)
+        pool = self.pool
+        sc = pool.take_idle(self._last_sconn, wanted)
+        if sc is not None:
+            to_set, to_reset = varcache.changes(sc.state, wanted, pool.baseline or {})
+            if not to_set and not to_reset:
+                self._bind_server(sc)
+                return True
+        self._blocked = True
+        self._pause_client()
+        self._attach_task = self.loop.create_task(self._attach_slow(sc))
+        return False
+
+    async def _attach_slow(self, sc: ServerConn | None) -> None:
+        pool = self.pool
+        try:
+            if sc is None:
+                sc = await pool.acquire(self.config.pool.queue_timeout_s)
+            await self._sync_server(sc)
+        except PoolTimeout as e:
+            self._fatal("53300", str(e), hint="try again later, or raise pool.size")
+            return
+        except BackendError as e:
+            if sc is not None:
+                pool.discard(sc)
+            self._fatal(e.sqlstate, "could not prepare a database connection for this session", e.message)
+            return
+        except asyncio.CancelledError:
+            if sc is not None:
+                pool.discard(sc)
+            return
+        except Exception:
+            log.exception("session %s: attaching a pooled connection failed", self.session_id)
+            if sc is not None:
+                pool.discard(sc)
+            self._fatal("XX000", "internal error in tenantgate")
+            return
+        finally:
+            self._attach_task = None
+        if self.closed:
+            pool.release(sc)
+            return
+        self._bind_server(sc)
+        self._blocked = False
+        self._resume_client()
+        self._process_client()
+
+    def _maybe_release(self) -> None:
+        """Give the connection back when nothing is open on it (transaction mode)."""
+        sc = self.sconn
+        if (sc is None or self._pinned or self.closed or self.tx_status != b"I" or self.inflight
+                or self._blocked or self._unsynced or self._out or self._held is not None
+                or self.fstate.phase is not Phase.READY or not self.scanner.at_boundary):
+            return
+        if self._settings_dirty:
+            self._settings_dirty = False
+            self._send_probe()
+            return
+        self._detach_server()
+        self._count_pool_bytes()
+        self.pool.release(sc, xact_s=time.perf_counter() - self._attach_t0)
+
+    def _detach_server(self) -> None:
+        sc = self.sconn
+        self.sconn = None
+        self.backend = None
+        self.bproto = None
+        self._bwrite = None
+        self._parse_fifo.clear()
+        sc.client = None
+
+    def _send_probe(self) -> None:
+        """After a SET: read the settings back, so they follow the client to other connections."""
+        self._probe_values = None
+        self.sconn.unnamed_owner = None  # a simple Query drops the unnamed statement
+        self._swallowing = True
+        self.scanner.interesting = EVERYTHING
+        self.inflight.append(_Entry(b"W"))
+        self._seg_sent += 1
+        self._bwrite(m.encode_query(varcache.probe_sql(self._probe_names)))
+
+    def _swallow(self, t: int, payload: bytes, out: list[bytes]) -> None:
+        """A message answering the settings probe (never shown to the client)."""
+        if t == DATA_ROW:
+            self._probe_values = m.decode_data_row(payload)
+        elif t == PARAMETER_STATUS:
+            k, v = m.decode_parameter_status(payload)
+            self.backend.parameters[k] = v
+        elif t == READY_FOR_QUERY:
+            inflight = self.inflight
+            inflight.popleft()
+            self._seg_done += 1
+            self._swallowing = False
+            while inflight and inflight[0].kind == b"R":  # refusals the client sent meanwhile
+                out.append(inflight.popleft().data + m.encode_ready_for_query(self.tx_status))
+            self.scanner.interesting = POOLED_INTERESTING
+            values = self._probe_values
+            if values is not None and len(values) == len(self._probe_names):
+                baseline = self.pool.baseline or {}
+                actual = varcache.from_probe(self._probe_names, [None if v is None else v.decode() for v in values],
+                                             baseline)
+                self.sconn.state = actual
+                self._wanted = dict(actual)
+                self._wanted.update(self.gate.backend_settings())
+            else:  # the probe failed: the connection's state is unknown, do not lend it again
+                self._pinned = True
+
+    def _ensure_prepared(self, server_name: str) -> None:
+        """Prepare one of this client's statements again on the borrowed connection if it lacks it."""
+        sc = self.sconn
+        if server_name not in sc.prepared:
+            self._out.append(self._stmt_parse[server_name])
+            self._parse_fifo.append((self._seg_sent + 1, True, server_name))
+            sc.prepared.add(server_name)
+
+    def _server_statement(self, name: str, what: str, marker: Callable[[str], bytes]) -> str | None:
+        """The server-side name of client statement ``name`` (prepared on this connection), or None
+        after refusing: a transaction-pooled client only reaches statements it prepared itself."""
+        if not name:
+            sc = self.sconn
+            if sc.unnamed_owner is not self:  # the connection's unnamed statement is not this client's
+                if self._unnamed_parse is None:
+                    self._refuse_extended(f"<{what} of the unnamed statement>",
+                                          Refuse("26000", "unnamed prepared statement does not exist"), marker)
+                    return None
+                self._out.append(self._unnamed_parse)
+                self._parse_fifo.append((self._seg_sent + 1, True, None))
+                sc.unnamed_owner = self
+            return ""
+        server = self._stmt_names.get(name)
+        if server is None:
+            self._refuse_extended(f"<{what} of statement {name!r}>",
+                                  Refuse("26000", f'prepared statement "{name}" does not exist'), marker)
+            return None
+        self._ensure_prepared(server)
+        return server
+
+    # ------------------------------------------------------------------ admin console
+
+    def _start_admin_console(self, record) -> None:
+        if record is None or not getattr(record, "admin", False):
+            raise _Fatal("28000", f'user "{self.user}" may not use the admin console',
+                         hint="the admin console is for users with admin: true in tenantgate's config",
+                         outcome="refused")
+        from proxy.admin_console import AdminConsole
+
+        self._console = AdminConsole(self.server, self._write_client)
+        self.kind_label = "admin"
+        self._write_client(self._console.startup_messages())
+        note_connection(self, "accepted")
+        CLIENT_CONNECTIONS.labels(kind=self.kind_label).inc()
+        self._counted = True
+        self.relaying = True
+        self._process_client()
+
+    def _process_console(self) -> None:
+        try:
+            while not self.closed:
+                msg = self.buf.next_message()
+                if msg is None:
+                    return
+                if not self._console.handle(*msg):
+                    self._close()
+                    return
+        except ProtocolError as e:
+            self._protocol_fatal(e)
+        except Exception:
+            log.exception("session %s: admin console failed", self.session_id)
+            self._fatal("XX000", "internal error in tenantgate's admin console")
 
     async def _run_setup_sql(self, backend: BackendConnection, statements: list[str]) -> bytes:
         status = backend.tx_status
@@ -434,13 +731,21 @@ class ClientSession(asyncio.Protocol):
     def _process_client(self) -> None:
         if self._blocked or self.closed:
             return
+        if self._console is not None:
+            self._process_console()
+            return
         buf = self.buf
+        if self.pooled and self.sconn is None:
+            if not self._wants_backend():
+                return
+            if not self._attach():
+                return
         accept = self.fstate.accept
-        handlers = self._handlers
+        handlers = _HANDLERS
         try:
             if self._held is not None:
                 held, self._held = self._held, None
-                handlers[held[0]](*held)
+                handlers[held[0]](self, *held)
             fstate = self.fstate
             while not self._blocked:
                 if fstate.phase is Phase.READY:
@@ -451,7 +756,11 @@ class ClientSession(asyncio.Protocol):
                 t, payload = msg
                 action = accept(t[0])
                 if action is Action.PROCESS:
-                    handlers[t](t, payload)
+                    handlers[t](self, t, payload)
+                    if t in _EXTENDED_TYPES:
+                        self._unsynced = True
+                    elif t == b"S":
+                        self._unsynced = False
                 elif action is Action.TERMINATE:
                     self._flush_backend()
                     self._close(cancel_running=False)
@@ -465,6 +774,19 @@ class ClientSession(asyncio.Protocol):
             self._fatal("XX000", "internal error in tenantgate")
             return
         self._flush_backend()
+        if self.pooled:  # everything was answered by the proxy itself (refusals): nothing to wait for
+            self._maybe_release()
+
+    def _wants_backend(self) -> bool:
+        """A detached pooled session has a complete message to act on (Terminate needs no backend)."""
+        data, pos = self.buf.window()
+        if len(data) - pos < 5:
+            return False
+        if data[pos] == 88:  # Terminate
+            self._close(cancel_running=False)
+            return False
+        (length,) = _unpack_i32(data, pos + 1)
+        return len(data) - pos >= 1 + length or length > self.buf.max_length or length < 4
 
     def _relay_verbatim_run(self) -> None:
         """Forward, as one slice of the receive buffer, the longest run of
@@ -480,6 +802,8 @@ class ClientSession(asyncio.Protocol):
         n = len(data)
         max_len = self.buf.max_length
         binds_free = not self._stmts
+        pooled = self.pooled
+        unsynced = self._unsynced
         executes_free = not self._portals and not self.audited
         inflight = self.inflight
         while n - pos >= 5:
@@ -491,6 +815,10 @@ class ClientSession(asyncio.Protocol):
             if t == 66:  # Bind
                 if not binds_free:
                     break
+                if pooled:  # a named statement is renamed, a foreign unnamed one replaced (slow path)
+                    z = data.find(b"\0", pos + 5, end)
+                    if z < 0 or z + 1 >= end or data[z + 1] != 0 or self.sconn.unnamed_owner is not self:
+                        break
                 try:
                     m.validate_bind(data[pos + 5:end])
                 except ProtocolError:
@@ -507,15 +835,22 @@ class ClientSession(asyncio.Protocol):
             elif t == 68:  # Describe
                 if length < 6 or data[pos + 5] not in (83, 80) or data.find(b"\0", pos + 6, end) != end - 1:
                     break
+                if pooled and data[pos + 5] == 83 and (length > 6 or self.sconn.unnamed_owner is not self):
+                    break
             elif t == 72:  # Flush
                 if length != 4:
                     break
             else:
                 break
+            if t == 83:
+                unsynced = False
+            elif t != 72:
+                unsynced = True
             pos = end
         if pos > start:
             self._out.append(bytes(data[start:pos]))
             self.buf.consume_to(pos)
+            self._unsynced = unsynced
 
     def _flush_backend(self) -> None:
         out = self._out
@@ -531,6 +866,12 @@ class ClientSession(asyncio.Protocol):
     def _on_describe(self, t: bytes, payload: bytes) -> None:
         if payload[:1] not in (b"S", b"P") or payload.find(b"\0") != len(payload) - 1:
             m.decode_describe(payload)  # raises the precise ProtocolError
+        if self.pooled and payload[:1] == b"S":
+            name = m.decode_describe(payload).name
+            server = self._server_statement(name, "describe", lambda tok: m.encode_describe(b"S", tok))
+            if server is None:
+                return
+            payload = b"S" + server.encode() + b"\0"
         self._out.append(m.frame(t, payload))
 
     def _on_empty(self, t: bytes, payload: bytes) -> None:
@@ -569,6 +910,10 @@ class ClientSession(asyncio.Protocol):
         return decision
 
     def _forward_query(self, sql: str, payload: bytes, decision: Forward, handle: Any) -> None:
+        if self.pooled:
+            self._note_session_state(decision)
+            self._unnamed_parse = None  # a simple Query drops the unnamed statement
+            self.sconn.unnamed_owner = None
         self._out.append(m.frame(b"Q", payload) if decision.sql == sql else m.encode_query(decision.sql))
         e = _Entry(b"Q", decision, handle)
         e.audited = self.audited
@@ -581,18 +926,71 @@ class ClientSession(asyncio.Protocol):
         decision = self._check(p.query, Origin.PARSE)
         if isinstance(decision, Forward) and decision.param_checks:
             decision = _check_declared_types(decision, p.param_types)
+        if self.pooled and p.name and p.name in self._stmt_names and isinstance(decision, Forward):
+            decision = Refuse("42P05", f'prepared statement "{p.name}" already exists')
         if isinstance(decision, Refuse):
-            self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(p.name, tok))
+            marker_name = "" if self.pooled else p.name
+            if self.pooled:  # the failing marker Parse drops the connection's unnamed statement
+                self._unnamed_parse = None
+                self.sconn.unnamed_owner = None
+            self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(marker_name, tok))
             return
-        self._out.append(m.frame(t, payload) if decision.sql == p.query
-                         else m.encode_parse(p.name, decision.sql, p.param_types))
+        name = p.name
+        if self.pooled:
+            if name:
+                self._stmt_seq += 1
+                name = f"tg_{self.session_id}_{self._stmt_seq}"
+            self._note_session_state(decision, name)
+            if name:
+                msg = m.encode_parse(name, decision.sql, p.param_types)
+                self._stmt_names[p.name] = name
+                self._stmt_parse[name] = msg
+                self.sconn.prepared.add(name)
+                self._parse_fifo.append((self._seg_sent + 1, False, name))
+                self._out.append(msg)
+            else:
+                self._parse_fifo.append((self._seg_sent + 1, False, None))
+                msg = m.frame(t, payload) if decision.sql == p.query else m.encode_parse("", decision.sql, p.param_types)
+                self._unnamed_parse = msg
+                self.sconn.unnamed_owner = self
+                self._out.append(msg)
+        else:
+            self._out.append(m.frame(t, payload) if decision.sql == p.query
+                             else m.encode_parse(p.name, decision.sql, p.param_types))
         if decision.param_checks or decision.copy_in_check is not None or self.audited:
-            self._stmts[p.name] = decision
+            self._stmts[name] = decision
         elif self._stmts:
-            self._stmts.pop(p.name, None)
+            self._stmts.pop(name, None)
         self._n_forwarded += 1
 
+    def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
+        """Transaction mode: what this statement leaves on the connection (pins it, or dirties settings)."""
+        if decision.pins_session:
+            self._pinned = True
+        elif decision.statement_class == "set" or decision.changes_settings:
+            self._settings_dirty = True
+            if server_name:  # each later Bind of it dirties the settings again
+                self._setting_stmts.add(server_name)
+
+    def _forget_statement(self, server_name: str) -> None:
+        self._stmt_parse.pop(server_name, None)
+        self._setting_stmts.discard(server_name)
+        self._stmts.pop(server_name, None)
+        for client_name, s in list(self._stmt_names.items()):
+            if s == server_name:
+                del self._stmt_names[client_name]
+
     def _on_bind(self, t: bytes, payload: bytes) -> None:
+        if self.pooled:
+            name = m.bind_statement_name(payload)
+            server = self._server_statement(name, "bind", lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
+            if server is None:
+                return
+            if name:
+                z = payload.index(b"\0")
+                payload = payload[:z + 1] + server.encode() + payload[payload.index(b"\0", z + 1):]
+                if server in self._setting_stmts:
+                    self._settings_dirty = True
         if not self._stmts:
             m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
             self._out.append(m.frame(t, payload))
@@ -647,8 +1045,15 @@ class ClientSession(asyncio.Protocol):
 
     def _on_close(self, t: bytes, payload: bytes) -> None:
         c = m.decode_close(payload)
+        name = c.name
+        if self.pooled and c.kind == b"S" and name:
+            # closing a statement that does not exist is not an error in PostgreSQL either
+            name = self._stmt_names.pop(name, NO_STATEMENT)
+            self._stmt_parse.pop(name, None)
+            self.sconn.prepared.discard(name)
+            payload = b"S" + name.encode() + b"\0"
         if self._stmts or self._portals:
-            (self._stmts if c.kind == b"S" else self._portals).pop(c.name, None)
+            (self._stmts if c.kind == b"S" else self._portals).pop(name, None)
         self._out.append(m.frame(t, payload))
 
     def _on_sync(self, t: bytes, payload: bytes) -> None:
@@ -709,7 +1114,7 @@ class ClientSession(asyncio.Protocol):
 
     def _note_refusal(self, sql: str, refusal: Refuse) -> None:
         self._m_refused.inc()
-        STATEMENTS_REFUSED_TOTAL.labels(kind=self.kind_label, sqlstate=refusal.sqlstate).inc()
+        note_refusal(self, sql, refusal)  # tenantgate_statements_refused_total{kind,reason,sqlstate} + log line
         try:
             self.gate.on_refused(sql, refusal)
         except Exception:
@@ -791,6 +1196,9 @@ class ClientSession(asyncio.Protocol):
                 out.append(it)
                 continue
             t, payload, raw = it
+            if self._swallowing:
+                self._swallow(t, payload, out)
+                continue
             if t == READY_FOR_QUERY:
                 out.append(raw)
                 self._on_ready(payload[:1], out)
@@ -808,6 +1216,10 @@ class ClientSession(asyncio.Protocol):
                         head.tag = m.command_tag(payload)
             elif t == ERROR_RESPONSE:
                 out.append(self._on_backend_error(payload, raw))
+            elif t == PARSE_COMPLETE:
+                fifo = self._parse_fifo
+                if not fifo or not fifo.popleft()[1]:
+                    out.append(raw)
             elif t == COPY_IN_RESPONSE:
                 out.append(raw)
                 self._on_copy_in_response()
@@ -818,6 +1230,8 @@ class ClientSession(asyncio.Protocol):
             else:
                 out.append(raw)
         self._write_client(b"".join(out))
+        if self.pooled:
+            self._maybe_release()
 
     def _write_client(self, data: bytes) -> None:
         if data and self._client_connected and not self.transport.is_closing():
@@ -834,6 +1248,9 @@ class ClientSession(asyncio.Protocol):
             _flush_durations(self._dur_counts, self._dur_sum)
             self._dur_sum = 0.0
             self._dur_n = 0
+        if self.pool is not None:
+            self._count_pool_bytes()
+            self._pool_marks = (0, 0)
         if self._bytes_in:
             _BYTES_IN.inc(self._bytes_in)
             self._bytes_in = 0
@@ -841,8 +1258,18 @@ class ClientSession(asyncio.Protocol):
             _BYTES_OUT.inc(self._bytes_out)
             self._bytes_out = 0
 
+    def _count_pool_bytes(self) -> None:
+        """Bytes since the last call, for the pool's SHOW STATS."""
+        pool = self.pool
+        mark_in, mark_out = self._pool_marks
+        pool.bytes_received += self._bytes_in - mark_in
+        pool.bytes_sent += self._bytes_out - mark_out
+        self._pool_marks = (self._bytes_in, self._bytes_out)
+
     def _on_ready(self, status: bytes, out: list[bytes]) -> None:
         self.tx_status = status
+        if self.pooled:
+            self.pool.query_count += 1
         if self._bytes_in > 65536 or self._bytes_out > 65536:
             self._flush_byte_counters()
         inflight = self.inflight
@@ -899,6 +1326,22 @@ class ClientSession(asyncio.Protocol):
                     break
         if b"SFATAL\0" in payload or b"SPANIC\0" in payload:
             self._backend_fatal = True
+        fifo = self._parse_fifo
+        if fifo:  # the rest of this segment is skipped by PostgreSQL: those Parses get no answer
+            seg = self._seg_done + 1
+            sc = self.sconn
+            while fifo and fifo[0][0] <= seg:
+                _, swallowed, name = fifo.popleft()
+                if sc is None:
+                    continue
+                if name is None:  # an unnamed Parse failed or was skipped
+                    sc.unnamed_owner = None
+                    if not swallowed:
+                        self._unnamed_parse = None
+                else:
+                    sc.prepared.discard(name)
+                    if not swallowed:  # the client's own Parse failed: its statement does not exist
+                        self._forget_statement(name)
         inflight = self.inflight
         if inflight:
             head = inflight[0]
@@ -948,6 +1391,10 @@ class ClientSession(asyncio.Protocol):
     def _backend_lost(self, exc) -> None:
         if self.closed:
             return
+        sc = self.sconn
+        if sc is not None:
+            self._detach_server()
+            self.pool.discard(sc)
         if not self._backend_fatal:
             self._write_client(m.encode_error(
                 "FATAL", "08006", "the connection to the database server was lost",
@@ -1011,13 +1458,27 @@ class ClientSession(asyncio.Protocol):
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
         self._bwrite = None
+        if self._attach_task is not None:
+            self._attach_task.cancel()
         b = self.backend
         if b is not None:
-            if cancel_running and (self.inflight or self.fstate.phase is Phase.COPY_IN) and not b.protocol.closed:
+            busy = self.inflight or self.fstate.phase is Phase.COPY_IN
+            if cancel_running and busy and not b.protocol.closed:
                 self.loop.create_task(send_cancel(self.config.backend, b.pid, b.secret))
-            b.protocol.on_lost = None
-            b.protocol.close(terminate=True)
-            BACKEND_CONNECTIONS.dec()
+            sc = self.sconn
+            if sc is not None:
+                clean = not (busy or self._pinned or self._unsynced or self._settings_dirty or self._swallowing
+                             or self.tx_status != b"I" or self._out
+                             or (self.scanner is not None and not self.scanner.at_boundary))
+                self._detach_server()
+                if clean:
+                    self.pool.release(sc, xact_s=time.perf_counter() - self._attach_t0)
+                else:  # its state is unknown (open transaction, session state): never lend it again
+                    self.pool.discard(sc)
+            else:
+                b.protocol.on_lost = None
+                b.protocol.close(terminate=True)
+                BACKEND_CONNECTIONS.dec()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self.key is not None:
@@ -1037,6 +1498,41 @@ class ClientSession(asyncio.Protocol):
             await gate.close()
         except Exception:
             log.exception("session %s: gate.close failed", self.session_id)
+
+
+_HANDLERS: dict[bytes, Callable[[ClientSession, bytes, bytes], None]] = {
+    b"Q": ClientSession._on_query, b"P": ClientSession._on_parse, b"B": ClientSession._on_bind,
+    b"E": ClientSession._on_execute, b"D": ClientSession._on_describe, b"H": ClientSession._on_empty,
+    b"C": ClientSession._on_close, b"S": ClientSession._on_sync, b"d": ClientSession._on_copy_message,
+    b"c": ClientSession._on_copy_message, b"f": ClientSession._on_copy_message,
+    b"F": ClientSession._on_function_call,
+}
+
+
+async def _server_query(conn: BackendConnection, sql: str) -> list:
+    """Run one tenantgate statement on a connection nobody relays (pooled, between clients):
+    returns the first row's values; ParameterStatus updates ``conn.parameters``."""
+    proto = conn.protocol
+    proto.write(m.encode_query(sql))
+    row: list = []
+    error: str | None = None
+    try:
+        while True:
+            t, payload = await proto.read_message()
+            if t == b"D" and not row:
+                row = m.decode_data_row(payload)
+            elif t == b"S":
+                k, v = m.decode_parameter_status(payload)
+                conn.parameters[k] = v
+            elif t == b"E" and error is None:
+                error = m.decode_error_fields(payload).message
+            elif t == b"Z":
+                break
+    except ProtocolError as e:
+        raise BackendError(f"invalid data from the database server: {e.message}")
+    if error is not None:
+        raise BackendError(error, "XX000")
+    return row
 
 
 def _sqlstate_of(payload: bytes) -> str | None:

@@ -78,6 +78,8 @@ class UserConfig(_Strict):
     tenant: str | None = None  # credential-bound tenant
     token_tenants: bool = False  # may choose its tenant with a signed token
     passthrough: bool = False  # no policy at all; only for tests of the bare proxy
+    pool_mode: Literal["session", "transaction"] | None = None  # None: pool.databases / pool.mode decide
+    admin: bool = False  # may use the admin console (database ``admin.database``) and nothing else
 
     @field_validator("scram_verifier")
     @classmethod
@@ -149,9 +151,55 @@ class LifecycleConfig(_Strict):
         return _secret(self.data_dsn, self.data_dsn_env, None, "lifecycle.data_dsn")
 
 
+PoolMode = Literal["session", "transaction"]
+
+
+class PoolConfig(_Strict):
+    """How client sessions share connections to PostgreSQL.
+
+    ``session``: a client keeps one backend connection from connect to disconnect.
+    ``transaction``: tenant sessions borrow a connection from a bounded pool for each
+    transaction (PgBouncer's transaction mode); operator sessions always use session mode.
+    The mode of a session: its user's ``pool_mode``, else ``databases[<database>]``, else ``mode``.
+    """
+
+    mode: PoolMode = "session"
+    databases: dict[str, PoolMode] = {}
+    size: int = Field(20, ge=1, description="backend connections per database in transaction mode")
+    queue_timeout_s: float = Field(30.0, gt=0, description="a client waits this long for a free backend connection")
+    server_idle_timeout_s: float = Field(600.0, gt=0, description="close pooled connections idle this long")
+    server_lifetime_s: float = Field(3600.0, gt=0, description="close pooled connections this old when released")
+    client_idle_timeout_s: float | None = Field(None, gt=0, description="close client connections idle this long")
+    max_prepared_per_server: int = Field(2000, ge=1, description="close a pooled connection holding more")
+
+
+class AdminConfig(_Strict):
+    """The admin console: ``psql -d <database>`` as a user with ``admin: true`` (SHOW POOLS, ...)."""
+
+    database: str = "tenantgate"
+
+
 class MetricsConfig(_Strict):
+    """The admin HTTP listener (/metrics, /healthz, /readyz; docs/observability.md)."""
+
     host: str = "127.0.0.1"
     port: int | None = Field(9187, ge=0, le=65535)  # None disables the endpoint
+    tenant_labels: Literal["off", "top", "all"] = Field(
+        "off", description="per-tenant statement counter: off, the top N tenants (+ 'other'), or every tenant")
+    tenant_top_n: int = Field(10, ge=1, le=10000, description="N for tenant_labels: top")
+    readiness_timeout_s: float = Field(2.0, gt=0, le=60, description="connect timeout of the /readyz probes")
+    readiness_cache_s: float = Field(1.0, ge=0, le=60, description="reuse a readiness probe result this long")
+
+
+class LoggingConfig(_Strict):
+    """Log format and the per-connection / per-refusal event lines (logger ``tenantgate.events``)."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] | None = None  # None: warning (info with --verbose)
+    events: bool = Field(True, description="one line per connection and per refused statement")
+    statement_max_chars: int = Field(200, ge=0, le=100000, description="refusal lines cut statement text to this")
+    statement_literals: bool = Field(
+        False, description="keep literals in logged statement text (default: replaced by ?, they may be values)")
 
 
 class Config(_Strict):
@@ -173,6 +221,15 @@ class Config(_Strict):
     grants: GrantsConfig = GrantsConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    pool: PoolConfig = PoolConfig()
+    admin: AdminConfig = AdminConfig()
+
+    def pool_mode_for(self, user: str, database: str) -> PoolMode:
+        for u in self.users:
+            if u.name == user and u.pool_mode is not None:
+                return u.pool_mode
+        return self.pool.databases.get(database, self.pool.mode)
 
 
 def load_config(path: str | Path) -> Config:

@@ -207,7 +207,8 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
     return "\n".join(lines)
 
 
-async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None) -> int:
+async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None,
+                   pool_mode: str = "transaction") -> int:
     from proxy.config import Config
     from proxy.gatekeeper import build_gatekeeper
     from proxy.server import ProxyServer
@@ -223,6 +224,8 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None
     try:
         await initialize(cluster, state)
         raw = demo_config(cluster, state, host, port, metrics_port)
+        raw["pool"] = {"mode": pool_mode, "size": 20}
+        raw["limits"] = {"max_clients": 20000}
         state.save()  # demo_config created the app passwords and the token key: keep them in demo.json
         cfg_path = state_dir / "tenantgate.yaml"
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -231,10 +234,10 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None
         gatekeeper = await build_gatekeeper(config)
         server = ProxyServer(config, gatekeeper, config_path=cfg_path)
         await server.start()
-        if metrics_port:
-            from prometheus_client import start_http_server
+        if metrics_port:  # /metrics, /healthz, /readyz (proxy.admin_http)
+            from proxy.commands.serve import start_metrics_endpoint
 
-            start_http_server(metrics_port, addr="127.0.0.1")
+            admin = await start_metrics_endpoint(config, server, gatekeeper)
         d = dsns(cluster, state, host, server.port)
         (state_dir / "dsns.json").write_text(json.dumps(d, indent=2))
         print(banner(state_dir, d, metrics_port), flush=True)

@@ -50,6 +50,7 @@ class UserRecord:
     token_tenants: bool = False  # may pick its tenant with a signed token
     totp_secret: str | None = None  # operators with TOTP enrolled
     roles: frozenset[str] = frozenset()  # e.g. {"operator"}, {"approver"}
+    admin: bool = False  # may use the admin console (config admin.database) and no other database
 
 
 class UserDirectory(Protocol):
@@ -136,6 +137,12 @@ class Forward:
     statement_class: str = "other"
     # Free-form data the gate wants back in audit hooks (e.g. original SQL).
     audit: Any = None
+    # The statement leaves state on the backend connection that later transactions need
+    # (SQL PREPARE, WITH HOLD cursors): a transaction-pooled session keeps its connection.
+    pins_session: bool = False
+    # The statement may change session settings without being a SET (set_config): a pooled
+    # session reads its settings back afterwards so they follow it.
+    changes_settings: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,10 @@ class Refuse:
     message: str
     detail: str | None = None
     hint: str | None = None
+    # Why, for metrics and logs (one of proxy.policy.refusal_reason.REASONS); "" = derive it
+    # from sqlstate and message (proxy.policy.refusal_reason.refusal_reason).
+    # (Not part of equality: two refusals with the same error are the same answer to the client.)
+    reason: str = field(default="", compare=False)
 
 
 Decision = Forward | Refuse

@@ -17,11 +17,14 @@ import asyncio
 import logging
 import signal
 import ssl
+import time
 from pathlib import Path
 
+from proxy.backend_link import connect_backend
 from proxy.cancel import CancelRegistry
 from proxy.config import Config, ConfigError, load_config
 from proxy.metrics import CONFIG_RELOADS_TOTAL
+from proxy.pool import PoolManager
 from proxy.seam import Gatekeeper
 
 log = logging.getLogger("tenantgate.server")
@@ -77,6 +80,9 @@ class ProxyServer:
         self.reuse_port = reuse_port  # several worker processes share the listen address
         self.sessions: set = set()
         self.draining = False
+        self.started_at = time.time()
+        # transaction pooling: backend connections shared by sessions, per database
+        self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
         self._server: asyncio.AbstractServer | None = None
         self._closed = asyncio.Event()
 
@@ -136,6 +142,7 @@ class ProxyServer:
             config = config.model_copy(update={"listen": self.config.listen})
         self.config = config
         self.tls_context = tls
+        self.pools.reload(config)
         CONFIG_RELOADS_TOTAL.labels(result="ok").inc()
         log.info("configuration reloaded")
 
@@ -175,6 +182,7 @@ class ProxyServer:
             self._server.close()
         for s in list(self.sessions):
             s._fatal("57P01", "terminating connection because tenantgate is shutting down")
+        self.pools.close()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -182,6 +190,12 @@ class ProxyServer:
                 pass
         await asyncio.sleep(0)
         self._closed.set()
+
+    def pool_snapshot(self) -> dict:
+        """What the admin console's SHOW POOLS / CLIENTS / SERVERS / STATS print (plain data)."""
+        from proxy.pool_view import snapshot
+
+        return snapshot(self)
 
     def install_signal_handlers(self) -> None:
         """SIGHUP: reload config_path.  SIGTERM/SIGINT: drain and stop."""

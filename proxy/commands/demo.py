@@ -8,6 +8,8 @@ def register(sub):
     p.add_argument("--state-dir", default=".tenantgate/demo", help="where the cluster, config and dsns.json live")
     p.add_argument("--listen", default="127.0.0.1:6432", help="HOST:PORT tenantgate listens on")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.add_argument("--pool-mode", choices=("session", "transaction"), default="transaction",
+                   help="how application sessions share PostgreSQL connections (operators always use session)")
     p.set_defaults(func=run)
 
 
@@ -18,4 +20,4 @@ def run(args) -> int:
     from proxy.server import install_uvloop
 
     install_uvloop()
-    return asyncio.run(run_demo(Path(args.state_dir), args.listen, args.metrics_port))
+    return asyncio.run(run_demo(Path(args.state_dir), args.listen, args.metrics_port, pool_mode=args.pool_mode))

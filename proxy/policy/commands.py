@@ -46,7 +46,7 @@ _WORDISH = {TokenType.VAR, TokenType.IDENTIFIER}
 
 
 def _refuse(msg: str, state: str = INSUFFICIENT_PRIVILEGE) -> PolicyRefusal:
-    return PolicyRefusal(state, msg)
+    return PolicyRefusal(state, msg, reason="parse" if state == SYNTAX_ERROR else "unsupported")
 
 
 def _word(t: Token) -> str:
@@ -299,6 +299,7 @@ def _prepare(sql, start, end, toks, inner) -> Piece:
         Edit(e.start, e.end, tuple(TENANT_LASTING if p is TENANT else p for p in e.parts)) for e in piece.edits
     ]
     piece.prepared = (name,)
+    piece.pins_session = True
     return piece
 
 
@@ -331,9 +332,11 @@ def _deallocate(sql, start, end, toks, inner) -> Piece:
     rest = toks[1:] if toks and _word(toks[0]) == "PREPARE" else toks
     if len(rest) != 1:
         raise _refuse("unsupported DEALLOCATE form", FEATURE_NOT_SUPPORTED)
+    # on a transaction-pooled connection other clients' statements live too: the session keeps
+    # (pins) the connection, which is then never lent to anybody else
     if _word(rest[0]) == "ALL":
-        return Piece(statement_class="other", deallocate_all=True)
-    return Piece(statement_class="other", deallocated=(_name(rest[0]),))
+        return Piece(statement_class="other", deallocate_all=True, pins_session=True)
+    return Piece(statement_class="other", deallocated=(_name(rest[0]),), pins_session=True)
 
 
 # ---- EXPLAIN, cursors -----------------------------------------------------------------------
@@ -410,6 +413,8 @@ def _declare(sql, start, end, toks, inner) -> Piece:
         raise _refuse("DECLARE CURSOR needs a SELECT without data-modifying parts", FEATURE_NOT_SUPPORTED)
     piece = Piece(statement_class="read")
     piece.absorb(body)
+    words = [_word(t) for t in toks[1:j]]
+    piece.pins_session = any(w == "HOLD" and k > 0 and words[k - 1] == "WITH" for k, w in enumerate(words))
     return piece
 
 

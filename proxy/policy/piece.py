@@ -37,6 +37,9 @@ class Piece:
     deallocate_all: bool = False
     requires_prepared: tuple[str, ...] = ()
     tenant_token: tuple[str, bool] | None = None  # (token, is_local)
+    # leaves state on the backend connection that later transactions use (SQL PREPARE,
+    # DECLARE ... WITH HOLD): a transaction-pooled session keeps its connection from then on
+    pins_session: bool = False
 
     def absorb(self, other: "Piece") -> None:
         """Merge the effects of an inner statement (EXPLAIN x, PREPARE p AS x, ...)."""
@@ -46,3 +49,4 @@ class Piece:
         self.param_checks |= other.param_checks
         self.required_literals.extend(other.required_literals)
         self.requires_prepared += other.requires_prepared
+        self.pins_session |= other.pins_session

@@ -58,6 +58,8 @@ class Template:
     deallocate_all: bool = False
     requires_prepared: tuple[str, ...] = ()
     tenant_token: tuple[str, bool] | None = None
+    pins_session: bool = False
+    changes_settings: bool = False
     refusal: Refuse | None = None
     unknown_relation: bool = False
     # for the numeric-literal-normalised cache: segments with TENANT and Literal markers
@@ -117,26 +119,38 @@ class _StatementHandler:
         self.function_checker = function_checker
 
     def __call__(self, sql: str, start: int, end: int) -> Piece:
-        kw = first_word(sql, start)
-        refuse_keyword(kw)
-        if kw in COMMAND_KEYWORDS:
-            return command_piece(sql, start, end, kw, self)
-        tokens = tokenize_span(sql, start, end)
-        if not tokens:
-            raise PolicyRefusal(SYNTAX_ERROR, "empty statement")
-        if _UESC.search(sql, start, end):
-            _refuse_unicode_escapes(tokens)
-        tree = parse_tokens(sql, tokens)
-        cls, writes = classify(tree, kw)
-        if self.function_checker is not None:
-            self.function_checker.check(tree)
-        inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
-        if inj.edits or inj.touches_tenant:
-            spliced = "".join(MARKER_SQL if p is TENANT else p for p in splice(sql, inj.edits, start, end))
-            verify_rewrite(
-                spliced, 0, len(spliced), self.snapshot, self.rules,
-                param_checks=inj.param_checks, required_literals=len(inj.required_literals),
-            )
+        # ``stage`` names the pass running, so a refusal without an explicit reason gets that
+        # pass's reason (proxy.policy.refusal_reason) on its way out.
+        stage = "unsupported"
+        try:
+            kw = first_word(sql, start)
+            refuse_keyword(kw)
+            if kw in COMMAND_KEYWORDS:
+                return command_piece(sql, start, end, kw, self)
+            stage = "parse"
+            tokens = tokenize_span(sql, start, end)
+            if not tokens:
+                raise PolicyRefusal(SYNTAX_ERROR, "empty statement")
+            if _UESC.search(sql, start, end):
+                _refuse_unicode_escapes(tokens)
+            tree = parse_tokens(sql, tokens)
+            stage = "unsupported"
+            cls, writes = classify(tree, kw)
+            if self.function_checker is not None:
+                stage = "function"
+                self.function_checker.check(tree)
+            stage = "tenant"
+            inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
+            if inj.edits or inj.touches_tenant:
+                spliced = "".join(MARKER_SQL if p is TENANT else p for p in splice(sql, inj.edits, start, end))
+                verify_rewrite(
+                    spliced, 0, len(spliced), self.snapshot, self.rules,
+                    param_checks=inj.param_checks, required_literals=len(inj.required_literals),
+                )
+        except PolicyRefusal as e:
+            if not e.reason:
+                e.reason = stage
+            raise
         return Piece(
             edits=inj.edits, statement_class=cls, touches_tenant=inj.touches_tenant, writes=writes or inj.writes,
             param_checks=set(inj.param_checks), required_literals=list(inj.required_literals),
@@ -187,7 +201,7 @@ class Pipeline:
         except Exception as e:  # fail closed on anything unexpected (e.g. a sqlglot bug)
             log.exception("policy engine failed on a statement; refusing it")
             return Template(parts=(), refusal=Refuse(
-                FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})"))
+                FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})", reason="internal"))
         if len(pieces) > 1 and any(p.tenant_token or p.copy_in for p in pieces):
             what = "SET tenantgate.tenant" if any(p.tenant_token for p in pieces) else "COPY FROM STDIN"
             return Template(parts=(), refusal=Refuse(FEATURE_NOT_SUPPORTED, f"{what} must be sent as its own statement"))
@@ -223,6 +237,8 @@ class Pipeline:
             prepared=tuple(n for p in pieces for n in p.prepared),
             deallocated=tuple(n for p in pieces for n in p.deallocated),
             deallocate_all=any(p.deallocate_all for p in pieces),
+            pins_session=any(p.pins_session for p in pieces),
+            changes_settings="set_config" in sql.lower(),
             requires_prepared=_unprepared_requirements(pieces),
             tenant_token=pieces[0].tenant_token if len(pieces) == 1 else None,
         )
@@ -277,16 +293,16 @@ class Pipeline:
             return Analysis(Refuse(
                 INSUFFICIENT_PRIVILEGE,
                 "no tenant is selected for this session: this statement reads or writes tenant data",
-                hint="SET tenantgate.tenant = '<signed token>' first",
+                hint="SET tenantgate.tenant = '<signed token>' first", reason="tenant",
             ), cached=cached)
         if ctx.read_only and (tpl.writes or tpl.read_write_request):
-            return Analysis(Refuse(READ_ONLY_TRANSACTION, ctx.read_only_message), cached=cached)
+            return Analysis(Refuse(READ_ONLY_TRANSACTION, ctx.read_only_message, reason="read_only"), cached=cached)
         for name in tpl.requires_prepared:
             if name not in ctx.prepared_names:
                 return Analysis(Refuse(
                     INSUFFICIENT_PRIVILEGE,
                     f'EXECUTE of "{name}" refused: only statements PREPAREd through tenantgate in this session '
-                    "can be executed",
+                    "can be executed", reason="unsupported",
                 ), cached=cached)
         type_ = self.rules.tenant_column_type
         for lit in tpl.required_literals:
@@ -294,6 +310,7 @@ class Pipeline:
                 return Analysis(Refuse(
                     INSUFFICIENT_PRIVILEGE,
                     f"the value {lit!r} of the tenant column {self.rules.tenant_column} is not this session's tenant",
+                    reason="tenant",
                 ), cached=cached)
         # Sessions whose tenant can change (tenant tokens) reference the tenant through the backend
         # GUC in statements that outlive this execution (Parse, SQL PREPARE), and their Bind and
@@ -328,7 +345,8 @@ class Pipeline:
         param_checks = ()
         if tpl.param_checks:
             if tenant is None:
-                return Analysis(Refuse(INSUFFICIENT_PRIVILEGE, "no tenant is selected for this session"), cached=cached)
+                return Analysis(Refuse(INSUFFICIENT_PRIVILEGE, "no tenant is selected for this session", reason="tenant"),
+                                cached=cached)
             checked = source if dynamic else tenant
             param_checks = tuple(
                 (i, TenantParamCheck(i, checked, type_, self.rules.tenant_column)) for i in tpl.param_checks
@@ -341,7 +359,8 @@ class Pipeline:
             else:
                 copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
         result = Analysis(
-            Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class),
+            Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class,
+                    pins_session=tpl.pins_session, changes_settings=tpl.changes_settings),
             effects,
             cached=True,
         )

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import jwt
 
+from proxy.policy.commands import SAFE_PARAMETERS
 from proxy.policy.engine import DEFAULT_READ_ONLY_MESSAGE, PolicyContext, PolicyEngine
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, INVALID_AUTHORIZATION, PolicyRefusal
 from proxy.policy.tenantvalue import TENANT_GUC, tenant_literal, validate_tenant
@@ -102,6 +103,17 @@ class TenantSessionGate:
         self._epoch_tenant = self.tenant
         lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
         self.backend_setup_sql: Sequence[str] = (f"SET {TENANT_GUC} = {lit}",)
+
+    #: settings a transaction-pooled session carries from one backend connection to the next
+    #: (the SET-able parameters minus the per-transaction ones; the tenant GUC comes from
+    #: backend_settings())
+    tracked_parameters: tuple[str, ...] = tuple(sorted(
+        p for p in SAFE_PARAMETERS if not p.startswith("transaction_")))
+
+    def backend_settings(self) -> dict[str, str]:
+        """Proxy-controlled settings the backend connection must have for this session's next
+        transaction (transaction pooling applies them when they differ)."""
+        return {TENANT_GUC: self._tenant or ""}
 
     # ---- state -------------------------------------------------------------------------
     @property

@@ -499,3 +499,23 @@ def encode_ssl_request() -> bytes:
 
 def encode_cancel_request(pid: int, secret: int) -> bytes:
     return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, secret)
+
+
+def decode_data_row(payload: bytes) -> list[bytes | None]:
+    """The column values of a DataRow (NULL as None)."""
+    (n,) = _unpack_h(payload, 0)
+    pos = 2
+    out: list[bytes | None] = []
+    for _ in range(n):
+        if pos + 4 > len(payload):
+            raise ProtocolError("truncated DataRow", reason="malformed")
+        (length,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+            continue
+        if pos + length > len(payload):
+            raise ProtocolError("truncated DataRow", reason="malformed")
+        out.append(payload[pos:pos + length])
+        pos += length
+    return out

@@ -1,0 +1,319 @@
+"""Transaction pooling: bounded pools of backend connections that client sessions borrow.
+
+One :class:`BackendPool` per database.  A transaction-mode session borrows a
+:class:`ServerConn` when it has something to send, and gives it back at the
+first ReadyForQuery that leaves nothing open (idle, no transaction, nothing
+in flight, no unsynced extended-protocol messages).  With ``pool.size``
+connections busy, further sessions queue (FIFO) for up to
+``pool.queue_timeout_s``.
+
+What belongs to a connection rather than to a client is tracked here too:
+the settings applied to it (:mod:`proxy.varcache`) and the server-side names
+of prepared statements it holds (the session renames each client's named
+statements to names of its own and prepares them again on connections that
+lack them; see :mod:`proxy.client_session`).
+
+Upkeep (the janitor): idle connections older than ``server_idle_timeout_s``
+are closed; a connection past ``server_lifetime_s`` or holding more than
+``max_prepared_per_server`` statements is closed when it comes back.  A
+connection that PostgreSQL closed while idle is dropped from the pool.
+
+This module does not parse SQL or client messages; it moves connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+from proxy.backend_link import BackendConnection, BackendError
+from proxy.config import Config
+from proxy.metrics import (
+    BACKEND_CONNECTIONS,
+    POOL_SERVER_CONNECTIONS,
+    POOL_TRANSACTIONS_TOTAL,
+    POOL_WAIT_SECONDS,
+    POOL_WAITING_CLIENTS,
+)
+
+log = logging.getLogger("tenantgate.pool")
+
+_ACTIVE = POOL_SERVER_CONNECTIONS.labels(state="active")
+_IDLE = POOL_SERVER_CONNECTIONS.labels(state="idle")
+_ids = itertools.count(1)
+
+
+class PoolTimeout(Exception):
+    """No backend connection became free within ``pool.queue_timeout_s``."""
+
+
+class ServerConn:
+    """One pooled backend connection and what is known about its session state."""
+
+    __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
+                 "unnamed_owner")
+
+    def __init__(self, conn: BackendConnection, pool: "BackendPool"):
+        self.conn = conn
+        self.pool = pool
+        self.state: dict[str, str] = {}  # non-default settings (varcache)
+        self.prepared: set[str] = set()  # server-side prepared statement names
+        self.created = self.last_used = time.time()
+        self.client = None  # the ClientSession it is lent to
+        self.id = next(_ids)
+        self.closed = False
+        self.unnamed_owner = None  # the session whose unnamed statement the connection holds
+
+    @property
+    def protocol(self):
+        return self.conn.protocol
+
+    def healthy(self) -> bool:
+        """Open, and nothing arrived while idle (a FATAL from PostgreSQL, say)."""
+        p = self.conn.protocol
+        return not p.closed and not self.closed and not p.has_buffered_data()
+
+
+class BackendPool:
+    """The pool of one database.  ``connect()`` opens a new authenticated backend connection."""
+
+    def __init__(self, database: str, config: Config, connect: Callable[[], Awaitable[BackendConnection]]):
+        self.database = database
+        self.config = config
+        self._connect = connect
+        self.idle: list[ServerConn] = []  # most recently released last (LIFO reuse)
+        self.servers: set[ServerConn] = set()
+        self.connecting = 0
+        self.waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self.baseline: dict[str, str] | None = None  # default settings of a fresh connection
+        self.baseline_names: tuple[str, ...] = ()
+        # SHOW STATS
+        self.xact_count = 0
+        self.query_count = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.xact_time_s = 0.0
+        self.wait_time_s = 0.0
+        self.max_wait_started: float | None = None
+
+    # ------------------------------------------------------------------ borrowing
+
+    @property
+    def size(self) -> int:
+        return self.config.pool.size
+
+    def take_idle(self, prefer: ServerConn | None = None, wanted: dict[str, str] | None = None) -> ServerConn | None:
+        """A healthy idle connection now, or None.  Prefers ``prefer`` (the client's last one),
+        then one whose settings already match ``wanted``, then the most recently used."""
+        idle = self.idle
+        while idle:
+            pick = None
+            if prefer is not None and prefer in idle:
+                pick = prefer
+            elif wanted is not None:
+                for sc in reversed(idle):
+                    if sc.state == wanted:
+                        pick = sc
+                        break
+            if pick is None:
+                pick = idle[-1]
+            idle.remove(pick)
+            _IDLE.dec()
+            if pick.healthy():
+                _ACTIVE.inc()
+                return pick
+            self._drop(pick)
+            prefer = None
+        return None
+
+    async def acquire(self, timeout: float) -> ServerConn:
+        """An idle connection, a new one while below ``size``, or the next one released (FIFO)."""
+        sc = self.take_idle()
+        if sc is not None:
+            return sc
+        if len(self.servers) + self.connecting < self.size:
+            return await self._open()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        entry = (fut, time.monotonic())
+        self.waiters.append(entry)
+        POOL_WAITING_CLIENTS.inc()
+        t0 = time.perf_counter()
+        got: ServerConn | None = None
+        try:
+            got = await asyncio.wait_for(fut, timeout)
+            return got
+        except asyncio.TimeoutError:
+            raise PoolTimeout(
+                f"no connection to the database server became free within {timeout:g} s "
+                f"(all {self.size} pooled connections of database {self.database!r} are busy)")
+        finally:
+            POOL_WAITING_CLIENTS.dec()
+            took = time.perf_counter() - t0
+            self.wait_time_s += took
+            POOL_WAIT_SECONDS.observe(took)
+            try:
+                self.waiters.remove(entry)
+            except ValueError:
+                pass
+            if got is None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                # timed out or cancelled just after a connection was handed over: pass it on
+                self.release(fut.result())
+
+    async def _open(self) -> ServerConn:
+        self.connecting += 1
+        try:
+            conn = await self._connect()
+        finally:
+            self.connecting -= 1
+        sc = ServerConn(conn, self)
+        self.servers.add(sc)
+        BACKEND_CONNECTIONS.inc()
+        _ACTIVE.inc()
+        conn.protocol.on_lost = lambda exc, sc=sc: self._lost(sc)
+        return sc
+
+    def release(self, sc: ServerConn, *, xact_s: float = 0.0) -> None:
+        """Give a connection back (idle, no transaction, nothing in flight)."""
+        if sc.closed:
+            return
+        sc.client = None
+        sc.last_used = time.time()
+        self.xact_count += 1
+        self.xact_time_s += xact_s
+        POOL_TRANSACTIONS_TOTAL.inc()
+        cfg = self.config.pool
+        if (not sc.healthy() or sc.last_used - sc.created > cfg.server_lifetime_s
+                or len(sc.prepared) > cfg.max_prepared_per_server or len(self.servers) > self.size):
+            _ACTIVE.dec()
+            self._drop(sc)
+            self._serve_waiter_with_new()
+            return
+        p = sc.protocol
+        p.detach()
+        p.on_lost = lambda exc, sc=sc: self._lost(sc)
+        while self.waiters:
+            fut, _ = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(sc)
+                return
+        _ACTIVE.dec()
+        _IDLE.inc()
+        self.idle.append(sc)
+
+    def discard(self, sc: ServerConn) -> None:
+        """Close a lent connection whose state is unknown (client gone mid-transaction, pinned, broken)."""
+        if sc.closed:
+            return
+        _ACTIVE.dec()
+        self._drop(sc)
+        self._serve_waiter_with_new()
+
+    def _serve_waiter_with_new(self) -> None:
+        """A connection went away while clients wait: open a replacement for the first waiter."""
+        if not self.waiters or len(self.servers) + self.connecting >= self.size:
+            return
+        fut, _ = self.waiters.popleft()
+
+        async def open_for_waiter():
+            try:
+                sc = await self._open()
+            except BaseException as e:  # hand the error to the waiter
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else BackendError("cancelled"))
+                return
+            if fut.done():
+                self.release(sc)
+            else:
+                fut.set_result(sc)
+
+        asyncio.get_running_loop().create_task(open_for_waiter())
+
+    def _lost(self, sc: ServerConn) -> None:
+        """PostgreSQL closed a connection (while idle here; a lent one is the session's business)."""
+        if sc in self.idle:
+            self.idle.remove(sc)
+            _IDLE.dec()
+            self._drop(sc)
+
+    def _drop(self, sc: ServerConn) -> None:
+        if sc.closed:
+            return
+        sc.closed = True
+        self.servers.discard(sc)
+        BACKEND_CONNECTIONS.dec()
+        p = sc.conn.protocol
+        p.on_lost = None
+        p.close(terminate=True)
+
+    # ------------------------------------------------------------------ upkeep
+
+    def janitor(self) -> None:
+        """Close idle connections idle longer than ``server_idle_timeout_s`` or past their lifetime."""
+        now = time.time()
+        cfg = self.config.pool
+        for sc in list(self.idle):
+            if now - sc.last_used > cfg.server_idle_timeout_s or now - sc.created > cfg.server_lifetime_s \
+                    or not sc.healthy():
+                self.idle.remove(sc)
+                _IDLE.dec()
+                self._drop(sc)
+
+    def close(self) -> None:
+        for sc in list(self.idle):
+            _IDLE.dec()
+            self._drop(sc)
+        self.idle.clear()
+        while self.waiters:
+            fut, _ = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(BackendError("tenantgate is shutting down", "57P01"))
+
+    # ------------------------------------------------------------------ SHOW
+
+    def maxwait_s(self) -> float:
+        return time.monotonic() - self.waiters[0][1] if self.waiters else 0.0
+
+
+class PoolManager:
+    """All pools of one proxy process, by database, plus the janitor task."""
+
+    def __init__(self, config: Config, connect: Callable[[str], Awaitable[BackendConnection]]):
+        self.config = config
+        self._connect = connect
+        self.pools: dict[str, BackendPool] = {}
+        self._janitor: asyncio.Task | None = None
+
+    def get(self, database: str) -> BackendPool:
+        pool = self.pools.get(database)
+        if pool is None:
+            pool = self.pools[database] = BackendPool(database, self.config, lambda: self._connect(database))
+            if self._janitor is None:
+                self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+        return pool
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        for p in self.pools.values():
+            p.config = config
+
+    async def _run_janitor(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.config.pool.server_idle_timeout_s / 2))
+            for p in list(self.pools.values()):
+                try:
+                    p.janitor()
+                except Exception:  # pragma: no cover - never let upkeep die
+                    log.exception("pool janitor failed")
+
+    def close(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+            self._janitor = None
+        for p in self.pools.values():
+            p.close()
+
