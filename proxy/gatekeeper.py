@@ -31,6 +31,7 @@ import logging
 import weakref
 from urllib.parse import quote
 
+from proxy.admin_console import refuse_admin_outside_console
 from proxy.config import Config, ConfigError
 from proxy.lifecycle.status import connect_refusal, write_refusal
 from proxy.seam import SessionGate, SessionKind, SessionRefused, StartupInfo, UserRecord
@@ -157,6 +158,8 @@ class PolicyGatekeeper:
     # ---- sessions
 
     async def open_session(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
+        # admin users reach only the admin console (served by the session, never through a gate)
+        refuse_admin_outside_console(user, self.config.admin.database)
         if user.kind is SessionKind.PASSTHROUGH:
             # with a policy configured, nothing is forwarded unchecked
             raise SessionRefused("28000", f'user "{user.name}" is a passthrough user, which a tenantgate with '

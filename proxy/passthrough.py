@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from proxy.admin_console import refuse_admin_outside_console
 from proxy.config import Config
 from proxy.seam import (
     Decision,
@@ -64,11 +65,14 @@ class PassthroughGatekeeper:
     def __init__(self, config: Config, *, allow_all: bool = False):
         self.users = ConfigUserDirectory.from_config(config)
         self.allow_all = allow_all
+        self.admin_database = config.admin.database
 
     def reload(self, config: Config) -> None:
         self.users.replace(config.users)
+        self.admin_database = config.admin.database
 
     async def open_session(self, user: UserRecord, startup: StartupInfo) -> PassthroughGate:
+        refuse_admin_outside_console(user, self.admin_database)  # admin users reach only the admin console
         if user.kind is not SessionKind.PASSTHROUGH and not self.allow_all:
             raise SessionRefused(
                 "28000",

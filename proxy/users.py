@@ -13,6 +13,7 @@ def record_from_config(u: UserConfig) -> UserRecord:
         kind=SessionKind.PASSTHROUGH if u.passthrough else SessionKind.TENANT,
         tenant=u.tenant,
         token_tenants=u.token_tenants,
+        admin=u.admin,
     )
 
 
