@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -541,16 +540,6 @@ class _TenantPassthroughGatekeeper(PassthroughGatekeeper):
         return gate
 
 
-def _session_serves_the_console() -> bool:
-    import inspect
-
-    import proxy.client_session
-
-    return "AdminConsole" in inspect.getsource(proxy.client_session)
-
-
-@pytest.mark.skipif(not _session_serves_the_console(),
-                    reason="proxy/client_session.py does not hand admin connections to AdminConsole yet")
 def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):
     import psycopg
 
