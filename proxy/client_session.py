@@ -30,7 +30,6 @@ import secrets
 import struct
 import time
 from bisect import bisect_left
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from proxy import varcache
@@ -127,6 +126,11 @@ _DURATION_BATCHED = (bool(_DURATION_BOUNDS) and _DURATION_BOUNDS[-1] == float("i
                      and hasattr(QUERY_DURATION_SECONDS, "_buckets") and hasattr(QUERY_DURATION_SECONDS, "_sum"))
 
 
+#: query durations not yet handed to prometheus_client: [counts per bucket, sum, n]
+#: (one per process: every session of the event loop adds to it)
+_DURATIONS: list = [[0] * len(_DURATION_BOUNDS), 0.0, 0]
+
+
 def _flush_durations(counts: list[int], total: float) -> None:
     """Add locally counted histogram buckets (non-cumulative, like prometheus_client keeps them)."""
     buckets = QUERY_DURATION_SECONDS._buckets
@@ -157,6 +161,82 @@ class _Entry:
 
 
 class ClientSession(asyncio.Protocol):
+    # slots, not a __dict__: an idle pooled session is kept small (10,000 idle clients per process)
+    __slots__ = (
+        "_after_tasks",
+        "_attach_t0",
+        "_attach_task",
+        "_backend_fatal",
+        "_blocked",
+        "_bwrite",
+        "_bytes_in",
+        "_bytes_out",
+        "_client_connected",
+        "_console",
+        "_copy_check",
+        "_copy_failed",
+        "_counted",
+        "_held",
+        "_idle_timer",
+        "_idle_tx_s",
+        "_last_sconn",
+        "_m_forwarded",
+        "_m_refused",
+        "_marker_seq",
+        "_markers",
+        "_metrics_t",
+        "_n_forwarded",
+        "_out",
+        "_parse_fifo",
+        "_pinned",
+        "_pool_marks",
+        "_portals",
+        "_probe_names",
+        "_probe_values",
+        "_seg_done",
+        "_seg_sent",
+        "_setting_stmts",
+        "_settings_dirty",
+        "_startup_task",
+        "_stmt_names",
+        "_stmt_parse",
+        "_stmt_seq",
+        "_stmts",
+        "_swallowing",
+        "_unnamed_parse",
+        "_unsynced",
+        "_waiter",
+        "_wanted",
+        "_wanted_epoch",
+        "application_name",
+        "audited",
+        "backend",
+        "bproto",
+        "buf",
+        "closed",
+        "config",
+        "connected_at",
+        "database",
+        "fstate",
+        "gate",
+        "inflight",
+        "key",
+        "kind_label",
+        "loop",
+        "pool",
+        "pooled",
+        "relaying",
+        "request_time",
+        "scanner",
+        "sconn",
+        "server",
+        "session_id",
+        "tls",
+        "transport",
+        "tx_status",
+        "user",
+    )
+
     def __init__(self, server: "ProxyServer"):
         self.server = server
         self.config = server.config
@@ -175,7 +255,7 @@ class ClientSession(asyncio.Protocol):
         self.backend: BackendConnection | None = None
         self.bproto = None
         self.scanner: BackendScanner | None = None
-        self.inflight: deque[_Entry] = deque()
+        self.inflight: list[_Entry] = []  # oldest first (a list: an idle session stays small)
         self.tx_status = _ZERO
         self.key: tuple[int, int] | None = None
         self._waiter: asyncio.Future | None = None
@@ -194,7 +274,7 @@ class ClientSession(asyncio.Protocol):
         self._backend_fatal = False
         self._client_connected = False
         self._counted = False
-        self._after_tasks: set[asyncio.Task] = set()
+        self._after_tasks: set[asyncio.Task] | None = None  # audit_after tasks still running
         self._bytes_in = 0  # added to the byte counters at each ReadyForQuery and at close
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_tx_s = self.config.timeouts.idle_in_transaction_s
@@ -202,9 +282,6 @@ class ClientSession(asyncio.Protocol):
         self._bytes_out = 0
         self._pool_marks = (0, 0)  # (_bytes_in, _bytes_out) already counted for the pool
         self._n_forwarded = 0  # statements forwarded since the last metrics flush
-        self._dur_counts = [0] * len(_DURATION_BOUNDS)  # query durations since the last flush, per bucket
-        self._dur_sum = 0.0
-        self._dur_n = 0
         self._metrics_t = time.perf_counter()
         self.database: str | None = None
         self.application_name: str | None = None
@@ -215,6 +292,7 @@ class ClientSession(asyncio.Protocol):
         self.sconn: ServerConn | None = None  # the pooled connection while lent to this session
         self._last_sconn: ServerConn | None = None
         self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
+        self._wanted_epoch = None  # the gate's tenant_epoch _wanted was last updated for
         self._probe_names: tuple[str, ...] = ()
         self._probe_values: list | None = None
         self._swallowing = False  # the settings probe is being answered
@@ -225,8 +303,8 @@ class ClientSession(asyncio.Protocol):
         self._stmt_parse: dict[str, bytes] = {}  # server statement name -> its Parse message
         self._stmt_seq = 0
         self._unnamed_parse: bytes | None = None  # this client's unnamed statement (Parse message)
-        self._setting_stmts: set[str] = set()  # server names of statements that change settings
-        self._parse_fifo: deque[tuple[int, bool, str | None]] = deque()  # (segment, swallow?, name)
+        self._setting_stmts: set[str] | None = None  # server names of statements that change settings
+        self._parse_fifo: list[tuple[int, bool, str | None]] = []  # (segment, swallow?, name), oldest first
         self._attach_t0 = 0.0
         self._attach_task: asyncio.Task | None = None
         self._console = None  # the admin console (SHOW POOLS, ...) instead of a backend
@@ -460,6 +538,8 @@ class ClientSession(asyncio.Protocol):
         self.scanner = BackendScanner(POOLED_INTERESTING if self.pooled else AUDIT_INTERESTING)
         self._bwrite = bp.transport.write
         self.relaying = True
+        self._startup_task = None  # done: do not keep the finished task alive
+        self.buf.compact()
         bp.start_relay(self._on_backend_data)
         self._process_client()
         if self.pooled:
@@ -473,7 +553,8 @@ class ClientSession(asyncio.Protocol):
         self.pooled = True
         self.pool = self.server.pools.get(database)
         settings = gate.backend_settings()
-        self._probe_names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
+        names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
+        self._probe_names = self.pool.probe_names.setdefault(names, names)  # one shared tuple per pool
         self._wanted = {k.lower(): v for k, v in forwarded.items()}
         self._wanted.update(settings)
         try:
@@ -528,15 +609,16 @@ class ClientSession(asyncio.Protocol):
 
     def _attach(self) -> bool:
         """Borrow a connection for what the client sent; True when attached right away."""
-        gate_settings = self.gate.backend_settings()
+        gate = self.gate
+        epoch = getattr(gate, "tenant_epoch", None)
         wanted = self._wanted
-        if any(wanted.get(k) != v for k, v in gate_settings.items()):
-            wanted.update(gate_settings)
+        if epoch is None or epoch != self._wanted_epoch:  # the tenant may have changed
+            wanted.update(gate.backend_settings())
+            self._wanted_epoch = epoch
         pool = self.pool
         sc = pool.take_idle(self._last_sconn, wanted)
         if sc is not None:
-            to_set, to_reset = varcache.changes(sc.state, wanted, pool.baseline or {})
-            if not to_set and not to_reset:
+            if sc.state == wanted or varcache.changes(sc.state, wanted, pool.baseline or {}) == ({}, []):
                 self._bind_server(sc)
                 return True
         self._blocked = True
@@ -621,11 +703,11 @@ class ClientSession(asyncio.Protocol):
             self.backend.parameters[k] = v
         elif t == READY_FOR_QUERY:
             inflight = self.inflight
-            inflight.popleft()
+            inflight.pop(0)
             self._seg_done += 1
             self._swallowing = False
             while inflight and inflight[0].kind == b"R":  # refusals the client sent meanwhile
-                out.append(inflight.popleft().data + m.encode_ready_for_query(self.tx_status))
+                out.append(inflight.pop(0).data + m.encode_ready_for_query(self.tx_status))
             self.scanner.interesting = POOLED_INTERESTING
             values = self._probe_values
             if values is not None and len(values) == len(self._probe_names):
@@ -970,11 +1052,14 @@ class ClientSession(asyncio.Protocol):
         elif decision.statement_class == "set" or decision.changes_settings:
             self._settings_dirty = True
             if server_name:  # each later Bind of it dirties the settings again
+                if self._setting_stmts is None:
+                    self._setting_stmts = set()
                 self._setting_stmts.add(server_name)
 
     def _forget_statement(self, server_name: str) -> None:
         self._stmt_parse.pop(server_name, None)
-        self._setting_stmts.discard(server_name)
+        if self._setting_stmts:
+            self._setting_stmts.discard(server_name)
         self._stmts.pop(server_name, None)
         for client_name, s in list(self._stmt_names.items()):
             if s == server_name:
@@ -989,7 +1074,7 @@ class ClientSession(asyncio.Protocol):
             if name:
                 z = payload.index(b"\0")
                 payload = payload[:z + 1] + server.encode() + payload[payload.index(b"\0", z + 1):]
-                if server in self._setting_stmts:
+                if self._setting_stmts and server in self._setting_stmts:
                     self._settings_dirty = True
         if not self._stmts:
             m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
@@ -1126,7 +1211,7 @@ class ClientSession(asyncio.Protocol):
         err = m.encode_error("ERROR", refusal.sqlstate, refusal.message, refusal.detail, refusal.hint)
         self.inflight.append(_Entry(b"R", data=err))
         if len(self.inflight) == 1:
-            self.inflight.popleft()
+            self.inflight.pop(0)
             self._write_client(err + m.encode_ready_for_query(self.tx_status))
 
     def _refuse_extended(self, sql: str, refusal: Refuse, marker: Callable[[str], bytes]) -> None:
@@ -1165,6 +1250,8 @@ class ClientSession(asyncio.Protocol):
     def _finish_audit(self, e: _Entry) -> None:
         outcome = Outcome(e.sqlstate, e.tag, m.rows_from_tag(e.tag) if e.tag else None, time.perf_counter() - e.t0)
         task = self.loop.create_task(self._audit_after(e.handle, outcome))
+        if self._after_tasks is None:
+            self._after_tasks = set()
         self._after_tasks.add(task)
         task.add_done_callback(self._after_tasks.discard)
 
@@ -1208,7 +1295,7 @@ class ClientSession(asyncio.Protocol):
                 if inflight:
                     head = inflight[0]
                     if head.kind == b"X":
-                        inflight.popleft()
+                        inflight.pop(0)
                         if head.audited:
                             head.tag = m.command_tag(payload) if t == COMMAND_COMPLETE else None
                             self._finish_audit(head)
@@ -1218,7 +1305,7 @@ class ClientSession(asyncio.Protocol):
                 out.append(self._on_backend_error(payload, raw))
             elif t == PARSE_COMPLETE:
                 fifo = self._parse_fifo
-                if not fifo or not fifo.popleft()[1]:
+                if not fifo or not fifo.pop(0)[1]:
                     out.append(raw)
             elif t == COPY_IN_RESPONSE:
                 out.append(raw)
@@ -1244,10 +1331,10 @@ class ClientSession(asyncio.Protocol):
         if self._n_forwarded:
             self._m_forwarded.inc(self._n_forwarded)
             self._n_forwarded = 0
-        if self._dur_n:
-            _flush_durations(self._dur_counts, self._dur_sum)
-            self._dur_sum = 0.0
-            self._dur_n = 0
+        if _DURATIONS[2]:
+            _flush_durations(_DURATIONS[0], _DURATIONS[1])
+            _DURATIONS[1] = 0.0
+            _DURATIONS[2] = 0
         if self.pool is not None:
             self._count_pool_bytes()
             self._pool_marks = (0, 0)
@@ -1274,7 +1361,7 @@ class ClientSession(asyncio.Protocol):
             self._flush_byte_counters()
         inflight = self.inflight
         while inflight:
-            e = inflight.popleft()
+            e = inflight.pop(0)
             k = e.kind
             if k == b"R":
                 out.append(e.data + m.encode_ready_for_query(status))
@@ -1285,10 +1372,11 @@ class ClientSession(asyncio.Protocol):
                 now = time.perf_counter()
                 took = now - e.t0
                 if _DURATION_BATCHED:
-                    self._dur_counts[bisect_left(_DURATION_BOUNDS, took)] += 1
-                    self._dur_sum += took
-                    self._dur_n += 1
-                    if self._dur_n >= _METRICS_FLUSH_EVERY or now - self._metrics_t > _METRICS_FLUSH_S:
+                    d = _DURATIONS
+                    d[0][bisect_left(_DURATION_BOUNDS, took)] += 1
+                    d[1] += took
+                    d[2] += 1
+                    if d[2] >= _METRICS_FLUSH_EVERY or now - self._metrics_t > _METRICS_FLUSH_S:
                         self._flush_byte_counters()
                 else:
                     QUERY_DURATION_SECONDS.observe(took)
@@ -1298,7 +1386,7 @@ class ClientSession(asyncio.Protocol):
             done = self._seg_done
             self._markers = [mk for mk in self._markers if mk[0] > done]
         while inflight and inflight[0].kind == b"R":
-            out.append(inflight.popleft().data + m.encode_ready_for_query(status))
+            out.append(inflight.pop(0).data + m.encode_ready_for_query(status))
         if self.fstate.phase is Phase.COPY_IN:
             self._end_copy()
         try:
@@ -1331,7 +1419,7 @@ class ClientSession(asyncio.Protocol):
             seg = self._seg_done + 1
             sc = self.sconn
             while fifo and fifo[0][0] <= seg:
-                _, swallowed, name = fifo.popleft()
+                _, swallowed, name = fifo.pop(0)
                 if sc is None:
                     continue
                 if name is None:  # an unnamed Parse failed or was skipped
@@ -1346,7 +1434,7 @@ class ClientSession(asyncio.Protocol):
         if inflight:
             head = inflight[0]
             if head.kind == b"X":
-                inflight.popleft()
+                inflight.pop(0)
                 if head.audited:
                     head.sqlstate = _sqlstate_of(payload)
                     self._finish_audit(head)

@@ -44,6 +44,8 @@ log = logging.getLogger("tenantgate.pool")
 
 _ACTIVE = POOL_SERVER_CONNECTIONS.labels(state="active")
 _IDLE = POOL_SERVER_CONNECTIONS.labels(state="idle")
+#: how often the janitor publishes the pool gauges (they are not touched per transaction)
+GAUGE_EVERY_S = 1.0
 _ids = itertools.count(1)
 
 
@@ -85,12 +87,13 @@ class BackendPool:
         self.database = database
         self.config = config
         self._connect = connect
-        self.idle: list[ServerConn] = []  # most recently released last (LIFO reuse)
+        # idle connections, most recently released last (LIFO reuse); a dict for O(1) removal
+        self.idle: dict[ServerConn, None] = {}
         self.servers: set[ServerConn] = set()
         self.connecting = 0
         self.waiters: deque[tuple[asyncio.Future, float]] = deque()
         self.baseline: dict[str, str] | None = None  # default settings of a fresh connection
-        self.baseline_names: tuple[str, ...] = ()
+        self.probe_names: dict[tuple[str, ...], tuple[str, ...]] = {}  # interned probe name lists
         # SHOW STATS
         self.xact_count = 0
         self.query_count = 0
@@ -120,11 +123,9 @@ class BackendPool:
                         pick = sc
                         break
             if pick is None:
-                pick = idle[-1]
-            idle.remove(pick)
-            _IDLE.dec()
+                pick = next(reversed(idle))
+            del idle[pick]
             if pick.healthy():
-                _ACTIVE.inc()
                 return pick
             self._drop(pick)
             prefer = None
@@ -173,7 +174,6 @@ class BackendPool:
         sc = ServerConn(conn, self)
         self.servers.add(sc)
         BACKEND_CONNECTIONS.inc()
-        _ACTIVE.inc()
         conn.protocol.on_lost = lambda exc, sc=sc: self._lost(sc)
         return sc
 
@@ -185,11 +185,9 @@ class BackendPool:
         sc.last_used = time.time()
         self.xact_count += 1
         self.xact_time_s += xact_s
-        POOL_TRANSACTIONS_TOTAL.inc()
         cfg = self.config.pool
         if (not sc.healthy() or sc.last_used - sc.created > cfg.server_lifetime_s
                 or len(sc.prepared) > cfg.max_prepared_per_server or len(self.servers) > self.size):
-            _ACTIVE.dec()
             self._drop(sc)
             self._serve_waiter_with_new()
             return
@@ -201,15 +199,12 @@ class BackendPool:
             if not fut.done():
                 fut.set_result(sc)
                 return
-        _ACTIVE.dec()
-        _IDLE.inc()
-        self.idle.append(sc)
+        self.idle[sc] = None
 
     def discard(self, sc: ServerConn) -> None:
         """Close a lent connection whose state is unknown (client gone mid-transaction, pinned, broken)."""
         if sc.closed:
             return
-        _ACTIVE.dec()
         self._drop(sc)
         self._serve_waiter_with_new()
 
@@ -236,8 +231,7 @@ class BackendPool:
     def _lost(self, sc: ServerConn) -> None:
         """PostgreSQL closed a connection (while idle here; a lent one is the session's business)."""
         if sc in self.idle:
-            self.idle.remove(sc)
-            _IDLE.dec()
+            del self.idle[sc]
             self._drop(sc)
 
     def _drop(self, sc: ServerConn) -> None:
@@ -259,13 +253,11 @@ class BackendPool:
         for sc in list(self.idle):
             if now - sc.last_used > cfg.server_idle_timeout_s or now - sc.created > cfg.server_lifetime_s \
                     or not sc.healthy():
-                self.idle.remove(sc)
-                _IDLE.dec()
+                del self.idle[sc]
                 self._drop(sc)
 
     def close(self) -> None:
         for sc in list(self.idle):
-            _IDLE.dec()
             self._drop(sc)
         self.idle.clear()
         while self.waiters:
@@ -302,13 +294,29 @@ class PoolManager:
             p.config = config
 
     async def _run_janitor(self) -> None:
+        last_upkeep = time.monotonic()
+        published = 0
         while True:
-            await asyncio.sleep(min(5.0, self.config.pool.server_idle_timeout_s / 2))
+            await asyncio.sleep(GAUGE_EVERY_S)
+            self.publish()
+            xacts = sum(p.xact_count for p in self.pools.values())
+            POOL_TRANSACTIONS_TOTAL.inc(xacts - published)
+            published = xacts
+            if time.monotonic() - last_upkeep < min(5.0, self.config.pool.server_idle_timeout_s / 2):
+                continue
+            last_upkeep = time.monotonic()
             for p in list(self.pools.values()):
                 try:
                     p.janitor()
                 except Exception:  # pragma: no cover - never let upkeep die
                     log.exception("pool janitor failed")
+
+    def publish(self) -> None:
+        """Set the pool gauges (lent and idle connections) from the pools' state."""
+        idle = sum(len(p.idle) for p in self.pools.values())
+        total = sum(len(p.servers) for p in self.pools.values())
+        _IDLE.set(idle)
+        _ACTIVE.set(total - idle)
 
     def close(self) -> None:
         if self._janitor is not None:

@@ -286,7 +286,7 @@ class RefusalAuditor:
         self.record = A.AuditRecord(type=A.STATEMENT_REFUSED, operator=None, tenant=tenant,
                                     client_addr=startup.client_addr, session_id=startup.session_id,
                                     detail={"session_kind": kind, "user": user})
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] | None = None
 
     def __call__(self, sql: str, refusal: Refuse) -> None:
         rec = replace(self.record, original_sql=sql, sqlstate=refusal.sqlstate,
@@ -299,5 +299,7 @@ class RefusalAuditor:
                 log.error("could not audit a refused statement: %s", e)
 
         t = asyncio.get_running_loop().create_task(run())
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)

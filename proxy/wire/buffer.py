@@ -44,6 +44,11 @@ class ReceiveBuffer:
             self._pos = 0
         self._buf += data
 
+    def compact(self) -> None:
+        """Give back the storage of consumed bytes (e.g. after startup, before a session idles)."""
+        self._buf = bytearray(self._buf[self._pos:])
+        self._pos = 0
+
     def _compact(self) -> None:
         if self._pos > 65536 and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]
