@@ -105,6 +105,7 @@ FUNCTION_CALL_REFUSAL = Refuse(
 _BYTES_IN = BYTES_TOTAL.labels(direction="client_to_server")
 _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
+_monotonic = time.monotonic
 PARSE_COMPLETE = ord("1")
 DATA_ROW = ord("D")
 #: what a transaction-pooled session must see: ParseComplete of statements it prepares again
@@ -222,6 +223,7 @@ class ClientSession(asyncio.Protocol):
         "inflight",
         "key",
         "kind_label",
+        "last_activity",
         "loop",
         "pool",
         "pooled",
@@ -286,6 +288,7 @@ class ClientSession(asyncio.Protocol):
         self.database: str | None = None
         self.application_name: str | None = None
         self.connected_at = self.request_time = time.time()
+        self.last_activity = time.monotonic()  # for pool.client_idle_timeout_s
         # transaction pooling (pool.mode: transaction): the backend is borrowed per transaction
         self.pooled = False
         self.pool = None
@@ -318,6 +321,7 @@ class ClientSession(asyncio.Protocol):
         self._startup_task = self.loop.create_task(self._run_startup())
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = _monotonic()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

@@ -84,6 +84,7 @@ class ProxyServer:
         # transaction pooling: backend connections shared by sessions, per database
         self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task | None = None
         self._closed = asyncio.Event()
 
     # -------------------------------------------------------------- lifecycle
@@ -97,7 +98,22 @@ class ProxyServer:
             reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024,
         )
         self._port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep_idle_clients())
         log.info("tenantgate listening on %s:%d", self.host, self.port)
+
+    async def _sweep_idle_clients(self) -> None:
+        """``pool.client_idle_timeout_s``: close clients that sent nothing for that long and hold
+        no transaction open (checked every second; the setting can change on reload)."""
+        while True:
+            await asyncio.sleep(1.0)
+            limit = self.config.pool.client_idle_timeout_s
+            if not limit:
+                continue
+            now = time.monotonic()
+            for s in list(self.sessions):
+                if s.relaying and s.idle and now - s.last_activity > limit:
+                    s._fatal("57P05", f"terminating connection due to idle timeout "
+                                      f"(pool.client_idle_timeout_s = {limit:g} s)")
 
     @property
     def host(self) -> str:
@@ -183,6 +199,8 @@ class ProxyServer:
         for s in list(self.sessions):
             s._fatal("57P01", "terminating connection because tenantgate is shutting down")
         self.pools.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
