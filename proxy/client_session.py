@@ -788,29 +788,14 @@ class ClientSession(asyncio.Protocol):
             self._fatal("XX000", "internal error in tenantgate's admin console")
 
     async def _run_setup_sql(self, backend: BackendConnection, statements: list[str]) -> bytes:
-        status = backend.tx_status
-        if not statements:
-            return status
-        proto = backend.protocol
-        proto.write(b"".join(m.encode_query(s) for s in statements))
-        pending = len(statements)
-        error: str | None = None
-        try:
-            while pending:
-                t, payload = await proto.read_message()
-                if t == b"S":
-                    k, v = m.decode_parameter_status(payload)
-                    backend.parameters[k] = v
-                elif t == b"E" and error is None:
-                    error = m.decode_error_fields(payload).message
-                elif t == b"Z":
-                    pending -= 1
-                    status = payload[:1] or b"I"
-        except (BackendError, ProtocolError) as e:
-            raise _Fatal("08006", f"session setup on the database server failed: {e}", outcome="setup_failed")
-        if error is not None:
-            raise _Fatal("XX000", "session setup on the database server failed", detail=error, outcome="setup_failed")
-        return status
+        """Run the gate's setup statements (one round trip) before the client's first statement."""
+        if statements:
+            try:
+                await _server_query(backend, "; ".join(statements))
+            except BackendError as e:
+                raise _Fatal(e.sqlstate, "session setup on the database server failed", detail=e.message,
+                             outcome="setup_failed")
+        return backend.tx_status
 
     # ------------------------------------------------------------------ client -> backend
 

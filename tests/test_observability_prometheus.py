@@ -27,6 +27,7 @@ import yaml
 from demo_support import demo  # noqa: F401 - session fixture
 from observability_support import obs_served  # noqa: F401 - session fixture
 from proxy.pgcluster import free_port
+from test_deploy_files import promql_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -83,23 +84,6 @@ def test_promtool_check_config(tmp_path):
 # ------------------------------------------------------------------------------------------ names
 
 
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-                   "offset", "bool", "inf", "nan"}
-
-
-def promql_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression (not functions, keywords, labels or template variables)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}", " ", expr)
-    expr = re.sub(r"\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    expr = re.sub(r"\$\w+", " ", expr)
-    names = set()
-    for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        if expr[m.end():].lstrip().startswith("(") or m.group(0).lower() in PROMQL_KEYWORDS:
-            continue
-        names.add(m.group(0))
-    return names
 
 
 def used_metric_names() -> dict[str, set[str]]:
@@ -109,7 +93,7 @@ def used_metric_names() -> dict[str, set[str]]:
         dash = json.loads(path.read_text())
         for p in dash["panels"]:
             for t in p.get("targets", []):
-                for n in promql_names(t["expr"]):
+                for n in promql_metric_names(t["expr"]):
                     used.setdefault(n, set()).add(f"{path.name}: {p['title']}")
         for var in dash.get("templating", {}).get("list", []):
             q = var.get("query")
@@ -119,13 +103,13 @@ def used_metric_names() -> dict[str, set[str]]:
                 used.setdefault(m.group(1), set()).add(f"{path.name}: ${var['name']}")
     for group in yaml.safe_load(ALERTS.read_text())["groups"]:
         for rule in group["rules"]:
-            for n in promql_names(rule["expr"]):
+            for n in promql_metric_names(rule["expr"]):
                 used.setdefault(n, set()).add(f"alerts.yml: {rule['alert']}")
     return used
 
 
 def test_promql_names_extraction():
-    assert promql_names('histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="y"}[5m]))) > 4 * 3600 '
+    assert promql_metric_names('histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="y"}[5m]))) > 4 * 3600 '
                         'and on (instance) time() - b') == {"a_bucket", "b"}
 
 
