@@ -17,8 +17,23 @@ import re
 
 from proxy.policy.inject import TENANT
 
-_BAIL = re.compile(r"/\*|\$[^0-9]|\\|[Uu]&|(?<![\w$])[Ee]'")
-_TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|[\w$.\x80-\U0010ffff]+""")
+# what the scanner does not model: block comments, backslashes (E'' strings), dollar quotes,
+# U& escapes, E'' strings; cheap substring tests first, a regex only when the character is there
+_DOLLAR_QUOTE = re.compile(r"\$[^0-9]")
+_U_ESCAPE = re.compile(r"[Uu]&")
+_E_STRING = re.compile(r"(?<![\w$])[Ee]'")
+
+
+def _unmodelled(sql: str) -> bool:
+    return ("/*" in sql or "\\" in sql
+            or ("$" in sql and _DOLLAR_QUOTE.search(sql) is not None)
+            or ("&" in sql and _U_ESCAPE.search(sql) is not None)
+            or ("'" in sql and _E_STRING.search(sql) is not None))
+# Comments and quoted strings/identifiers are matched (and skipped) whole; group 1 is a token of
+# identifier characters that starts with a digit or a dot (a numeric literal if _NUMBER matches it
+# fully).  Tokens starting with a letter are never matched: the look-behind only lets a token start
+# where the previous character cannot continue one.
+_TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|(?<![\w$.\x80-\U0010ffff])([\d.][\w$.\x80-\U0010ffff]*)""")
 _NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE]\d+)?")
 QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
 
@@ -37,10 +52,10 @@ class Literal:
 
 def number_literals(sql: str) -> tuple[str, list[tuple[int, int]]] | None:
     """(key text with each numeric literal replaced by NUL, literal spans), or None."""
-    if _BAIL.search(sql):
+    if _unmodelled(sql):
         return None
     fullmatch = _NUMBER.fullmatch
-    spans = [m.span() for m in _TOKENS.finditer(sql) if m.group()[0] in "0123456789." and fullmatch(m.group())]
+    spans = [m.span(1) for m in _TOKENS.finditer(sql) if m.lastindex and fullmatch(m.group(1))]
     if not spans:
         return None
     out = []

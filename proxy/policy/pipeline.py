@@ -257,11 +257,9 @@ class Pipeline:
         norm = number_literals(sql)
         if norm is not None:
             ntpl = self.cache.lookup(("#", norm[0], origin, version))
-            if ntpl is not None:
+            if ntpl is not None:  # (not cached by exact text: literals mostly differ each time)
                 self.cache.count(True)
-                literals = [sql[s:e] for s, e in norm[1]]
-                self.cache.put(key, (ntpl, literals))
-                return ntpl, literals, True
+                return ntpl, [sql[s:e] for s, e in norm[1]], True
         self.cache.count(False)
         t0 = time.perf_counter()
         tpl = self.build(sql, origin)
