@@ -1,6 +1,14 @@
-"""`make bench`: every benchmark of the project, one after another.
+"""`make bench`: the benchmarks of the project, one after another.
 
-Each part prints its own figures; nothing here asserts on time.
+1. :mod:`bench.compare`: direct PostgreSQL, PgBouncer and tenantgate in one
+   interleaved run (throughput, latency, idle clients, rewrite cost, targets);
+   its summary is what docs/benchmarks.md shows.
+2. :mod:`bench.audit_bench`: audited operator statements per second (skipped
+   with ``BENCH_QUICK=1``).
+
+``BENCH_ONLY=compare`` (or ``audit``) runs one part.  Each part prints its own
+figures; nothing here asserts on time.  Options of the comparison:
+``python -m bench.compare --help`` (or the ``BENCH_*`` variables it names).
 """
 
 from __future__ import annotations
@@ -11,20 +19,25 @@ import sys
 import traceback
 
 PARTS = [
-    ("proxy throughput (pgbench -S: direct, PgBouncer, tenantgate)", "bench.pgbench_proxy"),
-    ("audit chain: audited operator statements per second", "bench.audit_bench"),
+    ("direct PostgreSQL vs PgBouncer vs tenantgate", "bench.compare", False),
+    ("audit chain: audited operator statements per second", "bench.audit_bench", True),
 ]
 
 
 def main() -> int:
     only = os.environ.get("BENCH_ONLY")
+    quick = os.environ.get("BENCH_QUICK", "").strip().lower() in ("1", "true", "yes", "on")
     failed = 0
-    for title, module in PARTS:
+    for title, module, full_only in PARTS:
         if only and only not in module:
+            continue
+        if quick and full_only and not only:
             continue
         print(f"\n#### {title}", flush=True)
         try:
-            importlib.import_module(module).run()
+            rc = importlib.import_module(module).run()
+            if isinstance(rc, int) and rc:
+                failed += 1
         except Exception:
             failed += 1
             traceback.print_exc()
