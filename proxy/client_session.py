@@ -205,6 +205,10 @@ class ClientSession(asyncio.Protocol):
         "_stmts",
         "_swallowing",
         "_unnamed_parse",
+        "_unnamed_single",
+        "_unnamed_spent",
+        "_unnamed_sets",
+        "_cancels_pending",
         "_unsynced",
         "_waiter",
         "_wanted",
@@ -307,6 +311,11 @@ class ClientSession(asyncio.Protocol):
         self._stmt_seq = 0
         self._unnamed_parse: bytes | None = None  # this client's unnamed statement (Parse message)
         self._setting_stmts: set[str] | None = None  # server names of statements that change settings
+        # the unnamed statement: a tenant switch (runs once), or changes settings (each Bind)
+        self._unnamed_single = False
+        self._unnamed_spent = False
+        self._unnamed_sets = False
+        self._cancels_pending = 0  # CancelRequests on their way to the borrowed connection
         self._parse_fifo: list[tuple[int, bool, str | None]] = []  # (segment, swallow?, name), oldest first
         self._attach_t0 = 0.0
         self._attach_task: asyncio.Task | None = None
@@ -671,6 +680,11 @@ class ClientSession(asyncio.Protocol):
                 or self._blocked or self._unsynced or self._out or self._held is not None
                 or self.fstate.phase is not Phase.READY or not self.scanner.at_boundary):
             return
+        if self._cancels_pending:
+            # a cancel is on its way to this connection: hold the client's next messages and give
+            # the connection back only once the cancel has been delivered (then queue as usual)
+            self._blocked = True
+            return
         if self._settings_dirty:
             self._settings_dirty = False
             self._send_probe()
@@ -872,7 +886,7 @@ class ClientSession(asyncio.Protocol):
         start = pos
         n = len(data)
         max_len = self.buf.max_length
-        binds_free = not self._stmts
+        binds_free = not self._stmts and not self._unnamed_single and not self._unnamed_sets
         pooled = self.pooled
         unsynced = self._unsynced
         executes_free = not self._portals and not self.audited
@@ -981,6 +995,7 @@ class ClientSession(asyncio.Protocol):
         return decision
 
     def _forward_query(self, sql: str, payload: bytes, decision: Forward, handle: Any) -> None:
+        self._unnamed_single = self._unnamed_sets = False  # a simple Query drops the unnamed statement
         if self.pooled:
             self._note_session_state(decision)
             self._unnamed_parse = None  # a simple Query drops the unnamed statement
@@ -999,6 +1014,10 @@ class ClientSession(asyncio.Protocol):
             decision = _check_declared_types(decision, p.param_types)
         if self.pooled and p.name and p.name in self._stmt_names and isinstance(decision, Forward):
             decision = Refuse("42P05", f'prepared statement "{p.name}" already exists')
+        if isinstance(decision, Forward) and decision.single_use and p.name:
+            decision = Refuse("0A000", "SET tenantgate.tenant cannot be a named prepared statement: it takes effect "
+                                       "once, when tenantgate checks it",
+                              hint="send it as a simple query, or as an unnamed statement")
         if isinstance(decision, Refuse):
             marker_name = "" if self.pooled else p.name
             if self.pooled:  # the failing marker Parse drops the connection's unnamed statement
@@ -1007,6 +1026,10 @@ class ClientSession(asyncio.Protocol):
             self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(marker_name, tok))
             return
         name = p.name
+        if not name:
+            self._unnamed_single = decision.single_use
+            self._unnamed_spent = False
+            self._unnamed_sets = decision.statement_class == "set" or decision.changes_settings
         if self.pooled:
             if name:
                 self._stmt_seq += 1
@@ -1055,6 +1078,17 @@ class ClientSession(asyncio.Protocol):
                 del self._stmt_names[client_name]
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
+        if (self._unnamed_single or self._unnamed_sets) and m.bind_statement_name(payload) == "":
+            if self._unnamed_single:
+                if self._unnamed_spent:  # its tenant switch was checked for one execution
+                    self._refuse_extended("<bind of the unnamed statement>", Refuse(
+                        "0A000", "the unnamed statement (SET tenantgate.tenant) has already run once",
+                        hint="send the SET again to switch tenants"),
+                        lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
+                    return
+                self._unnamed_spent = True
+            if self._unnamed_sets:
+                self._settings_dirty = True
         if self.pooled:
             name = m.bind_statement_name(payload)
             server = self._server_statement(name, "bind", lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
@@ -1481,10 +1515,29 @@ class ClientSession(asyncio.Protocol):
     # ------------------------------------------------------------------ ending
 
     def cancel_backend_query(self) -> None:
-        """Called by the CancelRegistry for a valid CancelRequest."""
+        """Called by the CancelRegistry for a valid CancelRequest.  A pooled connection is only
+        cancelled while this client has a statement running on it, and is not given back until
+        the cancel has been delivered (else it could hit the next client's query)."""
         b = self.backend
-        if b is not None and not self.closed:
-            self.loop.create_task(send_cancel(self.config.backend, b.pid, b.secret))
+        if b is None or self.closed:
+            return
+        if self.pooled:
+            if not self.inflight or self._cancels_pending:  # nothing running, or a cancel already on its way
+                return
+            self._cancels_pending += 1
+        self.loop.create_task(self._deliver_cancel(b))
+
+    async def _deliver_cancel(self, b: BackendConnection) -> None:
+        try:
+            await send_cancel(self.config.backend, b.pid, b.secret)
+        finally:
+            if self.pooled:
+                self._cancels_pending -= 1
+                if self._cancels_pending == 0 and self._blocked and self.sconn is not None \
+                        and self._attach_task is None and self._held is None and not self.closed:
+                    self._blocked = False
+                    self._maybe_release()
+                    self._process_client()
 
     def _terminator(self, sqlstate: str, message: str) -> None:
         """Given to the gate: end this session (FATAL to the client, backend closed)."""
@@ -1545,6 +1598,7 @@ class ClientSession(asyncio.Protocol):
             sc = self.sconn
             if sc is not None:
                 clean = not (busy or self._pinned or self._unsynced or self._settings_dirty or self._swallowing
+                             or self._cancels_pending
                              or self.tx_status != b"I" or self._out
                              or (self.scanner is not None and not self.scanner.at_boundary))
                 self._detach_server()

@@ -93,7 +93,9 @@ EXCLUDE: list[tuple[str, str, list[str]]] = [
       "pg_control_*", "pg_show_all_settings", "pg_notification_queue_usage", "pg_get_multixact_members",
       "pg_mcv_list_items", "pg_last_committed_xact", "pg_xact_commit_timestamp*", "pg_xact_status",
       "txid_status", "pg_get_replication_slots", "inet_server_addr", "inet_server_port",
-      "pg_sequence_last_value", "pg_stat_*"]),
+      "pg_sequence_last_value", "pg_stat_*",
+      # transaction pooling: a pooled connection holds other clients' prepared statements
+      "pg_prepared_statement"]),
     ("set_config",
      "changes a server setting; allowed only as set_config('<safe parameter>', ...) with a string literal "
      "naming a parameter of the safe SET list (special-cased by the checker)",
@@ -145,7 +147,7 @@ REVIEWED: dict[str, tuple[str, list[str]]] = {
                       "pg_trigger_depth", "pg_my_temp_schema", "pg_is_other_temp_schema", "pg_jit_available",
                       "pg_is_in_recovery", "inet_client_addr", "inet_client_port", "pg_client_encoding",
                       "getdatabaseencoding", "pg_encoding_to_char", "pg_char_to_encoding", "pg_listening_channels",
-                      "pg_prepared_statement", "pg_conf_load_time", "pg_postmaster_start_time",
+                      "pg_conf_load_time", "pg_postmaster_start_time",
                       "row_security_active", "pg_typeof", "pg_collation_for", "pg_column_size",
                       "pg_column_compression", "txid_current", "txid_current_if_assigned", "txid_current_snapshot",
                       "pg_current_xact_id", "pg_current_xact_id_if_assigned", "pg_current_snapshot",

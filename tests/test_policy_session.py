@@ -43,7 +43,7 @@ def test_token_set_switches_tenant_and_backstop(engine):
     assert gate.check("SELECT * FROM orders", Origin.SIMPLE).sqlstate == "42501"  # no tenant yet
     assert isinstance(gate.check("SELECT 1", Origin.SIMPLE), Forward)
     d = gate.check(f"SET tenantgate.tenant = '{make_token('globex', KEY)}'", Origin.SIMPLE)
-    assert d == Forward("SET tenantgate.tenant_id = 'globex'", statement_class="set")
+    assert d == Forward("SET tenantgate.tenant_id = 'globex'", statement_class="set", single_use=True)
     assert "'globex'" in gate.check("SELECT * FROM orders", Origin.SIMPLE).sql
 
 

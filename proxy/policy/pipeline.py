@@ -238,7 +238,7 @@ class Pipeline:
             deallocated=tuple(n for p in pieces for n in p.deallocated),
             deallocate_all=any(p.deallocate_all for p in pieces),
             pins_session=any(p.pins_session for p in pieces),
-            changes_settings="set_config" in sql.lower(),
+            changes_settings="set_config" in sql.lower() or any(p.statement_class == "set" for p in pieces),
             requires_prepared=_unprepared_requirements(pieces),
             tenant_token=pieces[0].tenant_token if len(pieces) == 1 else None,
         )

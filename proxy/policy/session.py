@@ -192,7 +192,8 @@ class TenantSessionGate:
         if local:
             if self._tx_status == b"I":
                 # like PostgreSQL: SET LOCAL outside a transaction has no lasting effect
-                return Forward(f"SET LOCAL {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
+                return Forward(f"SET LOCAL {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set",
+                               single_use=True)
             self._local_tenant = tenant
             self._local_status = status
         else:
@@ -202,7 +203,7 @@ class TenantSessionGate:
             self._status = status
         self._changed()
         kw = "SET LOCAL" if local else "SET"
-        return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set")
+        return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set", single_use=True)
 
     def _status_of(self, tenant: str) -> tuple[bool, str]:
         """The lifecycle status of a tenant chosen by token; PolicyRefusal if it may not be used."""
