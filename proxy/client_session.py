@@ -1019,10 +1019,14 @@ class ClientSession(asyncio.Protocol):
                                        "once, when tenantgate checks it",
                               hint="send it as a simple query, or as an unnamed statement")
         if isinstance(decision, Refuse):
-            marker_name = "" if self.pooled else p.name
-            if self.pooled:  # the failing marker Parse drops the connection's unnamed statement
-                self._unnamed_parse = None
-                self.sconn.unnamed_owner = None
+            marker_name = p.name
+            if self.pooled:
+                if p.name:  # a name that exists nowhere (the client's own names are renamed)
+                    self._marker_seq += 1
+                    marker_name = f"tg_{self.session_id}_r{self._marker_seq}"
+                else:  # the failing unnamed marker Parse drops the connection's unnamed statement
+                    self._unnamed_parse = None
+                    self.sconn.unnamed_owner = None
             self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(marker_name, tok))
             return
         name = p.name
@@ -1160,6 +1164,13 @@ class ClientSession(asyncio.Protocol):
             self._stmt_parse.pop(name, None)
             self.sconn.prepared.discard(name)
             payload = b"S" + name.encode() + b"\0"
+        elif self.pooled and c.kind == b"S":  # the unnamed statement: close it only if it is this client's
+            if self.sconn.unnamed_owner is self:
+                self.sconn.unnamed_owner = None
+            else:
+                payload = b"S" + NO_STATEMENT.encode() + b"\0"
+            self._unnamed_parse = None
+            self._unnamed_single = self._unnamed_sets = False
         if self._stmts or self._portals:
             (self._stmts if c.kind == b"S" else self._portals).pop(name, None)
         self._out.append(m.frame(t, payload))

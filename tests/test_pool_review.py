@@ -197,3 +197,34 @@ def test_replaying_a_prepared_tenant_switch_goes_through_the_gate(px, demo):  # 
         assert rows == simple == [["acme"]], f"Parse'd statement saw {rows}, the gate enforces {simple}"
     finally:
         c.close()
+
+
+def test_closing_the_unnamed_statement_closes_only_ones_own(px):
+    """A Close of the unnamed statement by one client leaves another client's unnamed statement
+    (which sits on the shared connection) usable, as it would be natively."""
+    a = RawClient(px.dsn("acme"))
+    b = RawClient(px.dsn("acme"))
+    try:
+        b.send(m.encode_parse("", "SELECT 'parsed by B'"), m.SYNC)
+        assert not errors(b.until_ready())
+        a.send(m.encode_close(b"S", ""), m.SYNC)
+        assert not errors(a.until_ready())
+        b.send(m.encode_bind("", "", ()), m.encode_execute(""), m.SYNC)
+        assert _values(b.until_ready()) == [["parsed by B"]]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_refused_named_parse_keeps_the_clients_unnamed_statement(px):
+    """The refusal of a named Parse must not drop the client's own unnamed statement."""
+    a = RawClient(px.dsn("acme"))
+    try:
+        a.send(m.encode_parse("", "SELECT 'mine'"), m.SYNC)
+        assert not errors(a.until_ready())
+        a.send(m.encode_parse("bad", "SELECT pg_read_file('/etc/passwd')"), m.SYNC)
+        assert [e.sqlstate for e in errors(a.until_ready())] == ["42501"]
+        a.send(m.encode_bind("", "", ()), m.encode_execute(""), m.SYNC)
+        assert _values(a.until_ready()) == [["mine"]]
+    finally:
+        a.close()
