@@ -76,12 +76,7 @@ def tenantgate_process(config: dict, workdir: Path):
         wait_port("127.0.0.1", port, proc=proc)
         yield TenantgateProcess(port, proc.pid, log_path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 
@@ -98,3 +93,14 @@ def pgbench(args: list[str], *, host: str, port: int, user: str, password: str, 
     if out.returncode != 0 or not m:
         raise RuntimeError(f"pgbench failed ({out.returncode}): {' '.join(cmd)}\n{text[-2000:]}")
     return float(m.group(1)), text
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import bench_cluster, free_port, raise_nofile_limit, tenantgate_process, wait_port
+from bench.common import bench_cluster, free_port, raise_nofile_limit, stop_process, tenantgate_process, wait_port
 from proxy.scram import make_verifier
 
 DB = "bench"
@@ -177,7 +177,7 @@ class BenchEnv:
             os.chmod(f, 0o666)
         proc = subprocess.Popen(["pgbouncer", str(d / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, preexec_fn=_as_postgres_with_many_files)
-        self._stack.callback(_stop, proc)
+        self._stack.callback(stop_process, proc)
         wait_port("127.0.0.1", port, proc=proc)
         pid_file = d / "pgbouncer.pid"
         pid = int(pid_file.read_text().strip()) if pid_file.exists() else proc.pid
@@ -204,11 +204,3 @@ def _as_postgres_with_many_files() -> None:
         os.setuid(pw.pw_uid)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from proxy import __version__
-from proxy.seam import SessionRefused, UserRecord
+from proxy.seam import SessionRefused, SqlStateError, UserRecord
 from proxy.wire import messages as m
 from proxy.wire.errors import ProtocolError
 
@@ -112,15 +112,8 @@ class Result:
         return b"".join(out)
 
 
-class ConsoleError(Exception):
+class ConsoleError(SqlStateError):
     """A statement failed: becomes an ErrorResponse; the connection stays usable."""
-
-    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None):
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.detail = detail
-        self.hint = hint
 
     def encode(self) -> bytes:
         return m.encode_error("ERROR", self.sqlstate, self.message, self.detail, self.hint)
