@@ -105,7 +105,6 @@ FUNCTION_CALL_REFUSAL = Refuse(
 _BYTES_IN = BYTES_TOTAL.labels(direction="client_to_server")
 _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
-_monotonic = time.monotonic
 PARSE_COMPLETE = ord("1")
 DATA_ROW = ord("D")
 #: what a transaction-pooled session must see: ParseComplete of statements it prepares again
@@ -207,7 +206,6 @@ class ClientSession(asyncio.Protocol):
         "_unnamed_parse",
         "_unnamed_single",
         "_unnamed_spent",
-        "_unnamed_sets",
         "_cancels_pending",
         "_unsynced",
         "_waiter",
@@ -227,7 +225,7 @@ class ClientSession(asyncio.Protocol):
         "inflight",
         "key",
         "kind_label",
-        "last_activity",
+        "idle_ticks",
         "loop",
         "pool",
         "pooled",
@@ -292,7 +290,7 @@ class ClientSession(asyncio.Protocol):
         self.database: str | None = None
         self.application_name: str | None = None
         self.connected_at = self.request_time = time.time()
-        self.last_activity = time.monotonic()  # for pool.client_idle_timeout_s
+        self.idle_ticks = 0  # seconds of silence counted by the server's sweeper (pool.client_idle_timeout_s)
         # transaction pooling (pool.mode: transaction): the backend is borrowed per transaction
         self.pooled = False
         self.pool = None
@@ -310,11 +308,12 @@ class ClientSession(asyncio.Protocol):
         self._stmt_parse: dict[str, bytes] = {}  # server statement name -> its Parse message
         self._stmt_seq = 0
         self._unnamed_parse: bytes | None = None  # this client's unnamed statement (Parse message)
-        self._setting_stmts: set[str] | None = None  # server names of statements that change settings
-        # the unnamed statement: a tenant switch (runs once), or changes settings (each Bind)
+        # server names of statements that change settings ("" for the unnamed one): each Bind of
+        # one makes a pooled session read its settings back
+        self._setting_stmts: set[str] | None = None
+        # the unnamed statement is a tenant switch: it runs once
         self._unnamed_single = False
         self._unnamed_spent = False
-        self._unnamed_sets = False
         self._cancels_pending = 0  # CancelRequests on their way to the borrowed connection
         self._parse_fifo: list[tuple[int, bool, str | None]] = []  # (segment, swallow?, name), oldest first
         self._attach_t0 = 0.0
@@ -330,7 +329,7 @@ class ClientSession(asyncio.Protocol):
         self._startup_task = self.loop.create_task(self._run_startup())
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = _monotonic()
+        self.idle_ticks = 0
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -886,7 +885,7 @@ class ClientSession(asyncio.Protocol):
         start = pos
         n = len(data)
         max_len = self.buf.max_length
-        binds_free = not self._stmts and not self._unnamed_single and not self._unnamed_sets
+        binds_free = not self._stmts and not self._unnamed_single and not self._setting_stmts
         pooled = self.pooled
         unsynced = self._unsynced
         executes_free = not self._portals and not self.audited
@@ -995,8 +994,10 @@ class ClientSession(asyncio.Protocol):
         return decision
 
     def _forward_query(self, sql: str, payload: bytes, decision: Forward, handle: Any) -> None:
-        self._unnamed_single = self._unnamed_sets = False  # a simple Query drops the unnamed statement
+        self._unnamed_single = False  # a simple Query drops the unnamed statement
         if self.pooled:
+            if self._setting_stmts:
+                self._setting_stmts.discard("")
             self._note_session_state(decision)
             self._unnamed_parse = None  # a simple Query drops the unnamed statement
             self.sconn.unnamed_owner = None
@@ -1033,7 +1034,6 @@ class ClientSession(asyncio.Protocol):
         if not name:
             self._unnamed_single = decision.single_use
             self._unnamed_spent = False
-            self._unnamed_sets = decision.statement_class == "set" or decision.changes_settings
         if self.pooled:
             if name:
                 self._stmt_seq += 1
@@ -1062,12 +1062,15 @@ class ClientSession(asyncio.Protocol):
         self._n_forwarded += 1
 
     def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
-        """Transaction mode: what this statement leaves on the connection (pins it, or dirties settings)."""
+        """Transaction mode: what this statement leaves on the connection (pins it, or dirties settings).
+        ``server_name``: the statement it is prepared as (Parse), "" for the unnamed one."""
+        if server_name is not None and self._setting_stmts:
+            self._setting_stmts.discard(server_name)  # the name now holds this statement
         if decision.pins_session:
             self._pinned = True
         elif decision.statement_class == "set" or decision.changes_settings:
             self._settings_dirty = True
-            if server_name:  # each later Bind of it dirties the settings again
+            if server_name is not None:  # each later Bind of it dirties the settings again
                 if self._setting_stmts is None:
                     self._setting_stmts = set()
                 self._setting_stmts.add(server_name)
@@ -1082,17 +1085,14 @@ class ClientSession(asyncio.Protocol):
                 del self._stmt_names[client_name]
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
-        if (self._unnamed_single or self._unnamed_sets) and m.bind_statement_name(payload) == "":
-            if self._unnamed_single:
-                if self._unnamed_spent:  # its tenant switch was checked for one execution
-                    self._refuse_extended("<bind of the unnamed statement>", Refuse(
-                        "0A000", "the unnamed statement (SET tenantgate.tenant) has already run once",
-                        hint="send the SET again to switch tenants"),
-                        lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
-                    return
-                self._unnamed_spent = True
-            if self._unnamed_sets:
-                self._settings_dirty = True
+        if self._unnamed_single and m.bind_statement_name(payload) == "":
+            if self._unnamed_spent:  # its tenant switch was checked for one execution
+                self._refuse_extended("<bind of the unnamed statement>", Refuse(
+                    "0A000", "the unnamed statement (SET tenantgate.tenant) has already run once",
+                    hint="send the SET again to switch tenants"),
+                    lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
+                return
+            self._unnamed_spent = True
         if self.pooled:
             name = m.bind_statement_name(payload)
             server = self._server_statement(name, "bind", lambda tok: m.encode_bind(m.decode_bind(payload).portal, tok))
@@ -1101,8 +1101,8 @@ class ClientSession(asyncio.Protocol):
             if name:
                 z = payload.index(b"\0")
                 payload = payload[:z + 1] + server.encode() + payload[payload.index(b"\0", z + 1):]
-                if self._setting_stmts and server in self._setting_stmts:
-                    self._settings_dirty = True
+            if self._setting_stmts and server in self._setting_stmts:
+                self._settings_dirty = True
         if not self._stmts:
             m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
             self._out.append(m.frame(t, payload))
@@ -1170,7 +1170,9 @@ class ClientSession(asyncio.Protocol):
             else:
                 payload = b"S" + NO_STATEMENT.encode() + b"\0"
             self._unnamed_parse = None
-            self._unnamed_single = self._unnamed_sets = False
+            self._unnamed_single = False
+            if self._setting_stmts:
+                self._setting_stmts.discard("")
         if self._stmts or self._portals:
             (self._stmts if c.kind == b"S" else self._portals).pop(name, None)
         self._out.append(m.frame(t, payload))
@@ -1460,6 +1462,8 @@ class ClientSession(asyncio.Protocol):
                     sc.unnamed_owner = None
                     if not swallowed:
                         self._unnamed_parse = None
+                        if self._setting_stmts:
+                            self._setting_stmts.discard("")
                 else:
                     sc.prepared.discard(name)
                     if not swallowed:  # the client's own Parse failed: its statement does not exist

@@ -57,7 +57,7 @@ class ServerConn:
     """One pooled backend connection and what is known about its session state."""
 
     __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
-                 "unnamed_owner")
+                 "unnamed_owner", "on_lost")
 
     def __init__(self, conn: BackendConnection, pool: "BackendPool"):
         self.conn = conn
@@ -69,6 +69,7 @@ class ServerConn:
         self.id = next(_ids)
         self.closed = False
         self.unnamed_owner = None  # the session whose unnamed statement the connection holds
+        self.on_lost = lambda exc: pool._lost(self)  # while idle in the pool: PostgreSQL closed it
 
     @property
     def protocol(self):
@@ -174,7 +175,7 @@ class BackendPool:
         sc = ServerConn(conn, self)
         self.servers.add(sc)
         BACKEND_CONNECTIONS.inc()
-        conn.protocol.on_lost = lambda exc, sc=sc: self._lost(sc)
+        conn.protocol.on_lost = sc.on_lost
         return sc
 
     def release(self, sc: ServerConn, *, xact_s: float = 0.0) -> None:
@@ -193,7 +194,7 @@ class BackendPool:
             return
         p = sc.protocol
         p.detach()
-        p.on_lost = lambda exc, sc=sc: self._lost(sc)
+        p.on_lost = sc.on_lost
         while self.waiters:
             fut, _ = self.waiters.popleft()
             if not fut.done():
