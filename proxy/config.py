@@ -129,6 +129,15 @@ class AuditConfig(_Strict):
     jsonl_path: str | None = None  # optional JSONL sink
     redact_params: bool = False  # log bound parameters as <redacted>
     verify_key_files: list[str] = []  # extra Ed25519 public keys (PEM) accepted on checkpoints (key rotation)
+    # Checkpoint coverage (docs/operator-access.md, "Audit integrity and the witness file").
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="sign the head when records stayed unsigned this long")
+    checkpoint_window_records: int | None = Field(
+        None, ge=1, description="audit verify fails when more records than this lie between checkpoints or after "
+                                "the last one (default: 2 x checkpoint_every)")
+    checkpoint_window_s: float = Field(
+        600.0, gt=0, description="audit verify fails when the oldest unsigned record is older than this")
+    witness_file: str | None = Field(
+        None, description="append every signed checkpoint here (JSON lines, fsynced); ship it off the host")
 
 
 class GrantsConfig(_Strict):

@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from urllib.parse import quote
 
+from proxy.textsafe import safe_text
 from proxy.config import Config, ConfigError, load_config
 from proxy.lifecycle.tables import (
     INVALID_AUTHORIZATION,
@@ -226,7 +227,7 @@ async def _list(args) -> int:
         return 0
     print(f"{'tenant':<24} {'status':<11} {'retention_end':<26} purged_at")
     for t in tenants:
-        print(f"{t.name:<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
+        print(f"{safe_text(t.name):<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
     return 0
 
 
