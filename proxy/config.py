@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.yamlfile import format_validation_error, load_mapping
 
@@ -138,6 +138,12 @@ class AuditConfig(_Strict):
         600.0, gt=0, description="audit verify fails when the oldest unsigned record is older than this")
     witness_file: str | None = Field(
         None, description="append every signed checkpoint here (JSON lines, fsynced); ship it off the host")
+
+    @model_validator(mode="after")
+    def _window_holds_a_checkpoint(self):
+        if self.checkpoint_window_records is not None and self.checkpoint_window_records < self.checkpoint_every:
+            raise ValueError("checkpoint_window_records must be at least checkpoint_every")
+        return self
 
 
 class GrantsConfig(_Strict):
