@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "tenant", "config_schema"]
+COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "receipt", "tenant", "config_schema"]
 
 
 def build_parser() -> argparse.ArgumentParser:
