@@ -164,7 +164,7 @@ class LifecycleConfig(_Strict):
     # Reading exports (verify-export, import): limits against decompression and field bombs.
     max_compression_ratio: float = Field(1000.0, gt=1, description="refuse archives expanding more than this")
     max_manifest_bytes: int = Field(16 << 20, ge=1024, description="largest manifest.json read")
-    max_field_bytes: int = Field(64 << 20, ge=1024, description="largest CSV value read (columns with a "
+    max_field_bytes: int = Field(16 << 20, ge=1024, description="largest CSV value read (columns with a "
                                                                "narrower type are capped at its limit)")
 
     def resolved_data_dsn(self) -> str | None:

@@ -55,7 +55,7 @@ class ReadLimits:
     max_compression_ratio: float = 1000.0
     ratio_floor_bytes: int = 8 << 20  # below this much output the ratio is not checked
     max_manifest_bytes: int = 16 << 20
-    max_field_bytes: int = 64 << 20
+    max_field_bytes: int = 16 << 20  # the csv parser holds a value as UCS-4: 64 MB at most
     max_header_bytes: int = 1 << 20  # one PAX / GNU long-name header
     max_window_bytes: int = 1 << 27  # zstd window (our exports use far less)
     max_members: int = 100_000
@@ -225,7 +225,8 @@ def scan_records(stream: IO[bytes], data_format: str, *, limits: ReadLimits, whe
                 raise _limit_error(f'row {n + 1} of "{where}" is longer than {line_cap} bytes',
                                    "raise lifecycle.max_field_bytes if this export is genuine")
         return FileScan(n, [], [longest])
-    text = io.TextIOWrapper(io.BufferedReader(stream, CHUNK), encoding="utf-8", newline="")
+    # The line reader must not buffer an endless line either: lines are capped below it.
+    text = io.TextIOWrapper(io.BufferedReader(_LineCap(stream, 4 * cap, where), CHUNK), encoding="utf-8", newline="")
     old = csv.field_size_limit(cap)  # bounds the parser's buffer (the CLI is single-threaded)
     n = 0
     try:
@@ -248,6 +249,28 @@ def scan_records(stream: IO[bytes], data_format: str, *, limits: ReadLimits, whe
         raise
     finally:
         csv.field_size_limit(old)
+
+
+class _LineCap(io.RawIOBase):
+    """Passes bytes through, refusing a line longer than ``cap`` (a line reader would buffer it whole)."""
+
+    def __init__(self, inner: IO[bytes], cap: int, where: str):
+        self.inner, self.cap, self.where = inner, cap, where
+        self.run = 0  # bytes since the last newline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.inner.read(min(len(b), CHUNK))
+        n = len(data)
+        b[:n] = data
+        i = data.rfind(b"\n")
+        self.run = self.run + n if i < 0 else n - i - 1
+        if self.run > self.cap:
+            raise _limit_error(f'"{self.where}" has a line longer than {self.cap} bytes',
+                               "raise lifecycle.max_field_bytes if this export is genuine")
+        return n
 
 
 def check_field_limits(scan: FileScan, columns: list[dict], data_format: str, limits: ReadLimits, where: str) -> None:
@@ -443,9 +466,9 @@ def verify_export(path: str | os.PathLike, *, keys: dict | None = None, limits: 
         where = f"{reader.path}:{t['file']}" if reader.archive else str(reader.path / t["file"])
         if t["file"] not in seen:
             raise LifecycleError(DATA_CORRUPTED, f'export file "{where}" is missing')
-        sha, rows = seen[t["file"]]
-        _check_member(t, sha, rows, where)
         if t["file"] in scans:
             scan, fmt, where = scans[t["file"]]
             check_field_limits(scan, t["columns"], manifest["data_format"], reader.limits, where)
+        sha, rows = seen[t["file"]]
+        _check_member(t, sha, rows, where)
     return manifest
