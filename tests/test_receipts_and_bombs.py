@@ -260,7 +260,7 @@ def test_field_longer_than_its_column_type_allows(tmp_path):
 
 
 def test_limits_are_configurable(tmp_path):
-    p = _pack(tmp_path / "r.tar.zst", [("public.t.csv", b"id,note\n" + b"1,x\n" * (4 << 20))])
+    p = _pack(tmp_path / "r.tar.zst", [("public.t.csv", b"id,note\n" + b"1,x\n" * (1 << 20))])
     with pytest.raises(LifecycleError) as e:
         verify_export(p, limits=ReadLimits(max_compression_ratio=10, ratio_floor_bytes=1 << 20))
     assert e.value.sqlstate == "54000" and "lifecycle.max_compression_ratio" in (e.value.hint or "")
