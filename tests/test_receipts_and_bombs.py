@@ -269,6 +269,7 @@ def test_limits_are_configurable(tmp_path):
     assert e.value.sqlstate == "XX001"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lifecycle:\n  max_compression_ratio: 10\n")
+    p = _pack(tmp_path / "r2.tar.zst", [("public.t.csv", b"id,note\n" + b"1,x\n" * (3 << 20))])  # past the floor
     r = tg("tenant", "verify-export", str(p), "--no-signature", "--config", str(cfg))
     assert r.returncode == 1 and "54000" in r.stderr and "expands more than 10 times" in r.stderr, r.stderr
 

@@ -81,6 +81,8 @@ async def _verify(args) -> int:
             if args.witness or os.path.exists(witness_path):
                 raise UsageError(str(e))
             witness = None  # configured but never written yet (no checkpoint so far)
+            print(f"tenantgate audit: warning: witness file {witness_path} does not exist: not checked "
+                  "(use --witness FILE with the copy shipped off the host)", file=sys.stderr)
     async with control_plane(args) as plane:
         report = await plane.verify(witness=witness, public_keys=keys)
 

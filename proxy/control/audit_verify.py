@@ -229,8 +229,10 @@ def _check_coverage(add, good: list[int], last: int, at_of: dict[int, datetime],
         if oldest is not None:
             age = (now - oldest).total_seconds()
             if age > cov.seconds:
-                add("unsigned_head", prev + 1,
-                    f"the head is not covered: records {prev + 1}..{last} have had no signed checkpoint for "
+                kind, what = (("checkpoints_missing", "checkpoints missing: the log has no signed checkpoint, and")
+                              if prev == 0 else ("unsigned_head", "the head is not covered:"))
+                add(kind, prev + 1,
+                    f"{what} records {prev + 1}..{last} have had no signed checkpoint for "
                     f"{age:.0f} s (window {cov.seconds:.0f} s, audit.checkpoint_window_s): they may have been "
                     f"rewritten.  If a tenantgate process stopped abruptly, compare them with the JSONL sink, "
                     f"then sign them with `tenantgate audit checkpoint`")

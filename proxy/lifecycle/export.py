@@ -20,20 +20,18 @@ extra), and the manifest's signature (:mod:`proxy.lifecycle.attest`).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import zstandard
 
@@ -41,7 +39,7 @@ import proxy
 from proxy.lifecycle import attest
 from proxy.lifecycle.progress import Progress
 from proxy.lifecycle.tables import (
-    DATA_CORRUPTED,
+    DATA_CORRUPTED,  # noqa: F401  (re-exported)
     DUPLICATE_FILE,
     INVALID_PARAMETER,
     IO_ERROR,
