@@ -119,3 +119,23 @@ class BackendBinder:
 
     def sql(self, tenant: str | None, mode: str) -> str:
         return f"SELECT {self.call(tenant, mode)}"
+
+    def call_value(self, value: str) -> str:
+        """:meth:`call` for a ``"<mode>:<tenant>"`` value (the varcache form)."""
+        tenant, mode = split_value(value)
+        return self.call(tenant, mode)
+
+
+_KEYS: dict[int, tuple[object, bytes | None]] = {}
+
+
+def key_for(config) -> bytes | None:
+    """The backstop key of a loaded :class:`proxy.config.Config` (resolved once per config object)."""
+    hit = _KEYS.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    key = config.backstop.resolved_key()
+    if len(_KEYS) > 16:
+        _KEYS.clear()
+    _KEYS[id(config)] = (config, key)
+    return key

@@ -294,9 +294,13 @@ BEGIN
 END $$;
 
 -- The hot path: no SET clause (it would cost a GUC save/restore per call), so
--- every name is schema-qualified, operators included.
+-- every name is schema-qualified, operators included.  VOLATILE, not STABLE: a
+-- STABLE function reads with its caller's snapshot, which in the extended
+-- protocol can predate a binding the proxy committed just before the Execute;
+-- a VOLATILE one reads the latest committed binding (still once per statement:
+-- `(SELECT ...)` is an initplan).
 CREATE OR REPLACE FUNCTION tenantgate_guard.current_tenant() RETURNS pg_catalog.text
-LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
     t pg_catalog.text;
@@ -309,7 +313,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION tenantgate_guard.current_writer() RETURNS pg_catalog.text
-LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
     t pg_catalog.text;
@@ -538,7 +542,8 @@ BEGIN
          WHERE p.pronamespace = 'pg_catalog'::regnamespace
            AND (p.proname LIKE 'pg\_stat\_get\_%' OR p.proname LIKE 'pg\_stat\_statements%'
                 OR p.proname LIKE 'lo\_%' OR p.proname IN ('loread', 'lowrite')
-                OR p.proname LIKE 'pg\_advisory%' OR p.proname LIKE 'pg\_try\_advisory%'
+                OR ((p.proname LIKE 'pg\_advisory%' OR p.proname LIKE 'pg\_try\_advisory%')
+                    AND p.proname <> 'pg_advisory_unlock_all')  -- own session's locks only (asyncpg's reset)
                 OR p.proname IN ('pg_notify', 'setseed', 'pg_prepared_xact', 'pg_lock_status',
                                  'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids',
                                  'pg_isolation_test_session_is_blocked',
@@ -565,8 +570,8 @@ BEGIN
     FOR v IN
         SELECT format('%I.%I', n.nspname, c.relname)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('v', 'r')
-           AND (c.relname LIKE 'pg\_stat%' OR c.relname LIKE 'pg\_statio\_%'
+         WHERE n.nspname = 'pg_catalog' AND c.relkind = 'v'
+           AND (c.relname LIKE 'pg\_stat\_%' OR c.relname LIKE 'pg\_statio\_%'
                 OR c.relname IN ('pg_locks', 'pg_prepared_xacts', 'pg_largeobject_metadata', 'pg_sequences',
                                  'pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_backend_memory_contexts',
                                  'pg_cursors', 'pg_prepared_statements'))
@@ -594,7 +599,19 @@ BEGIN
     END LOOP;
 END $$;
 
--- The guard itself still reads its callers' start time.
+-- The guard itself still reads its callers' start time; the control role (trusted, never
+-- used for tenant SQL) keeps advisory locks and pg_notify, which the control plane uses.
 GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO tenantgate_guard;
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
+              WHERE p.pronamespace = 'pg_catalog'::regnamespace
+                AND (p.proname LIKE 'pg\_advisory%' OR p.proname LIKE 'pg\_try\_advisory%' OR p.proname = 'pg_notify')
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO tenantgate_control', f.sig);
+    END LOOP;
+END $$;
 
 RESET password_encryption;

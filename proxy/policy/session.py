@@ -110,6 +110,14 @@ class TenantSessionGate:
     tracked_parameters: tuple[str, ...] = tuple(sorted(
         p for p in SAFE_PARAMETERS if not p.startswith("transaction_")))
 
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """(tenant, mode) the backend connection must be bound to at the PostgreSQL backstop
+        (proxy/backstop.py): ``write``, ``read`` for read-only sessions, ``none`` without a tenant."""
+        tenant = self.tenant
+        if tenant is None:
+            return None, "none"
+        return tenant, "read" if self.read_only else "write"
+
     def backend_settings(self) -> dict[str, str]:
         """Proxy-controlled settings the backend connection must have for this session's next
         transaction (transaction pooling applies them when they differ)."""
