@@ -69,9 +69,10 @@ def split_value(value: str) -> tuple[str | None, str]:
     return (tenant or None), mode
 
 
-def mac(key: bytes, tenant: str | None, mode: str, pid: int, backend_start: int, nonce: int) -> str:
+def mac(key: bytes, tenant: str | None, mode: str, pid: int, backend_start: int, nonce: int,
+        local: bool = False) -> str:
     t = tenant or ""
-    msg = f"{len(t)}:{t}|{mode}|{pid}|{backend_start}|{nonce}".encode()
+    msg = f"{len(t)}:{t}|{mode}|{pid}|{backend_start}|{nonce}{'|local' if local else ''}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
@@ -79,15 +80,17 @@ def _lit(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def bind_call(key: bytes, tenant: str | None, mode: str, pid: int, backend_start: int, nonce: int) -> str:
-    """The SQL expression binding backend ``(pid, backend_start)`` to ``tenant`` in ``mode``."""
+def bind_call(key: bytes, tenant: str | None, mode: str, pid: int, backend_start: int, nonce: int,
+              local: bool = False) -> str:
+    """The SQL expression binding backend ``(pid, backend_start)`` to ``tenant`` in ``mode``
+    (``local``: for the current transaction only, like SET LOCAL)."""
     if mode == "none":
         tenant = None
     elif not tenant:
         raise ValueError("a read or write binding needs a tenant")
-    m = mac(key, tenant, mode, pid, backend_start, nonce)
+    m = mac(key, tenant, mode, pid, backend_start, nonce, local)
     t = "NULL" if tenant is None else _lit(tenant)
-    return f"tenantgate_guard.bind({t}, {_lit(mode)}, {int(nonce)}, {_lit(m)})"
+    return f"tenantgate_guard.bind({t}, {_lit(mode)}, {int(nonce)}, {_lit(m)}{', true' if local else ''})"
 
 
 class BackendBinder:
@@ -113,9 +116,9 @@ class BackendBinder:
                                 "(is deploy/postgres/bootstrap.sql applied?)")
         return cls(key, int(pid), int(start))
 
-    def call(self, tenant: str | None, mode: str) -> str:
+    def call(self, tenant: str | None, mode: str, local: bool = False) -> str:
         self.nonce += 1
-        return bind_call(self.key, tenant, mode, self.pid, self.backend_start, self.nonce)
+        return bind_call(self.key, tenant, mode, self.pid, self.backend_start, self.nonce, local)
 
     def sql(self, tenant: str | None, mode: str) -> str:
         return f"SELECT {self.call(tenant, mode)}"

@@ -505,6 +505,8 @@ class ClientSession(asyncio.Protocol):
             raise _Fatal(e.sqlstate, e.message, e.detail, e.hint, outcome="refused")
         self.gate = gate
         self._bkey = backstop.key_for(cfg) if hasattr(gate, "backstop_binding") else None
+        if self._bkey is not None and hasattr(gate, "backstop_bind"):
+            gate.backstop_bind = self._backstop_call
         self.audited = bool(gate.audited)
         self.kind_label = getattr(gate.kind, "value", str(gate.kind))
         gate.set_terminator(self._terminator)
@@ -629,6 +631,17 @@ class ClientSession(asyncio.Protocol):
             binder = sc.binder = backstop.BackendBinder.from_identity_row(self._bkey, row)
         return binder
 
+    def _backstop_call(self, tenant: str | None, mode: str, local: bool) -> str | None:
+        """The gate's hook for a tenant switch: a bind call for the current backend connection, or
+        None when the proxy rebinds by itself (transaction pooling: at the settings probe)."""
+        if self.pooled:
+            if not local:
+                return None
+            binder = self.sconn.binder if self.sconn is not None else None
+        else:
+            binder = self._binder
+        return binder.call(tenant, mode, local) if binder is not None else None
+
     async def _backstop_setup(self, backend: BackendConnection, gate) -> str:
         """Session mode: the statement binding the new backend connection (its identity read first)."""
         try:
@@ -745,7 +758,11 @@ class ClientSession(asyncio.Protocol):
         self.scanner.interesting = EVERYTHING
         self.inflight.append(_Entry(b"W"))
         self._seg_sent += 1
-        self._bwrite(m.encode_query(varcache.probe_sql(self._probe_names)))
+        sql = varcache.probe_sql(self._probe_names)
+        binder = self.sconn.binder if self._bkey is not None else None
+        if binder is not None:  # a SET may have switched the tenant: bind before reading back
+            sql = f"{binder.sql(*self.gate.backstop_binding())}; {sql}"
+        self._bwrite(m.encode_query(sql))
 
     def _swallow(self, t: int, payload: bytes, out: list[bytes]) -> None:
         """A message answering the settings probe (never shown to the client)."""

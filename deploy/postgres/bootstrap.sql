@@ -203,9 +203,16 @@ CREATE UNLOGGED TABLE IF NOT EXISTS tenantgate_guard.binding (
     tenant text,
     mode text NOT NULL CHECK (mode IN ('read', 'write', 'none')),
     nonce bigint NOT NULL,
-    bound_at timestamptz NOT NULL DEFAULT now()
+    bound_at timestamptz NOT NULL DEFAULT now(),
+    -- SET LOCAL tenantgate.tenant: a binding for one transaction only
+    local_xid xid8,
+    local_tenant text,
+    local_mode text CHECK (local_mode IN ('read', 'write', 'none'))
 );
 ALTER TABLE tenantgate_guard.binding OWNER TO tenantgate_guard;
+ALTER TABLE tenantgate_guard.binding ADD COLUMN IF NOT EXISTS local_xid xid8;
+ALTER TABLE tenantgate_guard.binding ADD COLUMN IF NOT EXISTS local_tenant text;
+ALTER TABLE tenantgate_guard.binding ADD COLUMN IF NOT EXISTS local_mode text;
 REVOKE ALL ON tenantgate_guard.binding FROM PUBLIC;
 
 -- Install or rotate the key (-v backstop_key=<hex, at least 32 bytes> or TENANTGATE_BACKSTOP_KEY).
@@ -248,7 +255,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT (extract(epoch FROM a.backend_start) * 1000000)::bigint
         FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a $$;
 
-CREATE OR REPLACE FUNCTION tenantgate_guard.bind(p_tenant text, p_mode text, p_nonce bigint, p_mac text)
+DROP FUNCTION IF EXISTS tenantgate_guard.bind(text, text, bigint, text);
+-- p_local: for the current transaction only (SET LOCAL tenantgate.tenant); the MAC then covers "|local".
+CREATE OR REPLACE FUNCTION tenantgate_guard.bind(p_tenant text, p_mode text, p_nonce bigint, p_mac text,
+                                                 p_local boolean DEFAULT false)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -270,7 +280,7 @@ BEGIN
             USING ERRCODE = '28000', HINT = 'rerun deploy/postgres/bootstrap.sql with -v backstop_key=<the proxy''s backstop key>';
     END IF;
     msg := length(coalesce(p_tenant, '')) || ':' || coalesce(p_tenant, '') || '|' || p_mode || '|' || me
-           || '|' || started || '|' || p_nonce;
+           || '|' || started || '|' || p_nonce || CASE WHEN p_local THEN '|local' ELSE '' END;
     IF encode(sha256(k.k_opad || sha256(k.k_ipad || convert_to(msg, 'UTF8'))), 'hex') <> lower(p_mac) THEN
         RAISE EXCEPTION 'tenantgate backstop: binding refused (its MAC does not match this backend and the installed key)'
             USING ERRCODE = '28000';
@@ -278,6 +288,15 @@ BEGIN
     SELECT * INTO prev FROM tenantgate_guard.binding b WHERE b.pid = me FOR UPDATE;
     IF FOUND AND prev.backend_start = started AND p_nonce <= prev.nonce THEN
         RAISE EXCEPTION 'tenantgate backstop: binding refused (replayed or stale nonce)' USING ERRCODE = '28000';
+    END IF;
+    IF p_local THEN
+        IF NOT FOUND OR prev.backend_start <> started THEN
+            RAISE EXCEPTION 'tenantgate backstop: a transaction binding needs a session binding first' USING ERRCODE = '28000';
+        END IF;
+        UPDATE tenantgate_guard.binding b SET nonce = p_nonce, local_xid = pg_current_xact_id(),
+               local_tenant = CASE WHEN p_mode = 'none' THEN NULL ELSE p_tenant END, local_mode = p_mode
+         WHERE b.pid = me;
+        RETURN true;
     END IF;
     IF NOT FOUND OR prev.backend_start <> started THEN
         -- a new backend: forget bindings of backends that are gone
@@ -289,7 +308,8 @@ BEGIN
     INSERT INTO tenantgate_guard.binding AS b (pid, backend_start, client_port, tenant, mode, nonce, bound_at)
     VALUES (me, started, port, CASE WHEN p_mode = 'none' THEN NULL ELSE p_tenant END, p_mode, p_nonce, now())
     ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start, client_port = EXCLUDED.client_port,
-        tenant = EXCLUDED.tenant, mode = EXCLUDED.mode, nonce = EXCLUDED.nonce, bound_at = EXCLUDED.bound_at;
+        tenant = EXCLUDED.tenant, mode = EXCLUDED.mode, nonce = EXCLUDED.nonce, bound_at = EXCLUDED.bound_at,
+        local_xid = NULL, local_tenant = NULL, local_mode = NULL;
     RETURN true;
 END $$;
 
@@ -303,26 +323,30 @@ CREATE OR REPLACE FUNCTION tenantgate_guard.current_tenant() RETURNS pg_catalog.
 LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
-    t pg_catalog.text;
+    b record;
 BEGIN
-    SELECT b.tenant INTO t FROM tenantgate_guard.binding b
-     WHERE b.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
-       AND b.client_port OPERATOR(pg_catalog.=) COALESCE(pg_catalog.inet_client_port(), -1)
-       AND b.mode OPERATOR(pg_catalog.<>) 'none'::pg_catalog.text;
-    RETURN t;
+    SELECT g.tenant, g.mode, g.local_xid, g.local_tenant, g.local_mode INTO b FROM tenantgate_guard.binding g
+     WHERE g.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+       AND g.client_port OPERATOR(pg_catalog.=) COALESCE(pg_catalog.inet_client_port(), -1);
+    IF b.local_xid IS NOT NULL AND b.local_xid OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id_if_assigned() THEN
+        RETURN b.local_tenant;
+    END IF;
+    RETURN b.tenant;
 END $$;
 
 CREATE OR REPLACE FUNCTION tenantgate_guard.current_writer() RETURNS pg_catalog.text
 LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
-    t pg_catalog.text;
+    b record;
 BEGIN
-    SELECT b.tenant INTO t FROM tenantgate_guard.binding b
-     WHERE b.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
-       AND b.client_port OPERATOR(pg_catalog.=) COALESCE(pg_catalog.inet_client_port(), -1)
-       AND b.mode OPERATOR(pg_catalog.=) 'write'::pg_catalog.text;
-    RETURN t;
+    SELECT g.tenant, g.mode, g.local_xid, g.local_tenant, g.local_mode INTO b FROM tenantgate_guard.binding g
+     WHERE g.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+       AND g.client_port OPERATOR(pg_catalog.=) COALESCE(pg_catalog.inet_client_port(), -1);
+    IF b.local_xid IS NOT NULL AND b.local_xid OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id_if_assigned() THEN
+        RETURN CASE WHEN b.local_mode OPERATOR(pg_catalog.=) 'write'::pg_catalog.text THEN b.local_tenant END;
+    END IF;
+    RETURN CASE WHEN b.mode OPERATOR(pg_catalog.=) 'write'::pg_catalog.text THEN b.tenant END;
 END $$;
 
 -- "<mode>:<tenant>" of this backend's binding, or NULL (the proxy reads it back after a transaction).
