@@ -594,8 +594,8 @@ BEGIN
     FOR v IN
         SELECT format('%I.%I', n.nspname, c.relname)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'pg_catalog' AND c.relkind = 'v'
-           AND (c.relname LIKE 'pg\_stat\_%' OR c.relname LIKE 'pg\_statio\_%'
+         WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('v', 'r')
+           AND ((c.relkind = 'v' AND (c.relname LIKE 'pg\_stat\_%' OR c.relname LIKE 'pg\_statio\_%'))
                 OR c.relname IN ('pg_locks', 'pg_prepared_xacts', 'pg_largeobject_metadata', 'pg_sequences',
                                  'pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_backend_memory_contexts',
                                  'pg_cursors', 'pg_prepared_statements'))
