@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from deploy_support import APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn
+from deploy_support import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn
 from proxy.bootstrap import apply_bootstrap, install_hba, scram_verifier
 from proxy.doctor import diagnose
 
@@ -47,7 +47,7 @@ def app_db(env):
     name = f"app_{uuid.uuid4().hex[:8]}"
     cluster.psql(f"CREATE DATABASE {name}")
     cluster.psql(DEMO_SCHEMA, database=name)
-    apply_bootstrap(socket_admin_dsn(cluster, name), APP_PASSWORD, CONTROL_PASSWORD)
+    apply_bootstrap(socket_admin_dsn(cluster, name), APP_PASSWORD, CONTROL_PASSWORD, backstop_key=BACKSTOP_KEY)
     return name
 
 
