@@ -27,7 +27,7 @@ _TB = "has_table_privilege(current_user, {rel!r}, 'SELECT')"
 
 
 def _any_fn(pattern: str, exclude: tuple[str, ...] = ()) -> str:
-    excl = "".join(f" AND p.proname <> '{e}'" for e in exclude)
+    excl = "".join(f" AND p.proname NOT LIKE '{e}'" for e in exclude)
     return ("EXISTS (SELECT 1 FROM pg_proc p WHERE p.pronamespace = 'pg_catalog'::regnamespace "
             f"AND p.proname LIKE '{pattern}'{excl} AND has_function_privilege(current_user, p.oid, 'EXECUTE'))")
 
@@ -40,7 +40,8 @@ CHANNELS: dict[str, tuple[str, str]] = {
     "channel.stats_counters": ("per-table activity counters (pg_stat_*_tables, pg_statio_*, pg_stat_get_*)",
                                f"{_TB.format(rel='pg_catalog.pg_stat_user_tables')} OR "
                                f"{_TB.format(rel='pg_catalog.pg_statio_user_tables')} OR "
-                               + _any_fn(r"pg\_stat\_get\_%")),
+                               + _any_fn(r"pg\_stat\_get\_%", ("pg_stat_get_activity",
+                                                                   r"pg\_stat\_get\_backend\_%"))),
     "channel.locks": ("other sessions' locks (pg_locks, pg_lock_status, pg_blocking_pids)",
                       f"{_TB.format(rel='pg_catalog.pg_locks')} OR "
                       f"{_FN.format(sig='pg_catalog.pg_lock_status()')} OR "
