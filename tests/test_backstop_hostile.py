@@ -439,3 +439,46 @@ async def test_set_local_binding_ends_with_its_transaction(demo_db):
     finally:
         await conn.close()
     await globex_untouched(demo_db)
+
+
+# ------------------------------------------------------------------ the proxy refuses tables without the backstop
+
+async def test_proxy_refuses_a_tenant_table_without_the_backstop(demo_db):
+    """The catalog snapshot reads each tenant table's RLS state; a table lacking the backstop is
+    denied (42501 with the reason) unless the rules declare it backstop_off with a reason."""
+    from proxy.policy.catalog import load_snapshot
+    from proxy.policy.rules import Rules, RulesError  # noqa: F401
+
+    rules = Rules()
+    snap = await load_snapshot(app_dsn(demo_db), rules, backstop_key_configured=True)
+    assert {r.name for r in snap.tenant_relations()} == set(GLOBEX_ROWS)
+    admin = await asyncpg.connect(admin_dsn(demo_db))
+    try:
+        await admin.execute("CREATE POLICY everyone ON orders AS PERMISSIVE USING (true)")
+        await admin.execute("ALTER TABLE order_items NO FORCE ROW LEVEL SECURITY")
+        snap = await load_snapshot(app_dsn(demo_db), rules, backstop_key_configured=True)
+        orders, items = snap.get("public", "orders"), snap.get("public", "order_items")
+        assert orders.classification == "denied" and "everyone" in orders.reason
+        assert items.classification == "denied" and "not forced" in items.reason
+        assert snap.get("public", "customers").tenant_scoped
+        # declared off, with a reason: served (the rewriter alone protects it)
+        off = Rules(backstop_off={"orders": "legacy reporting table, rewriter only (TICKET-7)"})
+        assert (await load_snapshot(app_dsn(demo_db), off, backstop_key_configured=True)) \
+            .get("public", "orders").tenant_scoped
+        # without a backstop key configured, `auto` does not require it; `required` does
+        assert (await load_snapshot(app_dsn(demo_db), rules)).get("public", "orders").tenant_scoped
+        assert (await load_snapshot(app_dsn(demo_db), Rules(backstop="required"))) \
+            .get("public", "orders").classification == "denied"
+    finally:
+        await admin.execute("DROP POLICY everyone ON orders")
+        await admin.execute("ALTER TABLE order_items FORCE ROW LEVEL SECURITY")
+        await admin.close()
+
+
+def test_backstop_off_needs_a_reason():
+    from pydantic import ValidationError
+
+    from proxy.policy.rules import Rules
+
+    with pytest.raises(ValidationError, match="reason"):
+        Rules(backstop_off={"orders": " "})
