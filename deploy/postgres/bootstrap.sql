@@ -314,13 +314,13 @@ BEGIN
 END $$;
 
 -- The hot path: no SET clause (it would cost a GUC save/restore per call), so
--- every name is schema-qualified, operators included.  VOLATILE, not STABLE: a
--- STABLE function reads with its caller's snapshot, which in the extended
--- protocol can predate a binding the proxy committed just before the Execute;
--- a VOLATILE one reads the latest committed binding (still once per statement:
--- `(SELECT ...)` is an initplan).
+-- every name is schema-qualified, operators included.  STABLE: it reads with
+-- the statement's snapshot, which holds every binding committed before the
+-- statement began and, inside a transaction, the transaction's own SET LOCAL
+-- binding (bindings are made between statements, never during one).  Once per
+-- statement: `(SELECT ...)` is an initplan.
 CREATE OR REPLACE FUNCTION tenantgate_guard.current_tenant() RETURNS pg_catalog.text
-LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
     b record;
@@ -335,7 +335,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION tenantgate_guard.current_writer() RETURNS pg_catalog.text
-LANGUAGE plpgsql VOLATILE PARALLEL RESTRICTED SECURITY DEFINER
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER
 AS $$
 DECLARE
     b record;
