@@ -482,3 +482,26 @@ def test_backstop_off_needs_a_reason():
 
     with pytest.raises(ValidationError, match="reason"):
         Rules(backstop_off={"orders": " "})
+
+
+async def test_lifecycle_role_without_bypassrls_is_refused_not_silently_empty(demo_db):
+    """Export/purge as a role the backstop shows no rows would export nothing and 'verify' a purge
+    of zero rows: refused up front (42501) instead."""
+    from proxy.lifecycle.tables import LifecycleError, discover, scope_session
+
+    admin = await asyncpg.connect(admin_dsn(demo_db))
+    try:
+        await admin.execute("DROP ROLE IF EXISTS lc_plain; CREATE ROLE lc_plain LOGIN PASSWORD 'pw'; "
+                            "GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA public TO lc_plain")
+        cluster, _ = demo_db
+        life = await asyncpg.connect(cluster.dsn("lc_plain", "pw", DEMO_DB))
+        try:
+            schema = await discover(life, "tenant_id")
+            with pytest.raises(LifecycleError) as e:
+                await scope_session(life, schema, "acme", local=False)
+            assert e.value.sqlstate == DENIED and "BYPASSRLS" in (e.value.hint or "")
+        finally:
+            await life.close()
+    finally:
+        await admin.execute("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM lc_plain; DROP ROLE lc_plain")
+        await admin.close()
