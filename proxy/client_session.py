@@ -32,7 +32,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Callable
 
-from proxy import varcache
+from proxy import backstop, varcache
 from proxy.backend_link import BackendConnection, BackendError, connect_backend, send_cancel
 from proxy.metrics import (
     BACKEND_CONNECTIONS,
@@ -167,6 +167,8 @@ class ClientSession(asyncio.Protocol):
         "_attach_t0",
         "_attach_task",
         "_backend_fatal",
+        "_binder",
+        "_bkey",
         "_blocked",
         "_bwrite",
         "_bytes_in",
@@ -297,6 +299,8 @@ class ClientSession(asyncio.Protocol):
         self.sconn: ServerConn | None = None  # the pooled connection while lent to this session
         self._last_sconn: ServerConn | None = None
         self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
+        self._bkey: bytes | None = None  # the backstop key, when the gate binds connections (proxy/backstop.py)
+        self._binder = None  # session mode: the backend connection's BackendBinder
         self._wanted_epoch = None  # the gate's tenant_epoch _wanted was last updated for
         self._probe_names: tuple[str, ...] = ()
         self._probe_values: list | None = None
@@ -500,6 +504,9 @@ class ClientSession(asyncio.Protocol):
         except SessionRefused as e:
             raise _Fatal(e.sqlstate, e.message, e.detail, e.hint, outcome="refused")
         self.gate = gate
+        self._bkey = backstop.key_for(cfg) if hasattr(gate, "backstop_binding") else None
+        if self._bkey is not None and hasattr(gate, "backstop_bind"):
+            gate.backstop_bind = self._backstop_call
         self.audited = bool(gate.audited)
         self.kind_label = getattr(gate.kind, "value", str(gate.kind))
         gate.set_terminator(self._terminator)
@@ -527,7 +534,10 @@ class ClientSession(asyncio.Protocol):
             if self.closed:  # client vanished while we were connecting
                 self._close()
                 return
-            status = await self._run_setup_sql(backend, list(gate.backend_setup_sql))
+            setup = list(gate.backend_setup_sql)
+            if self._bkey is not None:  # the PostgreSQL backstop: bind before anything else runs
+                setup.insert(0, await self._backstop_setup(backend, gate))
+            status = await self._run_setup_sql(backend, setup)
 
         self.key = server.cancels.register(self)
         out = [m.encode_parameter_status(k, v) for k, v in backend.parameters.items()]
@@ -564,7 +574,7 @@ class ClientSession(asyncio.Protocol):
         ParameterStatus reported to the client); it goes back at the first idle ReadyForQuery."""
         self.pooled = True
         self.pool = self.server.pools.get(database)
-        settings = gate.backend_settings()
+        settings = self._gate_settings()
         names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
         self._probe_names = self.pool.probe_names.setdefault(names, names)  # one shared tuple per pool
         self._wanted = {k.lower(): v for k, v in forwarded.items()}
@@ -601,8 +611,47 @@ class ClientSession(asyncio.Protocol):
         to_set, to_reset = varcache.changes(sc.state, self._wanted, pool.baseline)
         if to_set or to_reset:
             sc.unnamed_owner = None  # a simple Query drops the unnamed statement
-            await _server_query(sc.conn, varcache.apply_sql(to_set, to_reset))
+            bind = None
+            if backstop.BINDING_SETTING in to_set or backstop.BINDING_SETTING in to_reset:
+                bind = (await self._server_binder(sc)).call_value
+            await _server_query(sc.conn, varcache.apply_sql(to_set, to_reset, bind))
         sc.state = dict(self._wanted)
+
+    def _gate_settings(self) -> dict[str, str]:
+        """The gate's backend settings plus, with the backstop configured, its binding."""
+        settings = self.gate.backend_settings()
+        if self._bkey is not None:
+            settings[backstop.BINDING_SETTING] = backstop.binding_value(*self.gate.backstop_binding())
+        return settings
+
+    async def _server_binder(self, sc: ServerConn) -> backstop.BackendBinder:
+        binder = sc.binder
+        if binder is None:
+            row = await _server_query(sc.conn, backstop.IDENTITY_SQL)
+            binder = sc.binder = backstop.BackendBinder.from_identity_row(self._bkey, row)
+        return binder
+
+    def _backstop_call(self, tenant: str | None, mode: str, local: bool) -> str | None:
+        """The gate's hook for a tenant switch: a bind call for the current backend connection, or
+        None when the proxy rebinds by itself (transaction pooling: at the settings probe)."""
+        if self.pooled:
+            if not local:
+                return None
+            binder = self.sconn.binder if self.sconn is not None else None
+        else:
+            binder = self._binder
+        return binder.call(tenant, mode, local) if binder is not None else None
+
+    async def _backstop_setup(self, backend: BackendConnection, gate) -> str:
+        """Session mode: the statement binding the new backend connection (its identity read first)."""
+        try:
+            row = await _server_query(backend, backstop.IDENTITY_SQL)
+            self._binder = backstop.BackendBinder.from_identity_row(self._bkey, row)
+        except (BackendError, backstop.BackstopError) as e:
+            raise _Fatal("28000", "tenantgate could not bind the database connection to the tenant",
+                         detail=getattr(e, "message", str(e)), hint="apply deploy/postgres/bootstrap.sql with the "
+                         "proxy's backstop key (config backstop.key)", outcome="setup_failed")
+        return self._binder.sql(*gate.backstop_binding())
 
     def _bind_server(self, sc: ServerConn, *, start: bool = True) -> None:
         self.sconn = sc
@@ -625,7 +674,7 @@ class ClientSession(asyncio.Protocol):
         epoch = getattr(gate, "tenant_epoch", None)
         wanted = self._wanted
         if epoch is None or epoch != self._wanted_epoch:  # the tenant may have changed
-            wanted.update(gate.backend_settings())
+            wanted.update(self._gate_settings())
             self._wanted_epoch = epoch
         pool = self.pool
         sc = pool.take_idle(self._last_sconn, wanted)
@@ -709,7 +758,11 @@ class ClientSession(asyncio.Protocol):
         self.scanner.interesting = EVERYTHING
         self.inflight.append(_Entry(b"W"))
         self._seg_sent += 1
-        self._bwrite(m.encode_query(varcache.probe_sql(self._probe_names)))
+        sql = varcache.probe_sql(self._probe_names)
+        binder = self.sconn.binder if self._bkey is not None else None
+        if binder is not None:  # a SET may have switched the tenant: bind before reading back
+            sql = f"{binder.sql(*self.gate.backstop_binding())}; {sql}"
+        self._bwrite(m.encode_query(sql))
 
     def _swallow(self, t: int, payload: bytes, out: list[bytes]) -> None:
         """A message answering the settings probe (never shown to the client)."""
@@ -733,7 +786,7 @@ class ClientSession(asyncio.Protocol):
                                              baseline)
                 self.sconn.state = actual
                 self._wanted = dict(actual)
-                self._wanted.update(self.gate.backend_settings())
+                self._wanted.update(self._gate_settings())
             else:  # the probe failed: the connection's state is unknown, do not lend it again
                 self._pinned = True
 

@@ -222,6 +222,26 @@ class LoggingConfig(_Strict):
         False, description="keep literals in logged statement text (default: replaced by ?, they may be values)")
 
 
+class BackstopConfig(_Strict):
+    """The PostgreSQL backstop (proxy/backstop.py): the key tenantgate binds backend connections
+    with; the same key is installed by deploy/postgres/bootstrap.sql (-v backstop_key=...)."""
+
+    key: str | None = Field(None, description="hex, 32 to 64 bytes; prefer key_env or key_file")
+    key_env: str | None = None
+    key_file: str | None = None
+
+    def resolved_key(self) -> bytes | None:
+        text = _secret(self.key, self.key_env, self.key_file, "backstop.key")
+        if text is None:
+            return None
+        from proxy.backstop import BackstopError, parse_key
+
+        try:
+            return parse_key(text)
+        except BackstopError as e:
+            raise ConfigError(f"backstop.key: {e}") from None
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     workers: int = Field(
@@ -244,6 +264,7 @@ class Config(_Strict):
     logging: LoggingConfig = LoggingConfig()
     pool: PoolConfig = PoolConfig()
     admin: AdminConfig = AdminConfig()
+    backstop: BackstopConfig = BackstopConfig()
 
     def pool_mode_for(self, user: str, database: str) -> PoolMode:
         for u in self.users:

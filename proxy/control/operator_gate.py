@@ -112,6 +112,11 @@ class OperatorSessionGate:
         self._outcomes: set[asyncio.Future] = set()
         self._closed = False
 
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """The PostgreSQL backstop binding: the grant's tenant, read-only under a read grant."""
+        tenant, mode = self.inner.backstop_binding()
+        return tenant, ("read" if self.grant.read_only and mode == "write" else mode)
+
     async def start(self) -> None:
         """Audit the session's start and watch the grant.  Raises SessionRefused if the audit fails."""
         try:

@@ -103,12 +103,24 @@ class TenantSessionGate:
         self._epoch_tenant = self.tenant
         lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
         self.backend_setup_sql: Sequence[str] = (f"SET {TENANT_GUC} = {lit}",)
+        # Set by the proxy when the PostgreSQL backstop is configured (proxy/backstop.py):
+        # (tenant, mode, local) -> the SQL expression binding the current backend connection, or
+        # None when the proxy rebinds by itself (a session-level switch under transaction pooling).
+        self.backstop_bind: Callable[[str | None, str, bool], str | None] | None = None
 
     #: settings a transaction-pooled session carries from one backend connection to the next
     #: (the SET-able parameters minus the per-transaction ones; the tenant GUC comes from
     #: backend_settings())
     tracked_parameters: tuple[str, ...] = tuple(sorted(
         p for p in SAFE_PARAMETERS if not p.startswith("transaction_")))
+
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """(tenant, mode) the backend connection must be bound to at the PostgreSQL backstop
+        (proxy/backstop.py): ``write``, ``read`` for read-only sessions, ``none`` without a tenant."""
+        tenant = self.tenant
+        if tenant is None:
+            return None, "none"
+        return tenant, "read" if self.read_only else "write"
 
     def backend_settings(self) -> dict[str, str]:
         """Proxy-controlled settings the backend connection must have for this session's next
@@ -202,6 +214,10 @@ class TenantSessionGate:
             self._local_status = None
             self._status = status
         self._changed()
+        bind = self.backstop_bind
+        call = bind(*self.backstop_binding(), local) if bind is not None else None
+        if call is not None:  # the switch binds the backend connection at the backstop too
+            return Forward(_bind_block(call, tenant, local), statement_class="set", single_use=True)
         kw = "SET LOCAL" if local else "SET"
         return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set", single_use=True)
 
@@ -240,6 +256,17 @@ class TenantSessionGate:
 
     async def close(self) -> None:
         return None
+
+
+def _bind_block(call: str, tenant: str, local: bool) -> str:
+    """A DO block that binds the backend connection and sets the tenant GUC (one statement)."""
+    lit = "E'" + tenant.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    body = (f"BEGIN PERFORM {call}; PERFORM pg_catalog.set_config('{TENANT_GUC}', {lit}, "
+            f"{'true' if local else 'false'}); END")
+    n = 0
+    while f"$tg{n}$" in body:
+        n += 1
+    return f"DO $tg{n}${body}$tg{n}$"
 
 
 def open_tenant_session(
