@@ -68,12 +68,12 @@ def _fail(what: str) -> PolicyRefusal:
     )
 
 
-def _unwrap(node: dict | None) -> tuple[str, dict]:
+def _unwrap(node) -> tuple[str, dict]:
     """``{"Type": body}`` -> (Type, body); a bare body -> ("", body)."""
-    if isinstance(node, dict) and len(node) == 1:
-        (k, v), = node.items()
-        if k[:1].isupper() and isinstance(v, dict):
-            return k, v
+    if type(node) is dict and len(node) == 1:
+        for k, v in node.items():
+            if type(v) is dict and k[0].isupper():
+                return k, v
     return "", node or {}
 
 
@@ -117,10 +117,14 @@ class _Verifier:
         self.markers = markers
         self.param_checks = param_checks
         self.literals = literals
+        self._refs: dict[int, set] = {}
+        self.seen: set[int] = set()  # ids of the RangeVars checked (see pg_verify: all must be)
+        self.deep = True  # False: no SubLink anywhere, expressions need no walk
 
     # ---- names -----------------------------------------------------------------------------
     def resolve(self, rv: dict, ctes: dict) -> Relation | None:
         """The relation ``rv`` names, or None for a CTE reference."""
+        self.seen.add(id(rv))
         if rv.get("catalogname"):
             raise _fail(f"cross-database reference {rv['catalogname']}.{rv.get('schemaname')}.{rv['relname']}")
         schema = rv.get("schemaname")
@@ -172,11 +176,12 @@ class _Verifier:
         return ref if fields == [ref, self.col] else None
 
     def has_pred(self, cond, ref: str, *, unqualified: bool = False) -> bool:
-        for c in _conjuncts(cond):
-            r = self.pred_ref(c)
-            if r == ref or (unqualified and r == ""):
-                return True
-        return False
+        if cond is None:
+            return False
+        refs = self._refs.get(id(cond))
+        if refs is None:
+            refs = self._refs[id(cond)] = {self.pred_ref(c) for c in _conjuncts(cond)}
+        return ref in refs or (unqualified and "" in refs)
 
     def is_conflict_guard(self, node, ref: str) -> bool:
         """``CASE WHEN <ref>."tc" = <marker> THEN true ELSE CAST(CASE ... END AS boolean) END``:
@@ -452,7 +457,9 @@ class _Verifier:
         for lc in b["lockingClause"]:
             _, lb = _unwrap(lc)
             what = _LOCKS.get(lb.get("strength"), "row locks")
-            names = [_unwrap(r)[1].get("relname") for r in lb.get("lockedRels", ())]
+            locked = [_unwrap(r)[1] for r in lb.get("lockedRels", ())]
+            self.seen.update(id(r) for r in locked)
+            names = [r.get("relname") for r in locked]
             targets = [items[n] for n in names if n in items] if names else list(items.values())
             for kind, node in targets:
                 for rel in (self.relations_in(node, ctes) if kind == "sub" else [self.resolve(node, ctes)]):
@@ -517,9 +524,9 @@ class _Verifier:
             rel = self.resolve(b, ctes)
             if rel is not None and rel.classification == "tenant":
                 raise _fail(f"relation {rel.qualified} is used in a position tenantgate does not model")
-        else:
+        elif self.deep:
             for v in b.values():
-                if isinstance(v, (dict, list)):
+                if type(v) is dict or type(v) is list:
                     self.visit(v, ctes)
 
 
@@ -553,7 +560,8 @@ def pg_verify(
     """Parse ``sql`` (one rewritten statement, markers at the byte offsets ``markers``) with
     PostgreSQL's parser and check it (see module docstring); raises :class:`PolicyRefusal`."""
     try:
-        tree = json.loads(parse_sql_json(sql))
+        text = parse_sql_json(sql)
+        tree = json.loads(text)
     except ParseError as e:
         raise PolicyRefusal(SYNTAX_ERROR, f"syntax error (PostgreSQL's parser): {e}") from None
     stmts = tree.get("stmts", [])
@@ -567,4 +575,10 @@ def pg_verify(
     if t not in _STATEMENTS:
         raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"PostgreSQL reads this statement as {t or 'nothing'}: refused")
     v = _Verifier(snapshot, rules, markers, set(param_checks), frozenset(required_literals))
+    # Statements nest inside expressions only through SubLink: without one, expressions are not walked.
+    v.deep = '"SubLink"' in text
     v.visit(stmts[0]["stmt"], {})
+    # Completeness: every RangeVar PostgreSQL parsed was checked by one of the rules above (JSON escapes
+    # quotes inside names and literals, so the key occurs once per RangeVar).
+    if len(v.seen) != text.count('"relname":'):
+        raise _fail("a relation is named in a position tenantgate does not model")
