@@ -49,6 +49,7 @@ from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, S
 from proxy.policy.rules import Rules
 
 MARKER = "tenantgate:verify"
+MARKER_SQL = "'tenantgate:verify'"
 _STATEMENTS = ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
 _TEXT_TYPES = {"text", "varchar"}
 _CAST_TARGETS = {
