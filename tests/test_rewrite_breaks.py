@@ -128,6 +128,14 @@ async def test_row_expansion_with_an_exact_position_runs_as_the_tenant(conn, eng
             await conn.execute(d.sql)
 
 
+def test_xml_functions_that_run_sql_text_stay_refused(engine):
+    for sql in ("SELECT query_to_xml('select * from customers', true, true, '')",
+                "SELECT table_to_xml('customers', true, true, '')",
+                "SELECT cursor_to_xml('c', 1, true, true, '')",
+                'SELECT public.xmlforest(1)'):
+        refused(engine, sql, "42501")
+
+
 # ---- break 6: setseed survives on a pooled connection -------------------------------------------
 def test_setseed_is_refused(engine):
     d = refused(engine, "SELECT setseed(0.42)", "42501")
@@ -159,6 +167,30 @@ ALLOWED = [
     "SELECT p.product_id, c.customer_id, o.order_id FROM products p RIGHT JOIN "
     "(customers c JOIN orders o ON o.customer_id = c.customer_id) ON p.product_id = o.order_id",
     "SELECT inet_server_addr() IS NULL, inet_server_port() IS NOT NULL",
+    # ORDER BY ... USING <op>
+    "SELECT order_id, status FROM orders ORDER BY order_id USING >",
+    "SELECT c.name, o.order_id FROM customers c JOIN orders o USING (customer_id) ORDER BY o.order_id USING <",
+    # ONLY (t), in every placement the injector uses
+    "SELECT order_id FROM ONLY (orders)",
+    "SELECT c.customer_id, o.order_id FROM customers c LEFT JOIN ONLY (orders) o ON o.customer_id = c.customer_id",
+    "SELECT p.product_id, c.customer_id FROM products p LEFT JOIN ONLY (customers) c USING (name)",
+    "SELECT p.product_id, c.customer_id FROM products p FULL JOIN ONLY (public.customers) c "
+    "ON c.customer_id = p.product_id",
+    # JOIN ... USING (...) AS j
+    "SELECT j.customer_id, o.order_id FROM customers c JOIN orders o USING (customer_id) AS j",
+    "SELECT j.customer_id, o.order_id FROM customers c LEFT JOIN orders o USING (tenant_id, customer_id) AS j",
+    "SELECT j.customer_id FROM orders o RIGHT JOIN customers c USING (customer_id) AS j WHERE j.customer_id > 0",
+    # XML expressions PostgreSQL 15 has (no SQL run from text)
+    "SELECT xmlparse(document '<a>' || name || '</a>')::text FROM customers",
+    "SELECT xmlforest(name, email)::text FROM customers",
+    "SELECT xmlelement(name c, xmlattributes(customer_id AS id), name)::text FROM customers",
+    "SELECT xmlconcat(xmlelement(name a, name), xmlelement(name b, email))::text FROM customers",
+    "SELECT xmlserialize(content xmlelement(name a, name) AS text) FROM customers",
+    "SELECT xmlexists('//a' PASSING BY REF xmlelement(name a, name)) FROM customers",
+    "SELECT c.customer_id, x.v FROM customers c, XMLTABLE('/r/v' PASSING xmlelement(name r, "
+    "xmlelement(name v, c.name)) COLUMNS v text PATH '.') x",
+    "SELECT x.v FROM XMLTABLE('/r/v' PASSING (SELECT xmlelement(name r, xmlagg(xmlelement(name v, o.status))) "
+    "FROM orders o) COLUMNS v text PATH '.') x",
 ]
 
 

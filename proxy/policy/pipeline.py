@@ -28,6 +28,7 @@ from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
 from proxy.policy.lexer import decode_unicode_escapes, first_word, split_statements
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
 from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
+from proxy.policy.pg_syntax import reduce_tokens
 from proxy.policy.pg_verify import MARKER_SQL, marker_offsets, pg_verify
 from proxy.policy.piece import CopyInSpec, Piece
 from proxy.policy.resolve import UnknownRelation
@@ -133,6 +134,7 @@ class _StatementHandler:
                 raise PolicyRefusal(SYNTAX_ERROR, "empty statement")
             if _UESC.search(sql, start, end):
                 _refuse_unicode_escapes(tokens)
+            tokens = reduce_tokens(tokens)  # PostgreSQL-only syntax, for sqlglot's eyes (text unchanged)
             tree = parse_tokens(sql, tokens)
             stage = "unsupported"
             cls, writes = classify(tree, kw)
