@@ -268,3 +268,15 @@ def test_pg_verifier_refuses_a_dropped_predicate(monkeypatch, sql):
     # control: without the second opinion too, the broken rewrite would have been forwarded
     monkeypatch.setattr(pipeline, "pg_verify", lambda *a, **k: None)
     assert isinstance(demo_engine().check(sql, ctx, Origin.SIMPLE), Forward)
+
+
+def test_hidden_statements_are_refused_whatever_the_lexer_thought():
+    # issue 12's string continuation: PostgreSQL reads five statements here.  Whichever pass refuses
+    # first, nothing is forwarded (the PostgreSQL-side count is independent of the proxy's lexer).
+    sql = ("SELECT 'x' WHERE 'b' BETWEEN E'a'\n'\\' AND ' AND $$c$$; BEGIN; SELECT set_config("
+           "$$tenantgate.tenant_id$$,$$globex$$,true); SELECT tenant_id,name,email FROM customers; COMMIT; --'")
+    d = demo_engine().check(sql, PolicyContext(tenant="acme"), Origin.SIMPLE)
+    assert isinstance(d, Refuse) and d.sqlstate in ("42601", "0A000"), d
+    with pytest.raises(PolicyRefusal) as ei:
+        pg_verify(sql, frozenset(), SNAP, RULES)
+    assert ei.value.sqlstate == "42601" and "5 statements" in ei.value.message
