@@ -46,6 +46,7 @@ ACCEPTED = [
     'SELECT * FROM ONLY (customers) WHERE "customers"."tenant_id" = {T}',
     'SELECT * FROM public.customers WHERE customers.tenant_id = {T}',
     'SELECT * FROM "customers" WHERE "customers"."tenant_id" = {T}',
+    'SELECT \'é日本\' AS "ü" FROM customers WHERE customers.tenant_id = {T}',  # markers at UTF-8 byte offsets
     'SELECT * FROM customers c LEFT JOIN orders o ON (o.customer_id = c.customer_id) AND "o"."tenant_id" = {T} '
     'WHERE "c"."tenant_id" = {T}',
     'SELECT * FROM customers c RIGHT JOIN orders o ON (o.customer_id = c.customer_id) AND "c"."tenant_id" = {T} '
