@@ -145,7 +145,6 @@ class _StatementHandler:
             inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
             # the second opinion, on PostgreSQL's own parse tree (every statement, tenant tables or not):
             # sqlglot decided the edits, libpg_query checks what PostgreSQL will run
-            stage = "tenant"
             checked, markers = marker_offsets(splice(sql, inj.edits, start, end), MARKER_SQL, TENANT)
             pg_verify(checked, markers, self.snapshot, self.rules,
                       param_checks=inj.param_checks, required_literals=inj.required_literals)
