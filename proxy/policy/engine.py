@@ -12,7 +12,9 @@ Pure Python, no sockets, no I/O.  The passes, one module each, run in order:
                                  folding, quoting, CTE shadowing); unknown -> 42P01 + catalog refresh
     inject.inject_tenant      -> text edits that add the tenant predicates, spliced into the
                                  original text so everything else stays byte-identical
-    verify.verify_rewrite     -> re-parse the result and check every tenant relation is guarded
+    pg_verify.pg_verify       -> the second opinion: parse the result with PostgreSQL's own parser
+                                 (libpg_query) and check, on that tree, that it is one statement of
+                                 a modelled kind and every tenant relation is filtered or bound
     pipeline.Pipeline         -> composes them; cache.RewriteCache keeps tenant-independent templates
 
 Public API (stable)::
