@@ -47,6 +47,7 @@ from proxy.metrics import (
     TLS_HANDSHAKE_OK,
 )
 from proxy.pool import PoolTimeout, ServerConn
+from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
 from proxy.seam import (
@@ -107,8 +108,11 @@ _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
 PARSE_COMPLETE = ord("1")
 DATA_ROW = ord("D")
-#: what a transaction-pooled session must see: ParseComplete of statements it prepares again
-POOLED_INTERESTING = AUDIT_INTERESTING | {PARSE_COMPLETE}
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+#: what every session must see: command tags (audit, DEALLOCATE ALL), and ParseComplete,
+#: BindComplete and CloseComplete (the statement ledger is updated by PostgreSQL's replies)
+POOLED_INTERESTING = AUDIT_INTERESTING | COMPLETIONS
 #: while a swallowed query (the settings probe) is answered: everything
 EVERYTHING = frozenset(range(256))
 _EXTENDED_TYPES = frozenset((b"P", b"B", b"D", b"E", b"C"))  # Flush (H) leaves nothing pending by itself
@@ -190,7 +194,8 @@ class ClientSession(asyncio.Protocol):
         "_parse_fifo",
         "_pinned",
         "_pool_marks",
-        "_portals",
+        "_hold_seg",
+        "_ledger",
         "_probe_names",
         "_probe_values",
         "_seg_done",
@@ -201,7 +206,6 @@ class ClientSession(asyncio.Protocol):
         "_stmt_names",
         "_stmt_parse",
         "_stmt_seq",
-        "_stmts",
         "_swallowing",
         "_unnamed_parse",
         "_unnamed_single",
@@ -267,8 +271,9 @@ class ClientSession(asyncio.Protocol):
         self._out: list[bytes] = []
         self._blocked = False
         self._held: tuple[bytes, bytes] | None = None  # a copy message waiting for CopyInResponse
-        self._stmts: dict[str, Forward] = {}
-        self._portals: dict[str, tuple[Forward, tuple]] = {}
+        # statements and portals as PostgreSQL's replies confirm them (proxy/statement_ledger.py)
+        self._ledger = StatementLedger()
+        self._hold_seg = 0  # a held message waits for the replies of this Sync segment
         self._copy_check = None
         self._copy_failed = False
         self._markers: list[tuple[int, bytes, bytes]] = []
@@ -547,7 +552,7 @@ class ClientSession(asyncio.Protocol):
         bp.on_lost = self._backend_lost
         bp.on_pause_writing = self._pause_client
         bp.on_resume_writing = self._resume_client
-        self.scanner = BackendScanner(POOLED_INTERESTING if self.pooled else AUDIT_INTERESTING)
+        self.scanner = BackendScanner(POOLED_INTERESTING)
         self._bwrite = bp.transport.write
         self.relaying = True
         self._startup_task = None  # done: do not keep the finished task alive
@@ -721,7 +726,8 @@ class ClientSession(asyncio.Protocol):
         elif t == READY_FOR_QUERY:
             inflight = self.inflight
             inflight.pop(0)
-            self._seg_done += 1
+            self._ledger.ready(self._seg_done + 1, self.tx_status)
+            self._segment_done()
             self._swallowing = False
             while inflight and inflight[0].kind == b"R":  # refusals the client sent meanwhile
                 out.append(inflight.pop(0).data + m.encode_ready_for_query(self.tx_status))
@@ -742,6 +748,7 @@ class ClientSession(asyncio.Protocol):
         sc = self.sconn
         if server_name not in sc.prepared:
             self._out.append(self._stmt_parse[server_name])
+            self._ledger.placeholder_parse_sent(self._seg_sent + 1)
             self._parse_fifo.append((self._seg_sent + 1, True, server_name))
             sc.prepared.add(server_name)
 
@@ -756,6 +763,7 @@ class ClientSession(asyncio.Protocol):
                                           Refuse("26000", "unnamed prepared statement does not exist"), marker)
                     return None
                 self._out.append(self._unnamed_parse)
+                self._ledger.placeholder_parse_sent(self._seg_sent + 1)
                 self._parse_fifo.append((self._seg_sent + 1, True, None))
                 sc.unnamed_owner = self
             return ""
@@ -885,10 +893,13 @@ class ClientSession(asyncio.Protocol):
         start = pos
         n = len(data)
         max_len = self.buf.max_length
-        binds_free = not self._stmts and not self._unnamed_single and not self._setting_stmts
+        ledger = self._ledger
+        # nothing to check at Bind or Execute: no statement or portal with checks, no audit
+        binds_free = not ledger.checked and not self.audited and not self._unnamed_single \
+            and not self._setting_stmts
         pooled = self.pooled
         unsynced = self._unsynced
-        executes_free = not self._portals and not self.audited
+        executes_free = not ledger.checked and not self.audited
         inflight = self.inflight
         while n - pos >= 5:
             t = data[pos]
@@ -897,16 +908,17 @@ class ClientSession(asyncio.Protocol):
             if length < 4 or length > max_len or end > n:
                 break
             if t == 66:  # Bind
-                if not binds_free:
+                # only the unnamed portal here (its BindComplete is recorded in the ledger)
+                if not binds_free or data[pos + 5] != 0:
                     break
                 if pooled:  # a named statement is renamed, a foreign unnamed one replaced (slow path)
-                    z = data.find(b"\0", pos + 5, end)
-                    if z < 0 or z + 1 >= end or data[z + 1] != 0 or self.sconn.unnamed_owner is not self:
+                    if pos + 6 >= end or data[pos + 6] != 0 or self.sconn.unnamed_owner is not self:
                         break
                 try:
                     m.validate_bind(data[pos + 5:end])
                 except ProtocolError:
                     break
+                ledger.bind_sent(self._seg_sent + 1, "", None)
             elif t == 69:  # Execute
                 if not executes_free or length != 9 or data[pos + 5] != 0:
                     break
@@ -946,6 +958,20 @@ class ClientSession(asyncio.Protocol):
                 bwrite(data)
             elif self.bproto is not None:
                 self.bproto.write(data)
+
+    def _hold(self, t: bytes, payload: bytes, seg: int) -> None:
+        """Keep this message (and everything after it) until PostgreSQL has answered segment ``seg``."""
+        self._held = (t, payload)
+        self._hold_seg = seg
+        self._blocked = True
+
+    def _segment_done(self) -> None:
+        """One more ReadyForQuery: release a message held for this segment's replies."""
+        self._seg_done += 1
+        hold = self._hold_seg
+        if hold and self._seg_done >= hold:
+            self._hold_seg = 0
+            self._unblock_soon()
 
     def _on_describe(self, t: bytes, payload: bytes) -> None:
         if payload[:1] not in (b"S", b"P") or payload.find(b"\0") != len(payload) - 1:
@@ -1002,6 +1028,7 @@ class ClientSession(asyncio.Protocol):
             self._unnamed_parse = None  # a simple Query drops the unnamed statement
             self.sconn.unnamed_owner = None
         self._out.append(m.frame(b"Q", payload) if decision.sql == sql else m.encode_query(decision.sql))
+        self._ledger.query_sent(self._seg_sent + 1)  # drops the unnamed statement and portal
         e = _Entry(b"Q", decision, handle)
         e.audited = self.audited
         self.inflight.append(e)
@@ -1010,6 +1037,15 @@ class ClientSession(asyncio.Protocol):
 
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
+        if p.name and not self.pooled:  # pooled sessions rename statements (duplicates refused below)
+            exists = self._ledger.statement_exists(p.name, self._seg_sent + 1)
+            if type(exists) is Wait:  # a Parse or Close of this name may still fail: wait for it
+                self._hold(t, payload, exists.seg)
+                return
+            if exists:  # as PostgreSQL would answer; its statement stays what it is
+                self._refuse_extended(p.query, Refuse("42P05", f'prepared statement "{p.name}" already exists'),
+                                      lambda tok: m.encode_parse(p.name, tok))
+                return
         decision = self._check(p.query, Origin.PARSE)
         if isinstance(decision, Forward) and decision.param_checks:
             decision = _check_declared_types(decision, p.param_types)
@@ -1055,10 +1091,8 @@ class ClientSession(asyncio.Protocol):
         else:
             self._out.append(m.frame(t, payload) if decision.sql == p.query
                              else m.encode_parse(p.name, decision.sql, p.param_types))
-        if decision.param_checks or decision.copy_in_check is not None or self.audited:
-            self._stmts[name] = decision
-        elif self._stmts:
-            self._stmts.pop(name, None)
+        # effective when PostgreSQL answers ParseComplete (statement_ledger)
+        self._ledger.parse_sent(self._seg_sent + 1, name, decision)
         self._n_forwarded += 1
 
     def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
@@ -1079,12 +1113,20 @@ class ClientSession(asyncio.Protocol):
         self._stmt_parse.pop(server_name, None)
         if self._setting_stmts:
             self._setting_stmts.discard(server_name)
-        self._stmts.pop(server_name, None)
         for client_name, s in list(self._stmt_names.items()):
             if s == server_name:
                 del self._stmt_names[client_name]
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
+        ledger = self._ledger
+        seg = self._seg_sent + 1
+        inspect = self.audited or ledger.checked
+        if inspect:  # which statement will PostgreSQL bind? Wait while an earlier segment may change it
+            name = m.bind_statement_name(payload)
+            found = ledger.statement(self._stmt_names.get(name, NO_STATEMENT) if self.pooled and name else name, seg)
+            if type(found) is Wait:
+                self._hold(t, payload, found.seg)
+                return
         if self._unnamed_single and m.bind_statement_name(payload) == "":
             if self._unnamed_spent:  # its tenant switch was checked for one execution
                 self._refuse_extended("<bind of the unnamed statement>", Refuse(
@@ -1103,14 +1145,15 @@ class ClientSession(asyncio.Protocol):
                 payload = payload[:z + 1] + server.encode() + payload[payload.index(b"\0", z + 1):]
             if self._setting_stmts and server in self._setting_stmts:
                 self._settings_dirty = True
-        if not self._stmts:
+        if not inspect:
             m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
+            ledger.bind_sent(seg, m.decode_text(payload[:payload.index(b"\0")]), None)
             self._out.append(m.frame(t, payload))
             return
         bind = m.decode_bind(payload)
-        decision = self._stmts.get(bind.statement)
-        if decision is None:
-            self._portals.pop(bind.portal, None)
+        decision = ledger.statement(bind.statement, seg)  # exact: waited for above
+        if decision is None or not decision.param_checks:
+            ledger.bind_sent(seg, bind.portal, decision, bind.params)
             self._out.append(m.frame(t, payload))
             return
         for idx, check in decision.param_checks:
@@ -1125,16 +1168,22 @@ class ClientSession(asyncio.Protocol):
                 self._refuse_extended(f"<bind of statement {bind.statement!r}>", refusal,
                                       lambda tok: m.encode_bind(bind.portal, tok))
                 return
-        self._portals[bind.portal] = (decision, bind.params)
+        ledger.bind_sent(seg, bind.portal, decision, bind.params)  # effective at BindComplete
         self._out.append(m.frame(t, payload))
 
     def _on_execute(self, t: bytes, payload: bytes) -> None:
         ex = m.decode_execute(payload)
-        if not self._portals and not self.audited:
+        ledger = self._ledger
+        if not ledger.checked and not self.audited:
             self._out.append(m.frame(t, payload))
             self.inflight.append(_Entry(b"X"))
             return
-        info = self._portals.get(ex.portal)
+        info = ledger.portal(ex.portal, self._seg_sent + 1)
+        if type(info) is Wait:  # the Bind of an earlier segment may still fail: wait for its answer
+            self._hold(t, payload, info.seg)
+            return
+        if info is not None and info[0] is None:
+            info = None
         if not self.audited:
             self._out.append(m.frame(t, payload))
             self.inflight.append(_Entry(b"X", info[0] if info else None))
@@ -1173,8 +1222,7 @@ class ClientSession(asyncio.Protocol):
             self._unnamed_single = False
             if self._setting_stmts:
                 self._setting_stmts.discard("")
-        if self._stmts or self._portals:
-            (self._stmts if c.kind == b"S" else self._portals).pop(name, None)
+        self._ledger.close_sent(self._seg_sent + 1, c.kind, name)  # effective at CloseComplete
         self._out.append(m.frame(t, payload))
 
     def _on_sync(self, t: bytes, payload: bytes) -> None:
@@ -1304,6 +1352,10 @@ class ClientSession(asyncio.Protocol):
             self._relay_backend(data)
         except ProtocolError as e:
             self._fatal("08006", f"invalid data from the database server: {e.message}")
+        except LedgerError as e:  # the proxy no longer knows which statements exist: fail closed
+            log.error("session %s: %s", self.session_id, e)
+            self._fatal("08P01", "tenantgate lost track of the prepared statements of this session",
+                        str(e))
         except Exception:
             log.exception("session %s: internal error relaying server messages", self.session_id)
             self._fatal("XX000", "internal error in tenantgate")
@@ -1337,12 +1389,19 @@ class ClientSession(asyncio.Protocol):
                             self._finish_audit(head)
                     elif head.audited and t == COMMAND_COMPLETE:
                         head.tag = m.command_tag(payload)
+                if t == COMMAND_COMPLETE and payload[:1] == b"D" and not self.pooled and (
+                        payload.startswith(b"DEALLOCATE ALL\0") or payload.startswith(b"DISCARD ALL\0")):
+                    self._ledger.all_statements_dropped()
             elif t == ERROR_RESPONSE:
                 out.append(self._on_backend_error(payload, raw))
             elif t == PARSE_COMPLETE:
+                self._ledger.completed(t)
                 fifo = self._parse_fifo
                 if not fifo or not fifo.pop(0)[1]:
                     out.append(raw)
+            elif t == BIND_COMPLETE or t == CLOSE_COMPLETE:
+                self._ledger.completed(t)
+                out.append(raw)
             elif t == COPY_IN_RESPONSE:
                 out.append(raw)
                 self._on_copy_in_response()
@@ -1417,7 +1476,8 @@ class ClientSession(asyncio.Protocol):
                 else:
                     QUERY_DURATION_SECONDS.observe(took)
                 break
-        self._seg_done += 1
+        self._ledger.ready(self._seg_done + 1, status)
+        self._segment_done()
         if self._markers:
             done = self._seg_done
             self._markers = [mk for mk in self._markers if mk[0] > done]
@@ -1429,7 +1489,8 @@ class ClientSession(asyncio.Protocol):
             self.gate.on_ready_for_query(status)
         except Exception:
             log.exception("session %s: on_ready_for_query failed", self.session_id)
-        if self._held is not None and self._blocked and not (inflight and self.fstate.phase is not Phase.COPY_IN):
+        if self._held is not None and self._blocked and not self._hold_seg \
+                and not (inflight and self.fstate.phase is not Phase.COPY_IN):
             self._unblock_soon()
         if self.server.draining and status == b"I" and not inflight and not self._blocked:
             self.loop.call_soon(self._drain_close)
@@ -1450,6 +1511,8 @@ class ClientSession(asyncio.Protocol):
                     break
         if b"SFATAL\0" in payload or b"SPANIC\0" in payload:
             self._backend_fatal = True
+        # PostgreSQL failed on, or skips, every Parse/Bind/Close of this segment not yet answered
+        self._ledger.failed(self._seg_done + 1)
         fifo = self._parse_fifo
         if fifo:  # the rest of this segment is skipped by PostgreSQL: those Parses get no answer
             seg = self._seg_done + 1
@@ -1497,7 +1560,7 @@ class ClientSession(asyncio.Protocol):
                 self._out.append(m.encode_copy_fail(f"COPY data check could not start: {e}"))
                 self._copy_failed = True
                 self._flush_backend()
-        if self._held is not None and self._blocked:
+        if self._held is not None and self._blocked and not self._hold_seg:
             self._unblock_soon()
 
     def _unblock_soon(self) -> None:
