@@ -1290,9 +1290,30 @@ class ClientSession(asyncio.Protocol):
             log.exception("session %s: on_refused failed", self.session_id)
 
     def _refuse_simple(self, sql: str, refusal: Refuse) -> None:
-        """ErrorResponse + ReadyForQuery (current status) where PostgreSQL's answer would be."""
+        """ErrorResponse + ReadyForQuery where PostgreSQL's answer would be.
+
+        A refusal must behave exactly like a PostgreSQL error: inside a transaction block the
+        transaction is aborted (status E, COMMIT answers ROLLBACK).  So unless the session is
+        known to be outside any transaction when this statement would run (idle, nothing in
+        flight), a marker Query that fails in PostgreSQL is sent instead and its error is
+        swapped for the refusal; PostgreSQL's ReadyForQuery then carries the true status."""
         self._note_refusal(sql, refusal)
         err = m.encode_error("ERROR", refusal.sqlstate, refusal.message, refusal.detail, refusal.hint)
+        if self.backend is not None and (self.tx_status != _ZERO or any(e.kind != b"R" for e in self.inflight)):
+            self._marker_seq += 1
+            token = f"{MARKER_PREFIX}{self.session_id}_{self._marker_seq}"
+            self._markers.append((self._seg_sent + 1, token.encode(), err))
+            if self.pooled:  # a simple Query drops the unnamed statement
+                self._unnamed_parse = None
+                self.sconn.unnamed_owner = None
+                if self._setting_stmts:
+                    self._setting_stmts.discard("")
+            self._unnamed_single = False
+            self._out.append(m.encode_query(token))
+            self._ledger.query_sent(self._seg_sent + 1)
+            self.inflight.append(_Entry(b"Q"))
+            self._seg_sent += 1
+            return
         self.inflight.append(_Entry(b"R", data=err))
         if len(self.inflight) == 1:
             self.inflight.pop(0)
