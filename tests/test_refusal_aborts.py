@@ -129,3 +129,36 @@ def test_refused_statement_in_a_multi_statement_query_runs_none_of_it(demo, clie
 def test_refusal_outside_a_transaction_keeps_the_session_usable(client):
     assert _summary(client.query(REFUSED)) == ["E:42", "Z:I"]
     assert _summary(client.query("SELECT 1")) == ["SELECT", "Z:I"]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_audit_write_failure_inside_a_transaction_aborts_it(demo, write_grant, protocol):  # noqa: F811
+    """Audit before action: a statement whose audit record cannot be written is refused (58000),
+    and, like any error, aborts the operator's transaction: the earlier INSERT is not committed."""
+    from operator_helpers import CONTROL, Admin
+
+    admin = Admin(demo.admin)
+    a, b = fresh_ids(2)
+    op = RawClient(demo.operator("alice"), options={"options": pg_options(write_grant["id"])})
+    restored = False
+    try:
+        assert _summary(op.query("BEGIN")) == ["BEGIN", "Z:T"]
+        assert _summary(op.query(_insert(a, None))) == ["INSERT", "Z:T"]
+        admin.execute(f"REVOKE INSERT ON {CONTROL}.audit_log FROM tenantgate_control")
+        try:
+            if protocol == "simple":
+                got = _summary(op.query(_insert(b, None)))
+            else:
+                op.send(m.encode_parse("", _insert(b, None)), m.encode_bind("", "", ()), m.encode_execute(""),
+                        m.SYNC)
+                got = _summary(op.until_ready())
+        finally:
+            admin.execute(f"GRANT INSERT ON {CONTROL}.audit_log TO tenantgate_control")
+            restored = True
+        assert got == ["E:58", "Z:E"], got
+        assert _summary(op.query("COMMIT")) == ["ROLLBACK", "Z:I"]
+        assert _acme_ids(demo, {a, b}) == []
+    finally:
+        if not restored:
+            admin.execute(f"GRANT INSERT ON {CONTROL}.audit_log TO tenantgate_control")
+        op.close()
