@@ -47,6 +47,7 @@ from proxy.metrics import (
     TLS_HANDSHAKE_OK,
 )
 from proxy.pool import PoolTimeout, ServerConn
+from proxy import statement_offload
 from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
@@ -73,7 +74,7 @@ from proxy.wire.backend import (
     READY_FOR_QUERY,
     BackendScanner,
 )
-from proxy.wire.buffer import ReceiveBuffer
+from proxy.wire.buffer import AUTH_MESSAGE_MAX, PREAUTH_BUFFER_MAX, ReceiveBuffer
 from proxy.wire.errors import ProtocolError
 from proxy.wire.frontend import Action, FrontendState, Phase
 from proxy.wire.startup import (
@@ -190,6 +191,7 @@ class ClientSession(asyncio.Protocol):
         "_markers",
         "_metrics_t",
         "_n_forwarded",
+        "_offloaded",
         "_out",
         "_parse_fifo",
         "_pinned",
@@ -250,7 +252,8 @@ class ClientSession(asyncio.Protocol):
         self.config = server.config
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = ReceiveBuffer(self.config.limits.max_message_bytes)
+        # before authentication: messages capped like PostgreSQL's (raised once authenticated)
+        self.buf = ReceiveBuffer(min(AUTH_MESSAGE_MAX, self.config.limits.max_message_bytes))
         self.fstate = FrontendState()
         self.session_id = secrets.token_hex(8)
         self.kind_label = "unauthenticated"
@@ -274,6 +277,7 @@ class ClientSession(asyncio.Protocol):
         # statements and portals as PostgreSQL's replies confirm them (proxy/statement_ledger.py)
         self._ledger = StatementLedger()
         self._hold_seg = 0  # a held message waits for the replies of this Sync segment
+        self._offloaded: tuple[bytes, Any] | None = None  # (payload, decision) analysed in the worker thread
         self._copy_check = None
         self._copy_failed = False
         self._markers: list[tuple[int, bytes, bytes]] = []
@@ -342,6 +346,12 @@ class ClientSession(asyncio.Protocol):
         self.buf.feed(data)
         if self.relaying:
             self._process_client()
+        elif len(self.buf) > PREAUTH_BUFFER_MAX:
+            # a client that has not authenticated (or is waiting for its session to open) has
+            # no reason to send more than one message ahead: do not buffer for it
+            PROTOCOL_ERRORS_TOTAL.labels(reason="too_long").inc()
+            note_connection(self, "protocol_error", "08P01", "too much data before the session started")
+            self._fatal("08P01", "invalid startup sequence: too much data sent before the session started")
         else:
             w = self._waiter
             if w is not None and not w.done():
@@ -484,6 +494,7 @@ class ClientSession(asyncio.Protocol):
         except ScramError:
             raise auth_failed
         self.kind_label = getattr(record.kind, "value", "unknown")  # authenticated: label refusals by kind
+        self.buf.max_length = cfg.limits.max_message_bytes
         self.transport.write(m.encode_auth(m.AUTH_SASL_FINAL, server_final) + m.encode_auth(m.AUTH_OK))
         if pkt.database == cfg.admin.database:
             self._start_admin_console(record)
@@ -997,7 +1008,12 @@ class ClientSession(asyncio.Protocol):
                 sql = m.decode_query(payload).sql  # raises the precise ProtocolError
         else:
             sql = m.decode_query(payload).sql
-        decision = self._check(sql, Origin.SIMPLE)
+        if len(payload) > self.config.limits.statement_offload_bytes:
+            decision = self._large_statement(t, payload, sql, Origin.SIMPLE)
+            if decision is None:  # being analysed in the worker thread: this message comes back
+                return
+        else:
+            decision = self._check(sql, Origin.SIMPLE)
         if isinstance(decision, Refuse):
             self._refuse_simple(sql, decision)
             return
@@ -1006,6 +1022,66 @@ class ClientSession(asyncio.Protocol):
                              lambda r: self._refuse_simple(sql, r))
             return
         self._forward_query(sql, payload, decision, None)
+
+    def _large_statement(self, t: bytes, payload: bytes, sql: str, origin: Origin):
+        """A long statement: refused above limits.max_statement_bytes, else analysed in the worker
+        thread (statement_offload) while this session waits.  Returns the decision when it is
+        ready, or None when the analysis was started (the message is handled again afterwards)."""
+        limits = self.config.limits
+        if len(payload) > limits.max_statement_bytes:
+            return statement_offload.too_long(len(payload), limits.max_statement_bytes)
+        off = self._offloaded
+        if off is not None and off[0] is payload:
+            self._offloaded = None
+            # warmed up: the gate's check is now a cache hit (or the analysis was refused)
+            return self._check(sql, origin) if off[1] is None else off[1]
+        warm = getattr(self.gate, "warm_up", None)
+        pair = warm(sql, origin) if warm is not None else None
+        if pair is not None:  # the cold rewrite runs in a forked child (own GIL, own memory)
+            self._blocked = True
+            self._flush_backend()
+            self._pause_client()
+            self.loop.create_task(self._warm_up_forked(t, payload, pair))
+            return None
+        if self._seg_done < self._seg_sent:
+            # the gate must not be checked in another thread while a ReadyForQuery for this
+            # session may arrive (on_ready_for_query): wait until every segment sent is answered
+            self._hold(t, payload, self._seg_sent)
+            return None
+        self._blocked = True
+        self._flush_backend()
+        self._pause_client()
+        self.loop.create_task(self._analyse_off_loop(t, payload, sql, origin))
+        return None
+
+    async def _warm_up_forked(self, t: bytes, payload: bytes, pair) -> None:
+        compute, adopt = pair
+        result = await statement_offload.run_forked(compute, self.config.limits.statement_cpu_budget_s)
+        if self.closed:
+            return
+        decision = None
+        if isinstance(result, Refuse):
+            decision = result
+        else:
+            try:
+                adopt(result.value)
+            except Exception:
+                log.exception("session %s: adopting an analysed statement failed", self.session_id)
+        self._resume_after_offload(t, payload, decision)
+
+    def _resume_after_offload(self, t: bytes, payload: bytes, decision) -> None:
+        self._offloaded = (payload, decision)
+        self._held = (t, payload)
+        self._blocked = False
+        self._resume_client()
+        self._process_client()
+
+    async def _analyse_off_loop(self, t: bytes, payload: bytes, sql: str, origin: Origin) -> None:
+        decision = await statement_offload.analyse(lambda: self._check(sql, origin),
+                                                   self.config.limits.statement_cpu_budget_s)
+        if self.closed:
+            return
+        self._resume_after_offload(t, payload, decision)
 
     def _check(self, sql: str, origin: Origin):
         """gate.check; a policy that crashes refuses the statement (fail closed)."""
@@ -1037,6 +1113,14 @@ class ClientSession(asyncio.Protocol):
 
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
+        decision = None
+        if len(payload) > self.config.limits.statement_offload_bytes:
+            decision = self._large_statement(t, payload, p.query, Origin.PARSE)
+            if decision is None:  # being analysed in the worker thread: this message comes back
+                return
+            if isinstance(decision, Refuse):
+                self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(p.name, tok))
+                return
         if p.name and not self.pooled:  # pooled sessions rename statements (duplicates refused below)
             exists = self._ledger.statement_exists(p.name, self._seg_sent + 1)
             if type(exists) is Wait:  # a Parse or Close of this name may still fail: wait for it
@@ -1046,7 +1130,8 @@ class ClientSession(asyncio.Protocol):
                 self._refuse_extended(p.query, Refuse("42P05", f'prepared statement "{p.name}" already exists'),
                                       lambda tok: m.encode_parse(p.name, tok))
                 return
-        decision = self._check(p.query, Origin.PARSE)
+        if decision is None:
+            decision = self._check(p.query, Origin.PARSE)
         if isinstance(decision, Forward) and decision.param_checks:
             decision = _check_declared_types(decision, p.param_types)
         if self.pooled and p.name and p.name in self._stmt_names and isinstance(decision, Forward):

@@ -154,6 +154,10 @@ class TenantSessionGate:
         self._ctx = None
 
     # ---- SessionGate ----------------------------------------------------------------------
+    def warm_up(self, sql: str, origin: Origin):
+        """(compute, adopt) for analysing a long statement off the event loop (PolicyEngine.warm_up)."""
+        return self.engine.warm_up(sql, origin)
+
     def check(self, sql: str, origin: Origin) -> Decision:
         analysis = self.engine.analyze(sql, self.context, origin)
         decision = analysis.decision
