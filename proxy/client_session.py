@@ -25,6 +25,8 @@ refusal's ErrorResponse on the way back.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import secrets
 import struct
@@ -152,7 +154,7 @@ class _Entry:
     kind: b"Q" simple query, b"X" Execute, b"S" Sync, b"R" synthetic reply.
     """
 
-    __slots__ = ("kind", "decision", "handle", "t0", "sqlstate", "tag", "data", "audited")
+    __slots__ = ("kind", "decision", "handle", "t0", "sqlstate", "tag", "data", "audited", "copy")
 
     def __init__(self, kind: bytes, decision: Forward | None = None, handle: Any = None, data: bytes = b""):
         self.kind = kind
@@ -163,6 +165,7 @@ class _Entry:
         self.tag: str | None = None
         self.data = data
         self.audited = False
+        self.copy: list | None = None  # [sha256, bytes, chunks or None]: data of an audited COPY FROM STDIN
 
 
 class ClientSession(asyncio.Protocol):
@@ -1332,6 +1335,17 @@ class ClientSession(asyncio.Protocol):
         if t == b"d":
             if self._copy_failed:
                 return
+            if self.audited and self.inflight:  # the data an operator loads is recorded with the outcome
+                head = self.inflight[0]
+                if head.audited:
+                    if head.copy is None:
+                        full = getattr(self.config.audit, "copy_data", "digest") == "full"
+                        head.copy = [hashlib.sha256(), 0, [] if full else None]
+                    rec = head.copy
+                    rec[0].update(payload)
+                    rec[1] += len(payload)
+                    if rec[2] is not None:
+                        rec[2].append(payload)
             check = self._copy_check
             if check is not None:
                 try:
@@ -1438,7 +1452,21 @@ class ClientSession(asyncio.Protocol):
         self._process_client()
 
     def _finish_audit(self, e: _Entry) -> None:
-        outcome = Outcome(e.sqlstate, e.tag, m.rows_from_tag(e.tag) if e.tag else None, time.perf_counter() - e.t0)
+        rows = None
+        if e.tag:
+            counts = [m.rows_from_tag(tag) for tag in e.tag.split("; ")]
+            rows = sum(c for c in counts if c is not None) if any(c is not None for c in counts) else None
+        detail = None
+        if e.copy is not None:
+            digest, nbytes, chunks = e.copy
+            detail = {"copy_in": {"bytes": nbytes, "sha256": digest.hexdigest()}}
+            if chunks is not None:
+                data = b"".join(chunks)
+                try:
+                    detail["copy_in"]["data"] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    detail["copy_in"]["data_base64"] = base64.b64encode(data).decode("ascii")
+        outcome = Outcome(e.sqlstate, e.tag, rows, time.perf_counter() - e.t0, detail)
         task = self.loop.create_task(self._audit_after(e.handle, outcome))
         if self._after_tasks is None:
             self._after_tasks = set()
@@ -1493,8 +1521,9 @@ class ClientSession(asyncio.Protocol):
                         if head.audited:
                             head.tag = m.command_tag(payload) if t == COMMAND_COMPLETE else None
                             self._finish_audit(head)
-                    elif head.audited and t == COMMAND_COMPLETE:
-                        head.tag = m.command_tag(payload)
+                    elif head.audited and t == COMMAND_COMPLETE:  # every statement of the Query
+                        tag = m.command_tag(payload)
+                        head.tag = tag if head.tag is None else f"{head.tag}; {tag}"
                 if t == COMMAND_COMPLETE and payload[:1] == b"D" and not self.pooled and (
                         payload.startswith(b"DEALLOCATE ALL\0") or payload.startswith(b"DISCARD ALL\0")):
                     self._ledger.all_statements_dropped()

@@ -132,6 +132,9 @@ class ControlConfig(_Strict):
 
 
 class AuditConfig(_Strict):
+    # what the outcome record of an operator's COPY ... FROM STDIN keeps of the loaded data:
+    # "digest" (byte count and SHA-256), or "full" (also the data itself)
+    copy_data: Literal["digest", "full"] = "digest"
     signing_key_file: str | None = None  # Ed25519 private key (PEM) for checkpoints
     signing_key_env: str | None = None
     checkpoint_every: int = Field(100, ge=1)  # records between signed checkpoints

@@ -77,6 +77,7 @@ class Effects:
     deallocated: tuple[str, ...] = ()  # DEALLOCATE name
     deallocate_all: bool = False
     tenant_token: tuple[str, bool] | None = None  # (token, is_local) from SET tenantgate.tenant
+    executed: tuple[str, ...] = ()  # EXECUTE name (PREPAREd earlier): the gate classes it as that statement
 
 
 @dataclass(frozen=True)
