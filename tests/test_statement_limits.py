@@ -107,7 +107,13 @@ def test_statements_over_the_limit_are_refused_with_54000(px):
         c.close()
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def test_a_long_statement_does_not_stall_other_clients(px):
+    rss_before = _rss_kib(px.proc.pid)
     other = RawClient(px.dsn("globex"))
     big = RawClient(px.dsn("acme"), timeout=120)
     try:
@@ -135,6 +141,9 @@ def test_a_long_statement_does_not_stall_other_clients(px):
         assert states in ([], ["54011"], ["57014"]), states  # ran (PostgreSQL: too many columns), or over budget
         print(f"big statement {len(sql)} bytes: {result['s']:.2f} s; other client: {n} queries, "
               f"p50 {lat[n // 2] * 1000:.1f} ms, p99 {lat[int(n * 0.99)] * 1000:.1f} ms, worst {worst * 1000:.1f} ms")
+        growth = _rss_kib(px.proc.pid) - rss_before
+        print(f"proxy RSS growth: {growth} KiB for a {len(sql) // 1024} KiB statement")
+        assert growth < 64 * 1024, f"the proxy grew by {growth} KiB"
         assert result["s"] > 0.2, "the statement should take a while (else this test measures nothing)"
         assert worst < 1.0, f"another client waited {worst:.2f} s while a long statement was analysed"
     finally:
