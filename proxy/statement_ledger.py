@@ -81,7 +81,7 @@ class StatementLedger:
     ``None`` as a decision means "exists, nothing to check or audit known".
     """
 
-    __slots__ = ("stmts", "portals", "_ops", "checked")
+    __slots__ = ("stmts", "portals", "_ops", "checked", "_stale")
 
     def __init__(self) -> None:
         self.stmts: dict[str, Any] = {}
@@ -90,9 +90,11 @@ class StatementLedger:
         # Some statement or portal (confirmed or pending) has checks: Binds and Executes must be
         # inspected.  Set as soon as one is sent; recomputed when nothing is pending (an upper bound).
         self.checked = False
+        self._stale = False  # something was dropped since ``checked`` was last computed
 
     def _recompute_checked(self) -> None:
         if not self._ops:
+            self._stale = False
             self.checked = any(is_checked(v) for v in self.stmts.values()) or any(
                 is_checked(p[0]) for p in self.portals.values())
 
@@ -181,17 +183,23 @@ class StatementLedger:
                               f"(pending: {[op[1] for op in ops]})")
         _seg, kind, name, value = ops.pop(i)
         if kind == PARSE:
+            if name in self.stmts:
+                self._stale = True  # the unnamed statement replaced
             self.stmts[name] = value
         elif kind == BIND:
             self.portals[name] = value
         elif kind == CLOSE_STATEMENT:
             self.stmts.pop(name, None)
+            self._stale = True
         elif kind == CLOSE_PORTAL:
             self.portals.pop(name, None)
+            self._stale = True
 
     def failed(self, seg: int) -> None:
         """An ErrorResponse arrived while PostgreSQL works on segment ``seg``."""
-        self._ops = [op for op in self._ops if op[0] > seg]
+        if self._ops:
+            self._ops = [op for op in self._ops if op[0] > seg]
+            self._stale = True
 
     def ready(self, seg: int, status: bytes) -> None:
         """ReadyForQuery ended segment ``seg`` with transaction status ``status``."""
@@ -202,9 +210,11 @@ class StatementLedger:
                 raise LedgerError(f"the database server did not answer a message of segment {seg}")
             self.stmts.pop("", None)
             self.portals.pop("", None)
-        if status == b"I":
+            self._stale = True
+        if status == b"I" and self.portals:
             self.portals.clear()
-        if self.checked:
+            self._stale = True
+        if self.checked and self._stale:
             self._recompute_checked()
 
     def all_statements_dropped(self) -> None:
@@ -213,6 +223,7 @@ class StatementLedger:
         self.stmts.clear()
         if unnamed is not _MISSING:
             self.stmts[""] = unnamed
+        self._stale = True
         self._recompute_checked()
 
 
