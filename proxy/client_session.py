@@ -1059,7 +1059,11 @@ class ClientSession(asyncio.Protocol):
 
     async def _warm_up_forked(self, t: bytes, payload: bytes, pair) -> None:
         compute, adopt = pair
-        result = await statement_offload.run_forked(compute, self.config.limits.statement_cpu_budget_s)
+        try:
+            result = await statement_offload.run_forked(compute, self.config.limits.statement_cpu_budget_s)
+        except Exception:  # never leave the session blocked
+            log.exception("session %s: analysing a long statement failed", self.session_id)
+            result = Refuse("XX000", "internal error in tenantgate while checking the statement")
         if self.closed:
             return
         decision = None

@@ -92,10 +92,20 @@ async def run_forked(compute: Callable[[], Any], budget_s: float) -> Computed | 
     snapshot of the process (copy on write) and only runs ``compute``; at the budget it is
     killed (a real CPU budget: 57014)."""
     loop = asyncio.get_running_loop()
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process: the child only computes
-        pid = os.fork()
+    try:
+        r, w = os.pipe()
+    except OSError as e:
+        log.error("could not start a statement analysis process: %s", e)
+        return Refuse("53000", "tenantgate has no resources left to analyse this statement; try again later")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process: the child only computes
+            pid = os.fork()
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        log.error("could not start a statement analysis process: %s", e)
+        return Refuse("53000", "tenantgate has no resources left to analyse this statement; try again later")
     if pid == 0:  # the child: compute, write the result, leave without any cleanup
         code = 0
         try:
