@@ -28,10 +28,13 @@ def session_px(demo, tmp_path_factory):  # noqa: F811
         yield proxy
 
 
-@pytest.fixture(params=["session", "transaction"])
+@pytest.fixture(params=["session", "transaction", "operator"])
 def acme(request, demo, session_px):  # noqa: F811
-    dsn = session_px.dsn("acme") if request.param == "session" else demo.app("acme")
-    c = RawClient(dsn)
+    if request.param == "operator":  # an operator under a write grant for acme (always session mode)
+        c = RawClient(demo.operator("alice"), options={"options": pg_options(
+            request.getfixturevalue("write_grant")["id"])})
+    else:
+        c = RawClient(session_px.dsn("acme") if request.param == "session" else demo.app("acme"))
     c.mode = request.param
     yield c
     c.close()
