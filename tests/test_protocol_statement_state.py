@@ -201,3 +201,18 @@ def test_operator_duplicate_parse_cannot_hide_an_update(demo, write_grant):  # n
         assert _audited(admin, since) == [("statement", "write", upd)]
     finally:
         op.close()
+
+
+@pytest.mark.parametrize("reset", ["DEALLOCATE ALL"])  # DISCARD ALL: refused by the policy (0A000)
+def test_statement_names_are_free_again_after_deallocate_all(session_px, reset):
+    """PostgreSQL drops every named statement: the proxy sees the command tag and follows."""
+    c = RawClient(session_px.dsn("acme"))
+    try:
+        c.send(m.encode_parse("again", "SELECT 1"), m.SYNC)
+        assert _states(c.until_ready()) == []
+        assert _states(c.query(reset)) == []
+        c.send(m.encode_parse("again", "SELECT 2"), m.encode_bind("", "again", ()), m.encode_execute(""), m.SYNC)
+        msgs = c.until_ready()
+        assert _states(msgs) == [] and [p for t, p in msgs if t == b"D"], msgs
+    finally:
+        c.close()
