@@ -25,8 +25,6 @@ refusal's ErrorResponse on the way back.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import secrets
 import struct
@@ -50,6 +48,7 @@ from proxy.metrics import (
 )
 from proxy.pool import PoolTimeout, ServerConn
 from proxy import statement_offload
+from proxy.copy_audit import CopyDigest
 from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
@@ -165,7 +164,7 @@ class _Entry:
         self.tag: str | None = None
         self.data = data
         self.audited = False
-        self.copy: list | None = None  # [sha256, bytes, chunks or None]: data of an audited COPY FROM STDIN
+        self.copy: CopyDigest | None = None  # the data of an audited COPY FROM STDIN
 
 
 class ClientSession(asyncio.Protocol):
@@ -1343,13 +1342,8 @@ class ClientSession(asyncio.Protocol):
                 head = self.inflight[0]
                 if head.audited:
                     if head.copy is None:
-                        full = getattr(self.config.audit, "copy_data", "digest") == "full"
-                        head.copy = [hashlib.sha256(), 0, [] if full else None]
-                    rec = head.copy
-                    rec[0].update(payload)
-                    rec[1] += len(payload)
-                    if rec[2] is not None:
-                        rec[2].append(payload)
+                        head.copy = CopyDigest(full=getattr(self.config.audit, "copy_data", "digest") == "full")
+                    head.copy.feed(payload)
             check = self._copy_check
             if check is not None:
                 try:
@@ -1460,16 +1454,7 @@ class ClientSession(asyncio.Protocol):
         if e.tag:
             counts = [m.rows_from_tag(tag) for tag in e.tag.split("; ")]
             rows = sum(c for c in counts if c is not None) if any(c is not None for c in counts) else None
-        detail = None
-        if e.copy is not None:
-            digest, nbytes, chunks = e.copy
-            detail = {"copy_in": {"bytes": nbytes, "sha256": digest.hexdigest()}}
-            if chunks is not None:
-                data = b"".join(chunks)
-                try:
-                    detail["copy_in"]["data"] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    detail["copy_in"]["data_base64"] = base64.b64encode(data).decode("ascii")
+        detail = e.copy.detail() if e.copy is not None else None
         outcome = Outcome(e.sqlstate, e.tag, rows, time.perf_counter() - e.t0, detail)
         task = self.loop.create_task(self._audit_after(e.handle, outcome))
         if self._after_tasks is None:
