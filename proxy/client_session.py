@@ -1012,7 +1012,7 @@ class ClientSession(asyncio.Protocol):
             sql = m.decode_query(payload).sql
         if len(payload) > self.config.limits.statement_offload_bytes:
             decision = self._large_statement(t, payload, sql, Origin.SIMPLE)
-            if decision is None:  # being analysed in the worker thread: this message comes back
+            if decision is None:  # being analysed off the event loop: this message comes back
                 return
         else:
             decision = self._check(sql, Origin.SIMPLE)
@@ -1122,12 +1122,9 @@ class ClientSession(asyncio.Protocol):
         decision = None
         if len(payload) > self.config.limits.statement_offload_bytes:
             decision = self._large_statement(t, payload, p.query, Origin.PARSE)
-            if decision is None:  # being analysed in the worker thread: this message comes back
+            if decision is None:  # being analysed off the event loop: this message comes back
                 return
-            if isinstance(decision, Refuse):
-                self._refuse_extended(p.query, decision, lambda tok: m.encode_parse(p.name, tok))
-                return
-        if p.name and not self.pooled:  # pooled sessions rename statements (duplicates refused below)
+        if p.name and not self.pooled and not isinstance(decision, Refuse):  # pooled: renamed, see below
             exists = self._ledger.statement_exists(p.name, self._seg_sent + 1)
             if type(exists) is Wait:  # a Parse or Close of this name may still fail: wait for it
                 self._hold(t, payload, exists.seg)

@@ -94,10 +94,13 @@ def _big_select(n_bytes: int) -> str:
     return "SELECT " + ",".join(["1"] * (n_bytes // 2))
 
 
-def test_statements_over_the_limit_are_refused_with_54000(px):
-    c = RawClient(px.dsn("acme"))
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_statements_over_the_limit_are_refused_with_54000(px, demo, mode):  # noqa: F811
+    # the demo (transaction pooling) has the default limit, 1 MiB
+    c = RawClient(px.dsn("acme") if mode == "session" else demo.app("acme"))
+    limit = MAX_STATEMENT if mode == "session" else 1024 * 1024
     try:
-        sql = _big_select(MAX_STATEMENT + 10)
+        sql = _big_select(limit + 10)
         errs = errors(c.query(sql))
         assert [e.sqlstate for e in errs] == ["54000"] and "limits.max_statement_bytes" in errs[0].fields.get("H", "")
         c.send(m.encode_parse("", sql), m.encode_bind("", "", ()), m.encode_execute(""), m.SYNC)
