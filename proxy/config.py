@@ -98,6 +98,15 @@ class TimeoutsConfig(_Strict):
 class LimitsConfig(_Strict):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_clients: int = Field(1000, ge=1)
+    max_statement_bytes: int = Field(
+        1024 * 1024, ge=1024,
+        description="a Query or Parse whose SQL text is longer is refused (54000); bulk data belongs in COPY")
+    statement_offload_bytes: int = Field(
+        64 * 1024, ge=0,
+        description="statements longer than this are analysed in a worker thread, so the event loop "
+                    "keeps serving other clients (0: always on the event loop)")
+    statement_cpu_budget_s: float = Field(
+        10.0, gt=0, description="a statement whose analysis takes longer is refused (57014)")
 
 
 class TokensConfig(_Strict):
@@ -123,6 +132,9 @@ class ControlConfig(_Strict):
 
 
 class AuditConfig(_Strict):
+    # what the outcome record of an operator's COPY ... FROM STDIN keeps of the loaded data:
+    # "digest" (byte count and SHA-256), or "full" (also the data itself)
+    copy_data: Literal["digest", "full"] = "digest"
     signing_key_file: str | None = None  # Ed25519 private key (PEM) for checkpoints
     signing_key_env: str | None = None
     checkpoint_every: int = Field(100, ge=1)  # records between signed checkpoints

@@ -146,6 +146,10 @@ class OperatorSessionGate:
     def on_ready_for_query(self, tx_status: bytes) -> None:
         self.inner.on_ready_for_query(tx_status)
 
+    def warm_up(self, sql: str, origin: Origin):
+        warm = getattr(self.inner, "warm_up", None)
+        return warm(sql, origin) if warm is not None else None
+
     async def audit_before(self, decision: Forward, params: Sequence[bytes | None] | None) -> Any:
         if self.ended is None and self.grant.expires_at <= datetime.now(timezone.utc):
             self._grant_ended(self.grant.id, "expired")

@@ -334,6 +334,7 @@ class ControlPlane:
             client_addr=ctx.client_addr, session_id=ctx.session_id, ref_seq=seq,
             sqlstate=outcome.sqlstate, command_tag=outcome.command_tag, rows=outcome.rows,
             duration_us=int(round(outcome.duration_s * 1_000_000)),
+            detail=getattr(outcome, "detail", None),
         )
         return self.writer.enqueue(rec)
 

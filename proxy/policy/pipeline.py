@@ -325,8 +325,9 @@ class Pipeline:
                 return done if cached else Analysis(done.decision, done.effects, cached=False)
         effects = Effects(
             prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
-            tenant_token=tpl.tenant_token,
-        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token) else _NO_EFFECTS[0]
+            tenant_token=tpl.tenant_token, executed=tpl.requires_prepared,
+        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token
+              or tpl.requires_prepared) else _NO_EFFECTS[0]
         lit = self.literal(tenant) if tenant is not None else ""
         if dynamic and origin == Origin.PARSE:
             lit = tenant_guc_reference(type_)

@@ -27,6 +27,8 @@ Public API (stable)::
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -64,6 +66,10 @@ def verify_token(token: str, key: str | None) -> str:
     return tenant
 
 
+#: the class an EXECUTE of several prepared statements takes: the strongest
+_CLASS_ORDER = ("ddl", "write", "read", "tcl", "set")
+
+
 class TenantSessionGate:
     kind = SessionKind.TENANT
     audited = False
@@ -92,6 +98,7 @@ class TenantSessionGate:
         self._status: tuple[bool, str] = (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE)
         self._local_status: tuple[bool, str] | None = None
         self._prepared: set[str] = set()
+        self._prepared_class: dict[str, str] = {}  # PREPARE name -> its statement's class
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
@@ -166,6 +173,10 @@ class TenantSessionGate:
         self._ctx = None
 
     # ---- SessionGate ----------------------------------------------------------------------
+    def warm_up(self, sql: str, origin: Origin):
+        """(compute, adopt) for analysing a long statement off the event loop (PolicyEngine.warm_up)."""
+        return self.engine.warm_up(sql, origin)
+
     def check(self, sql: str, origin: Origin) -> Decision:
         analysis = self.engine.analyze(sql, self.context, origin)
         decision = analysis.decision
@@ -180,6 +191,13 @@ class TenantSessionGate:
             self._prepared.difference_update(eff.deallocated)
             self._prepared.update(eff.prepared)
             self._changed()
+            self._prepared_class.update((n, decision.statement_class) for n in eff.prepared)
+        if eff.executed and decision.statement_class == "other":
+            # EXECUTE runs a PREPAREd statement: audit and read-only checks see that statement's class
+            classes = {self._prepared_class.get(n, "other") for n in eff.executed}
+            cls = next((c for c in _CLASS_ORDER if c in classes), "other")
+            if cls != "other":
+                decision = dataclasses.replace(decision, statement_class=cls)
         return decision
 
     def _set_token(self, token: str, local: bool) -> Decision:
