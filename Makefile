@@ -38,7 +38,7 @@ run: install postgres
 	$(BIN)/tenantgate demo --state-dir $(STATE_DIR) --listen $(LISTEN)
 
 test: install postgres prometheus
-	$(BIN)/python -m pytest -p no:cacheprovider tests; rc=$$?; \
+	$(BIN)/python -m pytest -p no:cacheprovider -rs tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: install postgres

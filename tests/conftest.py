@@ -53,3 +53,12 @@ def make_db(pg):
 
 # One `tenantgate demo` for the whole session (end-to-end tests use it).
 from demo_support import demo  # noqa: E402,F401
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the skip count and each skip's reason, so a skip never goes unnoticed."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.write_line(f"tenantgate: skipped: {len(skipped)}")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"  skipped {rep.nodeid}: {reason}")
