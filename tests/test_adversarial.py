@@ -55,7 +55,9 @@ def test_corpus_is_well_formed():
     ids = [a.id for a in corpus]
     assert len(ids) == len(set(ids)), [i for i, n in collections.Counter(ids).items() if n > 1]
     for entry in raw:
-        assert set(entry) <= {"id", "sql", "steps", "expect", "oracle", "note"}, entry
+        assert set(entry) <= {"id", "sql", "steps", "expect", "oracle", "note", "probe"}, entry
+        if entry.get("probe"):
+            assert entry.get("note"), f"a probe says what it probes: {entry}"
         assert ("sql" in entry) != ("steps" in entry), entry
         assert entry.get("expect", "safe") in ("safe", "refuse"), entry
     text = "\n".join(a.text.lower() for a in corpus)
@@ -98,7 +100,11 @@ def test_harness_catches_an_engine_that_filters_nothing(adv_db, oracle_runner):
                        "union-all-unfiltered", "division-by-zero-existence", "prepare-param-other-tenant",
                        "cursor-declare-fetch", "multi-select-then-table", "explain-analyze-update-other"):
         assert attempt_id in flagged, attempt_id
-    assert len(flagged) >= 150
+    # every attempt that is an attack (not a probe) must be caught when nothing filters: an
+    # attack the harness cannot see failing proves nothing when the engine passes it
+    blind = sorted(r.attempt.id for r in report.results if not r.findings and not r.attempt.probe)
+    assert not blind, f"{len(blind)} attacks not flagged under forward-everything: {blind}"
+    assert len(flagged) >= MIN_ATTEMPTS
 
 
 @pytest.fixture(scope="module")
