@@ -46,7 +46,7 @@ bench: install postgres
 	$(BIN)/python -m bench.run
 
 fuzz-rewrite: install postgres
-	TENANTGATE_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -p no:cacheprovider tests/test_rewrite_differential.py -x -q
+	TENANTGATE_FUZZ_EXAMPLES=200000 $(BIN)/python -m pytest -p no:cacheprovider tests/test_rewrite_differential.py tests/test_rewrite_families.py -x -q -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .tenantgate build *.egg-info

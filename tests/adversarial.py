@@ -32,7 +32,7 @@ import psycopg
 import yaml
 
 import rewrite_schema
-from rewrite_oracle import _norm
+from rewrite_oracle import _norm, leaked_markers  # noqa: F401  (leaked_markers is used and re-exported)
 from rewrite_schema import ALL_TABLES, TENANT, TENANT_TABLES
 
 CORPUS_PATH = Path(__file__).parent / "data" / "adversarial.yaml"
@@ -130,14 +130,6 @@ def load_corpus(path: Path = CORPUS_PATH, dbname: str = "postgres") -> list[Atte
 
 
 # ---- leak detection -------------------------------------------------------------
-
-_MARKER = re.compile(r"[A-Za-z0-9_.@]*-[BC]-[A-Za-z0-9_.-]*|[A-Za-z0-9_.]*@[bc]\.example")
-
-
-def leaked_markers(text: str, statement_text: str) -> list[str]:
-    """Other tenants' marker values in ``text`` that the statement itself did not contain."""
-    return sorted({m for m in _MARKER.findall(text) if m and m not in statement_text})
-
 
 def _other_tenants_sql() -> str:
     parts = [
