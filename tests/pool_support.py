@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 import yaml
 
+import crash_watch
 from proxy.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,7 @@ def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients
             proc.wait()
             raise RuntimeError(f"tenantgate serve did not start: {line!r}\n{log_path.read_text()}")
         # the banner is all stdout says; a closed pipe must not block the proxy later
+        crash_watch.register_log(log_path)
         yield PooledProxy(demo, proc, port, cfg_path, log_path, raw)
     finally:
         if proc.poll() is None:
