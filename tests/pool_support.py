@@ -99,7 +99,7 @@ ADMIN_USER, ADMIN_PASSWORD = "pool_console", "pool-console-pw"
 
 
 def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int = 1000,
-                 user_settings: dict[str, dict] | None = None) -> dict:
+                 user_settings: dict[str, dict] | None = None, backend: dict | None = None) -> dict:
     """The demo's own config (users, rules, tokens, control), on ``port`` with ``pool`` settings,
     plus an admin-console user (:data:`ADMIN_USER`)."""
     from proxy.scram import make_verifier
@@ -110,6 +110,7 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
     for u in raw["users"]:
         u.update((user_settings or {}).get(u["name"], {}))
     raw["listen"] = {"host": "127.0.0.1", "port": port}
+    raw["backend"] = {**raw["backend"], **(backend or {})}  # e.g. another backend role
     raw["pool"] = dict(pool)
     raw["workers"] = workers
     raw["limits"] = {"max_clients": max_clients}
@@ -121,11 +122,11 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 
 @contextlib.contextmanager
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
-                 user_settings: dict[str, dict] | None = None):
+                 user_settings: dict[str, dict] | None = None, backend: dict | None = None):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
     per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
     port = free_port()
-    raw = proxy_config(demo, port, pool, workers, max_clients, user_settings)
+    raw = proxy_config(demo, port, pool, workers, max_clients, user_settings, backend)
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / f"tenantgate-pool-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
