@@ -201,8 +201,8 @@ def execute_capture(conn: psycopg.Connection, sql: str, prepare: bool = False) -
     except psycopg.Error as e:
         diag = getattr(e, "diag", None)
         out.sqlstate = getattr(e, "sqlstate", None) or "XX000"
-        detail = (diag.message_detail or "") if diag else ""
-        out.error = f"{out.sqlstate} {str(e).strip()} {detail}".strip()
+        extra = " ".join(p for p in (diag.message_detail, diag.message_hint, diag.context) if p) if diag else ""
+        out.error = f"{out.sqlstate} {str(e).strip()} {extra}".strip()  # every part is scanned for markers
     return out
 
 

@@ -98,7 +98,7 @@ def test_family_harness_flags_missing_filters(fam_runner):
     blind = []
     for family in FAMILIES:
         tally = Tally()
-        for seed in range(EXAMPLES):
+        for seed in range(min(EXAMPLES, 40)):  # one test over every family: bounded
             case = family_case(family, seed)
             params = list(case.params) if case.params is not None else None
             tally.add(case.sql, family, run_case(fam_runner, IdentityRewriter(), case.sql, case.ordered,
