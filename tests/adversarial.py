@@ -32,20 +32,21 @@ import psycopg
 import yaml
 
 import rewrite_schema
-from rewrite_oracle import _norm
+from rewrite_oracle import _norm, leaked_markers  # noqa: F401  (leaked_markers is used and re-exported)
 from rewrite_schema import ALL_TABLES, TENANT, TENANT_TABLES
 
 CORPUS_PATH = Path(__file__).parent / "data" / "adversarial.yaml"
 BACKEND_ROLE = "adv_backend"
 BACKEND_PASSWORD = "adv-backend-pw"
+OTHER_TENANT_SETTING = "B"  # app.tenant of the backend role (see EXTRAS_SQL)
 OTHER_TENANT_SNAPSHOT_TABLES = tuple(t.name for t in TENANT_TABLES) + ("events", "leads")
 
-# Seed rows of the extra tables.  leads gets the OTHER tenants' rows first, so
-# a qual evaluated before the tenant filter meets another tenant's row first.
+# Seed rows of the extra tables: the OTHER tenants' rows first, so a qual
+# evaluated before the tenant filter meets another tenant's row first.
 EXTRA_SEED_SQL = """
 INSERT INTO events VALUES
-  ('A', 1, '{"secret": "ev-A-1", "k": "a"}'), ('A', 2, '{"k": "x"}'),
-  ('B', 1, '{"secret": "ev-B-1", "k": "b"}'), ('C', 1, '{"secret": "ev-C-1"}');
+  ('B', 1, '{"secret": "ev-B-1", "k": "b"}'), ('C', 1, '{"secret": "ev-C-1"}'),
+  ('A', 1, '{"secret": "ev-A-1", "k": "a"}'), ('A', 2, '{"k": "x"}');
 INSERT INTO leads VALUES ('B', 1, 'lead-B-1'), ('C', 1, 'lead-C-1'), ('B', 2, 'lead-B-2'), ('A', 1, '7'), ('A', 2, '8');
 """
 
@@ -74,6 +75,9 @@ DO $$ BEGIN
     CREATE ROLE {BACKEND_ROLE} LOGIN BYPASSRLS PASSWORD '{BACKEND_PASSWORD}';
   END IF;
 END $$;
+-- What runs as the backend role sees tenant B's setting: a statement that relies on the
+-- column default instead of naming tenant A writes B's row, which the runner notices.
+ALTER ROLE {BACKEND_ROLE} SET app.tenant = '{OTHER_TENANT_SETTING}';
 GRANT USAGE ON SCHEMA public TO {BACKEND_ROLE};
 GRANT SELECT ON products TO {BACKEND_ROLE};
 GRANT SELECT, INSERT, UPDATE, DELETE ON customers, orders, order_items, tickets, events, events_a, events_b, events_c, leads
@@ -107,6 +111,7 @@ class Attempt:
     expect: str = "safe"  # or "refuse"
     oracle: bool = True
     note: str = ""
+    probe: bool = False  # a probe of behaviour, not an attack: forward-everything need not flag it
 
     @property
     def text(self) -> str:
@@ -119,19 +124,12 @@ def load_corpus(path: Path = CORPUS_PATH, dbname: str = "postgres") -> list[Atte
     for e in raw:
         steps = e.get("steps") or [e["sql"]]
         steps = tuple(s.replace("{db}", dbname) for s in steps)
-        out.append(Attempt(e["id"], steps, e.get("expect", "safe"), e.get("oracle", True), e.get("note", "")))
+        out.append(Attempt(e["id"], steps, e.get("expect", "safe"), e.get("oracle", True), e.get("note", ""),
+                           e.get("probe", False)))
     return out
 
 
 # ---- leak detection -------------------------------------------------------------
-
-_MARKER = re.compile(r"[A-Za-z0-9_.@]*-[BC]-[A-Za-z0-9_.-]*|[A-Za-z0-9_.]*@[bc]\.example")
-
-
-def leaked_markers(text: str, statement_text: str) -> list[str]:
-    """Other tenants' marker values in ``text`` that the statement itself did not contain."""
-    return sorted({m for m in _MARKER.findall(text) if m and m not in statement_text})
-
 
 def _other_tenants_sql() -> str:
     parts = [
@@ -203,8 +201,8 @@ def execute_capture(conn: psycopg.Connection, sql: str, prepare: bool = False) -
     except psycopg.Error as e:
         diag = getattr(e, "diag", None)
         out.sqlstate = getattr(e, "sqlstate", None) or "XX000"
-        detail = (diag.message_detail or "") if diag else ""
-        out.error = f"{out.sqlstate} {str(e).strip()} {detail}".strip()
+        extra = " ".join(p for p in (diag.message_detail, diag.message_hint, diag.context) if p) if diag else ""
+        out.error = f"{out.sqlstate} {str(e).strip()} {extra}".strip()  # every part is scanned for markers
     return out
 
 

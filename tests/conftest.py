@@ -53,3 +53,34 @@ def make_db(pg):
 
 # One `tenantgate demo` for the whole session (end-to-end tests use it).
 from demo_support import demo  # noqa: E402,F401
+
+import logging  # noqa: E402
+
+import crash_watch  # noqa: E402
+
+logging.getLogger().addHandler(crash_watch.TracebackRecorder())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_tracebacks(reason): the test provokes an internal error on purpose")
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_exceptions(request):
+    """Fail the test when the proxy had an unhandled exception or logged a traceback meanwhile
+    (see crash_watch): an invisible crash is a bug, not a pass."""
+    start = crash_watch.mark()
+    yield
+    problems = crash_watch.new_problems(start)
+    if problems and request.node.get_closest_marker("allow_tracebacks") is None:
+        pytest.fail("unhandled exception or traceback in the proxy during this test:\n" + "\n---\n".join(
+            p[:4000] for p in problems[:5]), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the skip count and each skip's reason, so a skip never goes unnoticed."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.write_line(f"tenantgate: skipped: {len(skipped)}")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"  skipped {rep.nodeid}: {reason}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import crash_watch
 from proxy.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,7 @@ def start_demo(base: Path) -> Demo:
         proc.kill()
         raise TimeoutError(f"tenantgate demo did not write dsns.json:\n{log_path.read_text()}")
     secrets = json.loads((state / "demo.json").read_text())["secrets"]
+    crash_watch.register_log(log_path)  # a traceback in the demo's log fails the running test
     return Demo(state, port, dsns, secrets, proc, log_path)
 
 

@@ -169,3 +169,17 @@ def data_rows(msgs: list[tuple[bytes, bytes]]) -> list[list[bytes | None]]:
                 pos += ln
         rows.append(row)
     return rows
+
+
+def assert_refused_by_tenantgate(err, sqlstate: str = "42501") -> None:
+    """``err`` (psycopg or asyncpg) is tenantgate's refusal, not PostgreSQL's own error.
+
+    PostgreSQL's ErrorResponse always names its source file (field F, e.g. ``aclchk.c``);
+    tenantgate's refusals carry none.  So a test passes only when the proxy refused, not when
+    the backend (RLS, privileges) happened to stop the statement first."""
+    if hasattr(err, "diag"):  # psycopg
+        state, source = err.sqlstate, err.diag.source_file
+    else:  # asyncpg
+        state, source = err.sqlstate, getattr(err, "server_source_filename", None)
+    assert state == sqlstate, (state, str(err))
+    assert source is None, f"refused by PostgreSQL ({source}), not by tenantgate: {err}"

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import crash_watch
 from proxy.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,7 @@ def start_serve(raw_config: dict, workdir: Path, *, verbose: bool = False, timeo
     cmd = [sys.executable, "-m", "proxy", "serve", "-c", str(cfg_path)] + (["-v"] if verbose else [])
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     served = ServeProcess(proc, port, metrics_port, log_path, cfg_path)
+    crash_watch.register_log(log_path)  # a traceback in serve's log fails the running test
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 import yaml
 
+import crash_watch
 from proxy.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ ADMIN_USER, ADMIN_PASSWORD = "pool_console", "pool-console-pw"
 
 
 def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int = 1000,
-                 user_settings: dict[str, dict] | None = None) -> dict:
+                 user_settings: dict[str, dict] | None = None, backend: dict | None = None) -> dict:
     """The demo's own config (users, rules, tokens, control), on ``port`` with ``pool`` settings,
     plus an admin-console user (:data:`ADMIN_USER`)."""
     from proxy.scram import make_verifier
@@ -109,6 +110,7 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
     for u in raw["users"]:
         u.update((user_settings or {}).get(u["name"], {}))
     raw["listen"] = {"host": "127.0.0.1", "port": port}
+    raw["backend"] = {**raw["backend"], **(backend or {})}  # e.g. another backend role
     raw["pool"] = dict(pool)
     raw["workers"] = workers
     raw["limits"] = {"max_clients": max_clients}
@@ -120,11 +122,12 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 
 @contextlib.contextmanager
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
-                 user_settings: dict[str, dict] | None = None, limits: dict | None = None):
+                 user_settings: dict[str, dict] | None = None, limits: dict | None = None,
+                 backend: dict | None = None):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
     per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
     port = free_port()
-    raw = proxy_config(demo, port, pool, workers, max_clients, user_settings)
+    raw = proxy_config(demo, port, pool, workers, max_clients, user_settings, backend)
     raw["limits"].update(limits or {})
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / f"tenantgate-pool-{port}.yaml"
@@ -141,6 +144,7 @@ def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients
             proc.wait()
             raise RuntimeError(f"tenantgate serve did not start: {line!r}\n{log_path.read_text()}")
         # the banner is all stdout says; a closed pipe must not block the proxy later
+        crash_watch.register_log(log_path)
         yield PooledProxy(demo, proc, port, cfg_path, log_path, raw)
     finally:
         if proc.poll() is None:

@@ -40,6 +40,7 @@ from urllib.parse import quote
 
 import pytest
 
+import crash_watch
 from proxy.config import Config
 from proxy.passthrough import PassthroughGatekeeper
 from proxy.pgcluster import PgCluster
@@ -117,6 +118,7 @@ class RunningProxy:
         except ImportError:  # pragma: no cover
             loop = asyncio.new_event_loop()
         self.loop = loop
+        loop.set_exception_handler(crash_watch.loop_exception_handler)  # an unhandled exception fails the test
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._start())
@@ -315,3 +317,34 @@ def errors_in(msgs: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
     from proxy.wire import messages as m
 
     return [m.decode_error_fields(p).fields for t, p in msgs if t == b"E"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value (returned); fail after ``timeout`` s.
+
+    For tests on a loaded machine: wait for the state a check needs instead of sleeping."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_until_query_active(admin_dsn: str, needle: str, timeout: float = 20.0) -> int:
+    """Wait until a backend runs a query containing ``needle`` (pg_stat_activity state 'active');
+    returns its pid.  A cancel sent before that could hit nothing and prove nothing."""
+    import psycopg
+
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        def active():
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+                " AND strpos(query, %s) > 0", [needle]).fetchone()
+            return row[0] if row else None
+
+        return wait_until(active, timeout, what=f"a running query with {needle!r}")

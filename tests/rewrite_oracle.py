@@ -29,10 +29,12 @@ from rewrite_schema import (
     ORACLE_ROLE,
     TENANT,
     TENANT_TABLES,
+    TENANTS,
     snapshot_sql,
 )
 
 STATEMENT_TIMEOUT = "10s"
+_COPY_OUT = re.compile(r"^\s*copy\b", re.I)
 RLS_VIOLATION = "42501"
 
 
@@ -63,10 +65,11 @@ class RunResult:
 class StatementRunner:
     """One superuser connection; every run is a transaction that is rolled back."""
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, case_setup: str = "", tables=TENANT_TABLES, extra_snapshot: str = ""):
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True)
-        self._snapshot = snapshot_sql(TENANT_TABLES)
+        self._snapshot = snapshot_sql(tables) + (f" UNION ALL {extra_snapshot}" if extra_snapshot else "")
+        self.case_setup = case_setup  # run at the start of every transaction (e.g. reset a sequence)
 
     def close(self) -> None:
         self.conn.close()
@@ -74,7 +77,7 @@ class StatementRunner:
     def _begin(self, role: str, app_tenant: str, setup: str = "") -> None:
         self.conn.execute(
             f"BEGIN; SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'; SET LOCAL ROLE {role};"
-            f" SET LOCAL app.tenant = '{app_tenant}'; {setup}",
+            f" SET LOCAL app.tenant = '{app_tenant}'; {self.case_setup} {setup}",
             prepare=False,
         )
 
@@ -82,11 +85,29 @@ class StatementRunner:
         rows = self.conn.execute(self._snapshot, prepare=False).fetchall()
         return tuple(sorted(rows))
 
-    def run(self, sql: str, role: str, app_tenant: str, *, setup: str = "", with_state: bool = True) -> RunResult:
+    def run(self, sql: str, role: str, app_tenant: str, *, setup: str = "", with_state: bool = True,
+            params: list[str | None] | None = None) -> RunResult:
+        """Run ``sql`` as ``role``; with ``params`` over the extended protocol (Parse/Bind/Execute,
+        text parameters of unspecified type, result values as text)."""
         res = RunResult()
         self._begin(role, app_tenant, setup)
         try:
+            if params is not None:
+                if not self._run_params(sql, params, res):
+                    return res
+                if with_state:
+                    self.conn.execute("RESET ROLE", prepare=False)
+                    res.state = self.state()
+                return res
             try:
+                if _COPY_OUT.match(sql):
+                    with self.conn.cursor() as cur, cur.copy(sql) as copy:
+                        data = b"".join(bytes(b) for b in copy).decode("utf-8", "replace")
+                    res.rows = [(line,) for line in data.splitlines()]
+                    if with_state:
+                        self.conn.execute("RESET ROLE", prepare=False)
+                        res.state = self.state()
+                    return res
                 cur = self.conn.execute(sql, prepare=False)
                 rows = None
                 # Several statements in one text: keep the last result set (like psql shows all; we only need one).
@@ -102,7 +123,7 @@ class StatementRunner:
                     return res
             except psycopg.Error as e:
                 res.sqlstate = e.sqlstate or "XX000"
-                res.message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                res.message = _full_message(e)
                 return res
             if with_state:
                 self.conn.execute("RESET ROLE", prepare=False)
@@ -112,13 +133,61 @@ class StatementRunner:
             if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("ROLLBACK", prepare=False)
 
-    def oracle(self, sql: str, tenant: str = TENANT) -> RunResult:
-        """The original statement under RLS for ``tenant``."""
-        return self.run(sql, ORACLE_ROLE, tenant)
+    def _run_params(self, sql: str, params: list[str | None], res: RunResult) -> bool:
+        """One Parse/Bind/Execute round trip; False when it failed (res holds the error)."""
+        pq = psycopg.pq
+        out = self.conn.pgconn.exec_params(sql.encode(), [None if p is None else p.encode() for p in params])
+        if out.status == pq.ExecStatus.FATAL_ERROR:
+            field = pq.DiagnosticField
+            res.sqlstate = (out.error_field(field.SQLSTATE) or b"XX000").decode()
+            parts = [out.error_field(f) for f in (field.MESSAGE_PRIMARY, field.MESSAGE_DETAIL, field.MESSAGE_HINT)]
+            res.message = "\n".join(p.decode("utf-8", "replace") for p in parts if p)
+            return False
+        if out.status == pq.ExecStatus.TUPLES_OK:
+            res.rows = [
+                tuple(None if (v := out.get_value(i, j)) is None else v.decode("utf-8", "replace")
+                      for j in range(out.nfields))
+                for i in range(out.ntuples)
+            ]
+        return True
 
-    def candidate(self, sql: str, setup: str = "") -> RunResult:
+    def oracle(self, sql: str, tenant: str = TENANT, params: list[str | None] | None = None) -> RunResult:
+        """The original statement under RLS for ``tenant``."""
+        return self.run(sql, ORACLE_ROLE, tenant, params=params)
+
+    def candidate(self, sql: str, setup: str = "", params: list[str | None] | None = None) -> RunResult:
         """A rewritten statement without RLS (BYPASSRLS role, app.tenant set to no tenant)."""
-        return self.run(sql, CANDIDATE_ROLE, CANDIDATE_APP_TENANT, setup=setup)
+        return self.run(sql, CANDIDATE_ROLE, CANDIDATE_APP_TENANT, setup=setup, params=params)
+
+
+def _full_message(e: psycopg.Error) -> str:
+    """Primary message, DETAIL and HINT: every part a client sees (markers may hide in any)."""
+    diag = getattr(e, "diag", None)
+    parts = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
+    parts = [p for p in parts if p]
+    return "\n".join(parts) if parts else (str(e) or type(e).__name__)
+
+
+# Other tenants' marker values (see rewrite_schema: cust-B-2, ord-C-3, c1@b.example, T-B-1 ...).
+def _marker_re(others: tuple[str, ...]) -> re.Pattern:
+    up, low = "".join(others), "".join(o.lower() for o in others)
+    return re.compile(rf"[A-Za-z0-9_.@]*-[{up}]-[A-Za-z0-9_.-]*|[A-Za-z0-9_.]*@[{low}]\.example")
+
+
+_MARKERS = {t: _marker_re(tuple(o for o in TENANTS if o != t)) for t in TENANTS}
+
+
+def leaked_markers(text: str, statement_text: str, tenant: str = TENANT) -> list[str]:
+    """Marker values of tenants other than ``tenant`` in ``text`` that the statement itself
+    did not contain."""
+    return sorted({m for m in _MARKERS[tenant].findall(text or "") if m and _core(m) not in statement_text})
+
+
+def _core(marker: str) -> str:
+    """``cust-B-1`` of ``cust-B-1-x``: a value computed from a marker the statement itself holds
+    ('cust-B-1' || '-x') is no leak."""
+    found = re.match(r".*?-[A-Z]-[A-Za-z0-9]+", marker)
+    return found.group(0) if found else marker
 
 
 # ---- rewriters ----------------------------------------------------------------
@@ -222,7 +291,10 @@ class Verdict:
     reason: str = ""
 
 
-def compare(oracle: RunResult, rewrite: Rewrite, candidate: RunResult | None, ordered: bool) -> Verdict:
+def compare(oracle: RunResult, rewrite: Rewrite, candidate: RunResult | None, ordered: bool,
+            sql: str = "", tenant: str = TENANT, rows: bool = True) -> Verdict:
+    """``rows=False``: result rows are not compared (EXPLAIN: plans differ by design), only
+    success, errors (and their markers) and the database state afterwards."""
     if rewrite.refused is not None:
         if not oracle.ok:
             return Verdict("refused_agree", f"oracle {oracle.sqlstate}; refused {rewrite.refused}")
@@ -233,6 +305,12 @@ def compare(oracle: RunResult, rewrite: Rewrite, candidate: RunResult | None, or
             return Verdict("mismatch", f"candidate failed: {candidate.sqlstate} {candidate.message}")
         if candidate.ok:
             return Verdict("mismatch", f"oracle failed ({oracle.sqlstate} {oracle.message}) but candidate ran")
+        # An error is a channel too: another tenant's value in the candidate's message, DETAIL
+        # or HINT (a unique violation's key, a failed cast's input) that RLS does not show.
+        leaked = [m for m in leaked_markers(candidate.message, sql, tenant) if m not in (oracle.message or "")]
+        if leaked:
+            return Verdict("mismatch", f"candidate error shows other tenants' values {leaked[:5]}:"
+                                       f" {candidate.sqlstate} {candidate.message}")
         if oracle.sqlstate == candidate.sqlstate or oracle.sqlstate == RLS_VIOLATION:
             return Verdict("both_error", oracle.sqlstate)
         # Both failed, with different errors.  When a statement can fail in two ways (a
@@ -245,7 +323,10 @@ def compare(oracle: RunResult, rewrite: Rewrite, candidate: RunResult | None, or
             return Verdict("mismatch", f"rewrite rejected: candidate {candidate.sqlstate} {candidate.message};"
                                        f" oracle {oracle.sqlstate} {oracle.message}")
         return Verdict("both_error_other_code", f"oracle {oracle.sqlstate}; candidate {candidate.sqlstate}")
-    if ordered:
+    if not rows:
+        leaked = leaked_markers(repr(candidate.rows), sql, tenant)
+        same_rows = not leaked
+    elif ordered:
         same_rows = oracle.rows == candidate.rows
     else:
         same_rows = _multiset(oracle.rows) == _multiset(candidate.rows)
@@ -298,6 +379,14 @@ class Tally:
     def refusal_rate(self) -> float:
         return self.counts["refused"] / self.cases if self.cases else 0.0
 
+    def kind_cases(self, kind: str) -> int:
+        return sum(n for (k, _), n in self.kinds.items() if k == kind)
+
+    def kind_refusal_rates(self) -> dict[str, float]:
+        """Per statement kind: refusals of statements the oracle runs / cases of that kind."""
+        kinds = sorted({k for k, _ in self.kinds})
+        return {k: self.kinds[(k, "refused")] / self.kind_cases(k) for k in kinds if self.kind_cases(k)}
+
     def summary(self, label: str) -> str:
         c = self.counts
         lines = [
@@ -306,6 +395,8 @@ class Tally:
             f" refused={c['refused']} refused_agree={c['refused_agree']} mismatches={c['mismatch']}"
             f" refusal_rate={self.refusal_rate:.1%} engine_internal_errors={c['engine_internal_error']}",
             "  by kind: " + ", ".join(f"{k}/{o}={n}" for (k, o), n in sorted(self.kinds.items())),
+            "  refusal rate by kind: " + ", ".join(
+                f"{k}={r:.1%} of {self.kind_cases(k)}" for k, r in self.kind_refusal_rates().items()),
         ]
         for reason, n in self.refusals.most_common(10):
             lines.append(f"  refused x{n}: {reason}\n    e.g. {self.refusal_examples[reason][:300]}")
@@ -314,14 +405,17 @@ class Tally:
         return "\n".join(lines)
 
 
-def run_case(runner: StatementRunner, rewriter: Rewriter, sql: str, ordered: bool) -> Verdict:
-    oracle = runner.oracle(sql)
+def run_case(runner: StatementRunner, rewriter: Rewriter, sql: str, ordered: bool,
+             params: list[str | None] | None = None, tenant: str = TENANT, rows: bool = True) -> Verdict:
+    """One case: the original under RLS for ``tenant`` against the rewrite without RLS.
+    With ``params`` both run over the extended protocol with those parameter values."""
+    oracle = runner.oracle(sql, tenant, params=params)
     try:
         rw = rewriter.rewrite(sql)
     except Exception as e:  # an engine crash is a bug, not a refusal
         return Verdict("mismatch", f"rewriter raised {type(e).__name__}: {e}")
-    cand = None if rw.refused is not None else runner.candidate(rw.sql, setup=rw.setup)
-    verdict = compare(oracle, rw, cand, ordered)
+    cand = None if rw.refused is not None else runner.candidate(rw.sql, setup=rw.setup, params=params)
+    verdict = compare(oracle, rw, cand, ordered, sql + "\n" + "\n".join(p or "" for p in params or ()), tenant, rows)
     if verdict.outcome == "mismatch" and rw.sql is not None and rw.sql != sql:
         verdict.reason += f"\n    rewritten: {rw.sql}"
     return verdict

@@ -4,8 +4,9 @@ One shared table (``products``) and four tenant tables with a ``tenant_id``
 column and composite foreign keys that include the tenant column.  Tenants A,
 B and C use overlapping key values (every tenant has customer 1, order 1, ...)
 so that a missing tenant filter shows up as extra or changed rows.  Text
-values carry the tenant's marker (``cust-B-2``) so a leak is also visible in
-single values.
+values carry the tenant's marker (``cust-B-2``, ``ord-B-3``) so a leak is also
+visible in single values.  The other tenants' rows are inserted before the
+session tenant's, so physical order puts them first.
 
 Two roles run statements (both via ``SET LOCAL ROLE`` from the superuser):
 
@@ -87,6 +88,7 @@ ORDERS = Table(
         _c("product_id", "int"),
         _c("status", "text"),
         _c("amount", "int"),
+        _c("ref", "text"),
     ),
     ("tenant_id", "id"),
 )
@@ -142,6 +144,7 @@ CREATE TABLE orders (
     product_id int REFERENCES products (id),
     status text,
     amount int,
+    ref text,
     PRIMARY KEY (tenant_id, id),
     FOREIGN KEY (tenant_id, customer_id) REFERENCES customers (tenant_id, id) ON DELETE CASCADE
 );
@@ -199,7 +202,10 @@ def seed_rows() -> dict[str, list[tuple]]:
         (4, "doohickey", "misc", None),
         (5, "thing", "misc", 3),
     ]
-    for ti, t in enumerate(TENANTS):
+    # The other tenants' rows are inserted first: a qual or cast evaluated before the tenant
+    # filter (or a "first row" attack) meets another tenant's row, not the session tenant's.
+    for t in (*OTHER_TENANTS, TENANT):
+        ti = TENANTS.index(t)
         n_cust, n_ord = _SIZES[t]
         for i in range(1, n_cust + 1):
             email = None if (i + ti) % 3 == 0 else f"c{i}@{t.lower()}.example"
@@ -208,7 +214,8 @@ def seed_rows() -> dict[str, list[tuple]]:
             cust = None if (i + ti) % 5 == 0 else 1 + (i * 7 + ti) % n_cust
             prod = None if (i + 2 * ti) % 6 == 0 else 1 + (i + ti) % 5
             amount = None if (i * 3 + ti) % 7 == 0 else (i * 10 + ti * 3) % 47 + 1
-            rows["orders"].append((t, i, cust, prod, _STATUSES[(i + ti) % 4], amount))
+            ref = None if (i + ti) % 4 == 3 else f"ord-{t}-{i}"  # marker value of the order
+            rows["orders"].append((t, i, cust, prod, _STATUSES[(i + ti) % 4], amount, ref))
             for line in range(1, 1 + (i + ti) % 3):
                 qty = None if (i + line + ti) % 4 == 0 else (i + line * 2 + ti) % 5 + 1
                 note = None if (i + line) % 2 else f"note-{t}-{i}-{line}"

@@ -675,13 +675,14 @@ class _Gen:
 
 
 @st.composite
-def statements(draw, max_depth: int = 2, pk_group_by: bool = True) -> GeneratedStatement:
+def statements(draw, max_depth: int = 2, pk_group_by: bool = True, salt: int = 0) -> GeneratedStatement:
     """One SQL statement over the rewrite schema (mostly valid, deterministic).
 
     ``pk_group_by=False`` leaves out GROUP BY a primary key with other columns of
     that table selected (valid only on base tables, so view-based rewriters fail it).
+    ``salt`` gives another (still derandomized) sequence of statements.
     """
-    return generate(draw(st.integers(0, 2**64 - 1)), max_depth, pk_group_by)
+    return generate(draw(st.integers(0, 2**64 - 1)) ^ salt, max_depth, pk_group_by)
 
 
 def generate(seed: int, max_depth: int = 2, pk_group_by: bool = True) -> GeneratedStatement:

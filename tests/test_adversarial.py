@@ -55,7 +55,9 @@ def test_corpus_is_well_formed():
     ids = [a.id for a in corpus]
     assert len(ids) == len(set(ids)), [i for i, n in collections.Counter(ids).items() if n > 1]
     for entry in raw:
-        assert set(entry) <= {"id", "sql", "steps", "expect", "oracle", "note"}, entry
+        assert set(entry) <= {"id", "sql", "steps", "expect", "oracle", "note", "probe"}, entry
+        if entry.get("probe"):
+            assert entry.get("note"), f"a probe says what it probes: {entry}"
         assert ("sql" in entry) != ("steps" in entry), entry
         assert entry.get("expect", "safe") in ("safe", "refuse"), entry
     text = "\n".join(a.text.lower() for a in corpus)
@@ -98,16 +100,17 @@ def test_harness_catches_an_engine_that_filters_nothing(adv_db, oracle_runner):
                        "union-all-unfiltered", "division-by-zero-existence", "prepare-param-other-tenant",
                        "cursor-declare-fetch", "multi-select-then-table", "explain-analyze-update-other"):
         assert attempt_id in flagged, attempt_id
-    assert len(flagged) >= 150
+    # every attempt that is an attack (not a probe) must be caught when nothing filters: an
+    # attack the harness cannot see failing proves nothing when the engine passes it
+    blind = sorted(r.attempt.id for r in report.results if not r.findings and not r.attempt.probe)
+    assert not blind, f"{len(blind)} attacks not flagged under forward-everything: {blind}"
+    assert len(flagged) >= MIN_ATTEMPTS
 
 
 @pytest.fixture(scope="module")
 def engine_report(adv_db, oracle_runner):
     name, dsn, exec_dsn = adv_db
-    try:
-        engine = build_engine(dsn)
-    except (ImportError, NotImplementedError) as e:  # checked reason: the engine is not built yet
-        pytest.skip(f"policy engine not available yet: {e!r}")
+    engine = build_engine(dsn)  # no skip: a broken import fails the security tests
     report = run_corpus_with_engine(engine, exec_dsn, dsn, name, oracle_runner)
     print("\n" + report.summary("engine"))
     return report
@@ -167,10 +170,7 @@ def test_adversarial_corpus_through_tenantgate(pg, adv_db, oracle_runner, tmp_pa
     production gatekeeper (proxy.gatekeeper.build_gatekeeper), over the simple protocol and the
     extended protocol (every statement a Parse/Bind/Execute).  The backend role has BYPASSRLS,
     so only tenantgate separates the tenants."""
-    try:
-        from proxy.gatekeeper import build_gatekeeper
-    except ImportError as e:  # checked reason: the production gatekeeper is not built yet
-        pytest.skip(f"proxy.gatekeeper not available yet: {e!r}")
+    from proxy.gatekeeper import build_gatekeeper  # no skip: a broken import fails
     from proxy_harness import make_config, start_proxy
 
     import rewrite_schema

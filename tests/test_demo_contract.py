@@ -14,6 +14,8 @@ def test_dsns_json_has_the_contract_shape(demo):
 
 
 async def test_each_tenant_dsn_sees_only_its_own_rows(demo):
+    # The demo's backend role is under the RLS backstop, so this checks the contract, not who
+    # filtered: test_e2e_bypassrls.py runs the same checks with a BYPASSRLS backend role.
     admin = await asyncpg.connect(demo.admin)
     try:
         totals = dict(await admin.fetch("SELECT tenant_id, count(*) FROM orders GROUP BY 1"))

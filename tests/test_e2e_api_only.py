@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from e2e_helpers import RawClient, data_rows, errors
+from e2e_helpers import RawClient, assert_refused_by_tenantgate, data_rows, errors
 
 REFUSED = {
     # server files and programs
@@ -121,12 +121,12 @@ async def test_refused_with_42501_over_both_protocols(demo, case):
         # simple protocol: asyncpg's execute() without arguments sends one Query message
         with pytest.raises(asyncpg.PostgresError) as e:
             await conn.execute(sql)
-        assert e.value.sqlstate == "42501", (e.value.sqlstate, str(e.value))
+        assert_refused_by_tenantgate(e.value)  # not PostgreSQL's own 42501 (privileges, RLS)
         assert await conn.fetchval("SELECT 1") == 1
         # extended protocol: fetch() sends Parse/Describe/Bind/Execute/Sync
         with pytest.raises(asyncpg.PostgresError) as e:
             await conn.fetch(sql)
-        assert e.value.sqlstate == "42501", (e.value.sqlstate, str(e.value))
+        assert_refused_by_tenantgate(e.value)
         assert await conn.fetchval("SELECT 1") == 1
         # and inside a transaction the session goes on after the refusal too
         async with conn.transaction():
@@ -152,6 +152,7 @@ def test_refusals_name_what_was_refused(demo):
             with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
                 conn.execute(sql)
             assert words in str(e.value), (sql, str(e.value))
+            assert_refused_by_tenantgate(e.value)
 
 
 def test_refused_statements_never_reach_postgresql(demo, lo_baseline):
@@ -160,11 +161,13 @@ def test_refused_statements_never_reach_postgresql(demo, lo_baseline):
         for sql in (f"COPY orders TO '/tmp/{marker}'", f"COPY (SELECT 1) TO PROGRAM 'touch /tmp/{marker}'",
                     "SELECT lo_import('/etc/passwd')", "SELECT lo_from_bytea(0, 'x'::bytea)",
                     f"CREATE FUNCTION {marker}() RETURNS int LANGUAGE sql AS 'SELECT 1'"):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
                 conn.execute(sql)
+            assert_refused_by_tenantgate(e.value)
             # several statements in one Query: the whole message is refused, nothing runs
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
                 conn.execute(f"UPDATE orders SET status = 'gone'; {sql}", prepare=False)
+            assert_refused_by_tenantgate(e.value)
         assert conn.execute("SELECT count(*) FROM orders WHERE status = 'gone'").fetchone() == (0,)
     assert not os.path.exists(f"/tmp/{marker}")
     with psycopg.connect(demo.admin) as conn:

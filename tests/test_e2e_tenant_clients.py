@@ -27,6 +27,7 @@ import uuid
 import asyncpg
 import psycopg
 import pytest
+import sqlalchemy.exc
 from sqlalchemy import (DateTime, FetchedValue, ForeignKeyConstraint, MetaData, create_engine, delete, func, insert,
                         inspect, select, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, joinedload, mapped_column, relationship, selectinload
@@ -308,13 +309,29 @@ async def test_asyncpg_bound_tenant_parameters_are_checked(demo):
     assert after == before
 
 
-async def test_prepare_and_execute_in_one_query_message(demo):
-    conn = await asyncpg.connect(demo.app("acme"))
-    try:
-        await conn.execute("PREPARE e2e_q(int) AS SELECT 1 FROM orders WHERE order_id = $1; EXECUTE e2e_q(1); "
-                           "DEALLOCATE e2e_q")
-    finally:
-        await conn.close()
+def test_prepare_and_execute_in_one_query_message(demo):
+    """PREPARE, EXECUTE and DEALLOCATE in one Query message: EXECUTE returns acme's row only,
+    and the statement is gone afterwards."""
+    with psycopg.connect(demo.admin, autocommit=True) as admin:
+        want = admin.execute("SELECT tenant_id, order_id FROM orders WHERE tenant_id = 'acme' ORDER BY order_id"
+                             " LIMIT 1").fetchall()
+        # the same order_id exists for globex too, or the check would prove nothing
+        assert admin.execute("SELECT count(*) FROM orders WHERE order_id = %s AND tenant_id <> 'acme'",
+                             [want[0][1]]).fetchone()[0] >= 1
+    with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+        cur = conn.execute(f"PREPARE e2e_q(int) AS SELECT tenant_id, order_id FROM orders WHERE order_id = $1; "
+                           f"EXECUTE e2e_q({want[0][1]}); DEALLOCATE e2e_q", prepare=False)
+        results = []
+        while True:
+            results.append(cur.statusmessage)
+            if cur.description is not None:
+                results.append([tuple(r) for r in cur.fetchall()])
+            if not cur.nextset():
+                break
+        assert results == ["PREPARE", "SELECT 1", want, "DEALLOCATE"], results  # EXECUTE reports its query's tag
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("EXECUTE e2e_q(1)", prepare=False)
+        assert e.value.sqlstate in ("26000", "42501"), e.value
 
 
 # =============================================================================== psycopg 3
@@ -622,7 +639,7 @@ def test_sqlalchemy_orm_relationship_create_and_explicit_tenant(demo, sa_engine)
             s.commit()
         assert {r[1] for r in admin_rows(demo, "orders", "acme")} >= {o1}
         with Session(sa_engine) as s:
-            with pytest.raises(Exception) as e:
+            with pytest.raises(sqlalchemy.exc.DBAPIError) as e:
                 s.execute(insert(Customer), [{"tenant_id": "globex", "customer_id": c2 + 1, "name": "smuggled"}])
             assert getattr(e.value.orig, "sqlstate", None) == "42501"
             assert "session's tenant" in str(e.value)

@@ -18,6 +18,7 @@ import pytest
 
 from demo_support import demo  # noqa: F401 - session fixture
 from observability_support import json_log_lines, obs_served  # noqa: F401 - session fixture
+from proxy_harness import wait_until
 
 SECRET_PARAM = "s3cr3t-param-value-never-logged"
 
@@ -34,6 +35,15 @@ def _connect(served, demo, tenant: str = "acme", *, password: str | None = None,
     dbname = demo.app(tenant).rsplit("/", 1)[1].split("?")[0]
     return psycopg.connect(host="127.0.0.1", port=served.port, dbname=dbname, user=f"{tenant}_app", password=pw,
                            sslmode=sslmode, connect_timeout=10, autocommit=True)
+
+
+def scrape_when(served, ready, what: str):
+    """The first scrape for which ``ready(scrape)`` holds (polled; no sleep-then-assert)."""
+    def attempt():
+        s = served.scrape()
+        return s if ready(s) else None
+
+    return wait_until(attempt, 20.0, 0.1, what)
 
 
 REFUSALS = [
@@ -65,8 +75,12 @@ def test_counters_move_by_exactly_the_traffic(served, demo):  # noqa: F811
             conn.execute("SELECT pg_read_file(%s)", (SECRET_PARAM,))
     with pytest.raises(psycopg.OperationalError):
         _connect(served, demo, password="wrong-password")
-    time.sleep(0.3)  # the session's close (and its metrics flush) runs after the client's Terminate
-    after = served.scrape()
+    # the session's close (and its metrics flush) runs after the client's Terminate: wait for the
+    # closed session to be counted, then check every figure exactly
+    after = scrape_when(served, lambda s: s.value("tenantgate_client_connections", kind="tenant") == 0
+                        and s.value("tenantgate_statements_refused_total")
+                        - before.value("tenantgate_statements_refused_total") >= len(REFUSALS) + 1,
+                        "the closed session's metrics")
 
     def delta(name, **labels):
         return after.value(name, **labels) - before.value(name, **labels)
@@ -127,8 +141,8 @@ def test_tls_handshakes_are_counted_by_result(served, demo):  # noqa: F811
                 pass
         except OSError:
             pass
-    time.sleep(0.3)
-    after = served.scrape()
+    after = scrape_when(served, lambda s: s.value("tenantgate_tls_handshakes_total", result="error")
+                        > before.value("tenantgate_tls_handshakes_total", result="error"), "the failed handshake")
     assert after.value("tenantgate_tls_handshakes_total", result="ok") - before.value(
         "tenantgate_tls_handshakes_total", result="ok") == 1
     assert after.value("tenantgate_tls_handshakes_total", result="error") - before.value(
@@ -141,16 +155,19 @@ def test_control_schema_gauges_match_the_database(served, demo):  # noqa: F811
         want_status = dict(conn.execute(f"SELECT status, count(*) FROM {schema}.tenants GROUP BY status").fetchall())
         want_grants = conn.execute(
             f"SELECT count(*) FROM {schema}.grants WHERE state = 'approved' AND expires_at > now()").fetchone()[0]
+        want_overdue = conn.execute(
+            f"SELECT count(*) FROM {schema}.tenants WHERE status = 'offboarded' AND retention_end <= now()"
+        ).fetchone()[0]
     deadline = time.monotonic() + 10
     while True:
         s = served.scrape()
         got = {st: s.value("tenantgate_tenants", status=st) for st in ("active", "offboarded", "purged")}
-        if all(got[k] == want_status.get(k, 0) for k in got) and s.value("tenantgate_active_grants") == want_grants:
+        if (all(got[k] == want_status.get(k, 0) for k in got) and s.value("tenantgate_active_grants") == want_grants
+                and s.value("tenantgate_tenants_purge_overdue") == want_overdue):
             break
         assert time.monotonic() < deadline, (got, want_status, s.value("tenantgate_active_grants"), want_grants)
         time.sleep(0.5)
     assert s.value("tenantgate_control_stats_timestamp_seconds") > time.time() - 30
-    assert s.value("tenantgate_tenants_purge_overdue") >= 0
     assert "tenantgate_oldest_active_grant_age_seconds" in s.sample_names()
 
 

@@ -32,6 +32,7 @@ def engine():
         RelationRow("public", "Orders", "r", (("tenant_id", "text"), ("x", "int"))),
         RelationRow("public", "order_view", "v", (("tenant_id", "text"),)),
         RelationRow("secret", "vault", "r", (("tenant_id", "text"),)),
+        RelationRow("public", "products_free", "r", (("product_id", "int"), ("tenant_id", "text"))),
     ])
 
 
@@ -204,7 +205,10 @@ def test_insert_adds_tenant_column(engine):
     )
     assert fwd(engine, "INSERT INTO customers DEFAULT VALUES") == "INSERT INTO customers (\"tenant_id\") VALUES ('acme')"
     # no column list, tenant column not covered: the list is written out
-    assert fwd(engine, "INSERT INTO products_free VALUES (1)", ) if False else True
+    assert fwd(engine, "INSERT INTO products_free VALUES (1)") == (
+        "INSERT INTO products_free (\"product_id\", \"tenant_id\") VALUES (1, 'acme')"
+    )
+    refused(engine, "INSERT INTO products_free VALUES (1, 'globex')", state="42501")
     out = fwd(engine, "INSERT INTO customers (customer_id, name) SELECT customer_id + 10, name FROM customers")
     assert out.startswith("INSERT INTO customers (customer_id, name, \"tenant_id\") SELECT customer_id + 10, name, 'acme' FROM ")
 
@@ -417,7 +421,9 @@ def test_cache_is_tenant_independent(engine):
     hits = cache.hits
     b = fwd(engine, sql, PolicyContext(tenant="globex"), Origin.PARSE)
     assert cache.hits == hits + 1
-    assert a.replace("'acme'", "'globex'") == b
+    # the cached template is instantiated with each session's own tenant, not the first one's
+    assert a == f"SELECT count(*) FROM orders WHERE ( status = $1) AND {P('orders')} "
+    assert b == a.replace("'acme'", "'globex'") and "'acme'" not in b
     d = engine.analyze(sql, ACME, Origin.PARSE)
     assert d.cached
 

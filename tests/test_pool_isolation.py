@@ -18,6 +18,7 @@ import pytest
 from demo_support import demo  # noqa: F401  (session fixture)
 from e2e_helpers import RawClient, data_rows, errors, token
 from pool_support import serve_pooled
+from proxy_harness import wait_until, wait_until_query_active
 from proxy.wire import messages as m
 
 POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 2}
@@ -397,7 +398,9 @@ async def test_sql_prepare_pins_the_connection_and_others_wait(px):
             assert await (await a.execute("EXECUTE q(1)")).fetchone() == (2, "acme")
         # the only backend connection now belongs to A: B waits for it
         waiting = asyncio.ensure_future(b.execute("SELECT min(tenant_id) FROM customers"))
-        await asyncio.sleep(0.6)
+        # B's query has reached the proxy and waits for a connection (not merely: not sent yet)
+        await asyncio.to_thread(wait_until, lambda: sum(int(r["cl_waiting"] or 0) for r in px.console("SHOW POOLS")) >= 1,
+                                20.0, 0.1, "B waiting in SHOW POOLS")
         assert not waiting.done()
         assert await (await a.execute("EXECUTE q(2)")).fetchone() == (3, "acme")
         await a.execute("DEALLOCATE q")
@@ -573,31 +576,30 @@ def test_cancel_reaches_only_the_clients_own_query(px):
 
         def run_b():
             try:
-                outcome["b"] = b.execute("SELECT pg_sleep(1.0), min(tenant_id) FROM customers").fetchone()
+                outcome["b"] = b.execute("SELECT pg_sleep(1.75), min(tenant_id) FROM customers").fetchone()
             except psycopg.Error as e:
                 outcome["b"] = e
 
         t = threading.Thread(target=run_b)
         t.start()
-        import time as _time
-
-        _time.sleep(0.3)  # B's query runs on the only backend connection; A holds none
+        # B's query runs on the only backend connection (A holds none) before A's cancel is sent
+        wait_until_query_active(px.demo.admin, "pg_sleep(1.75)")
         a.cancel_safe()
-        t.join(10)
+        t.join(20)
         assert outcome["b"] == ("", "globex"), outcome  # B's query was not cancelled
         # A's cancel does reach A's own running query
         res = {}
 
         def run_a():
             try:
-                a.execute("SELECT pg_sleep(5)")
+                a.execute("SELECT pg_sleep(5.25)")
                 res["a"] = "finished"
             except psycopg.errors.QueryCanceled:
                 res["a"] = "cancelled"
 
         t = threading.Thread(target=run_a)
         t.start()
-        _time.sleep(0.5)
+        wait_until_query_active(px.demo.admin, "pg_sleep(5.25)")
         a.cancel_safe()
         t.join(10)
         assert res == {"a": "cancelled"}

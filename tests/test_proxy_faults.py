@@ -14,7 +14,8 @@ import pytest
 
 from proxy.pgcluster import make_cluster
 from proxy.wire import messages as m
-from proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
+from proxy_harness import (RawClient, ensure_backend_role, errors_in, make_config, start_proxy,
+                           wait_until_query_active)
 
 PW = "app-pw"
 
@@ -196,22 +197,25 @@ def test_disconnect_mid_copy_commits_nothing_and_frees_the_backend(pg, proxy, db
     assert pg.psql("SELECT count(*) FROM copy_leak", database=db).strip() == "0"
 
 
-def test_cancel_request_needs_the_exact_key(proxy, db):
+def test_cancel_request_needs_the_exact_key(proxy, db, pg):
     c = client(proxy, db)
     pid, secret = c.key
     wrong = RawClient(proxy.host, proxy.port)
-    c.send(m.encode_query("SELECT pg_sleep(0.7)"))
+    c.send(m.encode_query("SELECT pg_sleep(1.51)"))
+    # the wrong key is sent while the query runs (before it, it could hit nothing and prove nothing)
+    wait_until_query_active(pg.admin_dsn, "pg_sleep(1.51)")
     wrong.send(m.encode_cancel_request(pid, secret ^ 1))
     assert wrong.read_all() == []  # no answer, connection closed
     msgs = c.read_until(b"Z")
     assert not errors_in(msgs)  # not cancelled
-    c.send(m.encode_query("SELECT pg_sleep(30)"))
+    c.send(m.encode_query("SELECT pg_sleep(30.5)"))
+    wait_until_query_active(pg.admin_dsn, "pg_sleep(30.5)")
     t0 = time.monotonic()
     right = RawClient(proxy.host, proxy.port)
     right.send(m.encode_cancel_request(pid, secret))
     msgs = c.read_until(b"Z")
     assert errors_in(msgs)[0]["C"] == "57014"
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 25  # cancelled, not slept out
 
 
 # ------------------------------------------------------------------ limits and backend faults

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.scram import ScramClientExchange, ScramServerExchange, parse_verifier
+from proxy.scram import ScramClientExchange, ScramError, ScramServerExchange, parse_verifier
 from proxy.wire import messages as m
 from proxy_harness import (
     BACKEND_PASSWORD,
@@ -159,7 +159,7 @@ def test_passwd_makes_a_working_verifier():
         if ok:
             client.server_final(server.client_final(final))
         else:
-            with pytest.raises(Exception):
+            with pytest.raises(ScramError, match="password authentication failed"):
                 server.client_final(final)
     r = subprocess.run([PY, "-m", "proxy", "passwd", "alice"], input="pw\n", capture_output=True, text=True, timeout=60)
     snippet = yaml.safe_load(r.stdout)
