@@ -76,12 +76,16 @@ class PolicyGatekeeper:
         self.engine = engine
         self.catalog = catalog
         self.plane = plane
+        self.auth_guard = None
         self.config_users = ConfigUserDirectory.from_config(config)
         dirs = [self.config_users]
         if plane is not None:
             from proxy.control.plane import OperatorDirectory
 
+            from proxy.control.auth_guard import AuthGuard
+
             dirs.append(OperatorDirectory(plane))
+            self.auth_guard = AuthGuard(plane)  # throttles and audits operator logins (client_session)
         self.users = UserDirectoryChain(*dirs)
         self._tenants: dict[str, object] = {}  # name -> proxy.control.plane.Tenant
         self._live: dict[str, weakref.WeakSet] = {}  # tenant -> live tenant gates

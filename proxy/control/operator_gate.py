@@ -62,7 +62,7 @@ from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionGate, 
     StartupInfo, UserRecord
 
 from . import audit as A
-from .plane import ActiveGrant, ControlPlane
+from .plane import AUTH_FAILED_SQLSTATE, ActiveGrant, ControlPlane
 
 log = logging.getLogger("tenantgate.operator")
 
@@ -235,18 +235,26 @@ class OperatorSessionGate:
         t.add_done_callback(self._tasks.discard)
 
 
+_GRANT_ID = re.compile(r"[0-9]{1,19}")
+MAX_GRANT_ID = 2**63 - 1  # grants.id is a bigint
+
+
 def _grant_id_option(startup: StartupInfo) -> int | None:
+    """``tenantgate.grant`` as a grant number, or SessionRefused 28000 naming the problem.
+
+    Only ASCII digits are accepted (Python's int() would also take "1_0", " +7" or
+    Arabic-Indic digits), and the number must fit a bigint: anything else is refused
+    here, before it reaches a query.
+    """
     raw = startup.options.get(GRANT_OPTION)
     if raw is None or raw.strip() == "":
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {raw!r}: it must be a grant number, "
-                                      "e.g. PGOPTIONS='-c tenantgate.grant=7'")
-    if value <= 0:
-        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {raw!r}: it must be a grant number")
-    return value
+    text = raw.strip()
+    if not _GRANT_ID.fullmatch(text) or int(text) <= 0 or int(text) > MAX_GRANT_ID:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {shown!r}: it must be a grant number "
+                                      f"between 1 and {MAX_GRANT_ID}, e.g. PGOPTIONS='-c tenantgate.grant=7'")
+    return int(text)
 
 
 async def open_operator_session(
@@ -263,15 +271,30 @@ async def open_operator_session(
         grant_id = _grant_id_option(startup)
         grant = await plane.bind_grant(user.name, grant_id, startup.options.get(TOTP_OPTION))
     except SessionRefused as e:
+        if e.sqlstate == AUTH_FAILED_SQLSTATE:  # wrong or reused TOTP code: the counted attempt stays
+            await plane._audit_quietly(A.AuditRecord(
+                A.AUTH_FAILED, operator=user.name, client_addr=startup.client_addr,
+                session_id=startup.session_id, detail={"why": "totp", "via": "proxy"}))
+        else:
+            await _give_back(plane, user.name, startup.client_addr)
         await plane._audit_quietly(A.AuditRecord(
             A.CONNECTION_REFUSED, operator=user.name, client_addr=startup.client_addr,
             session_id=startup.session_id, sqlstate=e.sqlstate,
             detail={"message": e.message, "grant_option": startup.options.get(GRANT_OPTION)}))
         raise
+    await _give_back(plane, user.name, startup.client_addr)
     gate = OperatorSessionGate(plane, make_inner(grant), grant, startup, redact_params=redact_params,
                                wait_for_outcome=wait_for_outcome)
     await gate.start()
     return gate
+
+
+async def _give_back(plane: ControlPlane, name: str, client_addr: str | None) -> None:
+    """The person proved who they are: undo the attempt counted by the proxy's AuthGuard."""
+    try:
+        await plane.auth_succeeded(name, client_addr)
+    except Exception as e:  # the session may go on; the count decays with the lockout window
+        log.error("could not reset the authentication throttle of %s: %s", name, e)
 
 
 class RefusalAuditor:

@@ -61,7 +61,10 @@ from proxy.config import AuditConfig, Config, ConfigError, GrantsConfig, Lifecyc
 from proxy.seam import Outcome, SessionKind, SessionRefused, UserRecord
 
 from . import audit as A
-from .credentials import check_password, check_totp, make_verifier, new_totp_secret, totp_uri
+from . import accounts as AC
+from . import throttle as TH
+from .credentials import check_password, make_verifier, new_totp_secret, totp_uri
+from .grant_policy import GrantPolicy, read_policy, seed_policy
 from .durations import format_duration, parse_duration
 from .schema import check_schema_name, control_schema_installed, install_control_schema, notify_channel
 
@@ -73,6 +76,7 @@ GRANT_STATES = ("pending", "approved", "denied", "expired", "revoked")
 TENANT_STATUSES = ("active", "offboarded", "purged")
 PLATFORM_ADMIN = "platform-admin"
 INVALID_AUTHORIZATION = "28000"
+AUTH_FAILED_SQLSTATE = "28P01"  # invalid_password: what PostgreSQL says for a wrong password
 
 
 # --------------------------------------------------------------------------- errors
@@ -249,8 +253,8 @@ class ControlPlane:
         self.grants_cfg = grants or GrantsConfig()
         self.audit_cfg = audit or AuditConfig()
         self.lifecycle_cfg = lifecycle or LifecycleConfig()
-        self.max_duration = parse_duration(self.grants_cfg.max_duration)
-        self.pending_ttl = parse_duration(self.grants_cfg.pending_ttl)
+        # grants.* of the config only seed the control schema's grant_policy at first install
+        parse_duration(self.grants_cfg.max_duration), parse_duration(self.grants_cfg.pending_ttl)
         self.pool_max_size = pool_max_size
         self.pool: asyncpg.Pool | None = None
         self.writer: A.AuditWriter | None = None
@@ -285,6 +289,10 @@ class ControlPlane:
                     raise ConfigError(f"control schema {self.schema!r} is not installed "
                                       "(tenantgate operator add installs it, or install_control_schema())")
                 await install_control_schema(conn, self.schema)
+                await seed_policy(conn, self.s, self.grants_cfg)
+            elif not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{self.s}.grant_policy"):
+                await install_control_schema(conn, self.schema)  # upgrade to v2 (idempotent)
+                await seed_policy(conn, self.s, self.grants_cfg)
         sink = A.JsonlSink(self.audit_cfg.jsonl_path) if self.audit_cfg.jsonl_path else None
         self.writer = A.AuditWriter(self.pool, self.schema, signer=A.signer_from_config(self.audit_cfg),
                                     checkpoint_every=self.audit_cfg.checkpoint_every, sink=sink)
@@ -402,25 +410,19 @@ class ControlPlane:
             raise PermissionDenied(f"{actor.name} may not manage operator accounts (needs the approver role)")
 
     async def add_operator(self, actor: Actor, name: str, password: str, roles: Iterable[str] = ("operator",)) -> Operator:
-        self._require_account_admin(actor)
+        """Bootstrap only: the platform admin adds an account while fewer than two approvers exist.
+
+        Afterwards accounts are created by a change request that another approver approves
+        (:func:`proxy.control.accounts.request_change`, ``account.create``)."""
         roles = sorted(set(roles))
         bad = [r for r in roles if r not in ROLES]
         if bad or not roles:
             raise InvalidRequest(f"invalid role(s) {bad or roles}: roles are {', '.join(ROLES)}")
-        verifier = make_verifier(password)
-        async with self._tx() as conn:
-            try:
-                row = await conn.fetchrow(
-                    f"INSERT INTO {self.s}.operators (name, scram_verifier, roles) VALUES ($1, $2, $3) RETURNING *",
-                    name, verifier, roles,
-                )
-            except asyncpg.UniqueViolationError:
-                raise InvalidRequest(f"operator {name!r} already exists")
-            except asyncpg.CheckViolationError:
-                raise InvalidRequest(f"invalid operator name {name!r}: use letters, digits and _ . @ - (max 63)")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_ADDED, operator=actor.name,
-                                                         detail={"account": name, "roles": roles})])
-        return _operator(row)
+        if not actor.platform_admin:
+            raise PermissionDenied(
+                f"accounts are created through a change request that another approver approves: "
+                f"tenantgate operator add {name} --as {actor.name} (then: tenantgate operator approve ID --as OTHER)")
+        return _operator(await AC.bootstrap_add(self, actor, name, password, roles))
 
     async def remove_operator(self, actor: Actor, name: str) -> None:
         """Delete the account and revoke its pending and approved grants."""
@@ -439,9 +441,15 @@ class ControlPlane:
                                    detail={"reason": "operator account removed"}) for r in revoked]
             await self._in_tx_audit(conn, recs)
 
+    def _own_account_only(self, actor: Actor, name: str, what: str) -> None:
+        if actor.name != name or actor.platform_admin:
+            raise PermissionDenied(
+                f"nobody sets another person's {what}: request a reset (tenantgate operator reset {name} "
+                f"--as APPROVER), which another approver approves; {name} then enrols with the one-time token")
+
     async def set_password(self, actor: Actor, name: str, password: str) -> None:
-        if actor.name != name:
-            self._require_account_admin(actor)
+        """A person changes their own password (proven by the old one)."""
+        self._own_account_only(actor, name, "password")
         async with self._tx() as conn:
             n = await conn.execute(
                 f"UPDATE {self.s}.operators SET scram_verifier = $2, updated_at = now() WHERE name = $1",
@@ -453,13 +461,13 @@ class ControlPlane:
                                                          detail={"account": name, "change": "password"})])
 
     async def enrol_totp(self, actor: Actor, name: str) -> tuple[str, str]:
-        """Enrol (or replace) a TOTP secret; returns (secret, otpauth:// URI) to put in an authenticator app."""
-        if actor.name != name:
-            self._require_account_admin(actor)
+        """A person enrols (or replaces) their own TOTP secret; returns (secret, otpauth:// URI)."""
+        self._own_account_only(actor, name, "TOTP secret")
         secret = new_totp_secret()
         async with self._tx() as conn:
             n = await conn.execute(
-                f"UPDATE {self.s}.operators SET totp_secret = $2, updated_at = now() WHERE name = $1", name, secret
+                f"UPDATE {self.s}.operators SET totp_secret = $2, totp_last_step = NULL, updated_at = now() "
+                f"WHERE name = $1", name, secret
             )
             if n.endswith(" 0"):
                 raise NotFound(f"operator {name!r} does not exist")
@@ -468,8 +476,13 @@ class ControlPlane:
         return secret, totp_uri(secret, name)
 
     async def set_enabled(self, actor: Actor, name: str, enabled: bool) -> None:
+        """Disabling takes access away (one approver); enabling gives it back: a change request
+        (``account.enable``) unless in bootstrap by the platform admin."""
         self._require_account_admin(actor)
         async with self._tx() as conn:
+            if enabled and not (actor.platform_admin and await AC.in_bootstrap(conn, self.s)):
+                raise PermissionDenied(f"enabling an account is a change request another approver approves: "
+                                       f"tenantgate operator enable {name} --as {actor.name}")
             n = await conn.execute(
                 f"UPDATE {self.s}.operators SET enabled = $2, updated_at = now() WHERE name = $1", name, enabled)
             if n.endswith(" 0"):
@@ -484,26 +497,62 @@ class ControlPlane:
         return bool(row and row["enabled"] and check_password(row["scram_verifier"], password))
 
     async def verify_totp(self, name: str, code: str | None) -> bool:
-        """True when the account has no TOTP enrolled or ``code`` is current."""
+        """True when the account has no TOTP enrolled or ``code`` is valid and not used before (consumes it)."""
         async with self.pool.acquire() as conn:
             row = await self._op_row(conn, name)
-        if row is None:
-            return False
-        return row["totp_secret"] is None or check_totp(row["totp_secret"], code)
+            if row is None:
+                return False
+            return row["totp_secret"] is None or await TH.consume_totp(conn, self.s, name, row["totp_secret"], code)
 
-    async def authenticate_actor(self, name: str, password: str, totp_code: str | None = None) -> Actor:
-        """Prove who is acting: password, plus a current TOTP code when enrolled.  Raises AuthenticationFailed."""
+    async def policy(self) -> GrantPolicy:
+        async with self.pool.acquire() as conn:
+            return await read_policy(conn, self.s)
+
+    async def auth_attempt(self, name: str | None, client_addr: str | None) -> None:
+        """Count an authentication attempt before checking it; raises :class:`throttle.Locked`."""
+        keys = TH.keys_for(name, client_addr)
+        if not keys:
+            return
+        async with self.pool.acquire() as conn:
+            await TH.begin_attempt(conn, self.s, await read_policy(conn, self.s), keys)
+
+    async def auth_succeeded(self, name: str | None, client_addr: str | None) -> None:
+        """Give back the attempt counted by :meth:`auth_attempt` (the person proved who they are)."""
+        keys = TH.keys_for(name, client_addr)
+        if keys:
+            async with self.pool.acquire() as conn:
+                await TH.attempt_succeeded(conn, self.s, keys)
+
+    async def authenticate_actor(self, name: str, password: str, totp_code: str | None = None,
+                                 client_addr: str | None = None) -> Actor:
+        """Prove who is acting: password, plus a TOTP code when enrolled (each code works once).
+
+        Throttled per account (and per address when given); a wrong password and a wrong or
+        reused TOTP code give the same error; every failure is audited.  Raises AuthenticationFailed.
+        """
+        failed = AuthenticationFailed(
+            f"authentication failed for {name!r}: wrong password or TOTP code "
+            "(with TOTP enrolled, give a current code with --totp CODE; each code works once)")
+        try:
+            await self.auth_attempt(name, client_addr)
+        except TH.Locked as e:
+            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, client_addr=client_addr,
+                                                    detail={"why": "locked", "via": "cli"}))
+            raise AuthenticationFailed(e.message())
         async with self.pool.acquire() as conn:
             row = await self._op_row(conn, name)
-        verifier = row["scram_verifier"] if row is not None else _dummy_verifier()  # same work for unknown names
-        if not check_password(verifier, password or "") or row is None or not row["enabled"]:
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "password"}))
-            raise AuthenticationFailed(f"authentication failed for {name!r}")
-        if row["totp_secret"] is not None and not check_totp(row["totp_secret"], totp_code):
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "totp"}))
-            raise AuthenticationFailed(
-                f"{name!r} has TOTP enrolled: give a current code with --totp CODE"
-                if not totp_code else f"authentication failed for {name!r}: TOTP code is not valid")
+            verifier = row["scram_verifier"] if row is not None else _dummy_verifier()  # same work for unknown names
+            why = None
+            if not check_password(verifier, password or "") or row is None or not row["enabled"]:
+                why = "password"
+            elif row["totp_secret"] is not None and not await TH.consume_totp(
+                    conn, self.s, name, row["totp_secret"], totp_code):
+                why = "totp"
+        if why is not None:
+            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, client_addr=client_addr,
+                                                    detail={"why": why, "via": "cli"}))
+            raise failed
+        await self.auth_succeeded(name, client_addr)
         return Actor(name, frozenset(row["roles"]))
 
     async def _audit_quietly(self, record: A.AuditRecord) -> None:
@@ -566,18 +615,22 @@ class ControlPlane:
                 raise InvalidRequest(str(e))
         if duration.total_seconds() <= 0:
             raise InvalidRequest("the duration must be positive")
-        if duration > self.max_duration:
-            raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the policy maximum "
-                                 f"{format_duration(self.max_duration)} (grants.max_duration)")
+        if duration.total_seconds() > 2**31 - 1:
+            raise InvalidRequest(f"the duration {format_duration(duration)} is out of range")
         async with self._tx() as conn:
+            # the policy of the control schema, not of the requester's config file
+            policy = await read_policy(conn, self.s)
+            if duration.total_seconds() > policy.max_duration_s:
+                raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the grant policy's maximum "
+                                     f"{format_duration(policy.max_duration_s)} (tenantgate grant policy show)")
             t = await conn.fetchrow(f"SELECT status FROM {self.s}.tenants WHERE name = $1", tenant)
             if t is not None and t["status"] == "purged":
                 raise InvalidRequest(f"tenant {tenant!r} has been purged")
             row = await conn.fetchrow(
                 f"INSERT INTO {self.s}.grants (requester, tenant, access, reason, duration_s, approvals_required, "
-                f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval) RETURNING *",
+                f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) RETURNING *",
                 actor.name, tenant, access, reason.strip(), int(duration.total_seconds()),
-                self.grants_cfg.approvals_required, self.pending_ttl,
+                policy.approvals_required, policy.pending_ttl_s,
             )
             await self._in_tx_audit(conn, [A.AuditRecord(
                 A.GRANT_REQUESTED, operator=actor.name, grant_id=row["id"], tenant=tenant,
@@ -605,10 +658,28 @@ class ControlPlane:
             raise InvalidRequest(f"{actor.name} has already decided on grant {grant_id} ({prior})")
         return row, None
 
+    async def _recheck_policy(self, conn, actor: Actor, row):
+        """At approval: the current grant policy applies, whatever it was when the grant was requested.
+
+        Returns the grant row with ``approvals_required`` raised to the policy's when that is higher."""
+        policy = await read_policy(conn, self.s, lock=True)
+        if row["duration_s"] > policy.max_duration_s:
+            raise PermissionDenied(
+                f"grant {row['id']} asks for {format_duration(row['duration_s'])}, more than the grant policy's "
+                f"maximum {format_duration(policy.max_duration_s)}: deny it and have a shorter one requested")
+        why = await AC.entangled(conn, self.s, policy, actor.name, row["requester"])
+        if why:
+            raise PermissionDenied(why)
+        if policy.approvals_required > row["approvals_required"]:
+            row = await conn.fetchrow(f"UPDATE {self.s}.grants SET approvals_required = $2 WHERE id = $1 "
+                                      f"RETURNING *", row["id"], policy.approvals_required)
+        return row
+
     async def approve_grant(self, actor: Actor, grant_id: int, comment: str | None = None) -> Grant:
         async with self._tx() as conn:
             row, expired = await self._pending_for_decision(conn, actor, grant_id)
             if not expired:
+                row = await self._recheck_policy(conn, actor, row)
                 await conn.execute(
                     f"INSERT INTO {self.s}.approvals (grant_id, approver, decision, comment) "
                     f"VALUES ($1, $2, 'approve', $3)", grant_id, actor.name, comment)
@@ -713,10 +784,11 @@ class ControlPlane:
             op = await self._op_row(conn, operator_name)
             if op is None or not op["enabled"]:
                 raise refuse(f'operator "{operator_name}" is not enabled in tenantgate')
-            if op["totp_secret"] is not None and not check_totp(op["totp_secret"], totp_code):
-                raise refuse(
-                    "a current TOTP code is required" if not totp_code else "the TOTP code is not valid",
-                    hint="Pass it as a startup option: PGOPTIONS='-c tenantgate.totp=123456' psql ...")
+            if op["totp_secret"] is not None and not await TH.consume_totp(
+                    conn, self.s, operator_name, op["totp_secret"], totp_code):
+                # the same error as a wrong password: a guesser learns nothing about which one was wrong
+                raise SessionRefused(AUTH_FAILED_SQLSTATE,
+                                     f'password authentication failed for user "{operator_name}"')
             rows = await conn.fetch(
                 f"SELECT g.*, t.status AS tenant_status FROM {self.s}.grants g "
                 f"LEFT JOIN {self.s}.tenants t ON t.name = g.tenant "
