@@ -19,12 +19,13 @@ person; they run ``tenantgate operator enrol --token TOKEN``, choose their own
 password and receive their own TOTP secret.  Until then the account has a
 random password nobody knows.
 
-Every change records who was involved (the requester and the approver) in
-``account_events``.  An approval, of a grant or of a change request, is
-refused when the approver's account was created or changed with the
-requester involved, or the requester's account with the approver involved,
-within ``grant_policy.account_change_window_s``: so the two people of the
-rule are never one person behind two accounts made for each other.
+Every change records who was involved (the requester and the approver) and
+who received the enrolment token in ``account_events``.  Within
+``grant_policy.account_change_window_s`` an approval, of a grant or of a
+change request, is refused when the approver's account was created or
+changed by or at the request of the requester, or when the approver received
+the enrolment token of the requester's account: so the two people of the
+rule are never one person behind two accounts.
 
 Bootstrap: while fewer than two enabled approvers exist, the platform admin
 (the holder of the control DSN, i.e. the database owner) adds accounts with a
@@ -113,19 +114,25 @@ async def in_bootstrap(conn, s: str) -> bool:
     return await enabled_approvers(conn, s) < BOOTSTRAP_APPROVERS
 
 
-async def record_event(conn, s: str, account: str, change: str, involved: list[str]) -> None:
-    await conn.execute(f"INSERT INTO {s}.account_events (account, change, involved) VALUES ($1, $2, $3)",
-                       account, change, sorted(set(involved)))
+async def record_event(conn, s: str, account: str, change: str, involved: list[str],
+                       token_to: str | None = None) -> None:
+    await conn.execute(f"INSERT INTO {s}.account_events (account, change, involved, token_to) "
+                       f"VALUES ($1, $2, $3, $4)", account, change, sorted(set(involved)), token_to)
 
 
 async def entangled(conn, s: str, policy: GrantPolicy, approver: str, requester: str) -> str | None:
-    """Why ``approver`` may not approve for ``requester`` (an account made for the other), or None."""
+    """Why ``approver`` may not approve for ``requester``, or None.
+
+    Refused within the window: the approver's account was created or changed by, or at the
+    request of, the requester; or the approver received the enrolment token of the
+    requester's account (and so could have enrolled it themselves).
+    """
     if policy.account_change_window_s <= 0:
         return None
     row = await conn.fetchrow(
         f"SELECT account, change, at FROM {s}.account_events "
         f"WHERE at > now() - make_interval(secs => $3) AND ((account = $1 AND $2 = ANY (involved)) "
-        f"OR (account = $2 AND $1 = ANY (involved))) ORDER BY at DESC LIMIT 1",
+        f"OR (account = $2 AND token_to = $1)) ORDER BY at DESC LIMIT 1",
         approver, requester, policy.account_change_window_s)
     if row is None:
         return None
@@ -301,7 +308,8 @@ async def _apply(plane, conn, req: ChangeRequest, actor: "Actor", policy: GrantP
                 f"UPDATE {s}.operators SET scram_verifier = $2, totp_secret = NULL, totp_last_step = NULL, "
                 f"enrol_token_hash = $3, enrol_expires_at = now() + make_interval(secs => $4), updated_at = now() "
                 f"WHERE name = $1", req.account, unusable, token_hash(token), policy.pending_ttl_s)
-        await record_event(conn, s, req.account, "created" if req.kind == "account.create" else "reset", involved)
+        await record_event(conn, s, req.account, "created" if req.kind == "account.create" else "reset", involved,
+                           token_to=actor.name)
         recs.append(A.AuditRecord(A.OPERATOR_ADDED if req.kind == "account.create" else A.OPERATOR_CHANGED,
                                   operator=actor.name, detail={
                                       "account": req.account, "request": req.id, "requested_by": req.requested_by,

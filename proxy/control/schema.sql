@@ -198,15 +198,17 @@ ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS enrol_token_hash text;  
 ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS enrol_expires_at timestamptz;
 
 -- Who was involved in each change of an account (creation, roles, credential
--- reset, enable): the requester and the approver of the change request.  An
--- approval by that account is refused for grants/changes requested by one of
--- them within grant_policy.account_change_window_s.
+-- reset, enable): the requester and the approver of the change request, and who
+-- received the enrolment token.  Within grant_policy.account_change_window_s an
+-- approval by that account for one of the involved, or by the token's receiver
+-- for that account, is refused.
 CREATE TABLE IF NOT EXISTS @schema@.account_events (
     id        bigserial PRIMARY KEY,
     account   text NOT NULL,
     at        timestamptz NOT NULL DEFAULT now(),
     change    text NOT NULL,
-    involved  text[] NOT NULL
+    involved  text[] NOT NULL,
+    token_to  text             -- who received the enrolment token (the approver of the change)
 );
 CREATE INDEX IF NOT EXISTS account_events_account ON @schema@.account_events (account, at);
 
