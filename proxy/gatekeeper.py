@@ -10,10 +10,12 @@ It composes the independent parts; none of them knows about the others:
 * operator sessions: the grant is bound by the control plane and the tenant
   gate is wrapped in :class:`proxy.control.operator_gate.OperatorSessionGate`
   (audit before action, termination on expiry/revocation);
-* tenant lifecycle: a purged tenant is refused at connect (28000); an
-  offboarded tenant's sessions are read-only (25006, naming the retention
-  end).  A status change ends the tenant's live sessions so that they
-  reconnect under the new status.
+* tenant lifecycle: a purged tenant (or one whose purge has started) is
+  refused at connect (28000); an offboarded tenant's sessions are read-only
+  (25006, naming the retention end).  A status change, and the start of a
+  purge, ends the tenant's live sessions, tenant and operator sessions alike,
+  so that they reconnect under the new status (operator sessions also re-read
+  the status before each statement: see proxy.control.operator_gate).
 
 * passthrough users (``passthrough: true``, for the bare proxy only) are refused:
   with a policy configured nothing is forwarded unchecked.
@@ -214,7 +216,10 @@ class PolicyGatekeeper:
                                       "(request a write grant if you need one)")
             return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
 
-        return await open_operator_session(self.plane, user, startup, make_inner=make_inner)
+        gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner)
+        # operator sessions follow the tenant's status like tenant sessions: a change ends them
+        self._live.setdefault(gate.grant.tenant, weakref.WeakSet()).add(gate)
+        return gate
 
 
 async def build_gatekeeper(config: Config):

@@ -62,6 +62,8 @@ from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionGate, 
     StartupInfo, UserRecord
 
 from . import audit as A
+from proxy.lifecycle.purge import sessions_lock_name
+
 from .plane import AUTH_FAILED_SQLSTATE, ActiveGrant, ControlPlane
 
 log = logging.getLogger("tenantgate.operator")
@@ -98,8 +100,12 @@ class OperatorSessionGate:
         self.startup = startup
         self.redact_params = plane.audit_cfg.redact_params if redact_params is None else redact_params
         setup = list(inner.backend_setup_sql)
-        if grant.read_only:
+        if grant.read_only or getattr(inner, "read_only", False):
             setup.append("SET default_transaction_read_only = on")
+        # Held for the life of the backend connection (the client can neither call advisory-lock
+        # functions nor DISCARD): a purge takes the lock exclusively, so it starts only once every
+        # operator session of the tenant has gone, and verifies with none left (lifecycle/purge.py).
+        setup.append(f"SELECT pg_try_advisory_lock_shared(hashtext({_literal(sessions_lock_name(grant.tenant))}))")
         self.backend_setup_sql: Sequence[str] = tuple(setup)
         self.context = A.AuditRecord(
             type=A.STATEMENT, operator=grant.operator, grant_id=grant.id, tenant=grant.tenant,
@@ -111,6 +117,7 @@ class OperatorSessionGate:
         self._tasks: set[asyncio.Task] = set()
         self._outcomes: set[asyncio.Future] = set()
         self._closed = False
+        self._tenant_state = None  # (status, purge_started_at) at start; a change ends the session
 
     async def start(self) -> None:
         """Audit the session's start and watch the grant.  Raises SessionRefused if the audit fails."""
@@ -123,6 +130,7 @@ class OperatorSessionGate:
                                  "the tenantgate audit log cannot be written, so operator sessions are refused",
                                  detail=str(e))
         self._watch = await self.plane.watch_grant(self.grant, self._grant_ended)
+        self._tenant_state = await self.plane.tenant_state(self.grant.tenant)
 
     # ---- SessionGate
 
@@ -131,8 +139,9 @@ class OperatorSessionGate:
             return Refuse(self.ended[0], self.ended[1], reason="grant")
         decision = self.inner.check(sql, origin)
         if isinstance(decision, Refuse):
-            return decision
-        if self.grant.read_only and (decision.statement_class in ("write", "ddl") or (
+            return _operator_wording(decision, self.grant)
+        if (self.grant.read_only or getattr(self.inner, "read_only", False)) and (
+                decision.statement_class in ("write", "ddl") or (
                 decision.statement_class != "read" and _READ_WRITE_SWITCH.search(sql))):
             return Refuse(READ_ONLY_SQLSTATE, f"grant {self.grant.id} is read-only: this statement is not allowed",
                           hint="Request a write grant: tenantgate grant request --access write ...", reason="read_only")
@@ -146,6 +155,18 @@ class OperatorSessionGate:
             self._grant_ended(self.grant.id, "expired")
         if self.ended is not None:
             raise PolicyRefusal(self.ended[0], self.ended[1], reason="grant")
+        # The tenant's status is read now, after whatever the client waited for: an offboard or
+        # a purge committed before this statement ends the session even if its NOTIFY is late.
+        try:
+            state = await self.plane.tenant_state(self.grant.tenant)
+        except Exception as e:
+            raise PolicyRefusal(AUDIT_UNAVAILABLE_SQLSTATE, "statement refused: the control schema cannot be read, "
+                                "nothing was run", detail=str(e), reason="audit")
+        if state != self._tenant_state:
+            status = "being purged" if state and state[1] is not None else f"now {state[0] if state else 'gone'}"
+            self.terminate(GRANT_ENDED_SQLSTATE, f'terminating connection: tenant "{self.grant.tenant}" is {status}; '
+                                                 "this operator session was ended, nothing was run")
+            raise PolicyRefusal(self.ended[0], self.ended[1], reason="tenant_status")
         note = decision.audit if isinstance(decision.audit, StatementNote) else None
         rec = replace(
             self.context, type=A.STATEMENT, statement_class=decision.statement_class,
@@ -207,6 +228,19 @@ class OperatorSessionGate:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.inner.close()
 
+    def terminate(self, sqlstate: str, message: str) -> None:
+        """End the session (FATAL 57P01), e.g. when its tenant's status changes (the gatekeeper calls it)."""
+        if self.ended is not None:
+            return
+        self.ended = (sqlstate, message)
+        metrics.OPERATOR_SESSIONS_TERMINATED_TOTAL.labels("tenant_status").inc()
+        self._background(replace(self.context, type=A.SESSION_ENDED, detail={"reason": message}))
+        if self._terminate is not None:
+            try:
+                self._terminate(sqlstate, message)
+            except Exception:
+                log.exception("terminator failed")
+
     # ---- internals
 
     def _grant_ended(self, grant_id: int, reason: str) -> None:
@@ -233,6 +267,19 @@ class OperatorSessionGate:
         t = asyncio.get_running_loop().create_task(run())
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _operator_wording(refusal: Refuse, grant: ActiveGrant) -> Refuse:
+    """The policy engine speaks of "a tenant session"; here it is an operator session under a grant."""
+    if "tenant session" not in refusal.message:
+        return refusal
+    where = f'an operator session (grant {grant.id}, {grant.access} access to tenant "{grant.tenant}")'
+    msg = refusal.message.replace("in a tenant session", f"in {where}").replace("a tenant session", where)
+    return replace(refusal, message=msg)
 
 
 _GRANT_ID = re.compile(r"[0-9]{1,19}")

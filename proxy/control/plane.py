@@ -197,12 +197,14 @@ class Tenant:
     offboarded_at: datetime | None
     retention_end: datetime | None
     purged_at: datetime | None
+    purge_started_at: datetime | None = None  # a purge began: no session of the tenant may run
 
     def to_json(self) -> dict:
         iso = lambda d: d.isoformat() if d else None  # noqa: E731
         return {"name": self.name, "status": self.status, "created_at": iso(self.created_at),
                 "updated_at": iso(self.updated_at), "offboarded_at": iso(self.offboarded_at),
-                "retention_end": iso(self.retention_end), "purged_at": iso(self.purged_at)}
+                "retention_end": iso(self.retention_end), "purged_at": iso(self.purged_at),
+                "purge_started_at": iso(self.purge_started_at)}
 
 
 def _grant(row, approvals: Iterable[Approval] = ()) -> Grant:
@@ -210,7 +212,7 @@ def _grant(row, approvals: Iterable[Approval] = ()) -> Grant:
 
 
 def _tenant(row) -> Tenant:
-    return Tenant(**{k: row[k] for k in Tenant.__dataclass_fields__})
+    return Tenant(**{k: row[k] for k in Tenant.__dataclass_fields__ if k in row})
 
 
 def _operator(row) -> Operator:
@@ -790,7 +792,7 @@ class ControlPlane:
                 raise SessionRefused(AUTH_FAILED_SQLSTATE,
                                      f'password authentication failed for user "{operator_name}"')
             rows = await conn.fetch(
-                f"SELECT g.*, t.status AS tenant_status FROM {self.s}.grants g "
+                f"SELECT g.*, t.status AS tenant_status, t.purge_started_at FROM {self.s}.grants g "
                 f"LEFT JOIN {self.s}.tenants t ON t.name = g.tenant "
                 f"WHERE g.requester = $1 AND g.state = 'approved' AND g.expires_at > now() "
                 f"AND ($2::bigint IS NULL OR g.id = $2) ORDER BY g.id", operator_name, grant_id)
@@ -810,6 +812,8 @@ class ControlPlane:
         r = rows[0]
         if r["tenant_status"] == "purged":
             raise refuse(f"tenant \"{r['tenant']}\" has been purged")
+        if r["purge_started_at"] is not None:
+            raise refuse(f"tenant \"{r['tenant']}\" is being purged: its sessions were ended")
         return ActiveGrant(r["id"], operator_name, r["tenant"], r["access"], r["expires_at"], r["reason"])
 
     async def active_grant_for(self, actor: Actor, tenant: str, access: str,
@@ -880,7 +884,7 @@ class ControlPlane:
             elif status == "active":
                 row = await conn.fetchrow(
                     f"UPDATE {self.s}.tenants SET status = 'active', updated_at = now(), offboarded_at = NULL, "
-                    f"retention_end = NULL WHERE name = $1 RETURNING *", name)
+                    f"retention_end = NULL, purge_started_at = NULL WHERE name = $1 RETURNING *", name)
             else:
                 row = await conn.fetchrow(
                     f"UPDATE {self.s}.tenants SET status = 'purged', updated_at = now(), "
@@ -893,6 +897,26 @@ class ControlPlane:
             await self._in_tx_audit(conn, [A.AuditRecord(
                 A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, grant_id=grant_id,
                 detail=d)])
+        return _tenant(row)
+
+    async def tenant_state(self, name: str) -> tuple[str, datetime | None] | None:
+        """(status, purge_started_at) read now from the control schema (None: not registered)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT status, purge_started_at FROM {self.s}.tenants WHERE name = $1", name)
+        return (row["status"], row["purge_started_at"]) if row else None
+
+    async def mark_purge_started(self, name: str, *, actor: Actor | None = None, grant_id: int | None = None) -> Tenant:
+        """Before a purge deletes anything: every instance ends the tenant's sessions (NOTIFY
+        status 'purging') and accepts no new one; audited with the change."""
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE {self.s}.tenants SET purge_started_at = coalesce(purge_started_at, now()), updated_at = now() "
+                f"WHERE name = $1 RETURNING *", name)
+            if row is None:
+                raise NotFound(f"tenant {name!r} is not registered")
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, grant_id=grant_id,
+                detail={"status": row["status"], "event": "purge started: sessions ended"})])
         return _tenant(row)
 
     # ---- watching (see proxy.control.watcher)

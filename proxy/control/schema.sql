@@ -152,9 +152,13 @@ BEGIN
         END IF;
     ELSIF TG_TABLE_NAME = 'tenants' THEN
         IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status
-           OR NEW.retention_end IS DISTINCT FROM OLD.retention_end THEN
+           OR NEW.retention_end IS DISTINCT FROM OLD.retention_end
+           OR to_jsonb(NEW) -> 'purge_started_at' IS DISTINCT FROM to_jsonb(OLD) -> 'purge_started_at' THEN
+            -- status 'purging': a purge is about to start, every session of the tenant must end
             PERFORM pg_notify('@channel@', json_build_object(
-                'kind', 'tenant', 'name', NEW.name, 'status', NEW.status,
+                'kind', 'tenant', 'name', NEW.name,
+                'status', CASE WHEN NEW.status <> 'purged' AND to_jsonb(NEW) ->> 'purge_started_at' IS NOT NULL
+                               THEN 'purging' ELSE NEW.status END,
                 'retention_end', NEW.retention_end)::text);
         END IF;
     END IF;
@@ -192,6 +196,10 @@ CREATE TABLE IF NOT EXISTS @schema@.grant_policy (
     updated_at            timestamptz NOT NULL DEFAULT now(),
     updated_by            text
 );
+
+-- Set (by `tenant purge`) before a purge deletes anything: every session of the
+-- tenant is ended and no new one is accepted; cleared if the tenant is restored.
+ALTER TABLE @schema@.tenants ADD COLUMN IF NOT EXISTS purge_started_at timestamptz;
 
 ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS totp_last_step bigint;   -- replay guard
 ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS enrol_token_hash text;   -- sha256 hex of a one-time token
