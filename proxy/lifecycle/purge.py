@@ -17,13 +17,16 @@ so other tenants' queries never wait long on it.
 * **Reported before anything is deleted**: rows of another tenant, or of a
   shared table, that reference the tenant's rows (23503, naming the FK); a
   role that may not delete, or an RLS policy that could hide rows (42501).
-* **Checked again where it holds**: each delete transaction first locks the
-  rows it is about to delete (``FOR UPDATE``), then re-checks that no row
-  outside the tenant references exactly those rows, then deletes them.  A
-  referencing row committed after the first check is found (23503, nothing
-  of that batch deleted, never cascaded away); one being inserted meanwhile
-  needs a key-share lock on its parent row, so it waits for the batch and
-  then fails its own foreign-key check.
+* **Checked again where it holds**: each delete transaction runs at
+  REPEATABLE READ and re-checks, in the snapshot its DELETE uses, that no row
+  outside the tenant references the rows it deletes.  A referencing row
+  committed after that snapshot (or being inserted meanwhile: it holds a
+  key-share lock on its parent row, so the DELETE waits for it) is not in the
+  snapshot, and PostgreSQL's foreign-key actions then refuse to cascade to it
+  (40001, their cross-check snapshot); the batch is rolled back and retried in
+  a new snapshot, whose check finds the reference: 23503, nothing of that
+  batch deleted, never cascaded away.  Needs no privilege beyond SELECT and
+  DELETE (``FOR UPDATE`` would need UPDATE).
 * **No session of the tenant runs during the purge**: every operator session
   of the tenant holds a shared advisory lock (:func:`sessions_lock_name`) on
   its backend connection; the purge takes it exclusively before deleting
@@ -200,21 +203,39 @@ def _leaf_condition(table: TenantTable, schema: TenantSchema) -> str:
     return " AND ".join(parts) if parts else "true"
 
 
+SERIALIZATION_FAILURE = "40001"
+SNAPSHOT_RETRIES = 5
+
+
+async def _in_snapshot(conn, body):
+    """Run ``body()`` in a REPEATABLE READ transaction; retry when a cascade met a newer row (40001)."""
+    for attempt in range(SNAPSHOT_RETRIES):
+        try:
+            async with conn.transaction(isolation="repeatable_read"):
+                return await body()
+        except Exception as e:
+            if getattr(e, "sqlstate", None) != SERIALIZATION_FAILURE or attempt == SNAPSHOT_RETRIES - 1:
+                raise
+
+
 async def _delete_batch(conn, schema: TenantSchema, table: TenantTable, tenant: str, limit: int, leaf: str,
                         journal: _Journal) -> int:
     pred = table.tenant_predicate(tenant)
-    async with conn.transaction():
-        # lock the batch first: nobody can add a reference to these rows from now on
+
+    async def body() -> int:
         ctids = await conn.fetchval(
             f"SELECT coalesce(array_agg(ctid), '{{}}') FROM (SELECT c.ctid FROM {table.qualified} c "
-            f"WHERE {table.tenant_predicate(tenant, 'c')} AND {leaf} LIMIT {int(limit)} FOR UPDATE OF c) b")
+            f"WHERE {table.tenant_predicate(tenant, 'c')} AND {leaf} LIMIT {int(limit)}) b")
         if not ctids:
             return 0
+        # same snapshot as the DELETE below: what it finds is what the cascade would reach
         await _external_references(conn, schema, tenant, only=(table.key, ctids))
         n = _n(await conn.execute(f"DELETE FROM {table.qualified} WHERE ctid = ANY($1::tid[]) AND {pred}", ctids))
         if n:
             await journal.add(table.key, n)
-    return n
+        return n
+
+    return await _in_snapshot(conn, body)
 
 
 async def _delete_rest(conn, schema: TenantSchema, tables: list[TenantTable], tenant: str,
@@ -226,9 +247,8 @@ async def _delete_rest(conn, schema: TenantSchema, tables: list[TenantTable], te
     ]
     counts = ", ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(tables)))
     sql = f"WITH {', '.join(ctes)} SELECT ARRAY[{counts}]"
-    async with conn.transaction():
-        for t in tables:  # lock what is deleted, then re-check references to it (see module doc)
-            await conn.execute(f"SELECT 1 FROM {t.qualified} WHERE {t.tenant_predicate(tenant)} FOR UPDATE")
+    async def body():
+        # re-check in the DELETE's own snapshot (see the module doc)
         await _external_references(conn, schema, tenant, only_tables={t.key for t in tables})
         try:
             got = await conn.fetchval(sql)
@@ -238,6 +258,9 @@ async def _delete_rest(conn, schema: TenantSchema, tables: list[TenantTable], te
         for t, n in zip(tables, got):
             if n:
                 await journal.add(t.key, int(n))
+        return got
+
+    got = await _in_snapshot(conn, body)
     return {t.key: int(n) for t, n in zip(tables, got)}
 
 
