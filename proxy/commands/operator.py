@@ -97,9 +97,11 @@ def register(sub):
 
     for name, helptext in (("remove", "remove an account (its pending and active grants are revoked)"),
                            ("disable", "disable an account at once"),
-                           ("unlock", "lift the lockout of an account after failed authentications")):
+                           ("unlock", "lift the lockout of an account (or --address) after failed authentications")):
         c = ops.add_parser(name, help=helptext)
-        c.add_argument("name")
+        c.add_argument("name", nargs="?" if name == "unlock" else None)
+        if name == "unlock":
+            c.add_argument("--address", metavar="IP", help="unlock a client address instead of an account")
         add_config_arg(c)
         add_actor_args(c)
         c.set_defaults(func=lambda args, _n=name: run(args, lambda a: _single(a, _n)))
@@ -210,9 +212,9 @@ async def _single(args, what: str) -> int:
             await plane.set_enabled(actor, args.name, False)
             emit(args, {"disabled": args.name}, f"disabled {args.name}")
         else:
-            was = await unlock_account(plane, actor, args.name)
-            emit(args, {"unlocked": args.name, "was_locked": was},
-                 f"unlocked {args.name}" if was else f"{args.name} was not locked")
+            what = args.name or args.address
+            was = await unlock_account(plane, actor, args.name, args.address)
+            emit(args, {"unlocked": what, "was_locked": was}, f"unlocked {what}" if was else f"{what} was not locked")
     return EXIT_OK
 
 

@@ -362,14 +362,19 @@ async def enrol(plane: "ControlPlane", token: str, password: str) -> tuple[str, 
     return name, secret, totp_uri(secret, name)
 
 
-async def unlock_account(plane: "ControlPlane", actor: "Actor", name: str) -> bool:
+async def unlock_account(plane: "ControlPlane", actor: "Actor", name: str | None = None,
+                         address: str | None = None) -> bool:
+    """Lift the lockout of an account (or of a client address) after failed authentications."""
     from . import throttle
 
-    _, _, PermissionDenied = _errors()
+    InvalidRequest, _, PermissionDenied = _errors()
     if not (actor.is_approver or actor.platform_admin):
         raise PermissionDenied(f"{actor.name} may not unlock accounts (needs the approver role)")
+    if (name is None) == (address is None):
+        raise InvalidRequest("give an account name or --address IP")
+    key = f"account:{name}" if name is not None else f"address:{address}"
     async with plane._tx() as conn:
-        done = await throttle.unlock(conn, plane.s, f"account:{name}")
+        done = await throttle.unlock(conn, plane.s, key)
         await plane._in_tx_audit(conn, [A.AuditRecord(ACCOUNT_UNLOCKED, operator=actor.name,
-                                                      detail={"account": name, "was_locked": done})])
+                                                      detail={"unlocked": key, "was_locked": done})])
     return done
