@@ -10,25 +10,30 @@ number of tenantgate instances and CLI invocations share it.  One
     await plane.close()                            # or: async with plane: ...
 
 Who may do what (identities are always proven: :meth:`authenticate_actor`
-checks the password and, when enrolled, the TOTP code):
+checks the password and, when enrolled, a TOTP code that works once; it is
+throttled, see :mod:`proxy.control.identities` and :mod:`proxy.control.throttle`):
 
 * ``request_grant``: any enabled account (operator or approver role).
 * ``approve_grant`` / ``deny_grant``: accounts with the ``approver`` role,
-  never the requester (self-approval is impossible whatever the roles); a
-  grant becomes *approved* once it has ``grants.approvals_required``
-  approvals; one deny denies it.
+  never the requester (self-approval is impossible whatever the roles), nor
+  an account made for or by the requester within the policy's account change
+  window (:func:`proxy.control.accounts.entangled`); a grant becomes
+  *approved* once it has the policy's ``approvals_required`` approvals; one
+  deny denies it.
 * ``revoke_grant``: the requester (giving access up) or any approver.
-* account management (``add_operator``, ``remove_operator``, TOTP for
-  someone else): an approver, or the platform admin via
-  :meth:`platform_admin` (the holder of the control DSN; this is how the
-  very first accounts are made).
+* accounts and the grant policy: change requests another approver approves
+  (:mod:`proxy.control.accounts`); the platform admin (the holder of the
+  control DSN) only bootstraps the first two approvers.
 
 Grant states (Customer Lockbox): pending -> approved | denied | expired |
 revoked; approved -> expired | revoked.  An approved grant runs for its
-requested duration from the moment of approval (capped by
-``grants.max_duration``); a pending one expires after ``grants.pending_ttl``.
-Every state change and its audit record commit in one transaction, and a
-trigger NOTIFYs all instances (see :mod:`proxy.control.watcher`).
+requested duration from the moment of approval.  The grant policy (maximum
+duration, approvals required, pending TTL) is the control schema's
+``grant_policy`` row (:mod:`proxy.control.grant_policy`), read when a grant
+is requested and re-checked when it is approved; the config's ``grants.*``
+only seed it at install.  Every state change and its audit record commit in
+one transaction, and a trigger NOTIFYs all instances (see
+:mod:`proxy.control.watcher`).
 
 For the proxy: :meth:`bind_grant` at connect (raises
 :class:`proxy.seam.SessionRefused`, SQLSTATE 28000, with instructions),
@@ -47,7 +52,6 @@ For other commands: :meth:`authenticate_actor`, :meth:`active_grant_for`
 
 from __future__ import annotations
 
-import getpass
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,13 +62,13 @@ import asyncpg
 
 from proxy import metrics
 from proxy.config import AuditConfig, Config, ConfigError, GrantsConfig, LifecycleConfig
-from proxy.seam import Outcome, SessionKind, SessionRefused, UserRecord
+from proxy.seam import Outcome, SessionRefused, UserRecord
 
 from . import audit as A
 from . import accounts as AC
 from . import throttle as TH
-from .credentials import check_password, make_verifier, new_totp_secret, totp_uri
-from .grant_policy import GrantPolicy, read_policy, seed_policy
+from .credentials import make_verifier
+from .grant_policy import read_policy, seed_policy
 from .durations import format_duration, parse_duration
 from .schema import check_schema_name, control_schema_installed, install_control_schema, notify_channel
 
@@ -236,8 +240,11 @@ def request_hint(tenant: str | None = None) -> str:
 
 # --------------------------------------------------------------------------- the plane
 
+# Imported here, not at the top: identities.py uses the errors and values defined above.
+from .identities import IdentityMethods  # noqa: E402
 
-class ControlPlane:
+
+class ControlPlane(IdentityMethods):
     def __init__(
         self,
         dsn: str,
@@ -381,196 +388,6 @@ class ControlPlane:
         committed = await A.chain_insert(conn, self.schema, records, signer=self.writer.signer,
                                          checkpoint_every=self.audit_cfg.checkpoint_every)
         self._tx_audit[conn].extend(committed)
-
-    # ---- operators and identities
-
-    def platform_admin(self) -> Actor:
-        """The holder of the control DSN (bootstrap and account management).  Audited with the OS user."""
-        return Actor(f"{PLATFORM_ADMIN}:{getpass.getuser()}", frozenset({"approver"}), platform_admin=True)
-
-    async def _op_row(self, conn, name: str):
-        return await conn.fetchrow(f"SELECT * FROM {self.s}.operators WHERE name = $1", name)
-
-    async def get_operator(self, name: str) -> Operator | None:
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        return _operator(row) if row else None
-
-    async def list_operators(self) -> list[Operator]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(f"SELECT * FROM {self.s}.operators ORDER BY name")
-        return [_operator(r) for r in rows]
-
-    async def has_approver(self) -> bool:
-        async with self.pool.acquire() as conn:
-            return await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM {self.s}.operators WHERE enabled AND 'approver' = ANY (roles))"
-            )
-
-    def _require_account_admin(self, actor: Actor) -> None:
-        if not (actor.platform_admin or actor.is_approver):
-            raise PermissionDenied(f"{actor.name} may not manage operator accounts (needs the approver role)")
-
-    async def add_operator(self, actor: Actor, name: str, password: str, roles: Iterable[str] = ("operator",)) -> Operator:
-        """Bootstrap only: the platform admin adds an account while fewer than two approvers exist.
-
-        Afterwards accounts are created by a change request that another approver approves
-        (:func:`proxy.control.accounts.request_change`, ``account.create``)."""
-        roles = sorted(set(roles))
-        bad = [r for r in roles if r not in ROLES]
-        if bad or not roles:
-            raise InvalidRequest(f"invalid role(s) {bad or roles}: roles are {', '.join(ROLES)}")
-        if not actor.platform_admin:
-            raise PermissionDenied(
-                f"accounts are created through a change request that another approver approves: "
-                f"tenantgate operator add {name} --as {actor.name} (then: tenantgate operator approve ID --as OTHER)")
-        return _operator(await AC.bootstrap_add(self, actor, name, password, roles))
-
-    async def remove_operator(self, actor: Actor, name: str) -> None:
-        """Delete the account and revoke its pending and approved grants."""
-        self._require_account_admin(actor)
-        async with self._tx() as conn:
-            deleted = await conn.fetchval(f"DELETE FROM {self.s}.operators WHERE name = $1 RETURNING name", name)
-            if deleted is None:
-                raise NotFound(f"operator {name!r} does not exist")
-            revoked = await conn.fetch(
-                f"UPDATE {self.s}.grants SET state = 'revoked', ended_at = now(), ended_by = $2, "
-                f"end_reason = 'operator account removed' "
-                f"WHERE requester = $1 AND state IN ('pending', 'approved') RETURNING id, tenant", name, actor.name,
-            )
-            recs = [A.AuditRecord(A.OPERATOR_REMOVED, operator=actor.name, detail={"account": name})]
-            recs += [A.AuditRecord(A.GRANT_REVOKED, operator=actor.name, grant_id=r["id"], tenant=r["tenant"],
-                                   detail={"reason": "operator account removed"}) for r in revoked]
-            await self._in_tx_audit(conn, recs)
-
-    def _own_account_only(self, actor: Actor, name: str, what: str) -> None:
-        if actor.name != name or actor.platform_admin:
-            raise PermissionDenied(
-                f"nobody sets another person's {what}: request a reset (tenantgate operator reset {name} "
-                f"--as APPROVER), which another approver approves; {name} then enrols with the one-time token")
-
-    async def set_password(self, actor: Actor, name: str, password: str) -> None:
-        """A person changes their own password (proven by the old one)."""
-        self._own_account_only(actor, name, "password")
-        async with self._tx() as conn:
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET scram_verifier = $2, updated_at = now() WHERE name = $1",
-                name, make_verifier(password),
-            )
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
-                                                         detail={"account": name, "change": "password"})])
-
-    async def enrol_totp(self, actor: Actor, name: str) -> tuple[str, str]:
-        """A person enrols (or replaces) their own TOTP secret; returns (secret, otpauth:// URI)."""
-        self._own_account_only(actor, name, "TOTP secret")
-        secret = new_totp_secret()
-        async with self._tx() as conn:
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET totp_secret = $2, totp_last_step = NULL, updated_at = now() "
-                f"WHERE name = $1", name, secret
-            )
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
-                                                         detail={"account": name, "change": "totp enrolled"})])
-        return secret, totp_uri(secret, name)
-
-    async def set_enabled(self, actor: Actor, name: str, enabled: bool) -> None:
-        """Disabling takes access away (one approver); enabling gives it back: a change request
-        (``account.enable``) unless in bootstrap by the platform admin."""
-        self._require_account_admin(actor)
-        async with self._tx() as conn:
-            if enabled and not (actor.platform_admin and await AC.in_bootstrap(conn, self.s)):
-                raise PermissionDenied(f"enabling an account is a change request another approver approves: "
-                                       f"tenantgate operator enable {name} --as {actor.name}")
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET enabled = $2, updated_at = now() WHERE name = $1", name, enabled)
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(
-                A.OPERATOR_CHANGED, operator=actor.name,
-                detail={"account": name, "change": "enabled" if enabled else "disabled"})])
-
-    async def verify_password(self, name: str, password: str) -> bool:
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        return bool(row and row["enabled"] and check_password(row["scram_verifier"], password))
-
-    async def verify_totp(self, name: str, code: str | None) -> bool:
-        """True when the account has no TOTP enrolled or ``code`` is valid and not used before (consumes it)."""
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-            if row is None:
-                return False
-            return row["totp_secret"] is None or await TH.consume_totp(conn, self.s, name, row["totp_secret"], code)
-
-    async def policy(self) -> GrantPolicy:
-        async with self.pool.acquire() as conn:
-            return await read_policy(conn, self.s)
-
-    async def auth_attempt(self, name: str | None, client_addr: str | None) -> None:
-        """Count an authentication attempt before checking it; raises :class:`throttle.Locked`."""
-        keys = TH.keys_for(name, client_addr)
-        if not keys:
-            return
-        async with self.pool.acquire() as conn:
-            await TH.begin_attempt(conn, self.s, await read_policy(conn, self.s), keys)
-
-    async def auth_succeeded(self, name: str | None, client_addr: str | None) -> None:
-        """Give back the attempt counted by :meth:`auth_attempt` (the person proved who they are)."""
-        keys = TH.keys_for(name, client_addr)
-        if keys:
-            async with self.pool.acquire() as conn:
-                await TH.attempt_succeeded(conn, self.s, keys)
-
-    async def authenticate_actor(self, name: str, password: str, totp_code: str | None = None,
-                                 client_addr: str | None = None) -> Actor:
-        """Prove who is acting: password, plus a TOTP code when enrolled (each code works once).
-
-        Throttled per account (and per address when given); a wrong password and a wrong or
-        reused TOTP code give the same error; every failure is audited.  Raises AuthenticationFailed.
-        """
-        failed = AuthenticationFailed(
-            f"authentication failed for {name!r}: wrong password or TOTP code "
-            "(with TOTP enrolled, give a current code with --totp CODE; each code works once)")
-        try:
-            await self.auth_attempt(name, client_addr)
-        except TH.Locked as e:
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, client_addr=client_addr,
-                                                    detail={"why": "locked", "via": "cli"}))
-            raise AuthenticationFailed(e.message())
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-            verifier = row["scram_verifier"] if row is not None else _dummy_verifier()  # same work for unknown names
-            why = None
-            if not check_password(verifier, password or "") or row is None or not row["enabled"]:
-                why = "password"
-            elif row["totp_secret"] is not None and not await TH.consume_totp(
-                    conn, self.s, name, row["totp_secret"], totp_code):
-                why = "totp"
-        if why is not None:
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, client_addr=client_addr,
-                                                    detail={"why": why, "via": "cli"}))
-            raise failed
-        await self.auth_succeeded(name, client_addr)
-        return Actor(name, frozenset(row["roles"]))
-
-    async def _audit_quietly(self, record: A.AuditRecord) -> None:
-        try:
-            await self.append(record)
-        except Exception as e:  # the refusal stands either way
-            log.error("could not audit %s: %s", record.type, e)
-
-    async def user_record(self, name: str) -> UserRecord | None:
-        """The operator as a :class:`proxy.seam.UserRecord` (for the proxy's SCRAM exchange)."""
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        if row is None or not row["enabled"]:
-            return None
-        return UserRecord(name=row["name"], scram_verifier=row["scram_verifier"], kind=SessionKind.OPERATOR,
-                          totp_secret=row["totp_secret"], roles=frozenset(row["roles"]))
 
     # ---- grants
 
