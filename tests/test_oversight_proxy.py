@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote, urlsplit
 
 import psycopg
@@ -100,6 +101,23 @@ def test_wrong_passwords_at_the_proxy_are_audited_and_lock_the_account(demo):
         ok(cli(demo, "bob", "operator", "unlock", name))
         e = fatal_of(operator_dsn(demo, name, password), {"options": f"-c tenantgate.totp={totp.now()}"})
         assert e.sqlstate == "28000" and "no active grant" in e.message
+        # Guessing TOTP codes in parallel with the right password: attempts are counted before
+        # they are checked, so at most max_failures_account (5) of 30 concurrent guesses get a
+        # verdict on the code; the rest are refused as locked, and so is the right code after.
+        right = operator_dsn(demo, name, password)
+        bad = [f"{(int(totp.now()) + 1000 * (i + 1)) % 1_000_000:06d}" for i in range(30)]
+        bad = [c for c in bad if not totp.verify(c, valid_window=1)]
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            got = list(pool.map(lambda c: fatal_of(right, {"options": f"-c tenantgate.totp={c}"}), bad))
+        assert {(e.sqlstate, "locked" in e.message) for e in got} <= {("28P01", False), ("28000", True)}
+        assert sum(e.sqlstate == "28P01" for e in got) <= 5
+        assert all(e.message == f'password authentication failed for user "{name}"' for e in got
+                   if e.sqlstate == "28P01")  # the same words as a wrong password
+        e = fatal_of(right, {"options": f"-c tenantgate.totp={totp.now()}"})
+        assert e.sqlstate == "28000" and "locked until" in e.message
+        whys = [f["detail"]["why"] for f in audit_rows(demo, "auth.failed", name)]
+        assert 1 <= whys.count("totp") <= 5 and whys.count("locked") >= len(bad) - 5
+        ok(cli(demo, "bob", "operator", "unlock", name))
     finally:
         cli(demo, "bob", "operator", "unlock", "--address", "127.0.0.1")
         ok(cli(demo, "bob", "operator", "remove", name))
