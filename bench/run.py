@@ -5,8 +5,10 @@
    its summary is what docs/benchmarks.md shows.
 2. :mod:`bench.audit_bench`: audited operator statements per second (skipped
    with ``BENCH_QUICK=1``).
+3. :mod:`bench.backstop_bench`: the per-statement cost of the PostgreSQL
+   backstop's binding check (µs/statement, target < 5).
 
-``BENCH_ONLY=compare`` (or ``audit``) runs one part.  Each part prints its own
+``BENCH_ONLY=compare`` (or ``audit``, ``backstop``) runs one part.  Each part prints its own
 figures; nothing here asserts on time.  Options of the comparison:
 ``python -m bench.compare --help`` (or the ``BENCH_*`` variables it names).
 """
@@ -21,6 +23,7 @@ import traceback
 PARTS = [
     ("direct PostgreSQL vs PgBouncer vs tenantgate", "bench.compare", False),
     ("audit chain: audited operator statements per second", "bench.audit_bench", True),
+    ("PostgreSQL backstop: per-statement cost of the binding check", "bench.backstop_bench", False),
 ]
 
 

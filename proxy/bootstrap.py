@@ -33,6 +33,8 @@ HBA_TEMPLATE = DEPLOY_DIR / "postgres" / "pg_hba.conf.template"
 APP_ROLE = "tenantgate_app"
 CONTROL_ROLE = "tenantgate_control"
 CONTROL_SCHEMA = "tenantgate_control"
+GUARD_ROLE = "tenantgate_guard"
+GUARD_SCHEMA = "tenantgate_guard"
 TENANT_GUC = "tenantgate.tenant_id"
 SCRAM_ITERATIONS = 4096
 
@@ -94,6 +96,7 @@ def apply_bootstrap(
     control_password: str,
     tenant_column: str = "tenant_id",
     schemas: Sequence[str] = ("public",),
+    backstop_key: str | None = None,
 ) -> str:
     """Apply ``deploy/postgres/bootstrap.sql`` to the database of ``admin_dsn``.
 
@@ -105,6 +108,10 @@ def apply_bootstrap(
     after every migration.  Runs in one transaction; raises
     :class:`BootstrapError` (nothing changed) on failure.  Returns psql's
     notices (one line per tenant table put under RLS).
+
+    ``backstop_key`` (hex, 32 to 64 bytes; the proxy's ``backstop.key``) is
+    installed as the key of the PostgreSQL backstop (proxy/backstop.py); without
+    it an installed key is kept, and with none installed no tenant can be bound.
     """
     if not app_password or not control_password:
         raise BootstrapError("apply_bootstrap: app_password and control_password are required")
@@ -118,6 +125,7 @@ def apply_bootstrap(
         f"\\set control_password {_psql_quote(scram_verifier(control_password))}",
         f"\\set tenant_column {_psql_quote(tenant_column)}",
         f"\\set app_schemas {_psql_quote(','.join(schemas))}",
+        f"\\set backstop_key {_psql_quote(backstop_key or '')}",
         f"\\i {_psql_quote(str(BOOTSTRAP_SQL))}",
         "",
     ])

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "tenant", "config_schema"]
+COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "receipt", "tenant", "config_schema"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from proxy.textsafe import install
+
+    install()  # every byte the CLI prints is escaped for the terminal (proxy/textsafe.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     rc = args.func(args)

@@ -32,7 +32,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Callable
 
-from proxy import varcache
+from proxy import backstop, varcache
 from proxy.backend_link import BackendConnection, BackendError, connect_backend, send_cancel
 from proxy.metrics import (
     BACKEND_CONNECTIONS,
@@ -47,6 +47,9 @@ from proxy.metrics import (
     TLS_HANDSHAKE_OK,
 )
 from proxy.pool import PoolTimeout, ServerConn
+from proxy import statement_offload
+from proxy.copy_audit import CopyDigest
+from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
 from proxy.seam import (
@@ -72,7 +75,7 @@ from proxy.wire.backend import (
     READY_FOR_QUERY,
     BackendScanner,
 )
-from proxy.wire.buffer import ReceiveBuffer
+from proxy.wire.buffer import AUTH_MESSAGE_MAX, PREAUTH_BUFFER_MAX, ReceiveBuffer
 from proxy.wire.errors import ProtocolError
 from proxy.wire.frontend import Action, FrontendState, Phase
 from proxy.wire.startup import (
@@ -107,8 +110,11 @@ _BYTES_OUT = BYTES_TOTAL.labels(direction="server_to_client")
 _ZERO = b"I"
 PARSE_COMPLETE = ord("1")
 DATA_ROW = ord("D")
-#: what a transaction-pooled session must see: ParseComplete of statements it prepares again
-POOLED_INTERESTING = AUDIT_INTERESTING | {PARSE_COMPLETE}
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+#: what every session must see: command tags (audit, DEALLOCATE ALL), and ParseComplete,
+#: BindComplete and CloseComplete (the statement ledger is updated by PostgreSQL's replies)
+POOLED_INTERESTING = AUDIT_INTERESTING | COMPLETIONS
 #: while a swallowed query (the settings probe) is answered: everything
 EVERYTHING = frozenset(range(256))
 _EXTENDED_TYPES = frozenset((b"P", b"B", b"D", b"E", b"C"))  # Flush (H) leaves nothing pending by itself
@@ -147,7 +153,7 @@ class _Entry:
     kind: b"Q" simple query, b"X" Execute, b"S" Sync, b"R" synthetic reply.
     """
 
-    __slots__ = ("kind", "decision", "handle", "t0", "sqlstate", "tag", "data", "audited")
+    __slots__ = ("kind", "decision", "handle", "t0", "sqlstate", "tag", "data", "audited", "copy")
 
     def __init__(self, kind: bytes, decision: Forward | None = None, handle: Any = None, data: bytes = b""):
         self.kind = kind
@@ -158,6 +164,7 @@ class _Entry:
         self.tag: str | None = None
         self.data = data
         self.audited = False
+        self.copy: CopyDigest | None = None  # the data of an audited COPY FROM STDIN
 
 
 class ClientSession(asyncio.Protocol):
@@ -167,6 +174,8 @@ class ClientSession(asyncio.Protocol):
         "_attach_t0",
         "_attach_task",
         "_backend_fatal",
+        "_binder",
+        "_bkey",
         "_blocked",
         "_bwrite",
         "_bytes_in",
@@ -186,11 +195,13 @@ class ClientSession(asyncio.Protocol):
         "_markers",
         "_metrics_t",
         "_n_forwarded",
+        "_offloaded",
         "_out",
         "_parse_fifo",
         "_pinned",
         "_pool_marks",
-        "_portals",
+        "_hold_seg",
+        "_ledger",
         "_probe_names",
         "_probe_values",
         "_seg_done",
@@ -201,7 +212,6 @@ class ClientSession(asyncio.Protocol):
         "_stmt_names",
         "_stmt_parse",
         "_stmt_seq",
-        "_stmts",
         "_swallowing",
         "_unnamed_parse",
         "_unnamed_single",
@@ -246,7 +256,8 @@ class ClientSession(asyncio.Protocol):
         self.config = server.config
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = ReceiveBuffer(self.config.limits.max_message_bytes)
+        # before authentication: messages capped like PostgreSQL's (raised once authenticated)
+        self.buf = ReceiveBuffer(min(AUTH_MESSAGE_MAX, self.config.limits.max_message_bytes))
         self.fstate = FrontendState()
         self.session_id = secrets.token_hex(8)
         self.kind_label = "unauthenticated"
@@ -267,8 +278,10 @@ class ClientSession(asyncio.Protocol):
         self._out: list[bytes] = []
         self._blocked = False
         self._held: tuple[bytes, bytes] | None = None  # a copy message waiting for CopyInResponse
-        self._stmts: dict[str, Forward] = {}
-        self._portals: dict[str, tuple[Forward, tuple]] = {}
+        # statements and portals as PostgreSQL's replies confirm them (proxy/statement_ledger.py)
+        self._ledger = StatementLedger()
+        self._hold_seg = 0  # a held message waits for the replies of this Sync segment
+        self._offloaded: tuple[bytes, Any] | None = None  # (payload, decision) analysed in the worker thread
         self._copy_check = None
         self._copy_failed = False
         self._markers: list[tuple[int, bytes, bytes]] = []
@@ -297,6 +310,8 @@ class ClientSession(asyncio.Protocol):
         self.sconn: ServerConn | None = None  # the pooled connection while lent to this session
         self._last_sconn: ServerConn | None = None
         self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
+        self._bkey: bytes | None = None  # the backstop key, when the gate binds connections (proxy/backstop.py)
+        self._binder = None  # session mode: the backend connection's BackendBinder
         self._wanted_epoch = None  # the gate's tenant_epoch _wanted was last updated for
         self._probe_names: tuple[str, ...] = ()
         self._probe_values: list | None = None
@@ -337,6 +352,12 @@ class ClientSession(asyncio.Protocol):
         self.buf.feed(data)
         if self.relaying:
             self._process_client()
+        elif len(self.buf) > PREAUTH_BUFFER_MAX:
+            # a client that has not authenticated (or is waiting for its session to open) has
+            # no reason to send more than one message ahead: do not buffer for it
+            PROTOCOL_ERRORS_TOTAL.labels(reason="too_long").inc()
+            note_connection(self, "protocol_error", "08P01", "too much data before the session started")
+            self._fatal("08P01", "invalid startup sequence: too much data sent before the session started")
         else:
             w = self._waiter
             if w is not None and not w.done():
@@ -486,6 +507,7 @@ class ClientSession(asyncio.Protocol):
                 await guard.failed(user, record, client_addr)
             raise auth_failed
         self.kind_label = getattr(record.kind, "value", "unknown")  # authenticated: label refusals by kind
+        self.buf.max_length = cfg.limits.max_message_bytes
         self.transport.write(m.encode_auth(m.AUTH_SASL_FINAL, server_final) + m.encode_auth(m.AUTH_OK))
         if pkt.database == cfg.admin.database:
             self._start_admin_console(record)
@@ -505,6 +527,9 @@ class ClientSession(asyncio.Protocol):
         except SessionRefused as e:
             raise _Fatal(e.sqlstate, e.message, e.detail, e.hint, outcome="refused")
         self.gate = gate
+        self._bkey = backstop.key_for(cfg) if hasattr(gate, "backstop_binding") else None
+        if self._bkey is not None and hasattr(gate, "backstop_bind"):
+            gate.backstop_bind = self._backstop_call
         self.audited = bool(gate.audited)
         self.kind_label = getattr(gate.kind, "value", str(gate.kind))
         gate.set_terminator(self._terminator)
@@ -532,7 +557,10 @@ class ClientSession(asyncio.Protocol):
             if self.closed:  # client vanished while we were connecting
                 self._close()
                 return
-            status = await self._run_setup_sql(backend, list(gate.backend_setup_sql))
+            setup = list(gate.backend_setup_sql)
+            if self._bkey is not None:  # the PostgreSQL backstop: bind before anything else runs
+                setup.insert(0, await self._backstop_setup(backend, gate))
+            status = await self._run_setup_sql(backend, setup)
 
         self.key = server.cancels.register(self)
         out = [m.encode_parameter_status(k, v) for k, v in backend.parameters.items()]
@@ -552,7 +580,7 @@ class ClientSession(asyncio.Protocol):
         bp.on_lost = self._backend_lost
         bp.on_pause_writing = self._pause_client
         bp.on_resume_writing = self._resume_client
-        self.scanner = BackendScanner(POOLED_INTERESTING if self.pooled else AUDIT_INTERESTING)
+        self.scanner = BackendScanner(POOLED_INTERESTING)
         self._bwrite = bp.transport.write
         self.relaying = True
         self._startup_task = None  # done: do not keep the finished task alive
@@ -569,7 +597,7 @@ class ClientSession(asyncio.Protocol):
         ParameterStatus reported to the client); it goes back at the first idle ReadyForQuery."""
         self.pooled = True
         self.pool = self.server.pools.get(database)
-        settings = gate.backend_settings()
+        settings = self._gate_settings()
         names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
         self._probe_names = self.pool.probe_names.setdefault(names, names)  # one shared tuple per pool
         self._wanted = {k.lower(): v for k, v in forwarded.items()}
@@ -606,8 +634,47 @@ class ClientSession(asyncio.Protocol):
         to_set, to_reset = varcache.changes(sc.state, self._wanted, pool.baseline)
         if to_set or to_reset:
             sc.unnamed_owner = None  # a simple Query drops the unnamed statement
-            await _server_query(sc.conn, varcache.apply_sql(to_set, to_reset))
+            bind = None
+            if backstop.BINDING_SETTING in to_set or backstop.BINDING_SETTING in to_reset:
+                bind = (await self._server_binder(sc)).call_value
+            await _server_query(sc.conn, varcache.apply_sql(to_set, to_reset, bind))
         sc.state = dict(self._wanted)
+
+    def _gate_settings(self) -> dict[str, str]:
+        """The gate's backend settings plus, with the backstop configured, its binding."""
+        settings = self.gate.backend_settings()
+        if self._bkey is not None:
+            settings[backstop.BINDING_SETTING] = backstop.binding_value(*self.gate.backstop_binding())
+        return settings
+
+    async def _server_binder(self, sc: ServerConn) -> backstop.BackendBinder:
+        binder = sc.binder
+        if binder is None:
+            row = await _server_query(sc.conn, backstop.IDENTITY_SQL)
+            binder = sc.binder = backstop.BackendBinder.from_identity_row(self._bkey, row)
+        return binder
+
+    def _backstop_call(self, tenant: str | None, mode: str, local: bool) -> str | None:
+        """The gate's hook for a tenant switch: a bind call for the current backend connection, or
+        None when the proxy rebinds by itself (transaction pooling: at the settings probe)."""
+        if self.pooled:
+            if not local:
+                return None
+            binder = self.sconn.binder if self.sconn is not None else None
+        else:
+            binder = self._binder
+        return binder.call(tenant, mode, local) if binder is not None else None
+
+    async def _backstop_setup(self, backend: BackendConnection, gate) -> str:
+        """Session mode: the statement binding the new backend connection (its identity read first)."""
+        try:
+            row = await _server_query(backend, backstop.IDENTITY_SQL)
+            self._binder = backstop.BackendBinder.from_identity_row(self._bkey, row)
+        except (BackendError, backstop.BackstopError) as e:
+            raise _Fatal("28000", "tenantgate could not bind the database connection to the tenant",
+                         detail=getattr(e, "message", str(e)), hint="apply deploy/postgres/bootstrap.sql with the "
+                         "proxy's backstop key (config backstop.key)", outcome="setup_failed")
+        return self._binder.sql(*gate.backstop_binding())
 
     def _bind_server(self, sc: ServerConn, *, start: bool = True) -> None:
         self.sconn = sc
@@ -630,7 +697,7 @@ class ClientSession(asyncio.Protocol):
         epoch = getattr(gate, "tenant_epoch", None)
         wanted = self._wanted
         if epoch is None or epoch != self._wanted_epoch:  # the tenant may have changed
-            wanted.update(gate.backend_settings())
+            wanted.update(self._gate_settings())
             self._wanted_epoch = epoch
         pool = self.pool
         sc = pool.take_idle(self._last_sconn, wanted)
@@ -714,7 +781,11 @@ class ClientSession(asyncio.Protocol):
         self.scanner.interesting = EVERYTHING
         self.inflight.append(_Entry(b"W"))
         self._seg_sent += 1
-        self._bwrite(m.encode_query(varcache.probe_sql(self._probe_names)))
+        sql = varcache.probe_sql(self._probe_names)
+        binder = self.sconn.binder if self._bkey is not None else None
+        if binder is not None:  # a SET may have switched the tenant: bind before reading back
+            sql = f"{binder.sql(*self.gate.backstop_binding())}; {sql}"
+        self._bwrite(m.encode_query(sql))
 
     def _swallow(self, t: int, payload: bytes, out: list[bytes]) -> None:
         """A message answering the settings probe (never shown to the client)."""
@@ -726,7 +797,8 @@ class ClientSession(asyncio.Protocol):
         elif t == READY_FOR_QUERY:
             inflight = self.inflight
             inflight.pop(0)
-            self._seg_done += 1
+            self._ledger.ready(self._seg_done + 1, self.tx_status)
+            self._segment_done()
             self._swallowing = False
             while inflight and inflight[0].kind == b"R":  # refusals the client sent meanwhile
                 out.append(inflight.pop(0).data + m.encode_ready_for_query(self.tx_status))
@@ -738,7 +810,7 @@ class ClientSession(asyncio.Protocol):
                                              baseline)
                 self.sconn.state = actual
                 self._wanted = dict(actual)
-                self._wanted.update(self.gate.backend_settings())
+                self._wanted.update(self._gate_settings())
             else:  # the probe failed: the connection's state is unknown, do not lend it again
                 self._pinned = True
 
@@ -747,6 +819,7 @@ class ClientSession(asyncio.Protocol):
         sc = self.sconn
         if server_name not in sc.prepared:
             self._out.append(self._stmt_parse[server_name])
+            self._ledger.placeholder_parse_sent(self._seg_sent + 1)
             self._parse_fifo.append((self._seg_sent + 1, True, server_name))
             sc.prepared.add(server_name)
 
@@ -761,6 +834,7 @@ class ClientSession(asyncio.Protocol):
                                           Refuse("26000", "unnamed prepared statement does not exist"), marker)
                     return None
                 self._out.append(self._unnamed_parse)
+                self._ledger.placeholder_parse_sent(self._seg_sent + 1)
                 self._parse_fifo.append((self._seg_sent + 1, True, None))
                 sc.unnamed_owner = self
             return ""
@@ -890,10 +964,13 @@ class ClientSession(asyncio.Protocol):
         start = pos
         n = len(data)
         max_len = self.buf.max_length
-        binds_free = not self._stmts and not self._unnamed_single and not self._setting_stmts
+        ledger = self._ledger
+        # nothing to check at Bind or Execute: no statement or portal with checks, no audit
+        binds_free = not ledger.checked and not self.audited and not self._unnamed_single \
+            and not self._setting_stmts
         pooled = self.pooled
         unsynced = self._unsynced
-        executes_free = not self._portals and not self.audited
+        executes_free = not ledger.checked and not self.audited
         inflight = self.inflight
         while n - pos >= 5:
             t = data[pos]
@@ -902,16 +979,17 @@ class ClientSession(asyncio.Protocol):
             if length < 4 or length > max_len or end > n:
                 break
             if t == 66:  # Bind
-                if not binds_free:
+                # only the unnamed portal here (its BindComplete is recorded in the ledger)
+                if not binds_free or data[pos + 5] != 0:
                     break
                 if pooled:  # a named statement is renamed, a foreign unnamed one replaced (slow path)
-                    z = data.find(b"\0", pos + 5, end)
-                    if z < 0 or z + 1 >= end or data[z + 1] != 0 or self.sconn.unnamed_owner is not self:
+                    if pos + 6 >= end or data[pos + 6] != 0 or self.sconn.unnamed_owner is not self:
                         break
                 try:
                     m.validate_bind(data[pos + 5:end])
                 except ProtocolError:
                     break
+                ledger.bind_sent(self._seg_sent + 1, "", None)
             elif t == 69:  # Execute
                 if not executes_free or length != 9 or data[pos + 5] != 0:
                     break
@@ -952,6 +1030,20 @@ class ClientSession(asyncio.Protocol):
             elif self.bproto is not None:
                 self.bproto.write(data)
 
+    def _hold(self, t: bytes, payload: bytes, seg: int) -> None:
+        """Keep this message (and everything after it) until PostgreSQL has answered segment ``seg``."""
+        self._held = (t, payload)
+        self._hold_seg = seg
+        self._blocked = True
+
+    def _segment_done(self) -> None:
+        """One more ReadyForQuery: release a message held for this segment's replies."""
+        self._seg_done += 1
+        hold = self._hold_seg
+        if hold and self._seg_done >= hold:
+            self._hold_seg = 0
+            self._unblock_soon()
+
     def _on_describe(self, t: bytes, payload: bytes) -> None:
         if payload[:1] not in (b"S", b"P") or payload.find(b"\0") != len(payload) - 1:
             m.decode_describe(payload)  # raises the precise ProtocolError
@@ -976,7 +1068,12 @@ class ClientSession(asyncio.Protocol):
                 sql = m.decode_query(payload).sql  # raises the precise ProtocolError
         else:
             sql = m.decode_query(payload).sql
-        decision = self._check(sql, Origin.SIMPLE)
+        if len(payload) > self.config.limits.statement_offload_bytes:
+            decision = self._large_statement(t, payload, sql, Origin.SIMPLE)
+            if decision is None:  # being analysed off the event loop: this message comes back
+                return
+        else:
+            decision = self._check(sql, Origin.SIMPLE)
         if isinstance(decision, Refuse):
             self._refuse_simple(sql, decision)
             return
@@ -985,6 +1082,70 @@ class ClientSession(asyncio.Protocol):
                              lambda r: self._refuse_simple(sql, r))
             return
         self._forward_query(sql, payload, decision, None)
+
+    def _large_statement(self, t: bytes, payload: bytes, sql: str, origin: Origin):
+        """A long statement: refused above limits.max_statement_bytes, else analysed in the worker
+        thread (statement_offload) while this session waits.  Returns the decision when it is
+        ready, or None when the analysis was started (the message is handled again afterwards)."""
+        limits = self.config.limits
+        if len(payload) > limits.max_statement_bytes:
+            return statement_offload.too_long(len(payload), limits.max_statement_bytes)
+        off = self._offloaded
+        if off is not None and off[0] is payload:
+            self._offloaded = None
+            # warmed up: the gate's check is now a cache hit (or the analysis was refused)
+            return self._check(sql, origin) if off[1] is None else off[1]
+        warm = getattr(self.gate, "warm_up", None)
+        pair = warm(sql, origin) if warm is not None else None
+        if pair is not None:  # the cold rewrite runs in a forked child (own GIL, own memory)
+            self._blocked = True
+            self._flush_backend()
+            self._pause_client()
+            self.loop.create_task(self._warm_up_forked(t, payload, pair))
+            return None
+        if self._seg_done < self._seg_sent:
+            # the gate must not be checked in another thread while a ReadyForQuery for this
+            # session may arrive (on_ready_for_query): wait until every segment sent is answered
+            self._hold(t, payload, self._seg_sent)
+            return None
+        self._blocked = True
+        self._flush_backend()
+        self._pause_client()
+        self.loop.create_task(self._analyse_off_loop(t, payload, sql, origin))
+        return None
+
+    async def _warm_up_forked(self, t: bytes, payload: bytes, pair) -> None:
+        compute, adopt = pair
+        try:
+            result = await statement_offload.run_forked(compute, self.config.limits.statement_cpu_budget_s)
+        except Exception:  # never leave the session blocked
+            log.exception("session %s: analysing a long statement failed", self.session_id)
+            result = Refuse("XX000", "internal error in tenantgate while checking the statement")
+        if self.closed:
+            return
+        decision = None
+        if isinstance(result, Refuse):
+            decision = result
+        else:
+            try:
+                adopt(result.value)
+            except Exception:
+                log.exception("session %s: adopting an analysed statement failed", self.session_id)
+        self._resume_after_offload(t, payload, decision)
+
+    def _resume_after_offload(self, t: bytes, payload: bytes, decision) -> None:
+        self._offloaded = (payload, decision)
+        self._held = (t, payload)
+        self._blocked = False
+        self._resume_client()
+        self._process_client()
+
+    async def _analyse_off_loop(self, t: bytes, payload: bytes, sql: str, origin: Origin) -> None:
+        decision = await statement_offload.analyse(lambda: self._check(sql, origin),
+                                                   self.config.limits.statement_cpu_budget_s)
+        if self.closed:
+            return
+        self._resume_after_offload(t, payload, decision)
 
     def _check(self, sql: str, origin: Origin):
         """gate.check; a policy that crashes refuses the statement (fail closed)."""
@@ -1007,6 +1168,7 @@ class ClientSession(asyncio.Protocol):
             self._unnamed_parse = None  # a simple Query drops the unnamed statement
             self.sconn.unnamed_owner = None
         self._out.append(m.frame(b"Q", payload) if decision.sql == sql else m.encode_query(decision.sql))
+        self._ledger.query_sent(self._seg_sent + 1)  # drops the unnamed statement and portal
         e = _Entry(b"Q", decision, handle)
         e.audited = self.audited
         self.inflight.append(e)
@@ -1015,7 +1177,22 @@ class ClientSession(asyncio.Protocol):
 
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
-        decision = self._check(p.query, Origin.PARSE)
+        decision = None
+        if len(payload) > self.config.limits.statement_offload_bytes:
+            decision = self._large_statement(t, payload, p.query, Origin.PARSE)
+            if decision is None:  # being analysed off the event loop: this message comes back
+                return
+        if p.name and not self.pooled and not isinstance(decision, Refuse):  # pooled: renamed, see below
+            exists = self._ledger.statement_exists(p.name, self._seg_sent + 1)
+            if type(exists) is Wait:  # a Parse or Close of this name may still fail: wait for it
+                self._hold(t, payload, exists.seg)
+                return
+            if exists:  # as PostgreSQL would answer; its statement stays what it is
+                self._refuse_extended(p.query, Refuse("42P05", f'prepared statement "{p.name}" already exists'),
+                                      lambda tok: m.encode_parse(p.name, tok))
+                return
+        if decision is None:
+            decision = self._check(p.query, Origin.PARSE)
         if isinstance(decision, Forward) and decision.param_checks:
             decision = _check_declared_types(decision, p.param_types)
         if self.pooled and p.name and p.name in self._stmt_names and isinstance(decision, Forward):
@@ -1060,10 +1237,8 @@ class ClientSession(asyncio.Protocol):
         else:
             self._out.append(m.frame(t, payload) if decision.sql == p.query
                              else m.encode_parse(p.name, decision.sql, p.param_types))
-        if decision.param_checks or decision.copy_in_check is not None or self.audited:
-            self._stmts[name] = decision
-        elif self._stmts:
-            self._stmts.pop(name, None)
+        # effective when PostgreSQL answers ParseComplete (statement_ledger)
+        self._ledger.parse_sent(self._seg_sent + 1, name, decision)
         self._n_forwarded += 1
 
     def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
@@ -1084,12 +1259,20 @@ class ClientSession(asyncio.Protocol):
         self._stmt_parse.pop(server_name, None)
         if self._setting_stmts:
             self._setting_stmts.discard(server_name)
-        self._stmts.pop(server_name, None)
         for client_name, s in list(self._stmt_names.items()):
             if s == server_name:
                 del self._stmt_names[client_name]
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
+        ledger = self._ledger
+        seg = self._seg_sent + 1
+        inspect = self.audited or ledger.checked
+        if inspect:  # which statement will PostgreSQL bind? Wait while an earlier segment may change it
+            name = m.bind_statement_name(payload)
+            found = ledger.statement(self._stmt_names.get(name, NO_STATEMENT) if self.pooled and name else name, seg)
+            if type(found) is Wait:
+                self._hold(t, payload, found.seg)
+                return
         if self._unnamed_single and m.bind_statement_name(payload) == "":
             if self._unnamed_spent:  # its tenant switch was checked for one execution
                 self._refuse_extended("<bind of the unnamed statement>", Refuse(
@@ -1108,14 +1291,15 @@ class ClientSession(asyncio.Protocol):
                 payload = payload[:z + 1] + server.encode() + payload[payload.index(b"\0", z + 1):]
             if self._setting_stmts and server in self._setting_stmts:
                 self._settings_dirty = True
-        if not self._stmts:
+        if not inspect:
             m.validate_bind(payload)  # malformed messages are refused even when nothing is checked
+            ledger.bind_sent(seg, m.decode_text(payload[:payload.index(b"\0")]), None)
             self._out.append(m.frame(t, payload))
             return
         bind = m.decode_bind(payload)
-        decision = self._stmts.get(bind.statement)
-        if decision is None:
-            self._portals.pop(bind.portal, None)
+        decision = ledger.statement(bind.statement, seg)  # exact: waited for above
+        if decision is None or not decision.param_checks:
+            ledger.bind_sent(seg, bind.portal, decision, bind.params)
             self._out.append(m.frame(t, payload))
             return
         for idx, check in decision.param_checks:
@@ -1130,16 +1314,22 @@ class ClientSession(asyncio.Protocol):
                 self._refuse_extended(f"<bind of statement {bind.statement!r}>", refusal,
                                       lambda tok: m.encode_bind(bind.portal, tok))
                 return
-        self._portals[bind.portal] = (decision, bind.params)
+        ledger.bind_sent(seg, bind.portal, decision, bind.params)  # effective at BindComplete
         self._out.append(m.frame(t, payload))
 
     def _on_execute(self, t: bytes, payload: bytes) -> None:
         ex = m.decode_execute(payload)
-        if not self._portals and not self.audited:
+        ledger = self._ledger
+        if not ledger.checked and not self.audited:
             self._out.append(m.frame(t, payload))
             self.inflight.append(_Entry(b"X"))
             return
-        info = self._portals.get(ex.portal)
+        info = ledger.portal(ex.portal, self._seg_sent + 1)
+        if type(info) is Wait:  # the Bind of an earlier segment may still fail: wait for its answer
+            self._hold(t, payload, info.seg)
+            return
+        if info is not None and info[0] is None:
+            info = None
         if not self.audited:
             self._out.append(m.frame(t, payload))
             self.inflight.append(_Entry(b"X", info[0] if info else None))
@@ -1178,8 +1368,7 @@ class ClientSession(asyncio.Protocol):
             self._unnamed_single = False
             if self._setting_stmts:
                 self._setting_stmts.discard("")
-        if self._stmts or self._portals:
-            (self._stmts if c.kind == b"S" else self._portals).pop(name, None)
+        self._ledger.close_sent(self._seg_sent + 1, c.kind, name)  # effective at CloseComplete
         self._out.append(m.frame(t, payload))
 
     def _on_sync(self, t: bytes, payload: bytes) -> None:
@@ -1204,6 +1393,12 @@ class ClientSession(asyncio.Protocol):
         if t == b"d":
             if self._copy_failed:
                 return
+            if self.audited and self.inflight:  # the data an operator loads is recorded with the outcome
+                head = self.inflight[0]
+                if head.audited:
+                    if head.copy is None:
+                        head.copy = CopyDigest(full=getattr(self.config.audit, "copy_data", "digest") == "full")
+                    head.copy.feed(payload)
             check = self._copy_check
             if check is not None:
                 try:
@@ -1247,9 +1442,30 @@ class ClientSession(asyncio.Protocol):
             log.exception("session %s: on_refused failed", self.session_id)
 
     def _refuse_simple(self, sql: str, refusal: Refuse) -> None:
-        """ErrorResponse + ReadyForQuery (current status) where PostgreSQL's answer would be."""
+        """ErrorResponse + ReadyForQuery where PostgreSQL's answer would be.
+
+        A refusal must behave exactly like a PostgreSQL error: inside a transaction block the
+        transaction is aborted (status E, COMMIT answers ROLLBACK).  So unless the session is
+        known to be outside any transaction when this statement would run (idle, nothing in
+        flight), a marker Query that fails in PostgreSQL is sent instead and its error is
+        swapped for the refusal; PostgreSQL's ReadyForQuery then carries the true status."""
         self._note_refusal(sql, refusal)
         err = m.encode_error("ERROR", refusal.sqlstate, refusal.message, refusal.detail, refusal.hint)
+        if self.backend is not None and (self.tx_status != _ZERO or any(e.kind != b"R" for e in self.inflight)):
+            self._marker_seq += 1
+            token = f"{MARKER_PREFIX}{self.session_id}_{self._marker_seq}"
+            self._markers.append((self._seg_sent + 1, token.encode(), err))
+            if self.pooled:  # a simple Query drops the unnamed statement
+                self._unnamed_parse = None
+                self.sconn.unnamed_owner = None
+                if self._setting_stmts:
+                    self._setting_stmts.discard("")
+            self._unnamed_single = False
+            self._out.append(m.encode_query(token))
+            self._ledger.query_sent(self._seg_sent + 1)
+            self.inflight.append(_Entry(b"Q"))
+            self._seg_sent += 1
+            return
         self.inflight.append(_Entry(b"R", data=err))
         if len(self.inflight) == 1:
             self.inflight.pop(0)
@@ -1289,7 +1505,12 @@ class ClientSession(asyncio.Protocol):
         self._process_client()
 
     def _finish_audit(self, e: _Entry) -> None:
-        outcome = Outcome(e.sqlstate, e.tag, m.rows_from_tag(e.tag) if e.tag else None, time.perf_counter() - e.t0)
+        rows = None
+        if e.tag:
+            counts = [m.rows_from_tag(tag) for tag in e.tag.split("; ")]
+            rows = sum(c for c in counts if c is not None) if any(c is not None for c in counts) else None
+        detail = e.copy.detail() if e.copy is not None else None
+        outcome = Outcome(e.sqlstate, e.tag, rows, time.perf_counter() - e.t0, detail)
         task = self.loop.create_task(self._audit_after(e.handle, outcome))
         if self._after_tasks is None:
             self._after_tasks = set()
@@ -1309,6 +1530,10 @@ class ClientSession(asyncio.Protocol):
             self._relay_backend(data)
         except ProtocolError as e:
             self._fatal("08006", f"invalid data from the database server: {e.message}")
+        except LedgerError as e:  # the proxy no longer knows which statements exist: fail closed
+            log.error("session %s: %s", self.session_id, e)
+            self._fatal("08P01", "tenantgate lost track of the prepared statements of this session",
+                        str(e))
         except Exception:
             log.exception("session %s: internal error relaying server messages", self.session_id)
             self._fatal("XX000", "internal error in tenantgate")
@@ -1340,14 +1565,22 @@ class ClientSession(asyncio.Protocol):
                         if head.audited:
                             head.tag = m.command_tag(payload) if t == COMMAND_COMPLETE else None
                             self._finish_audit(head)
-                    elif head.audited and t == COMMAND_COMPLETE:
-                        head.tag = m.command_tag(payload)
+                    elif head.audited and t == COMMAND_COMPLETE:  # every statement of the Query
+                        tag = m.command_tag(payload)
+                        head.tag = tag if head.tag is None else f"{head.tag}; {tag}"
+                if t == COMMAND_COMPLETE and payload[:1] == b"D" and not self.pooled and (
+                        payload.startswith(b"DEALLOCATE ALL\0") or payload.startswith(b"DISCARD ALL\0")):
+                    self._ledger.all_statements_dropped()
             elif t == ERROR_RESPONSE:
                 out.append(self._on_backend_error(payload, raw))
             elif t == PARSE_COMPLETE:
+                self._ledger.completed(t)
                 fifo = self._parse_fifo
                 if not fifo or not fifo.pop(0)[1]:
                     out.append(raw)
+            elif t == BIND_COMPLETE or t == CLOSE_COMPLETE:
+                self._ledger.completed(t)
+                out.append(raw)
             elif t == COPY_IN_RESPONSE:
                 out.append(raw)
                 self._on_copy_in_response()
@@ -1422,7 +1655,8 @@ class ClientSession(asyncio.Protocol):
                 else:
                     QUERY_DURATION_SECONDS.observe(took)
                 break
-        self._seg_done += 1
+        self._ledger.ready(self._seg_done + 1, status)
+        self._segment_done()
         if self._markers:
             done = self._seg_done
             self._markers = [mk for mk in self._markers if mk[0] > done]
@@ -1434,7 +1668,8 @@ class ClientSession(asyncio.Protocol):
             self.gate.on_ready_for_query(status)
         except Exception:
             log.exception("session %s: on_ready_for_query failed", self.session_id)
-        if self._held is not None and self._blocked and not (inflight and self.fstate.phase is not Phase.COPY_IN):
+        if self._held is not None and self._blocked and not self._hold_seg \
+                and not (inflight and self.fstate.phase is not Phase.COPY_IN):
             self._unblock_soon()
         if self.server.draining and status == b"I" and not inflight and not self._blocked:
             self.loop.call_soon(self._drain_close)
@@ -1455,6 +1690,8 @@ class ClientSession(asyncio.Protocol):
                     break
         if b"SFATAL\0" in payload or b"SPANIC\0" in payload:
             self._backend_fatal = True
+        # PostgreSQL failed on, or skips, every Parse/Bind/Close of this segment not yet answered
+        self._ledger.failed(self._seg_done + 1)
         fifo = self._parse_fifo
         if fifo:  # the rest of this segment is skipped by PostgreSQL: those Parses get no answer
             seg = self._seg_done + 1
@@ -1502,7 +1739,7 @@ class ClientSession(asyncio.Protocol):
                 self._out.append(m.encode_copy_fail(f"COPY data check could not start: {e}"))
                 self._copy_failed = True
                 self._flush_backend()
-        if self._held is not None and self._blocked:
+        if self._held is not None and self._blocked and not self._hold_seg:
             self._unblock_soon()
 
     def _unblock_soon(self) -> None:

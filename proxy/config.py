@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.yamlfile import format_validation_error, load_mapping
 
@@ -98,6 +98,15 @@ class TimeoutsConfig(_Strict):
 class LimitsConfig(_Strict):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_clients: int = Field(1000, ge=1)
+    max_statement_bytes: int = Field(
+        1024 * 1024, ge=1024,
+        description="a Query or Parse whose SQL text is longer is refused (54000); bulk data belongs in COPY")
+    statement_offload_bytes: int = Field(
+        64 * 1024, ge=0,
+        description="statements longer than this are analysed in a worker thread, so the event loop "
+                    "keeps serving other clients (0: always on the event loop)")
+    statement_cpu_budget_s: float = Field(
+        10.0, gt=0, description="a statement whose analysis takes longer is refused (57014)")
 
 
 class TokensConfig(_Strict):
@@ -123,12 +132,30 @@ class ControlConfig(_Strict):
 
 
 class AuditConfig(_Strict):
+    # what the outcome record of an operator's COPY ... FROM STDIN keeps of the loaded data:
+    # "digest" (byte count and SHA-256), or "full" (also the data itself)
+    copy_data: Literal["digest", "full"] = "digest"
     signing_key_file: str | None = None  # Ed25519 private key (PEM) for checkpoints
     signing_key_env: str | None = None
     checkpoint_every: int = Field(100, ge=1)  # records between signed checkpoints
     jsonl_path: str | None = None  # optional JSONL sink
     redact_params: bool = False  # log bound parameters as <redacted>
     verify_key_files: list[str] = []  # extra Ed25519 public keys (PEM) accepted on checkpoints (key rotation)
+    # Checkpoint coverage (docs/operator-access.md, "Audit integrity and the witness file").
+    checkpoint_interval_s: float = Field(30.0, gt=0, description="sign the head when records stayed unsigned this long")
+    checkpoint_window_records: int | None = Field(
+        None, ge=1, description="audit verify fails when more records than this lie between checkpoints or after "
+                                "the last one (default: 2 x checkpoint_every)")
+    checkpoint_window_s: float = Field(
+        600.0, gt=0, description="audit verify fails when the oldest unsigned record is older than this")
+    witness_file: str | None = Field(
+        None, description="append every signed checkpoint here (JSON lines, fsynced); ship it off the host")
+
+    @model_validator(mode="after")
+    def _window_holds_a_checkpoint(self):
+        if self.checkpoint_window_records is not None and self.checkpoint_window_records < self.checkpoint_every:
+            raise ValueError("checkpoint_window_records must be at least checkpoint_every")
+        return self
 
 
 class GrantsConfig(_Strict):
@@ -146,6 +173,11 @@ class LifecycleConfig(_Strict):
     data_dsn_env: str | None = None
     journal_schema: str = "tenantgate_lifecycle"  # purge progress journal, in the data database
     service_name: str = "tenantgate-retention"  # identity recorded by `tenant purge-expired`
+    # Reading exports (verify-export, import): limits against decompression and field bombs.
+    max_compression_ratio: float = Field(1000.0, gt=1, description="refuse archives expanding more than this")
+    max_manifest_bytes: int = Field(16 << 20, ge=1024, description="largest manifest.json read")
+    max_field_bytes: int = Field(16 << 20, ge=1024, description="largest CSV value read (columns with a "
+                                                               "narrower type are capped at its limit)")
 
     def resolved_data_dsn(self) -> str | None:
         return _secret(self.data_dsn, self.data_dsn_env, None, "lifecycle.data_dsn")
@@ -202,6 +234,26 @@ class LoggingConfig(_Strict):
         False, description="keep literals in logged statement text (default: replaced by ?, they may be values)")
 
 
+class BackstopConfig(_Strict):
+    """The PostgreSQL backstop (proxy/backstop.py): the key tenantgate binds backend connections
+    with; the same key is installed by deploy/postgres/bootstrap.sql (-v backstop_key=...)."""
+
+    key: str | None = Field(None, description="hex, 32 to 64 bytes; prefer key_env or key_file")
+    key_env: str | None = None
+    key_file: str | None = None
+
+    def resolved_key(self) -> bytes | None:
+        text = _secret(self.key, self.key_env, self.key_file, "backstop.key")
+        if text is None:
+            return None
+        from proxy.backstop import BackstopError, parse_key
+
+        try:
+            return parse_key(text)
+        except BackstopError as e:
+            raise ConfigError(f"backstop.key: {e}") from None
+
+
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     workers: int = Field(
@@ -224,6 +276,7 @@ class Config(_Strict):
     logging: LoggingConfig = LoggingConfig()
     pool: PoolConfig = PoolConfig()
     admin: AdminConfig = AdminConfig()
+    backstop: BackstopConfig = BackstopConfig()
 
     def pool_mode_for(self, user: str, database: str) -> PoolMode:
         for u in self.users:

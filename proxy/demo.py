@@ -71,6 +71,13 @@ class DemoState:
             secrets_[name] = secrets.token_urlsafe(nbytes)
         return secrets_[name]
 
+    def backstop_key(self) -> str:
+        """The backstop key (hex, 32 bytes) shared by the proxy config and the bootstrap."""
+        secrets_ = self.data.setdefault("secrets", {})
+        if "backstop_key" not in secrets_:
+            secrets_["backstop_key"] = secrets.token_hex(32)
+        return secrets_["backstop_key"]
+
     def save(self) -> None:
         self.file.write_text(json.dumps(self.data, indent=2))
         os.chmod(self.file, 0o600)
@@ -106,12 +113,19 @@ async def initialize(cluster: PgCluster, state: DemoState) -> None:
     from proxy.control.plane import ControlPlane
 
     if state.data.get("initialized"):
+        if not state.data.get("backstop"):  # a state dir from before the backstop: bootstrap again
+            apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"),
+                            state.secret("tenantgate_control"), backstop_key=state.backstop_key())
+            state.data["backstop"] = True
+            state.save()
         return
     exists = cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DEMO_DB}'").strip()
     if not exists:
         cluster.psql(f"CREATE DATABASE {DEMO_DB}")
         cluster.psql(SCHEMA_SQL.read_text(), database=DEMO_DB)
-    apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"))
+    apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"),
+                    backstop_key=state.backstop_key())
+    state.data["backstop"] = True
     plane = ControlPlane(control_dsn(cluster, state), audit=AuditConfig(signing_key_file=str(signing_key(state))))
     await plane.start(install=True)
     try:
@@ -160,6 +174,7 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
         "tokens": {"hmac_key": state.secret("token_key", 32)},  # HS256 wants a key of at least 32 bytes
         "control": {"dsn": control_dsn(cluster, state)},
         "audit": {"signing_key_file": str(signing_key(state))},
+        "backstop": {"key": state.backstop_key()},  # the PostgreSQL backstop's key (proxy/backstop.py)
         # export/import/purge read and delete tenant rows and keep a purge journal; in the demo
         # they run as the cluster's superuser (production: a dedicated role, see docs/lifecycle.md)
         "lifecycle": {"data_dsn": cluster.dsn(database=DEMO_DB)},

@@ -5,9 +5,12 @@ and checks the out-of-band posture that the proxy itself cannot enforce:
 
 * the backend role's attributes and role memberships, CREATE privileges, and
   ownership of the database or of tenant tables;
-* row-level security enabled AND forced on every tenant table, with a backstop
-  policy keyed on ``tenantgate.tenant_id``, and that it is effective (with no
-  tenant set, the role sees no rows);
+* row-level security enabled AND forced on every tenant table, with the
+  backstop policies keyed on the guard (proxy/policy/backstop_state.py), and
+  that it is effective (an unbound connection sees no rows, whatever the
+  tenant GUC says);
+* the backstop guard and key, and every cross-tenant channel PostgreSQL opens
+  to PUBLIC closed (proxy/doctor_backstop.py);
 * unique constraints/indexes on tenant tables that lack the tenant column
   (their error messages leak other tenants' values, and ON CONFLICT can hit
   another tenant's row) and tenant tables with no index leading with it;
@@ -30,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import asyncpg
+
+from proxy import doctor_backstop
+from proxy.policy import backstop_state as BS
 
 TENANT_GUC = "tenantgate.tenant_id"
 
@@ -163,6 +169,7 @@ async def diagnose(
     schemas: Sequence[str] = ("public",),
     control_schema: str = "tenantgate_control",
     timeout: float = 10.0,
+    backstop_key: bytes | None = None,
 ) -> Report:
     """Check the posture of the PostgreSQL behind ``backend_dsn`` (tenantgate's backend role)."""
     schemas = [schemas] if isinstance(schemas, str) else list(schemas)
@@ -190,6 +197,8 @@ async def diagnose(
         await _check_control_schema(ctx)
         await _check_functions_and_extensions(ctx)
         await _check_ssl(ctx)
+        await doctor_backstop.check_guard(conn, report, backstop_key)
+        await doctor_backstop.check_channels(conn, report, schemas)
     finally:
         await conn.close()
     if admin_dsn:
@@ -338,18 +347,7 @@ async def _check_rls(ctx: _Context, tables: list[_Table]) -> None:
     r = ctx.report
     if not tables:
         return
-    policies = await ctx.conn.fetch(
-        """SELECT polrelid, polname, polpermissive, polcmd::text AS polcmd,
-                  coalesce(pg_get_expr(polqual, polrelid), '') AS qual,
-                  coalesce(pg_get_expr(polwithcheck, polrelid), '') AS withcheck,
-                  (0::oid = ANY(polroles) OR EXISTS (SELECT 1 FROM unnest(polroles) pr
-                                                     WHERE pg_has_role(current_user, pr, 'MEMBER'))) AS applies
-             FROM pg_policy WHERE polrelid = ANY($1::oid[])""",
-        [t.oid for t in tables],
-    )
-    by_table: dict[int, list] = {}
-    for p in policies:
-        by_table.setdefault(p["polrelid"], []).append(p)
+    rows = {r["oid"]: r for r in await ctx.conn.fetch(BS.POLICY_SQL, [t.oid for t in tables])}
     rerun = "or rerun deploy/postgres/bootstrap.sql"
     for t in tables:
         q = t.qualified
@@ -368,28 +366,16 @@ async def _check_rls(ctx: _Context, tables: list[_Table]) -> None:
                   f"{q} is owned by {t.owner}, and role {ctx.role} is (or can become) that role: it can switch "
                   "row-level security off and drop the policies",
                   f"ALTER TABLE {q} OWNER TO <migrations role>;", q)
-        pols = [p for p in by_table.get(t.oid, []) if p["applies"]]
-        keyed = [p for p in pols if TENANT_GUC in p["qual"] and p["polcmd"] == "*"]
-        restrictive = [p for p in keyed if not p["polpermissive"]]
-        permissive_keyed = [p for p in keyed if p["polpermissive"]]
-        widening = [p for p in pols if p["polpermissive"] and TENANT_GUC not in p["qual"]]
-        if not by_table.get(t.oid):
-            r.add("rls.policy", FAIL, f"{q}: no row-level security policy", f"rerun deploy/postgres/bootstrap.sql, or "
-                  f"CREATE POLICY tenantgate_tenant_access ON {q} USING ({qi(ctx.tenant_column)} = "
-                  f"current_setting('{TENANT_GUC}', true)) WITH CHECK (...same...);", q)
-        elif not permissive_keyed:
-            r.add("rls.policy", FAIL,
-                  f"{q}: no policy for all commands keyed on {TENANT_GUC} applies to role {ctx.role}",
-                  "rerun deploy/postgres/bootstrap.sql", q)
-        elif widening and not restrictive:
-            names = ", ".join(p["polname"] for p in widening)
-            r.add("rls.policy", FAIL,
-                  f"{q}: permissive policy {names} does not filter by {TENANT_GUC}, so it widens access "
-                  "to other tenants' rows",
-                  f"DROP POLICY {qi(widening[0]['polname'])} ON {q}; or rerun deploy/postgres/bootstrap.sql "
-                  "(adds a restrictive tenant policy)", q)
+        row = rows.get(t.oid)
+        policies = BS.policies_from_json(json.loads(row["policies"])) if row else []
+        # enabled/forced/owner are reported above; judge the policies as if those held
+        reason = BS.judge(ctx.tenant_column, True, True, False, policies)
+        if reason is not None:
+            r.add("rls.policy", FAIL, f"{q}: {reason} (the PostgreSQL backstop is not in place)",
+                  "rerun deploy/postgres/bootstrap.sql; drop any other permissive policy on the table "
+                  "(or declare the table `backstop: off` with a reason in the rules)", q)
         else:
-            r.add("rls.policy", PASS, f"{q}: backstop policy keyed on {TENANT_GUC}", subject=q)
+            r.add("rls.policy", PASS, f"{q}: backstop policies keyed on tenantgate_guard", subject=q)
 
 
 async def _check_rls_effective(ctx: _Context, tables: list[_Table]) -> None:
@@ -400,7 +386,8 @@ async def _check_rls_effective(ctx: _Context, tables: list[_Table]) -> None:
             continue
         try:
             async with ctx.conn.transaction(readonly=True):
-                await ctx.conn.execute(f"SELECT set_config('{TENANT_GUC}', '', true)")
+                # a tenant GUC must not matter: the doctor's connection was never bound
+                await ctx.conn.execute(f"SELECT set_config('{TENANT_GUC}', 'tenantgate-doctor-probe', true)")
                 visible = await ctx.conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {qi(t.schema)}.{qi(t.name)})")
         except asyncpg.PostgresError as e:
             r.add("rls.effective", WARN, f"{t.qualified}: could not probe row visibility: {e}", subject=t.qualified)
@@ -567,7 +554,9 @@ async def _check_ssl(ctx: _Context) -> None:
               "set ssl = on, ssl_cert_file and ssl_key_file in postgresql.conf, reload, and use hostssl lines in pg_hba.conf")
         return
     r.add("ssl", PASS, "the server has ssl = on")
-    encrypted = await ctx.conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    # (pg_stat_ssl is closed to the backend role: ask the connection itself)
+    transport = getattr(ctx.conn, "_transport", None)
+    encrypted = transport is not None and transport.get_extra_info("sslcontext") is not None
     if not encrypted:
         r.add("ssl.connection", WARN, "this connection to PostgreSQL is not encrypted",
               "set backend.sslmode: verify-full (and backend.sslrootcert) in tenantgate's config")

@@ -235,7 +235,8 @@ async def build_gatekeeper(config: Config):
     from proxy.policy.rules import load_rules
 
     rules = load_rules(config.rules_file)
-    catalog = await CatalogManager.from_dsn(backend_dsn(config), rules, refresh_interval_s=rules.catalog_refresh_s)
+    catalog = await CatalogManager.from_dsn(backend_dsn(config), rules, refresh_interval_s=rules.catalog_refresh_s,
+                                            backstop_key_configured=config.backstop.resolved_key() is not None)
     catalog.start_periodic()
     engine = PolicyEngine(rules, catalog, FunctionChecker.from_rules(rules))
     plane = None

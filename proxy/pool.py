@@ -57,7 +57,7 @@ class ServerConn:
     """One pooled backend connection and what is known about its session state."""
 
     __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
-                 "unnamed_owner", "on_lost")
+                 "unnamed_owner", "on_lost", "binder")
 
     def __init__(self, conn: BackendConnection, pool: "BackendPool"):
         self.conn = conn
@@ -69,6 +69,7 @@ class ServerConn:
         self.id = next(_ids)
         self.closed = False
         self.unnamed_owner = None  # the session whose unnamed statement the connection holds
+        self.binder = None  # proxy.backstop.BackendBinder: identity and nonce of the backstop binding
         self.on_lost = lambda exc: pool._lost(self)  # while idle in the pool: PostgreSQL closed it
 
     @property

@@ -173,6 +173,9 @@ class Outcome:
     command_tag: str | None  # e.g. "SELECT 3", "UPDATE 1"
     rows: int | None
     duration_s: float
+    # Extra facts for the outcome record, e.g. {"copy_in": {"bytes": n, "sha256": hex}} for the
+    # data an operator loaded with COPY ... FROM STDIN
+    detail: dict | None = None
 
 
 class SessionGate(Protocol):

@@ -92,7 +92,7 @@ EXCLUDE: list[tuple[str, str, list[str]]] = [
       "pg_show_all_file_settings", "pg_hba_file_rules", "pg_ident_file_mappings", "pg_config",
       "pg_control_*", "pg_show_all_settings", "pg_notification_queue_usage", "pg_get_multixact_members",
       "pg_mcv_list_items", "pg_last_committed_xact", "pg_xact_commit_timestamp*", "pg_xact_status",
-      "txid_status", "pg_get_replication_slots", "inet_server_addr", "inet_server_port",
+      "txid_status", "pg_get_replication_slots",
       "pg_sequence_last_value", "pg_stat_*",
       # transaction pooling: a pooled connection holds other clients' prepared statements
       "pg_prepared_statement"]),
@@ -104,6 +104,10 @@ EXCLUDE: list[tuple[str, str, list[str]]] = [
      "advisory locks and NOTIFY channels are database-wide namespaces shared by all tenants: one tenant "
      "could block or observe another",
      ["pg_advisory_*", "pg_try_advisory_*", "pg_notify"]),
+    ("pooled_session_state",
+     "leaves state in the backend session that outlives the statement and is not reset when a pooled "
+     "connection is lent to another client: setseed() makes the next client's random() predictable",
+     ["setseed"]),
     ("sequence_control",
      "setval moves a sequence that all tenants share (nextval/currval/lastval stay allowed: ORMs need them)",
      ["setval"]),
@@ -139,13 +143,16 @@ REVIEWED: dict[str, tuple[str, list[str]]] = {
                     ["to_tsvector", "to_tsquery", "plainto_tsquery", "phraseto_tsquery", "websearch_to_tsquery",
                      "ts_headline", "ts_debug", "ts_parse", "ts_token_type", "get_current_ts_config"]),
     "random_and_series": ("random values, UUIDs, series and enums",
-                          ["random", "setseed", "gen_random_uuid", "generate_series", "enum_first", "enum_last",
+                          ["random", "gen_random_uuid", "generate_series", "enum_first", "enum_last",
                            "enum_range", "enum_in", "enum_out", "enum_send"]),
     "session_info": ("the session's own state (its user, database, settings, transaction, prepared statements)",
                      ["current_database", "current_schema", "current_schemas", "current_setting", "current_user",
                       "session_user", "getpgusername", "current_query", "version", "pg_backend_pid",
                       "pg_trigger_depth", "pg_my_temp_schema", "pg_is_other_temp_schema", "pg_jit_available",
-                      "pg_is_in_recovery", "inet_client_addr", "inet_client_port", "pg_client_encoding",
+                      "pg_is_in_recovery", "inet_client_addr", "inet_client_port",
+                      # the server's own address and port on the proxy's backend connection (NULL over a
+                      # Unix socket): infrastructure, no tenant data; GUI clients and HA checks call them
+                      "inet_server_addr", "inet_server_port", "pg_client_encoding",
                       "getdatabaseencoding", "pg_encoding_to_char", "pg_char_to_encoding", "pg_listening_channels",
                       "pg_conf_load_time", "pg_postmaster_start_time",
                       "row_security_active", "pg_typeof", "pg_collation_for", "pg_column_size",

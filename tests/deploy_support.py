@@ -45,6 +45,7 @@ INSERT INTO order_items VALUES ('acme', 10, 1, 3), ('globex', 20, 2, 5);
 
 APP_PASSWORD = "app-secret"
 CONTROL_PASSWORD = "control-secret"
+BACKSTOP_KEY = "5a" * 32  # the backstop key (proxy/backstop.py) the test bootstraps install
 
 
 def _write_as_postgres(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -120,11 +120,12 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 
 @contextlib.contextmanager
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
-                 user_settings: dict[str, dict] | None = None):
+                 user_settings: dict[str, dict] | None = None, limits: dict | None = None):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
     per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
     port = free_port()
     raw = proxy_config(demo, port, pool, workers, max_clients, user_settings)
+    raw["limits"].update(limits or {})
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / f"tenantgate-pool-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))

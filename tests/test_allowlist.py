@@ -200,7 +200,7 @@ REFUSED = [
     ("SELECT pg_advisory_lock(1)", "pg_advisory_lock"),
     ("SELECT pg_notify('ch', 'x')", "pg_notify"),
     ("SELECT setval('orders_id_seq', 1)", "setval"),
-    ("SELECT inet_server_addr()", "inet_server_addr"),
+    ("SELECT setseed(0.5)", "setseed"),  # survives on a pooled connection (issue 12, break 6)
     # tenantgate's control schema
     ("SELECT * FROM tenantgate_control.grants", "tenantgate_control"),
     ('SELECT * FROM "tenantgate_control"."audit_log"', "tenantgate_control"),
@@ -296,6 +296,7 @@ ALLOWED = [
     "SELECT 'pg_read_file'::regproc, 'pg_authid'::regclass",
     "SELECT a OPERATOR(pg_catalog.+) b FROM t",
     "SELECT pg_sleep(0.01)",
+    "SELECT inet_server_addr(), inet_server_port()",  # infrastructure, no tenant data (issue 20)
     "SELECT public.tenant_total(1), app_helper(2)",
     "SELECT * FROM public.tenant_total(1)",
     "CALL public.app_proc(1)",

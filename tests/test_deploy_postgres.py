@@ -22,7 +22,10 @@ import sys
 import asyncpg
 import pytest
 
+from proxy.backstop import IDENTITY_SQL, BackendBinder
+
 from deploy_support import (
+    BACKSTOP_KEY,
     APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn,
 )
 from proxy.bootstrap import BOOTSTRAP_SQL, BootstrapError, apply_bootstrap, install_hba, render_hba, scram_verifier
@@ -43,7 +46,7 @@ def hardened():
     try:
         cluster.psql(f"CREATE DATABASE {APP_DB}")
         cluster.psql(DEMO_SCHEMA, database=APP_DB)
-        apply_bootstrap(cluster.dsn(database=APP_DB), APP_PASSWORD, CONTROL_PASSWORD)
+        apply_bootstrap(cluster.dsn(database=APP_DB), APP_PASSWORD, CONTROL_PASSWORD, backstop_key=BACKSTOP_KEY)
         install_hba(cluster, "127.0.0.2", database=APP_DB, local_auth="trust")
         relay = Relay(cluster.host, cluster.port, source="127.0.0.2").start()
         yield cluster, relay
@@ -68,8 +71,16 @@ def test_app_role_is_least_privileged(hardened):
         "FROM pg_roles WHERE rolname = 'tenantgate_app'", database=APP_DB)
     assert row.strip() == "t|f|f|f|f|f"
     memberships = cluster.psql(
-        "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname LIKE 'tenantgate_%'")
+        "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member"
+        " WHERE r.rolname IN ('tenantgate_app', 'tenantgate_control')")
     assert memberships.strip() == "0"
+    # the backstop guard reads its callers' backend start time, nothing else; nobody is a member of it
+    guard = cluster.psql(
+        "SELECT string_agg(g.rolname, ',') FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+        " WHERE m.member = 'tenantgate_guard'::regrole")
+    assert guard.strip() == "pg_read_all_stats"
+    assert cluster.psql("SELECT count(*) FROM pg_auth_members WHERE roleid = 'tenantgate_guard'::regrole").strip() == "0"
+    assert cluster.psql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tenantgate_guard'").strip() == "f"
     privs = cluster.psql(
         "SELECT has_schema_privilege('tenantgate_app', 'public', 'CREATE'),"
         "       has_schema_privilege('tenantgate_app', 'tenantgate_control', 'USAGE'),"
@@ -89,7 +100,8 @@ def test_rls_enabled_and_forced_with_backstop_policies(hardened):
         "  FROM pg_class c LEFT JOIN pg_policy p ON p.polrelid = c.oid"
         " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'"
         " GROUP BY 1, 2, 3 ORDER BY 1", database=APP_DB).split()
-    both = "tenantgate_tenant_access:true,tenantgate_tenant_isolation:false"
+    both = ("tenantgate_tenant_access:true,tenantgate_tenant_delete:false,tenantgate_tenant_isolation:false,"
+            "tenantgate_tenant_update:false")
     assert rows == [
         f"customers|t|t|{both}", f"order_items|t|t|{both}", f"orders|t|t|{both}", "products|f|f|",
     ]
@@ -100,7 +112,7 @@ def test_bootstrap_is_idempotent(hardened):
     before = cluster.psql("SELECT count(*) FROM pg_policy", database=APP_DB)
     apply_bootstrap(socket_admin_dsn(cluster, APP_DB), APP_PASSWORD, CONTROL_PASSWORD)
     apply_bootstrap(socket_admin_dsn(cluster, APP_DB), APP_PASSWORD, CONTROL_PASSWORD)
-    assert cluster.psql("SELECT count(*) FROM pg_policy", database=APP_DB) == before == "6\n"
+    assert cluster.psql("SELECT count(*) FROM pg_policy", database=APP_DB) == before == "12\n"
 
 
 def test_bootstrap_by_hand_with_psql(hardened):
@@ -146,8 +158,11 @@ async def test_backstop_policies_scope_the_app_role(hardened):
     _, relay = hardened
     conn = await asyncpg.connect(app_dsn(relay))
     try:
-        assert await conn.fetchval("SELECT count(*) FROM customers") == 0  # no tenant set: nothing
+        assert await conn.fetchval("SELECT count(*) FROM customers") == 0  # no tenant bound: nothing
         await conn.execute("SELECT set_config('tenantgate.tenant_id', 'acme', false)")
+        assert await conn.fetchval("SELECT count(*) FROM customers") == 0  # the GUC binds nothing
+        binder = BackendBinder.from_identity_row(bytes.fromhex(BACKSTOP_KEY), await conn.fetchrow(IDENTITY_SQL))
+        await conn.execute(binder.sql("acme", "write"))  # what tenantgate does for acme
         assert await conn.fetch("SELECT tenant_id, id FROM orders") == [("acme", 10)]
         assert await conn.fetchval("SELECT count(*) FROM products") == 2  # shared table
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
@@ -181,7 +196,7 @@ async def test_allowed_address_with_scram_and_tls_connects(hardened):
     conn = await asyncpg.connect(app_dsn(relay))
     try:
         assert await conn.fetchval("SELECT inet_client_addr()::text") == "127.0.0.2/32"
-        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is True
+        assert conn._transport.get_extra_info("sslcontext") is not None  # pg_stat_ssl is closed to the app role
     finally:
         await conn.close()
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from deploy_support import APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn
+from deploy_support import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn
 from proxy.bootstrap import apply_bootstrap, install_hba, scram_verifier
 from proxy.doctor import diagnose
 
@@ -47,7 +47,7 @@ def app_db(env):
     name = f"app_{uuid.uuid4().hex[:8]}"
     cluster.psql(f"CREATE DATABASE {name}")
     cluster.psql(DEMO_SCHEMA, database=name)
-    apply_bootstrap(socket_admin_dsn(cluster, name), APP_PASSWORD, CONTROL_PASSWORD)
+    apply_bootstrap(socket_admin_dsn(cluster, name), APP_PASSWORD, CONTROL_PASSWORD, backstop_key=BACKSTOP_KEY)
     return name
 
 
@@ -145,9 +145,13 @@ async def test_rls_disabled(env, app_db):
 
 async def test_widening_permissive_policy(env, app_db):
     cluster, _ = env
-    # with the restrictive backstop in place an extra permissive policy cannot widen access...
+    # with the restrictive backstop in place an extra permissive policy cannot widen access, but the
+    # backstop is only what tenantgate installed: nothing permissive may stand beside it (issue 13)
     cluster.psql("CREATE POLICY everyone ON customers USING (true)", database=app_db)
-    assert (await run_doctor(env, app_db)).ok
+    report = await run_doctor(env, app_db)
+    assert failing(report) == {"rls.policy": ["public.customers"]}
+    assert "everyone" in report.by_check("rls.policy")[0].message or any(
+        "everyone" in f.message for f in report.failures)
     # ...without it, it can
     cluster.psql("DROP POLICY tenantgate_tenant_isolation ON customers", database=app_db)
     report = await run_doctor(env, app_db)

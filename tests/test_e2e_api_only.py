@@ -210,12 +210,13 @@ def test_function_call_message_is_refused(demo, signature, args):
         assert [t for t, _ in reply] == [b"E", b"Z"] and reply[-1][1] == b"I"
         # the session still works afterwards
         assert data_rows(client.query("SELECT count(*) FROM orders")) == [[b"3"]]
-        # also inside a transaction block
+        # also inside a transaction block, which the refusal aborts like any error (issue 20 break 7)
         assert client.query("BEGIN")[-1] == (b"Z", b"T")
         reply = client.function_call(oid, args)
-        assert [e.sqlstate for e in errors(reply)] == ["42501"]
+        assert [e.sqlstate for e in errors(reply)] == ["42501"] and reply[-1] == (b"Z", b"E")
+        assert [e.sqlstate for e in errors(client.query("SELECT 41 + 1"))] == ["25P02"]
+        assert client.query("ROLLBACK")[-1] == (b"Z", b"I")
         assert data_rows(client.query("SELECT 41 + 1")) == [[b"42"]]
-        client.query("ROLLBACK")
     finally:
         client.close()
     assert not os.path.exists("/tmp/tenantgate_e2e_fc_out")

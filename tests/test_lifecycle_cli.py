@@ -48,10 +48,26 @@ async def env(make_db, tmp_path):
         "rules_file": "rules.yaml",
         "control": {"dsn": dsn},
         "lifecycle": {"data_dsn": dsn, "purge_batch_rows": 7, "retention_days": 90, "service_name": "retention-bot"},
+        "audit": {"signing_key_file": str(_signing_key(tmp_path))},
     }))
     yield {"dsn": dsn, "conn": conn, "plane": plane, "cfg": str(cfg), "tmp": tmp_path}
     await plane.close()
     await conn.close()
+
+
+def _signing_key(d):
+    from proxy.control.signing import new_signing_key_pem
+
+    priv, pub = new_signing_key_pem()
+    (d / "audit.key").write_bytes(priv)
+    (d / "audit.key.pub").write_bytes(pub)
+    return d / "audit.key"
+
+
+def _keys(env) -> dict:
+    from proxy.control.signing import keys_from_files
+
+    return keys_from_files([env["tmp"] / "audit.key.pub"])
 
 
 def cli(env, *args, who: str | None = None, password: str | None = None):
@@ -137,7 +153,7 @@ async def test_offboard_retention_purge_receipt(env):
     rc, stdout, err = cli(env, "purge", T, "--now", "--confirm", T, who="alice")
     assert rc == 0, err
     receipt = json.loads(stdout)
-    assert check_receipt(receipt)
+    assert check_receipt(receipt, _keys(env))
     assert receipt["tenant"] == T and receipt["total_rows"] == total and receipt["operator"] == "alice"
     assert receipt["grant_id"] == str(gid) and receipt["verified_remaining_rows"] == 0
     assert all(v == [] for v in (await tenant_rows(conn, T)).values())

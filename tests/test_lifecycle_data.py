@@ -83,11 +83,17 @@ async def test_export_purge_import_round_trip(db, tmp_path, kind, fmt):
     assert verify_export(out) == manifest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
-    receipt = await purge_tenant(conn, s, T, PurgeOptions(batch_rows=3, operator="alice", grant_id="g-1"))
+    from proxy.control.signing import Signer, key_id_of, load_private_key, new_signing_key_pem
+
+    key = load_private_key(new_signing_key_pem()[0])
+    signer = Signer(key, key_id_of(key.public_key()))
+    receipt = await purge_tenant(conn, s, T, PurgeOptions(batch_rows=3, operator="alice", grant_id="g-1",
+                                                          signer=signer))
     assert receipt["tables"] == {table_key(k): len(v) for k, v in before.items()}
     assert receipt["total_rows"] == sum(len(v) for v in before.values())
     assert receipt["operator"] == "alice" and receipt["grant_id"] == "g-1"
-    assert check_receipt(receipt) and not check_receipt({**receipt, "total_rows": 0})
+    keys = {signer.key_id: signer.public_key}
+    assert check_receipt(receipt, keys) and not check_receipt({**receipt, "total_rows": 0}, keys)
     assert all(v == [] for v in (await tenant_rows(conn, T)).values())
     assert await _others(conn) == others
 

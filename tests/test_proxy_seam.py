@@ -142,7 +142,7 @@ def count(pg, db, where="true") -> int:
 
 # ------------------------------------------------------------------ simple protocol
 
-def test_simple_refusal_keeps_session_and_transaction(proxy, db, gk, pg):
+def test_simple_refusal_keeps_session_and_aborts_the_transaction(proxy, db, gk, pg):
     c = raw(proxy, db)
     c.send(m.encode_query("BEGIN"))
     c.read_until(b"Z")
@@ -153,10 +153,14 @@ def test_simple_refusal_keeps_session_and_transaction(proxy, db, gk, pg):
     assert [t for t, _ in msgs] == [b"E", b"Z"]
     err = errors_in(msgs)[0]
     assert (err["S"], err["C"], err["M"], err["H"]) == ("ERROR", "42501", "forbidden things are refused", "ask nicely")
-    assert msgs[-1] == (b"Z", b"T")  # the transaction is still open and usable
+    # like any error (issue 20 break 7): the transaction is aborted, COMMIT rolls it back
+    assert msgs[-1] == (b"Z", b"E")
     c.send(m.encode_query("COMMIT"))
-    c.read_until(b"Z")
-    assert count(pg, db, "v = 'kept'") == 1
+    done = c.read_until(b"Z")
+    assert [m.command_tag(p) for t, p in done if t == b"C"] == ["ROLLBACK"] and done[-1] == (b"Z", b"I")
+    assert count(pg, db, "v = 'kept'") == 0
+    c.send(m.encode_query("SELECT 1"))  # the session stays usable
+    assert not errors_in(c.read_until(b"Z"))
     assert ("refused", "SELECT forbidden FROM items", "42501") in gk.events
     assert ("check", Origin.SIMPLE, "SELECT forbidden FROM items") in gk.events
     c.close()

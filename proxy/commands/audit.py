@@ -1,14 +1,19 @@
 """`tenantgate audit verify|export|checkpoint|keygen`: the tamper-evident audit trail.
 
     tenantgate audit verify --config tenantgate.yaml        # exit 1 and names the first problem
+    tenantgate audit verify --witness /mnt/witness/audit-witness.jsonl
     tenantgate audit export --since 2026-11-01T00:00Z > audit.jsonl
     tenantgate audit export --since-seq 1200 --out siem.jsonl
     tenantgate audit keygen --out /etc/tenantgate/audit.key # Ed25519; set audit.signing_key_file
 
 verify re-walks the hash chain and checks the Ed25519 signatures of the
 checkpoints (with the key from audit.signing_key_file/_env, or
-audit.verify_key_files).  It reports modified, deleted, inserted and
-reordered records and bad checkpoints.
+audit.verify_key_files, or --key PUB).  It reports modified, deleted,
+inserted and reordered records, bad checkpoints, stretches of records
+without a checkpoint wider than audit.checkpoint_window_records/_s
+(deleted checkpoints), and, with --witness (default: audit.witness_file),
+any checkpoint of the witness file that the database lacks or contradicts.
+Without a key it refuses to run unless --no-signatures is given.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .control_common import EXIT_FAIL, EXIT_OK, UsageError, add_config_arg, control_plane, emit, run
+from proxy.textsafe import safe_text
+
+from .control_common import EXIT_FAIL, EXIT_OK, UsageError, add_config_arg, control_plane, emit, load, run
 
 
 def register(sub):
@@ -28,6 +35,12 @@ def register(sub):
     ops = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
     v = ops.add_parser("verify", help="re-walk the hash chain and check signed checkpoints")
+    v.add_argument("--witness", metavar="FILE",
+                   help="checkpoint witness file to check the database against (default: audit.witness_file)")
+    v.add_argument("--key", action="append", default=[], metavar="PUB",
+                   help="Ed25519 public key (PEM) accepted on checkpoints (repeatable; adds to the config's)")
+    v.add_argument("--no-signatures", action="store_true",
+                   help="check the hash chain only: signatures and checkpoint coverage are NOT checked")
     add_config_arg(v)
     v.set_defaults(func=lambda args: run(args, _verify))
 
@@ -48,16 +61,40 @@ def register(sub):
 
 
 async def _verify(args) -> int:
+    from proxy.control.signing import keys_from_files, verify_keys_from_config
+    from proxy.control.witness import WitnessError, read_witness
+
+    cfg = load(args)
+    keys = {**verify_keys_from_config(cfg.audit), **keys_from_files(args.key)}
+    if args.no_signatures:
+        keys = {}
+    elif not keys:
+        raise UsageError("no key to check checkpoint signatures with: set audit.signing_key_file or "
+                         "audit.verify_key_files, pass --key PUB, or --no-signatures to check the hash chain only "
+                         "(which cannot detect a rewritten log)")
+    witness_path = args.witness or cfg.audit.witness_file
+    witness = None
+    if witness_path:
+        try:
+            witness = read_witness(witness_path)
+        except WitnessError as e:
+            if args.witness or os.path.exists(witness_path):
+                raise UsageError(str(e))
+            witness = None  # configured but never written yet (no checkpoint so far)
+            print(f"tenantgate audit: warning: witness file {witness_path} does not exist: not checked "
+                  "(use --witness FILE with the copy shipped off the host)", file=sys.stderr)
     async with control_plane(args) as plane:
-        report = await plane.verify()
+        report = await plane.verify(witness=witness, public_keys=keys)
 
     def human() -> str:
-        sig = "signatures checked" if report.signatures_checked else "signatures NOT checked (no key configured)"
-        head = f"{report.records} records, head at {report.head_seq}, {report.checkpoints} checkpoints, {sig}"
+        sig = ("signatures checked" if report.signatures_checked
+               else "signatures and checkpoint coverage NOT checked (--no-signatures)")
+        wit = "" if report.witness_entries is None else f", {report.witness_entries} witness entries"
+        head = f"{report.records} records, head at {report.head_seq}, {report.checkpoints} checkpoints{wit}, {sig}"
         if report.ok:
             return f"audit chain OK: {head}"
-        lines = [f"audit chain FAILED: {report.first.message}", f"  ({head})"]
-        lines += [f"  - [{p.kind}] {p.message}" for p in report.problems[1:]]
+        lines = [f"audit chain FAILED: {safe_text(report.first.message)}", f"  ({head})"]
+        lines += [f"  - [{p.kind}] {safe_text(p.message)}" for p in report.problems[1:]]
         return "\n".join(lines)
 
     emit(args, report.to_json(), human)

@@ -89,11 +89,15 @@ def emit(args, data: Any, human: str | Callable[[], str]) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
-        print(human() if callable(human) else human)
+        from proxy.textsafe import safe_lines
+
+        print(safe_lines(human() if callable(human) else human))
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[("" if v is None else str(v)) for v in r] for r in rows]
+    from proxy.textsafe import safe_text
+
+    cells = [[safe_text(v) for v in r] for r in rows]  # one cell, one line: no control character survives
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     out = [line(headers), line(["-" * w for w in widths])]

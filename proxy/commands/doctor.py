@@ -32,7 +32,7 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _dsn_from_config(path: str) -> tuple[str, str]:
+def _dsn_from_config(path: str) -> tuple[str, str, bytes | None]:
     cfg = load_config(path)
     b = cfg.backend
     if not b.database:
@@ -42,18 +42,19 @@ def _dsn_from_config(path: str) -> tuple[str, str]:
     dsn = f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
     if b.sslrootcert:
         dsn += f"&sslrootcert={quote(b.sslrootcert, safe='')}"
-    return dsn, cfg.control.schema_
+    return dsn, cfg.control.schema_, cfg.backstop.resolved_key()
 
 
 def run(args) -> int:
     control_schema = args.control_schema
     backend = args.backend
+    backstop_key = None
     if backend is None:
         if not args.config:
             print("tenantgate doctor: pass --backend DSN or --config FILE", file=sys.stderr)
             return 2
         try:
-            backend, cfg_control = _dsn_from_config(args.config)
+            backend, cfg_control, backstop_key = _dsn_from_config(args.config)
         except ConfigError as e:
             print(f"tenantgate doctor: {e}", file=sys.stderr)
             return 2
@@ -65,6 +66,7 @@ def run(args) -> int:
             tenant_column=args.tenant_column,
             schemas=args.schemas or ["public"],
             control_schema=control_schema or "tenantgate_control",
+            backstop_key=backstop_key,
         )
     )
     print(report.to_json() if args.json else report.to_text())

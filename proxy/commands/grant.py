@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 
+from proxy.textsafe import safe_text
+
 from .control_common import EXIT_OK, add_actor_args, add_config_arg, authenticate, control_plane, emit, run, table
 
 
@@ -86,11 +88,11 @@ def _fmt(d) -> str:
 def _describe(g) -> str:
     lines = [
         f"grant {g.id}: {g.state}",
-        f"  requester:  {g.requester}",
-        f"  tenant:     {g.tenant}",
+        f"  requester:  {safe_text(g.requester)}",
+        f"  tenant:     {safe_text(g.tenant)}",
         f"  access:     {g.access}",
         f"  duration:   {g.to_json()['duration']}",
-        f"  reason:     {g.reason}",
+        f"  reason:     {safe_text(g.reason)}",
         f"  requested:  {_fmt(g.created_at)}",
         f"  approvals:  {sum(1 for a in g.approvals if a.decision == 'approve')} of {g.approvals_required}",
     ]
@@ -100,10 +102,10 @@ def _describe(g) -> str:
         lines.append(f"  approved:   {_fmt(g.approved_at)}")
         lines.append(f"  expires:    {_fmt(g.expires_at)}")
     if g.ended_at:
-        lines.append(f"  ended:      {_fmt(g.ended_at)}" + (f" by {g.ended_by}" if g.ended_by else "")
-                     + (f" ({g.end_reason})" if g.end_reason else ""))
+        lines.append(f"  ended:      {_fmt(g.ended_at)}" + (f" by {safe_text(g.ended_by)}" if g.ended_by else "")
+                     + (f" ({safe_text(g.end_reason)})" if g.end_reason else ""))
     for a in g.approvals:
-        lines.append(f"    {a.decision:8} {a.approver} at {_fmt(a.decided_at)}" + (f": {a.comment}" if a.comment else ""))
+        lines.append(f"    {a.decision:8} {safe_text(a.approver)} at {_fmt(a.decided_at)}" + (f": {safe_text(a.comment)}" if a.comment else ""))
     return "\n".join(lines)
 
 

@@ -31,6 +31,9 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from urllib.parse import quote
 
+from proxy.commands.receipt import add_key_args, read_limits
+from proxy.control.signing import signer_from_config, verify_keys_from_config
+from proxy.textsafe import safe_text
 from proxy.config import Config, ConfigError, load_config
 from proxy.lifecycle.tables import (
     INVALID_AUTHORIZATION,
@@ -226,7 +229,7 @@ async def _list(args) -> int:
         return 0
     print(f"{'tenant':<24} {'status':<11} {'retention_end':<26} purged_at")
     for t in tenants:
-        print(f"{t.name:<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
+        print(f"{safe_text(t.name):<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
     return 0
 
 
@@ -254,7 +257,8 @@ async def _export(args) -> int:
         try:
             async with _data(ctx.cfg) as conn:
                 schema = await _schema(ctx.cfg, conn)
-                manifest = await export_tenant(conn, schema, t.name, args.out, data_format=args.format)
+                manifest = await export_tenant(conn, schema, t.name, args.out, data_format=args.format,
+                                               signer=signer_from_config(ctx.cfg.audit))
         except Exception as e:
             metrics.TENANT_EXPORTS_TOTAL.labels("error").inc()
             await ctx.audit(EXPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
@@ -274,9 +278,15 @@ async def _export(args) -> int:
 
 
 async def _verify_export(args) -> int:
+    from proxy.commands.receipt import KeyUsageError, optional_config, public_keys, read_limits
     from proxy.lifecycle.export import verify_export
 
-    m = verify_export(args.path)
+    cfg = optional_config(args)
+    try:
+        keys = public_keys(args, cfg)
+    except KeyUsageError as e:
+        raise ConfigError(str(e))
+    m = verify_export(args.path, keys=keys, limits=read_limits(cfg))
     _print_json({"ok": True, "path": args.path, "tenant": m["tenant"], "total_rows": m.get("total_rows"),
                  "tables": {x["name"]: x["rows"] for x in m["tables"]}, "snapshot_time": m.get("snapshot_time")})
     return 0
@@ -298,7 +308,8 @@ async def _import(args) -> int:
         try:
             async with _data(ctx.cfg) as conn:
                 schema = await _schema(ctx.cfg, conn)
-                result = await import_tenant(conn, schema, t.name, args.path)
+                result = await import_tenant(conn, schema, t.name, args.path, limits=read_limits(ctx.cfg),
+                                             keys=verify_keys_from_config(ctx.cfg.audit) or None)
         except Exception as e:
             await ctx.audit(IMPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
                             sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})
@@ -355,7 +366,8 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
                                           detail={"receipt_sha256": receipt["receipt_sha256"]})
 
     opts = PurgeOptions(batch_rows=ctx.cfg.lifecycle.purge_batch_rows, journal_schema=ctx.cfg.lifecycle.journal_schema,
-                        operator=operator, grant_id=None if grant_id is None else str(grant_id))
+                        operator=operator, grant_id=None if grant_id is None else str(grant_id),
+                        signer=signer_from_config(ctx.cfg.audit))
     t0 = time.monotonic()
     try:
         async with _data(ctx.cfg) as conn:
@@ -509,9 +521,10 @@ def register(sub):
     sp.add_argument("tenant")
     sp.add_argument("--out", required=True, help="a new directory, or a FILE.tar.zst")
     sp.add_argument("--format", choices=["csv", "jsonl"], default="csv")
-    sp = tsub.add_parser("verify-export", help="re-check an export's row counts and checksums (offline)",
+    sp = tsub.add_parser("verify-export", help="re-check an export's signature, row counts and checksums (offline)",
                          parents=[common])
     sp.add_argument("path")
+    add_key_args(sp)
     sp.set_defaults(func=_runner(_verify_export))
     sp = add("import", _import, "load an export into an empty tenant (write grant)", [common, actor, granted])
     sp.add_argument("tenant")

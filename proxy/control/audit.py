@@ -32,22 +32,18 @@ Concurrency: one short critical section, batched (group commit)
     raises :class:`AuditWriteError`; when a batch fails, its records are
     retried one by one so that one bad record only fails its own caller.
 
-Checkpoints
-    When the chain passes a multiple of ``audit.checkpoint_every`` (and on
-    :meth:`AuditLog.checkpoint`), the head (seq, record_hash) is signed with
-    the Ed25519 key from ``audit.signing_key_file`` / ``signing_key_env`` and
-    stored in ``audit_checkpoints`` in the same transaction.  Signed
-    checkpoints are what a database owner cannot forge: rewriting history
-    up to a checkpoint changes the hash that was signed.
+Checkpoints (:mod:`proxy.control.checkpoints`, :mod:`proxy.control.witness`)
+    A writer holding the Ed25519 key (``audit.signing_key_file`` /
+    ``signing_key_env``) signs the record at which the unsigned stretch
+    reaches ``audit.checkpoint_every``, the head ``audit.checkpoint_interval_s``
+    after records were left unsigned, and the head on close.  Checkpoints are
+    stored in ``audit_checkpoints`` in the same transaction and, after the
+    commit, appended to the witness file outside the database.
 
-Verification (:func:`verify_chain`, ``tenantgate audit verify``)
-    Walks the chain in seq order in one REPEATABLE READ snapshot and reports
-    every problem (the first one first): *modified* (contents do not match
-    the hash), *deleted* (a gap in seq, a link to a vanished record, or a
-    tail shorter than the head/checkpoints), *inserted* (a record outside
-    the chain, beyond the head, or between two linked records), *reordered*
-    (a record that links to a later one), and checkpoint problems (bad
-    signature, unknown key, hash mismatch).
+Verification (:mod:`proxy.control.audit_verify`, ``tenantgate audit verify``)
+    Reports modified, deleted, inserted and reordered records, bad or
+    mismatching checkpoints, stretches without checkpoints wider than the
+    window, and contradictions with the witness file.
 
 Tampering in tests: the append-only trigger must be bypassed first, e.g.
 ``SET session_replication_role = replica`` as a superuser, or
@@ -57,22 +53,30 @@ Tampering in tests: the append-only trigger must be bypassed first, e.g.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import asyncpg
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from proxy import metrics
+from proxy.textsafe import json_line_safe
+
+from .checkpoints import checkpoint_message, due_seqs, insert_checkpoints  # noqa: F401  (re-exported)
+from .signing import (  # noqa: F401  (re-exported: the audit key's API)
+    Signer,
+    key_id_of,
+    load_private_key,
+    load_public_key,
+    new_signing_key_pem,
+    signer_from_config,
+    verify_keys_from_config,
+)
+from .witness import WitnessEntry, append_witness
 
 log = logging.getLogger("tenantgate.audit")
 
@@ -199,85 +203,6 @@ def row_to_json(row: asyncpg.Record) -> dict:
     return d
 
 
-# --------------------------------------------------------------------------- signing
-
-
-@dataclass(frozen=True)
-class Signer:
-    private_key: Ed25519PrivateKey
-    key_id: str
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        return self.private_key.public_key()
-
-    def sign(self, message: bytes) -> str:
-        return base64.b64encode(self.private_key.sign(message)).decode()
-
-
-def key_id_of(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def load_private_key(pem: bytes) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError("the audit signing key must be an Ed25519 private key (PEM)")
-    return key
-
-
-def load_public_key(pem: bytes) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("the audit verify key must be an Ed25519 public key (PEM)")
-    return key
-
-
-def signer_from_config(audit_cfg) -> Signer | None:
-    """The checkpoint signer from ``audit.signing_key_file`` / ``audit.signing_key_env`` (or None)."""
-    pem: bytes | None = None
-    if audit_cfg.signing_key_file:
-        pem = Path(audit_cfg.signing_key_file).read_bytes()
-    elif audit_cfg.signing_key_env:
-        v = os.environ.get(audit_cfg.signing_key_env)
-        if v is None:
-            raise ValueError(f"audit.signing_key_env: environment variable {audit_cfg.signing_key_env} is not set")
-        pem = v.encode()
-    if pem is None:
-        return None
-    key = load_private_key(pem)
-    return Signer(key, key_id_of(key.public_key()))
-
-
-def verify_keys_from_config(audit_cfg) -> dict[str, Ed25519PublicKey]:
-    """Public keys that checkpoints may be signed with: the signing key's and ``audit.verify_key_files``."""
-    keys: dict[str, Ed25519PublicKey] = {}
-    signer = signer_from_config(audit_cfg)
-    if signer is not None:
-        keys[signer.key_id] = signer.public_key
-    for path in getattr(audit_cfg, "verify_key_files", None) or []:
-        pub = load_public_key(Path(path).read_bytes())
-        keys[key_id_of(pub)] = pub
-    return keys
-
-
-def new_signing_key_pem() -> tuple[bytes, bytes]:
-    """(private PEM, public PEM) of a fresh Ed25519 key (``tenantgate audit keygen``)."""
-    key = Ed25519PrivateKey.generate()
-    priv = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return priv, pub
-
-
-def checkpoint_message(seq: int, rec_hash: str, signed_at: datetime, key_id: str) -> bytes:
-    return canonical_json(
-        {"seq": seq, "record_hash": rec_hash, "signed_at": _iso(signed_at), "key_id": key_id, "v": 1}
-    )
-
-
 # --------------------------------------------------------------------------- appending
 
 
@@ -293,15 +218,23 @@ async def chain_insert(
     signer: Signer | None = None,
     checkpoint_every: int = 100,
     force_checkpoint: bool = False,
+    checkpoints_out: list[WitnessEntry] | None = None,
 ) -> list[tuple[int, AuditRecord, str, str]]:
     """Append ``records`` to the chain.  Must run inside a transaction on ``conn``.
 
     Returns (seq, record, prev_hash, record_hash) per record.  Usable from any
     control-plane transaction (e.g. a grant approval and its audit record
-    commit together).
+    commit together).  With a ``signer``, the checkpoints due (see
+    :mod:`proxy.control.checkpoints`) are stored in the same transaction and
+    appended to ``checkpoints_out`` for the witness (written after COMMIT).
     """
     s = _q(schema)
-    head = await conn.fetchrow(f"SELECT seq, hash FROM {s}.audit_head FOR UPDATE")
+    if signer is not None:
+        head = await conn.fetchrow(
+            f"SELECT seq, hash, (SELECT coalesce(max(seq), 0) FROM {s}.audit_checkpoints) AS cp "
+            f"FROM {s}.audit_head FOR UPDATE")
+    else:
+        head = await conn.fetchrow(f"SELECT seq, hash FROM {s}.audit_head FOR UPDATE")
     if head is None:
         raise AuditWriteError("the audit chain head is missing (control schema damaged)")
     first_seq, prev = head["seq"], head["hash"]
@@ -336,13 +269,13 @@ async def chain_insert(
             f"UPDATE {s}.audit_head SET seq = ${n + 1}, hash = ${n + 2}",
             *[list(col) for col in zip(*rows)], seq, prev,
         )
-    crossed = seq // checkpoint_every > first_seq // checkpoint_every
-    if signer is not None and seq > 0 and (crossed or force_checkpoint):
-        await conn.execute(
-            f"INSERT INTO {s}.audit_checkpoints (seq, record_hash, signed_at, key_id, signature) "
-            f"VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
-            seq, prev, now, signer.key_id, signer.sign(checkpoint_message(seq, prev, now, signer.key_id)),
-        )
+    if signer is not None and seq > 0:
+        hashes = {sq: h for sq, _, _, h in out}
+        hashes[first_seq] = head["hash"]
+        due = due_seqs(first_seq, seq, head["cp"], checkpoint_every, force=force_checkpoint)
+        entries = await insert_checkpoints(conn, s, signer, [(q, hashes[q]) for q in due], now)
+        if checkpoints_out is not None:
+            checkpoints_out.extend(entries)
     return out
 
 
@@ -358,7 +291,7 @@ class JsonlSink:
             for seq, rec, prev, h in committed:
                 d = {"seq": seq, "prev_hash": prev, "record_hash": h, **asdict(rec)}
                 d["at"] = _iso(rec.at)
-                self._fh.write(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n")
+                self._fh.write(json_line_safe(json.dumps(d, sort_keys=True, ensure_ascii=False)) + "\n")
             self._fh.flush()
         except OSError as e:  # the database is the record of truth; the sink is a copy
             log.error("audit JSONL sink %s: %s", self.path, e)
@@ -371,12 +304,18 @@ class AuditWriter:
     """Group-commits appends from all sessions of this process (see module docstring)."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str, *, signer: Signer | None, checkpoint_every: int,
-                 sink: JsonlSink | None = None):
+                 sink: JsonlSink | None = None, witness_file: str | None = None,
+                 checkpoint_interval_s: float | None = None):
         self.pool = pool
         self.schema = schema
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.sink = sink
+        self.witness_file = witness_file
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed: asyncio.Task | None = None
+        self._unsigned = False  # this process appended records that no checkpoint covers yet
         self._pending: list[tuple[AuditRecord, asyncio.Future]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -421,18 +360,50 @@ class AuditWriter:
 
     async def _commit(self, records: list[AuditRecord], *, force_checkpoint: bool = False):
         t0 = time.perf_counter()
+        signed: list[WitnessEntry] = []
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 committed = await chain_insert(
                     conn, self.schema, records, signer=self.signer,
                     checkpoint_every=self.checkpoint_every, force_checkpoint=force_checkpoint,
+                    checkpoints_out=signed,
                 )
         metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - t0)
         for _, rec, _, _ in committed:
             metrics.AUDIT_RECORDS_TOTAL.labels(rec.type).inc()
         if self.sink is not None:
             self.sink.write(committed)
+        self.after_commit(committed, signed)
         return committed
+
+    def after_commit(self, committed, signed: Sequence[WitnessEntry]) -> None:
+        """After a COMMIT (of this writer or of a control-plane transaction): copy new checkpoints to the
+        witness, and arrange for a timed checkpoint when records were left unsigned."""
+        if signed:
+            write_witness(self.witness_file, signed)
+        if self.signer is None:
+            return
+        if committed:
+            self._unsigned = not signed or signed[-1].seq < committed[-1][0]
+        elif signed:
+            self._unsigned = False
+        if self._unsigned and self.checkpoint_interval_s and self._timer is None and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._timer = loop.call_later(self.checkpoint_interval_s, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._unsigned and not self._closed:
+            self._timed = asyncio.ensure_future(self._timed_checkpoint())
+
+    async def _timed_checkpoint(self) -> None:
+        try:
+            await self._commit([], force_checkpoint=True)
+        except Exception as e:  # retried at the next append's timer; verify names the unsigned tail meanwhile
+            log.error("timed audit checkpoint failed: %s", e)
 
     async def _write(self, batch: list[tuple[AuditRecord, asyncio.Future]]) -> None:
         try:
@@ -464,6 +435,16 @@ class AuditWriter:
         self._closed = True
         while (self._pending or self._busy) and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timed is not None and not self._timed.done():
+            await asyncio.gather(self._timed, return_exceptions=True)
+        if self.signer is not None and self._unsigned:  # leave nothing of ours unsigned
+            try:
+                await self._commit([], force_checkpoint=True)
+            except Exception as e:
+                log.error("closing audit checkpoint failed: %s", e)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -474,141 +455,23 @@ class AuditWriter:
             self.sink.close()
 
 
-# --------------------------------------------------------------------------- verification
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # modified | deleted | inserted | reordered | bad_signature | checkpoint_mismatch | unknown_key
-    seq: int | None
-    message: str
-
-
-@dataclass
-class VerifyReport:
-    records: int = 0
-    head_seq: int = 0
-    checkpoints: int = 0
-    signatures_checked: bool = False
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def first(self) -> Problem | None:
-        return self.problems[0] if self.problems else None
-
-    def to_json(self) -> dict:
-        return {
-            "ok": self.ok,
-            "records": self.records,
-            "head_seq": self.head_seq,
-            "checkpoints": self.checkpoints,
-            "signatures_checked": self.signatures_checked,
-            "problems": [asdict(p) for p in self.problems],
-        }
-
-
-async def verify_chain(
-    conn: asyncpg.Connection,
-    schema: str,
-    public_keys: dict[str, Ed25519PublicKey] | None = None,
-    *,
-    max_problems: int = 50,
-) -> VerifyReport:
-    """Re-walk the whole chain; see the module docstring for what is reported."""
-    s = _q(schema)
-    report = VerifyReport()
-    problems = report.problems
-
-    def add(kind: str, seq: int | None, message: str) -> None:
-        if len(problems) < max_problems:
-            problems.append(Problem(kind, seq, message))
-
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        head = await conn.fetchrow(f"SELECT seq, hash FROM {s}.audit_head")
-        head_seq, head_hash = (head["seq"], head["hash"]) if head else (0, GENESIS_HASH)
-        report.head_seq = head_seq
-        cps = await conn.fetch(f"SELECT * FROM {s}.audit_checkpoints ORDER BY seq")
-        cp_by_seq = {cp["seq"]: cp for cp in cps}
-
-        async def seq_with_hash(h: str) -> int | None:
-            return await conn.fetchval(
-                f"SELECT seq FROM {s}.audit_log WHERE record_hash = $1 ORDER BY seq LIMIT 1", h
-            )
-
-        expected_seq, expected_prev = 1, GENESIS_HASH
-        moved: set[int] = set()  # records found out of order (to name their neighbours' breaks alike)
-        cur = await conn.cursor(f"SELECT * FROM {s}.audit_log ORDER BY seq")
-        while True:
-            batch = await cur.fetch(1000)
-            if not batch:
-                break
-            for row in batch:
-                report.records += 1
-                seq = row["seq"]
-                if seq < expected_seq:
-                    add("inserted", seq, f"record {seq} is not part of the chain (inserted; the chain starts at 1)")
-                    continue
-                if seq > head_seq:
-                    add("inserted", seq, f"record {seq} lies beyond the chain head {head_seq}: "
-                                         "it was inserted outside tenantgate")
-                gap = seq > expected_seq
-                if gap:
-                    what = f"record {expected_seq}" if seq == expected_seq + 1 else f"records {expected_seq}..{seq - 1}"
-                    add("deleted", expected_seq, f"{what} deleted: the sequence jumps from {expected_seq - 1} to {seq}")
-                rec = record_from_row(row)
-                if record_hash(rec, row["prev_hash"]) != row["record_hash"]:
-                    add("modified", seq, f"record {seq} was modified: its contents do not match its hash")
-                elif not gap and row["prev_hash"] != expected_prev:
-                    pred = await seq_with_hash(row["prev_hash"])
-                    if pred is None:
-                        add("deleted", seq, f"record {seq} does not follow record {seq - 1}: the record it followed "
-                                            f"is gone (deleted, or record {seq - 1} was rewritten)")
-                    elif pred >= seq or seq in moved or pred in moved:
-                        moved.update((seq, pred))
-                        add("reordered", seq, f"record {seq} is out of order: it belongs after record {pred}")
-                    else:
-                        what = f"record {pred + 1} was" if pred + 1 == seq - 1 else f"records {pred + 1}..{seq - 1} were"
-                        add("inserted", pred + 1, f"{what} inserted: record {seq} follows record {pred}")
-                cp = cp_by_seq.get(seq)
-                if cp is not None and cp["record_hash"] != row["record_hash"]:
-                    add("checkpoint_mismatch", seq, f"signed checkpoint at record {seq} does not match it: "
-                                                    f"records up to {seq} were rewritten")
-                expected_seq, expected_prev = seq + 1, row["record_hash"]
-        last = expected_seq - 1
-        if head_seq > last:
-            add("deleted", last + 1, f"records {last + 1}..{head_seq} deleted: the chain head is at {head_seq} "
-                                     f"but the log ends at {last}")
-        elif head_seq == last and head_hash != expected_prev:
-            add("modified", last, f"record {last} does not match the chain head (modified or replaced)")
-
-    report.checkpoints = len(cps)
-    report.signatures_checked = bool(public_keys)
-    for cp in cps:
-        seq = cp["seq"]
-        if seq > last:
-            add("deleted", seq, f"a signed checkpoint covers record {seq}, but the log ends at {last}: records deleted")
-        if public_keys:
-            key = public_keys.get(cp["key_id"])
-            if key is None:
-                add("unknown_key", seq, f"checkpoint {seq} is signed with unknown key {cp['key_id']}")
-                continue
-            try:
-                key.verify(base64.b64decode(cp["signature"]),
-                           checkpoint_message(seq, cp["record_hash"], cp["signed_at"], cp["key_id"]))
-            except Exception:
-                add("bad_signature", seq, f"checkpoint {seq} has a bad signature")
-    problems.sort(key=lambda p: (p.seq if p.seq is not None else 0))
-    return report
+def write_witness(path: str | None, entries: Sequence[WitnessEntry]) -> None:
+    """Append checkpoints to the witness file (after their COMMIT).  A failure is logged and
+    counted: the checkpoint is in the database, and ``audit verify`` reports the stretch the witness
+    misses only if the database loses it too."""
+    if not path or not entries:
+        return
+    try:
+        append_witness(path, entries)
+    except OSError as e:
+        log.error("audit witness %s: %s", path, e)
 
 
 async def export_records(
     conn: asyncpg.Connection, schema: str, *, since: datetime | None = None, since_seq: int | None = None
 ) -> AsyncIterator[str]:
-    """Yield audit records as JSON lines (no trailing newline), in seq order."""
+    """Yield audit records as JSON lines (no trailing newline), in seq order.  Each is one line for
+    any line-based reader: U+2028, U+2029, U+0085 and other controls are ``\\uXXXX`` escapes."""
     s = _q(schema)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         cur = await conn.cursor(
@@ -621,4 +484,8 @@ async def export_records(
             if not batch:
                 break
             for row in batch:
-                yield json.dumps(row_to_json(row), sort_keys=True, ensure_ascii=False)
+                yield json_line_safe(json.dumps(row_to_json(row), sort_keys=True, ensure_ascii=False))
+
+
+# Verification lives in its own module; re-exported here (it imports this one).
+from .audit_verify import Coverage, Problem, VerifyReport, verify_chain  # noqa: E402,F401

@@ -119,6 +119,11 @@ class OperatorSessionGate:
         self._closed = False
         self._tenant_state = None  # (status, purge_started_at) at start; a change ends the session
 
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """The PostgreSQL backstop binding: the grant's tenant, read-only under a read grant."""
+        tenant, mode = self.inner.backstop_binding()
+        return tenant, ("read" if self.grant.read_only and mode == "write" else mode)
+
     async def start(self) -> None:
         """Audit the session's start and watch the grant.  Raises SessionRefused if the audit fails."""
         try:
@@ -149,6 +154,10 @@ class OperatorSessionGate:
 
     def on_ready_for_query(self, tx_status: bytes) -> None:
         self.inner.on_ready_for_query(tx_status)
+
+    def warm_up(self, sql: str, origin: Origin):
+        warm = getattr(self.inner, "warm_up", None)
+        return warm(sql, origin) if warm is not None else None
 
     async def audit_before(self, decision: Forward, params: Sequence[bytes | None] | None) -> Any:
         if self.ended is None and self.grant.expires_at <= datetime.now(timezone.utc):

@@ -304,7 +304,9 @@ class ControlPlane(IdentityMethods):
                 await seed_policy(conn, self.s, self.grants_cfg)
         sink = A.JsonlSink(self.audit_cfg.jsonl_path) if self.audit_cfg.jsonl_path else None
         self.writer = A.AuditWriter(self.pool, self.schema, signer=A.signer_from_config(self.audit_cfg),
-                                    checkpoint_every=self.audit_cfg.checkpoint_every, sink=sink)
+                                    checkpoint_every=self.audit_cfg.checkpoint_every, sink=sink,
+                                    witness_file=self.audit_cfg.witness_file,
+                                    checkpoint_interval_s=self.audit_cfg.checkpoint_interval_s)
         return self
 
     async def close(self) -> None:
@@ -349,6 +351,7 @@ class ControlPlane(IdentityMethods):
             client_addr=ctx.client_addr, session_id=ctx.session_id, ref_seq=seq,
             sqlstate=outcome.sqlstate, command_tag=outcome.command_tag, rows=outcome.rows,
             duration_us=int(round(outcome.duration_s * 1_000_000)),
+            detail=getattr(outcome, "detail", None),
         )
         return self.writer.enqueue(rec)
 
@@ -356,9 +359,15 @@ class ControlPlane(IdentityMethods):
         assert self.writer is not None
         return await self.writer.checkpoint()
 
-    async def verify(self) -> A.VerifyReport:
+    async def verify(self, *, witness=None, public_keys=None) -> A.VerifyReport:
+        """Verify the chain (``public_keys``: default from the config; ``witness``: entries to check
+        against, see proxy.control.witness)."""
+        from .checkpoints import window_records
+
+        keys = A.verify_keys_from_config(self.audit_cfg) if public_keys is None else public_keys
+        cov = A.Coverage(window_records(self.audit_cfg), self.audit_cfg.checkpoint_window_s)
         async with self.pool.acquire() as conn:
-            return await A.verify_chain(conn, self.schema, A.verify_keys_from_config(self.audit_cfg))
+            return await A.verify_chain(conn, self.schema, keys, coverage=cov, witness=witness)
 
     async def export(self, since: datetime | None = None, since_seq: int | None = None):
         """Async iterator of JSON lines (one audit record each), in chain order."""
@@ -372,7 +381,8 @@ class ControlPlane(IdentityMethods):
         with it (and reach the JSONL sink only after the commit)."""
         async with self.pool.acquire() as conn:
             committed: list = []
-            self._tx_audit[conn] = committed
+            signed: list = []
+            self._tx_audit[conn] = (committed, signed)
             try:
                 async with conn.transaction():
                     yield conn
@@ -382,12 +392,14 @@ class ControlPlane(IdentityMethods):
             metrics.AUDIT_RECORDS_TOTAL.labels(rec.type).inc()
         if self.writer.sink is not None and committed:
             self.writer.sink.write(committed)
+        self.writer.after_commit(committed, signed)
 
     async def _in_tx_audit(self, conn, records: Sequence[A.AuditRecord]) -> None:
         """Append audit records inside the current :meth:`_tx` transaction (atomic with the change)."""
-        committed = await A.chain_insert(conn, self.schema, records, signer=self.writer.signer,
-                                         checkpoint_every=self.audit_cfg.checkpoint_every)
-        self._tx_audit[conn].extend(committed)
+        committed, signed = self._tx_audit[conn]
+        committed.extend(await A.chain_insert(conn, self.schema, records, signer=self.writer.signer,
+                                              checkpoint_every=self.audit_cfg.checkpoint_every,
+                                              checkpoints_out=signed))
 
     # ---- grants
 

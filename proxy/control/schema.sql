@@ -247,3 +247,13 @@ CREATE TABLE IF NOT EXISTS @schema@.auth_throttle (
 
 INSERT INTO @schema@.schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;
 
+-- Signed checkpoints cannot be truncated away either (the append-only row
+-- trigger above does not fire on TRUNCATE).  The owner can still disable
+-- triggers: `audit verify` then finds the stretch without checkpoints, and
+-- the witness file (audit.witness_file) the checkpoints themselves.
+DROP TRIGGER IF EXISTS audit_checkpoints_no_truncate ON @schema@.audit_checkpoints;
+CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON @schema@.audit_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION @schema@.audit_append_only();
+DROP TRIGGER IF EXISTS audit_head_no_truncate ON @schema@.audit_head;
+CREATE TRIGGER audit_head_no_truncate BEFORE DELETE OR TRUNCATE ON @schema@.audit_head
+    FOR EACH STATEMENT EXECUTE FUNCTION @schema@.audit_append_only();

@@ -12,33 +12,34 @@ written under a hidden ``.<name>.partial-<pid>`` name and renamed only after
 the manifest is written; on any error (disk full included) the partial output
 is removed.  An output path that already exists is refused.
 
-:func:`verify_export` re-reads an export and checks each file's row count and
-checksum against the manifest (and that no file is missing or extra).
+:func:`verify_export` (in :mod:`proxy.lifecycle.archive`, with the limits that
+make reading a hostile archive safe) re-reads an export and checks each file's
+row count and checksum against the manifest (and that no file is missing or
+extra), and the manifest's signature (:mod:`proxy.lifecycle.attest`).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import zstandard
 
 import proxy
+from proxy.lifecycle import attest
 from proxy.lifecycle.progress import Progress
 from proxy.lifecycle.tables import (
-    DATA_CORRUPTED,
+    DATA_CORRUPTED,  # noqa: F401  (re-exported)
     DUPLICATE_FILE,
     INVALID_PARAMETER,
     IO_ERROR,
@@ -50,11 +51,22 @@ from proxy.lifecycle.tables import (
     scope_session,
 )
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_NAME = "tenantgate-tenant-export"
-FORMAT_VERSION = 1
-DATA_FORMATS = ("csv", "jsonl")
-CHUNK = 1 << 16
+from proxy.lifecycle.archive import (  # noqa: F401  (re-exported: reading and verifying exports)
+    CHUNK,
+    DATA_FORMATS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ExportReader,
+    HashingReader,
+    ReadLimits,
+    count_records,
+    parse_manifest,
+    verify_export,
+)
+
+_HashingReader = HashingReader
+_parse_manifest = parse_manifest
 
 
 def is_archive_path(path: str | os.PathLike) -> bool:
@@ -187,11 +199,13 @@ async def export_tenant(
     *,
     data_format: str = "csv",
     progress: Progress | None = None,
+    signer=None,
 ) -> dict:
     """Export ``tenant`` to ``out`` (a directory, or a file ending in ``.tar.zst``).
 
     ``conn`` is an asyncpg connection allowed to read the tenant tables.
-    Returns the manifest (also written as ``manifest.json``).
+    Returns the manifest (also written as ``manifest.json``), signed with
+    ``signer`` (the audit key, see :mod:`proxy.lifecycle.attest`) when given.
     """
     if data_format not in DATA_FORMATS:
         raise LifecycleError(INVALID_PARAMETER, f'unknown export format "{data_format}" (use csv or jsonl)')
@@ -284,6 +298,7 @@ async def export_tenant(
             "total_rows": sum(t["rows"] for t in tables_doc),
             "complete": True,
         }
+        manifest = attest.sign(manifest, signer)
         sink.finish(json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")
     except BaseException as e:
         for f in open_files:
@@ -299,177 +314,6 @@ async def export_tenant(
                 detail="the partial output was removed",
             ) from e
         raise
-    return manifest
-
-
-# --------------------------------------------------------------------------- reading
-class _HashingReader(io.RawIOBase):
-    """A readable stream that hashes and counts what passes through it."""
-
-    def __init__(self, inner: IO[bytes]):
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.nbytes += n
-        return n
-
-
-def count_records(stream: IO[bytes], data_format: str) -> int:
-    """Data rows in a table file (CSV records minus the header, or JSON lines)."""
-    if data_format == "jsonl":
-        n = 0
-        while chunk := stream.read(CHUNK):
-            n += chunk.count(b"\n")
-        return n
-    text = io.TextIOWrapper(io.BufferedReader(stream, CHUNK), encoding="utf-8", newline="")
-    reader = csv.reader(text, strict=True)
-    n = -1  # header
-    for _ in reader:
-        n += 1
-    return max(n, 0)
-
-
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-def _parse_manifest(raw: bytes, where: str) -> dict:
-    try:
-        m = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: manifest.json is not valid JSON: {e}")
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: manifest.json is not a tenantgate export manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: unsupported export format version {m.get('format_version')!r}")
-    if m.get("complete") is not True:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: export is marked incomplete")
-    try:
-        for t in m["tables"]:
-            for k in ("name", "file", "columns", "rows", "sha256"):
-                t[k]
-            if "/" in t["file"] or t["file"] in (MANIFEST_NAME, ".", ".."):
-                raise LifecycleError(DATA_CORRUPTED, f"{where}: bad file name {t['file']!r} in manifest")
-        m["tenant"], m["data_format"], m["foreign_key_order"]
-    except (KeyError, TypeError) as e:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: manifest.json lacks {e}")
-    if m["data_format"] not in DATA_FORMATS:
-        raise LifecycleError(DATA_CORRUPTED, f"{where}: unknown data format {m['data_format']!r}")
-    return m
-
-
-class ExportReader:
-    """Read an export (directory or .tar.zst) member by member, in archive order."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise LifecycleError(IO_ERROR, f'export "{self.path}" does not exist')
-        self.archive = self.path.is_file()
-
-    def read_manifest_dir(self) -> dict:
-        try:
-            raw = (self.path / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError:
-            raise LifecycleError(DATA_CORRUPTED, f'export "{self.path}" has no manifest.json (incomplete export?)')
-        return _parse_manifest(raw, str(self.path))
-
-    def members(self) -> Iterator[tuple[str, IO[bytes]]]:
-        """Yield (name, stream) for each member; for directories, the manifest's files in order."""
-        if not self.archive:
-            manifest = self.read_manifest_dir()
-            for t in manifest["tables"]:
-                p = self.path / t["file"]
-                try:
-                    f = open(p, "rb")
-                except FileNotFoundError:
-                    raise LifecycleError(DATA_CORRUPTED, f'export file "{p}" is missing')
-                with f:
-                    yield t["file"], f
-            return
-        try:
-            with open(self.path, "rb") as raw:
-                zr = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-                with tarfile.open(fileobj=zr, mode="r|") as tar:
-                    for info in tar:
-                        if not info.isfile():
-                            raise LifecycleError(DATA_CORRUPTED, f'archive "{self.path}": unexpected member {info.name!r}')
-                        f = tar.extractfile(info)
-                        yield info.name, f
-        except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
-            raise LifecycleError(DATA_CORRUPTED, f'archive "{self.path}" is truncated or corrupt: {e}')
-
-
-def _check_member(manifest_table: dict, sha: str, rows: int, where: str) -> None:
-    if sha != manifest_table["sha256"]:
-        raise LifecycleError(
-            DATA_CORRUPTED,
-            f'checksum mismatch in export file "{where}"',
-            detail=f"manifest says sha256 {manifest_table['sha256']}, file has {sha}",
-        )
-    if rows != manifest_table["rows"]:
-        raise LifecycleError(
-            DATA_CORRUPTED,
-            f'row count mismatch in export file "{where}"',
-            detail=f"manifest says {manifest_table['rows']} rows, file has {rows}",
-        )
-
-
-def verify_export(path: str | os.PathLike) -> dict:
-    """Re-check every table file's row count and SHA-256 against the manifest.
-
-    Returns the manifest; raises :class:`LifecycleError` (SQLSTATE XX001)
-    naming the first missing, extra, truncated or modified file.
-    """
-    reader = ExportReader(path)
-    seen: dict[str, tuple[str, int]] = {}
-    manifest: dict | None = None
-    data_format = None
-    if not reader.archive:
-        manifest = reader.read_manifest_dir()
-        data_format = manifest["data_format"]
-        listed = {t["file"] for t in manifest["tables"]} | {MANIFEST_NAME}
-        extra = sorted(p.name for p in reader.path.iterdir() if p.name not in listed)
-        if extra:
-            raise LifecycleError(DATA_CORRUPTED, f'export "{reader.path}" holds a file not in the manifest: {extra[0]}')
-    for name, stream in reader.members():
-        if manifest is not None and name == MANIFEST_NAME:
-            raise LifecycleError(DATA_CORRUPTED, f'archive "{reader.path}": duplicate manifest.json')
-        if name == MANIFEST_NAME:
-            manifest = _parse_manifest(stream.read(), str(reader.path))
-            continue
-        if name in seen:
-            raise LifecycleError(DATA_CORRUPTED, f'archive "{reader.path}": duplicate member {name!r}')
-        h = _HashingReader(stream)
-        fmt = data_format or ("jsonl" if name.endswith(".jsonl") else "csv")
-        where = str(reader.path / name) if not reader.archive else f"{reader.path}:{name}"
-        try:
-            rows = count_records(h, fmt)
-        except (csv.Error, UnicodeDecodeError) as e:
-            rows = -1  # unreadable: reported as a checksum mismatch below (or a parse error)
-            while h.read(CHUNK):
-                pass
-        seen[name] = (h.sha.hexdigest(), rows)
-    if manifest is None:
-        raise LifecycleError(DATA_CORRUPTED, f'archive "{reader.path}" has no manifest.json (truncated or incomplete)')
-    files = {t["file"]: t for t in manifest["tables"]}
-    for name in seen:
-        if name not in files:
-            raise LifecycleError(DATA_CORRUPTED, f'export "{reader.path}" holds a file not in the manifest: {name}')
-    for t in manifest["tables"]:
-        where = f"{reader.path}:{t['file']}" if reader.archive else str(reader.path / t["file"])
-        if t["file"] not in seen:
-            raise LifecycleError(DATA_CORRUPTED, f'export file "{where}" is missing')
-        sha, rows = seen[t["file"]]
-        _check_member(t, sha, rows, where)
     return manifest
 
 

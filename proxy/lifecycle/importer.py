@@ -24,7 +24,8 @@ import os
 from pathlib import Path
 from typing import IO, AsyncIterator
 
-from proxy.lifecycle.export import CHUNK, MANIFEST_NAME, ExportReader, _HashingReader, verify_export
+from proxy.lifecycle.archive import CHUNK, MANIFEST_NAME, ExportReader, ReadLimits, verify_export
+from proxy.lifecycle.archive import HashingReader as _HashingReader
 from proxy.lifecycle.progress import Progress
 from proxy.lifecycle.tables import (
     CHECK_VIOLATION,
@@ -126,14 +127,21 @@ async def import_tenant(
     path: str | os.PathLike,
     *,
     progress: Progress | None = None,
+    keys: dict | None = None,
+    limits: ReadLimits | None = None,
 ) -> dict:
     """Load the export at ``path`` into ``tenant`` (which must have no rows).
+
+    The export is read within ``limits`` (decompression ratio, manifest size,
+    field sizes: :mod:`proxy.lifecycle.archive`), during the check and the
+    load alike; with ``keys``, its manifest must carry a valid signature.
 
     Returns ``{"tenant", "tables": {table: rows}, "total_rows", "manifest"}``.
     """
     path = Path(path)
     progress = progress or Progress()
-    manifest = verify_export(path)
+    limits = limits or ReadLimits()
+    manifest = verify_export(path, keys=keys, limits=limits)
     _check_compatible(manifest, schema, tenant, path)
     by_file = {t["file"]: t for t in manifest["tables"]}
     order = [t["name"] for t in manifest["tables"]]
@@ -149,7 +157,7 @@ async def import_tenant(
                     f'tenant "{tenant}" is not empty: table {key} already holds its rows',
                     hint="import only loads into a tenant with no rows (purge it first)",
                 )
-        reader = ExportReader(path)
+        reader = ExportReader(path, limits)
         for name, stream in reader.members():
             if name == MANIFEST_NAME:
                 continue

@@ -23,7 +23,9 @@ class Progress:
     """``start(table)``, ``update(rows, nbytes)`` (totals so far), ``done(rows, nbytes)``."""
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, interval_s: float = 0.2):
-        self.stream = stream if stream is not None else sys.stderr
+        from proxy.textsafe import unfiltered
+
+        self.stream = unfiltered(stream if stream is not None else sys.stderr)  # "\r" redraws; names escaped below
         self.enabled = bool(self.stream.isatty()) if enabled is None else enabled
         self.interval_s = interval_s
         self._table = ""
@@ -31,7 +33,9 @@ class Progress:
         self._t0 = 0.0
 
     def start(self, table: str) -> None:
-        self._table = table
+        from proxy.textsafe import safe_text
+
+        self._table = safe_text(table)
         self._t0 = time.monotonic()
         self._last = 0.0
         self._draw(0, 0, final=False)

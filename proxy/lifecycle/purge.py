@@ -45,7 +45,8 @@ so other tenants' queries never wait long on it.
 
 The receipt (tenant, per-table counts, start, end, operator, grant, schema
 version, and ``receipt_sha256``: the SHA-256 of the receipt's canonical JSON
-without that field) is handed to ``record_receipt`` (the CLI appends it to the
+without that field; with ``PurgeOptions.signer``, an Ed25519 ``signature`` by the
+audit key, see :mod:`proxy.lifecycle.attest`) is handed to ``record_receipt`` (the CLI appends it to the
 audit chain) before the journal is cleared, so a crash in between only means a
 rerun records the same receipt again.
 """
@@ -87,9 +88,15 @@ def seal_receipt(doc: dict) -> dict:
     return {**body, "receipt_sha256": hashlib.sha256(canonical_json(body)).hexdigest()}
 
 
-def check_receipt(doc: dict) -> bool:
-    """True when ``receipt_sha256`` matches the rest of the receipt."""
-    return seal_receipt(doc).get("receipt_sha256") == doc.get("receipt_sha256")
+def check_receipt(doc: dict, keys: dict) -> bool:
+    """True when the receipt is intact and signed with one of ``keys`` (see proxy.lifecycle.attest)."""
+    from proxy.lifecycle.attest import SignatureError, verify_document
+
+    try:
+        verify_document(doc, keys)
+    except SignatureError:
+        return False
+    return True
 
 
 @dataclass
@@ -102,6 +109,7 @@ class PurgeOptions:
     sessions_wait_s: float = 30.0  # how long to wait for the tenant's operator sessions to end
     # test hook: awaited after the first external-reference check, before any delete transaction
     after_check: Callable[[], Awaitable[None]] | None = None
+    signer: object | None = None  # proxy.control.signing.Signer: the receipt is signed with the audit key
 
 
 def sessions_lock_name(tenant: str) -> str:
@@ -422,6 +430,10 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
             "not_reached": ["backups", "WAL archives", "replicas until they replay the deletes", "exports already taken"],
         }
     )
+    if options.signer is not None:
+        from proxy.lifecycle.attest import sign
+
+        receipt = sign(receipt, options.signer)
     if record_receipt is not None:
         await record_receipt(receipt)
     await journal.clear()

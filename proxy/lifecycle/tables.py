@@ -364,7 +364,8 @@ async def discover(
 
 # --------------------------------------------------------------------------- session scoping
 TENANT_GUC = "tenantgate.tenant_id"
-TENANTGATE_POLICIES = ("tenantgate_tenant_access", "tenantgate_tenant_isolation")
+TENANTGATE_POLICIES = ("tenantgate_tenant_access", "tenantgate_tenant_isolation", "tenantgate_tenant_update",
+                       "tenantgate_tenant_delete")
 
 _FOREIGN_POLICIES_SQL = """
 SELECT n.nspname || '.' || c.relname AS table_name, p.polname
@@ -374,6 +375,14 @@ WHERE c.relrowsecurity AND (n.nspname || '.' || c.relname) = ANY($1::text[])
   AND (p.polroles @> ARRAY[0::oid] OR EXISTS (
         SELECT 1 FROM unnest(p.polroles) r WHERE pg_has_role(current_user, r, 'MEMBER')))
 ORDER BY 1, 2
+"""
+
+
+_GUARDED_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE (n.nspname || '.' || c.relname) = ANY($1::text[])
+                  AND coalesce(pg_get_expr(p.polqual, p.polrelid), '') LIKE '%tenantgate_guard.%')
 """
 
 
@@ -395,6 +404,15 @@ async def scope_session(conn, schema: TenantSchema, tenant: str, *, local: bool)
     if bypass:
         await conn.execute(f"SET {scope}row_security = off")
         return True
+    # the PostgreSQL backstop (deploy/postgres/bootstrap.sql) admits only backend connections tenantgate
+    # bound with its key, not the tenant GUC: without BYPASSRLS this role would see none of the rows
+    # (an empty export, a purge that "verifies" zero rows), so refuse up front
+    if await conn.fetchval(_GUARDED_SQL, sorted(schema.tables)):
+        raise LifecycleError(
+            INSUFFICIENT_PRIVILEGE,
+            "the tenant tables are under tenantgate's PostgreSQL backstop, which shows this role no rows",
+            hint="give the lifecycle.data_dsn role BYPASSRLS (it must see every row of the tenant)",
+        )
     rows = await conn.fetch(_FOREIGN_POLICIES_SQL, sorted(schema.tables), list(TENANTGATE_POLICIES))
     if rows:
         raise LifecycleError(

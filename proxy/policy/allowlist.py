@@ -292,7 +292,7 @@ SQL_SYNTAX_CLASSES: frozenset[type] = frozenset(
         getattr(exp, n, None) for n in (
             "Case", "If", "Coalesce", "Nullif", "Greatest", "Least", "Exists", "Array", "Grouping",
             "Collate", "CurrentCatalog", "CurrentDate", "CurrentTime", "CurrentTimestamp", "CurrentUser",
-            "CurrentRole", "CurrentSchema", "SessionUser", "Localtime", "Localtimestamp", "XMLElement",
+            "CurrentRole", "CurrentSchema", "SessionUser", "Localtime", "Localtimestamp", "XMLElement", "XMLTable",
             "Cast", "Extract", "Trim", "Substring", "StrPosition", "Overlay", "Normalize", "MatchAgainst",
             "Struct", "Interval", "AtTimeZone", "Bracket", "JSONExtract", "JSONExtractScalar",
             "JSONBExtract", "JSONBExtractScalar", "Count", "Max", "Min", "Sum", "Avg",
@@ -618,6 +618,12 @@ class FunctionChecker:
     # function" keywords): ROW(...) is a row constructor, and ALL/SOME/ANY (...) on the right of
     # a comparison is a subquery or array comparison.  Their arguments are walked like any others.
     _ROW_CONSTRUCTOR = "row"
+    # XML expressions of the grammar (XmlExpr / XmlSerialize nodes, not pg_proc functions; unquoted and
+    # unqualified they can never name a function): they build or parse XML from their arguments and
+    # run no SQL.  External entities are not loaded by PostgreSQL's libxml2 setup.  query_to_xml and
+    # the rest of the SQL-as-text family are real functions and stay excluded.
+    _XML_CONSTRUCTS = frozenset({"xmlforest", "xmlattributes", "xmlconcat", "xmlelement", "xmlparse",
+                                 "xmlserialize", "xmlexists", "xmlpi", "xmlroot"})
     _QUANTIFIERS = {"all", "some", "any"}
     _COMPARISONS = (exp.EQ, exp.NEQ, exp.LT, exp.LTE, exp.GT, exp.GTE, exp.Like, exp.ILike)
 
@@ -628,7 +634,7 @@ class FunctionChecker:
         if isinstance(node.parent, exp.Dot):
             return False
         word = raw.lower()
-        if word == self._ROW_CONSTRUCTOR:
+        if word == self._ROW_CONSTRUCTOR or word in self._XML_CONSTRUCTS:
             return True
         parent = node.parent
         return (

@@ -106,7 +106,11 @@ class CatalogSnapshot:
     problems: tuple[str, ...] = field(default=())
 
     @classmethod
-    def build(cls, rules: Rules, rows: Iterable[RelationRow], version: int | None = None) -> "CatalogSnapshot":
+    def build(cls, rules: Rules, rows: Iterable[RelationRow], version: int | None = None,
+              backstop: dict[tuple[str, str], str | None] | None = None) -> "CatalogSnapshot":
+        """``backstop``: when given, the backstop is required: (schema, table) -> None if the tenant
+        table carries it, else why not (proxy/policy/backstop_state.py).  A tenant table without it
+        is denied unless the rules' ``backstop_off`` names it with a reason."""
         tenant_keys = rules.tenant_table_keys
         shared_keys = rules.shared_table_keys
         view_keys = rules.safe_view_keys
@@ -149,6 +153,14 @@ class CatalogSnapshot:
                 cls_, reason = "denied", "foreign tables are not allowed unless listed"
             else:
                 cls_, reason = "denied", "neither tenant-scoped nor shared in the rules"
+            if cls_ == "tenant" and backstop is not None and row.kind in ("r", "p") \
+                    and key not in rules.backstop_off_keys:
+                why = backstop.get(key, "its row-level security state could not be read")
+                if why is not None:
+                    cls_ = "denied"
+                    reason = (f"the PostgreSQL backstop is not in place on this tenant table ({why}); rerun "
+                              "deploy/postgres/bootstrap.sql, or declare it in the rules' backstop_off with a reason")
+                    problems.append(f"{row.schema}.{row.name}: {reason}")
             rels[key] = Relation(row.schema, row.name, row.kind, cols, cls_, reason)
         for key in sorted((tenant_keys | shared_keys | view_keys) - seen):
             problems.append(f"{key[0]}.{key[1]}: listed in the rules but does not exist")
@@ -207,20 +219,51 @@ GROUP BY n.nspname, c.relname, c.relkind
 """
 
 
-async def load_snapshot(dsn: str, rules: Rules) -> CatalogSnapshot:
-    """Read the catalog with asyncpg and classify every relation."""
+BACKSTOP_TABLES_QUERY = """
+SELECT c.oid, n.nspname AS schema, c.relname AS name
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY($1::text[])
+"""
+
+
+def backstop_required(rules: Rules, key_configured: bool) -> bool:
+    return rules.backstop == "required" or (rules.backstop == "auto" and key_configured)
+
+
+async def load_backstop_state(conn, rules: Rules) -> dict[tuple[str, str], str | None]:
+    """(schema, table) -> None if the table carries the backstop, else why not (as the backend role)."""
+    import json
+
+    from proxy.policy import backstop_state as BS
+
+    tables = await conn.fetch(BACKSTOP_TABLES_QUERY, list(rules.schemas))
+    rows = {r["oid"]: r for r in await conn.fetch(BS.POLICY_SQL, [t["oid"] for t in tables])}
+    out: dict[tuple[str, str], str | None] = {}
+    for t in tables:
+        r = rows.get(t["oid"])
+        if r is None:
+            continue
+        out[(t["schema"], t["name"])] = BS.judge(rules.tenant_column, r["rls"], r["forced"], r["owned"],
+                                                 BS.policies_from_json(json.loads(r["policies"])))
+    return out
+
+
+async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool = False) -> CatalogSnapshot:
+    """Read the catalog with asyncpg and classify every relation (and, when the backstop is
+    required, read every table's row-level security state)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
         records = await conn.fetch(CATALOG_QUERY, list(rules.schemas))
+        state = await load_backstop_state(conn, rules) if backstop_required(rules, backstop_key_configured) else None
     finally:
         await conn.close()
     rows = [
         RelationRow(r["schema"], r["name"], r["kind"], tuple(zip(r["colnames"], r["coltypes"], r["colnotnull"])))
         for r in records
     ]
-    return CatalogSnapshot.build(rules, rows)
+    return CatalogSnapshot.build(rules, rows, backstop=state)
 
 
 class CatalogManager:
@@ -245,9 +288,10 @@ class CatalogManager:
         self._listeners: list[Callable[[CatalogSnapshot], None]] = []
 
     @classmethod
-    async def from_dsn(cls, dsn: str, rules: Rules, *, refresh_interval_s: float | None = None) -> "CatalogManager":
+    async def from_dsn(cls, dsn: str, rules: Rules, *, refresh_interval_s: float | None = None,
+                       backstop_key_configured: bool = False) -> "CatalogManager":
         async def loader() -> CatalogSnapshot:
-            return await load_snapshot(dsn, rules)
+            return await load_snapshot(dsn, rules, backstop_key_configured=backstop_key_configured)
 
         snap = await loader()
         mgr = cls(snap, loader, refresh_interval_s=refresh_interval_s or rules.catalog_refresh_s)

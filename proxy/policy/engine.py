@@ -12,7 +12,9 @@ Pure Python, no sockets, no I/O.  The passes, one module each, run in order:
                                  folding, quoting, CTE shadowing); unknown -> 42P01 + catalog refresh
     inject.inject_tenant      -> text edits that add the tenant predicates, spliced into the
                                  original text so everything else stays byte-identical
-    verify.verify_rewrite     -> re-parse the result and check every tenant relation is guarded
+    pg_verify.pg_verify       -> the second opinion: parse the result with PostgreSQL's own parser
+                                 (libpg_query) and check, on that tree, that it is one statement of
+                                 a modelled kind and every tenant relation is filtered or bound
     pipeline.Pipeline         -> composes them; cache.RewriteCache keeps tenant-independent templates
 
 Public API (stable)::
@@ -77,6 +79,7 @@ class Effects:
     deallocated: tuple[str, ...] = ()  # DEALLOCATE name
     deallocate_all: bool = False
     tenant_token: tuple[str, bool] | None = None  # (token, is_local) from SET tenantgate.tenant
+    executed: tuple[str, ...] = ()  # EXECUTE name (PREPAREd earlier): the gate classes it as that statement
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,26 @@ class PolicyEngine:
             log.exception("policy engine failed; refusing the statement")
             return Analysis(Refuse(FEATURE_NOT_SUPPORTED, f"statement not supported by tenantgate ({type(e).__name__})",
                                    reason="internal"))
+
+    def warm_up(self, sql: str, origin: Origin = Origin.SIMPLE):
+        """For a long statement (the session analyses it off the event loop): ``(compute, adopt)``.
+        ``compute()`` is the cold rewrite, a pure function of the text, the rules and the catalog
+        snapshot; it may run in a forked child and returns a picklable template (without the
+        normalised-literal parts, which are as large as the statement).  ``adopt(result)`` puts it
+        in this process's cache, so the next ``analyze`` of the same text is a cache hit."""
+        import dataclasses
+
+        pipeline = self._pipeline
+        key = (sql, origin, pipeline.catalog_manager.snapshot.version)
+
+        def compute():
+            tpl = pipeline.build(sql, origin)
+            return dataclasses.replace(tpl, norm_parts=None) if tpl.norm_parts is not None else tpl
+
+        def adopt(tpl) -> None:
+            pipeline.cache.put(key, (tpl, None))
+
+        return compute, adopt
 
     def check(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Forward | Refuse:
         """Forward (the SQL to send, Bind/COPY checks, statement class) or Refuse."""

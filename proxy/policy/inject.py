@@ -356,6 +356,12 @@ class _Injector:
                     return i
                 i += 1
                 continue
+            if (
+                i + 1 < len(self.tokens) and self.tokens[i].token_type in (TokenType.LEFT, TokenType.RIGHT)
+                and self.tokens[i + 1].token_type == TokenType.L_PAREN
+            ):
+                i += 1  # left(...) / right(...): the string functions, not a join keyword
+                continue
             return i
 
     def join_anchor(self, join: exp.Join, items: list) -> int:

@@ -1,4 +1,4 @@
-"""Composes the passes (parse -> classify -> resolve/inject -> verify) and the cache.
+"""Composes the passes (parse -> classify -> resolve/inject -> pg_verify) and the cache.
 
 A statement text is turned once into a tenant-independent :class:`Template`; each use
 then only checks the session context and joins the template's segments with the quoted
@@ -28,11 +28,12 @@ from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
 from proxy.policy.lexer import decode_unicode_escapes, first_word, split_statements
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
 from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
+from proxy.policy.pg_syntax import reduce_tokens
+from proxy.policy.pg_verify import MARKER_SQL, marker_offsets, pg_verify
 from proxy.policy.piece import CopyInSpec, Piece
 from proxy.policy.resolve import UnknownRelation
 from proxy.policy.rules import Rules
 from proxy.policy.tenantvalue import TenantParamCheck, tenant_guc_reference, tenant_literal, text_matches, validate_tenant
-from proxy.policy.verify import MARKER_SQL, verify_rewrite
 from proxy.seam import Forward, Origin, Refuse
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class _StatementHandler:
                 raise PolicyRefusal(SYNTAX_ERROR, "empty statement")
             if _UESC.search(sql, start, end):
                 _refuse_unicode_escapes(tokens)
+            tokens = reduce_tokens(tokens)  # PostgreSQL-only syntax, for sqlglot's eyes (text unchanged)
             tree = parse_tokens(sql, tokens)
             stage = "unsupported"
             cls, writes = classify(tree, kw)
@@ -141,12 +143,11 @@ class _StatementHandler:
                 self.function_checker.check(tree)
             stage = "tenant"
             inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
-            if inj.edits or inj.touches_tenant:
-                spliced = "".join(MARKER_SQL if p is TENANT else p for p in splice(sql, inj.edits, start, end))
-                verify_rewrite(
-                    spliced, 0, len(spliced), self.snapshot, self.rules,
-                    param_checks=inj.param_checks, required_literals=len(inj.required_literals),
-                )
+            # the second opinion, on PostgreSQL's own parse tree (every statement, tenant tables or not):
+            # sqlglot decided the edits, libpg_query checks what PostgreSQL will run
+            checked, markers = marker_offsets(splice(sql, inj.edits, start, end), MARKER_SQL, TENANT)
+            pg_verify(checked, markers, self.snapshot, self.rules,
+                      param_checks=inj.param_checks, required_literals=inj.required_literals)
         except PolicyRefusal as e:
             if not e.reason:
                 e.reason = stage
@@ -324,8 +325,9 @@ class Pipeline:
                 return done if cached else Analysis(done.decision, done.effects, cached=False)
         effects = Effects(
             prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
-            tenant_token=tpl.tenant_token,
-        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token) else _NO_EFFECTS[0]
+            tenant_token=tpl.tenant_token, executed=tpl.requires_prepared,
+        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token
+              or tpl.requires_prepared) else _NO_EFFECTS[0]
         lit = self.literal(tenant) if tenant is not None else ""
         if dynamic and origin == Origin.PARSE:
             lit = tenant_guc_reference(type_)

@@ -77,6 +77,16 @@ class Rules(_Strict):
         default_factory=dict, description="Application user name -> the one tenant it is bound to"
     )
     catalog_refresh_s: float = Field(60.0, gt=0, description="Seconds between periodic catalog refreshes")
+    backstop: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="Whether every tenant table must carry the PostgreSQL backstop (RLS enabled and forced with "
+        "tenantgate's policies, nothing permissive beside them, not owned by the backend role) before the proxy "
+        "serves it: `auto` = required when the config has a backstop key (backstop.key), `required`, or `off`",
+    )
+    backstop_off: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tenant tables served without the backstop: table -> the reason (required, non-empty)",
+    )
 
     @field_validator("tenant_column")
     @classmethod
@@ -93,6 +103,18 @@ class Rules(_Strict):
         if "pg_catalog" in v or "information_schema" in v:
             raise ValueError("pg_catalog/information_schema cannot hold tenant data")
         return v
+
+    @field_validator("backstop_off")
+    @classmethod
+    def _reasons_given(cls, v: dict[str, str]) -> dict[str, str]:
+        for table, reason in v.items():
+            if not reason or not reason.strip():
+                raise ValueError(f"{table}: give the reason the table is served without the backstop")
+        return v
+
+    @property
+    def backstop_off_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.qualify(n) for n in self.backstop_off)
 
     def qualify(self, name: str) -> tuple[str, str]:
         schema, rel = _split_name(name)

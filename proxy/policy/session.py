@@ -27,6 +27,8 @@ Public API (stable)::
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -64,6 +66,10 @@ def verify_token(token: str, key: str | None) -> str:
     return tenant
 
 
+#: the class an EXECUTE of several prepared statements takes: the strongest
+_CLASS_ORDER = ("ddl", "write", "read", "tcl", "set")
+
+
 class TenantSessionGate:
     kind = SessionKind.TENANT
     audited = False
@@ -92,6 +98,7 @@ class TenantSessionGate:
         self._status: tuple[bool, str] = (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE)
         self._local_status: tuple[bool, str] | None = None
         self._prepared: set[str] = set()
+        self._prepared_class: dict[str, str] = {}  # PREPARE name -> its statement's class
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
@@ -103,12 +110,24 @@ class TenantSessionGate:
         self._epoch_tenant = self.tenant
         lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
         self.backend_setup_sql: Sequence[str] = (f"SET {TENANT_GUC} = {lit}",)
+        # Set by the proxy when the PostgreSQL backstop is configured (proxy/backstop.py):
+        # (tenant, mode, local) -> the SQL expression binding the current backend connection, or
+        # None when the proxy rebinds by itself (a session-level switch under transaction pooling).
+        self.backstop_bind: Callable[[str | None, str, bool], str | None] | None = None
 
     #: settings a transaction-pooled session carries from one backend connection to the next
     #: (the SET-able parameters minus the per-transaction ones; the tenant GUC comes from
     #: backend_settings())
     tracked_parameters: tuple[str, ...] = tuple(sorted(
         p for p in SAFE_PARAMETERS if not p.startswith("transaction_")))
+
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """(tenant, mode) the backend connection must be bound to at the PostgreSQL backstop
+        (proxy/backstop.py): ``write``, ``read`` for read-only sessions, ``none`` without a tenant."""
+        tenant = self.tenant
+        if tenant is None:
+            return None, "none"
+        return tenant, "read" if self.read_only else "write"
 
     def backend_settings(self) -> dict[str, str]:
         """Proxy-controlled settings the backend connection must have for this session's next
@@ -154,6 +173,10 @@ class TenantSessionGate:
         self._ctx = None
 
     # ---- SessionGate ----------------------------------------------------------------------
+    def warm_up(self, sql: str, origin: Origin):
+        """(compute, adopt) for analysing a long statement off the event loop (PolicyEngine.warm_up)."""
+        return self.engine.warm_up(sql, origin)
+
     def check(self, sql: str, origin: Origin) -> Decision:
         analysis = self.engine.analyze(sql, self.context, origin)
         decision = analysis.decision
@@ -168,6 +191,13 @@ class TenantSessionGate:
             self._prepared.difference_update(eff.deallocated)
             self._prepared.update(eff.prepared)
             self._changed()
+            self._prepared_class.update((n, decision.statement_class) for n in eff.prepared)
+        if eff.executed and decision.statement_class == "other":
+            # EXECUTE runs a PREPAREd statement: audit and read-only checks see that statement's class
+            classes = {self._prepared_class.get(n, "other") for n in eff.executed}
+            cls = next((c for c in _CLASS_ORDER if c in classes), "other")
+            if cls != "other":
+                decision = dataclasses.replace(decision, statement_class=cls)
         return decision
 
     def _set_token(self, token: str, local: bool) -> Decision:
@@ -202,6 +232,10 @@ class TenantSessionGate:
             self._local_status = None
             self._status = status
         self._changed()
+        bind = self.backstop_bind
+        call = bind(*self.backstop_binding(), local) if bind is not None else None
+        if call is not None:  # the switch binds the backend connection at the backstop too
+            return Forward(_bind_block(call, tenant, local), statement_class="set", single_use=True)
         kw = "SET LOCAL" if local else "SET"
         return Forward(f"{kw} {TENANT_GUC} = {tenant_literal(tenant)}", statement_class="set", single_use=True)
 
@@ -240,6 +274,17 @@ class TenantSessionGate:
 
     async def close(self) -> None:
         return None
+
+
+def _bind_block(call: str, tenant: str, local: bool) -> str:
+    """A DO block that binds the backend connection and sets the tenant GUC (one statement)."""
+    lit = "E'" + tenant.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    body = (f"BEGIN PERFORM {call}; PERFORM pg_catalog.set_config('{TENANT_GUC}', {lit}, "
+            f"{'true' if local else 'false'}); END")
+    n = 0
+    while f"$tg{n}$" in body:
+        n += 1
+    return f"DO $tg{n}${body}$tg{n}$"
 
 
 def open_tenant_session(

@@ -16,6 +16,10 @@ _I32 = struct.Struct("!I")
 _unpack_i32 = _I32.unpack_from
 
 STARTUP_MAX = 10_000  # PostgreSQL's own limit for the startup packet
+AUTH_MESSAGE_MAX = 65_535  # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: SASL and password messages
+#: bytes a client may have sent and not yet had read before it is authenticated (a startup
+#: packet plus one authentication message, with room for TCP coalescing): beyond, FATAL 08P01
+PREAUTH_BUFFER_MAX = STARTUP_MAX + 2 * AUTH_MESSAGE_MAX
 
 
 class ReceiveBuffer:

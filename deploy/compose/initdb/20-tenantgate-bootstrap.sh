@@ -18,6 +18,10 @@ db="${POSTGRES_DB:-app}"
 TENANTGATE_APP_PASSWORD="$(cat "${TENANTGATE_APP_PASSWORD_FILE:?}")"
 TENANTGATE_CONTROL_PASSWORD="$(cat "${TENANTGATE_CONTROL_PASSWORD_FILE:?}")"
 export TENANTGATE_APP_PASSWORD TENANTGATE_CONTROL_PASSWORD
+if [ -n "${TENANTGATE_BACKSTOP_KEY_FILE:-}" ]; then   # the backstop key, shared with tenantgate's config
+    TENANTGATE_BACKSTOP_KEY="$(cat "$TENANTGATE_BACKSTOP_KEY_FILE")"
+    export TENANTGATE_BACKSTOP_KEY
+fi
 
 psql -X -q -1 -v ON_ERROR_STOP=1 --username "${POSTGRES_USER:-postgres}" --dbname "$db" \
      -f "$dir/bootstrap.sql"
