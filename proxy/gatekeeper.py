@@ -78,6 +78,7 @@ class PolicyGatekeeper:
         self.engine = engine
         self.catalog = catalog
         self.plane = plane
+        self.session_lock = False  # operator sessions hold the tenant's purge lock (see build_gatekeeper)
         self.auth_guard = None
         self.config_users = ConfigUserDirectory.from_config(config)
         dirs = [self.config_users]
@@ -216,7 +217,8 @@ class PolicyGatekeeper:
                                       "(request a write grant if you need one)")
             return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
 
-        gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner)
+        gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner,
+                                           hold_session_lock=self.session_lock)
         # operator sessions follow the tenant's status like tenant sessions: a change ends them
         self._live.setdefault(gate.grant.tenant, weakref.WeakSet()).add(gate)
         return gate
@@ -246,5 +248,24 @@ async def build_gatekeeper(config: Config):
         plane = ControlPlane.from_config(config)
         await plane.start()
     gk = PolicyGatekeeper(config, engine, catalog, plane)
+    if plane is not None:
+        gk.session_lock = await _backend_may_take_advisory_locks(backend_dsn(config))
     await gk.start()
     return gk
+
+
+async def _backend_may_take_advisory_locks(dsn: str) -> bool:
+    """Whether the backend role may call pg_try_advisory_lock_shared (the hardened bootstrap revokes it)."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn)
+    except Exception:
+        return False
+    try:
+        return bool(await conn.fetchval(
+            "SELECT has_function_privilege('pg_try_advisory_lock_shared(bigint)', 'EXECUTE')"))
+    except Exception:
+        return False
+    finally:
+        await conn.close()

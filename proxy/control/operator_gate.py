@@ -93,6 +93,7 @@ class OperatorSessionGate:
     audited = True
 
     def __init__(self, plane: ControlPlane, inner: SessionGate, grant: ActiveGrant, startup: StartupInfo, *,
+                 hold_session_lock: bool = False,
                  redact_params: bool | None = None, wait_for_outcome: bool = False):
         self.plane = plane
         self.inner = inner
@@ -105,7 +106,10 @@ class OperatorSessionGate:
         # Held for the life of the backend connection (the client can neither call advisory-lock
         # functions nor DISCARD): a purge takes the lock exclusively, so it starts only once every
         # operator session of the tenant has gone, and verifies with none left (lifecycle/purge.py).
-        setup.append(f"SELECT pg_try_advisory_lock_shared(hashtext({_literal(sessions_lock_name(grant.tenant))}))")
+        # Only where the backend role may take advisory locks (the hardened bootstrap revokes them:
+        # then the purge relies on the purge mark, re-read before every statement, and NOTIFY).
+        if hold_session_lock:
+            setup.append(f"SELECT pg_try_advisory_lock_shared(hashtext({_literal(sessions_lock_name(grant.tenant))}))")
         self.backend_setup_sql: Sequence[str] = tuple(setup)
         self.context = A.AuditRecord(
             type=A.STATEMENT, operator=grant.operator, grant_id=grant.id, tenant=grant.tenant,
@@ -321,6 +325,7 @@ async def open_operator_session(
     *,
     redact_params: bool | None = None,
     wait_for_outcome: bool = False,
+    hold_session_lock: bool = False,
 ) -> OperatorSessionGate:
     """Bind the session to a grant and return its gate; raises SessionRefused (audited)."""
     try:
@@ -339,7 +344,8 @@ async def open_operator_session(
             detail={"message": e.message, "grant_option": startup.options.get(GRANT_OPTION)}))
         raise
     await _give_back(plane, user.name, startup.client_addr)
-    gate = OperatorSessionGate(plane, make_inner(grant), grant, startup, redact_params=redact_params,
+    gate = OperatorSessionGate(plane, make_inner(grant), grant, startup, hold_session_lock=hold_session_lock,
+                               redact_params=redact_params,
                                wait_for_outcome=wait_for_outcome)
     await gate.start()
     return gate
