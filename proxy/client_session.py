@@ -477,6 +477,14 @@ class ClientSession(asyncio.Protocol):
         self.database = pkt.database
         self.application_name = params.get("application_name")
         record = await server.gatekeeper.users.lookup(user)
+        peer = self.transport.get_extra_info("peername")
+        client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unix"
+        guard = getattr(server.gatekeeper, "auth_guard", None)  # operator throttling (proxy.control.auth_guard)
+        if guard is not None:
+            try:
+                await guard.before(user, record, client_addr)
+            except SessionRefused as e:
+                raise _Fatal(e.sqlstate, e.message, e.detail, e.hint, outcome="auth_locked")
         verifier = None
         if record is not None:
             try:
@@ -491,13 +499,12 @@ class ClientSession(asyncio.Protocol):
         auth_failed = _Fatal("28P01", f'password authentication failed for user "{user}"', outcome="auth_failed")
         try:
             server_first = exchange.client_first(first)
-        except ScramError:
-            raise auth_failed
-        self.transport.write(m.encode_auth(m.AUTH_SASL_CONTINUE, server_first))
-        final = await self._read_auth_message()
-        try:
+            self.transport.write(m.encode_auth(m.AUTH_SASL_CONTINUE, server_first))
+            final = await self._read_auth_message()
             server_final = exchange.client_final(final)
         except ScramError:
+            if guard is not None:
+                await guard.failed(user, record, client_addr)
             raise auth_failed
         self.kind_label = getattr(record.kind, "value", "unknown")  # authenticated: label refusals by kind
         self.buf.max_length = cfg.limits.max_message_bytes
@@ -511,8 +518,6 @@ class ClientSession(asyncio.Protocol):
             if k.lower() not in _STANDARD_PARAMS:
                 options[k] = v
         options.update(parse_options(params.get("options", "")))
-        peer = self.transport.get_extra_info("peername")
-        client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unix"
         info = StartupInfo(
             user=user, database=pkt.database, client_addr=client_addr, options=options,
             application_name=params.get("application_name"), session_id=self.session_id, tls=self.tls,

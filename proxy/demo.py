@@ -34,7 +34,9 @@ from proxy.pgcluster import PgCluster, ensure_traversable, free_port
 
 DEMO_DB = "app"
 TENANTS = ("acme", "globex")
-OPERATORS = {"alice": ("operator",), "bob": ("approver",)}
+# alice requests access; bob and carol approve (two approvers: account changes need a second one,
+# see proxy/control/accounts.py).  The demo, as the database owner, adds them at bootstrap.
+OPERATORS = {"alice": ("operator",), "bob": ("approver",), "carol": ("approver",)}
 SCHEMA_SQL = Path(__file__).resolve().parent / "sql" / "demo_schema.sql"
 RULES_FILE = Path(__file__).resolve().parent.parent / "rules" / "tenancy.yaml"
 
@@ -209,7 +211,7 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
     cfg = state_dir / "tenantgate.yaml"
     pw = state_dir / "demo.json"
     lines += [
-        f"  # passwords are in {pw} (secrets.operator:alice / operator:bob)",
+        f"  # passwords are in {pw} (secrets.operator:alice / operator:bob / operator:carol)",
         f"  tenantgate grant request --config {cfg} --as alice --tenant acme --access read --for 1h --reason 'TICKET-1: demo'",
         f"  tenantgate grant approve --config {cfg} --as bob ID",
         f"  psql '{d['operator']['alice']}'",

@@ -10,10 +10,12 @@ It composes the independent parts; none of them knows about the others:
 * operator sessions: the grant is bound by the control plane and the tenant
   gate is wrapped in :class:`proxy.control.operator_gate.OperatorSessionGate`
   (audit before action, termination on expiry/revocation);
-* tenant lifecycle: a purged tenant is refused at connect (28000); an
-  offboarded tenant's sessions are read-only (25006, naming the retention
-  end).  A status change ends the tenant's live sessions so that they
-  reconnect under the new status.
+* tenant lifecycle: a purged tenant (or one whose purge has started) is
+  refused at connect (28000); an offboarded tenant's sessions are read-only
+  (25006, naming the retention end).  A status change, and the start of a
+  purge, ends the tenant's live sessions, tenant and operator sessions alike,
+  so that they reconnect under the new status (operator sessions also re-read
+  the status before each statement: see proxy.control.operator_gate).
 
 * passthrough users (``passthrough: true``, for the bare proxy only) are refused:
   with a policy configured nothing is forwarded unchecked.
@@ -76,12 +78,17 @@ class PolicyGatekeeper:
         self.engine = engine
         self.catalog = catalog
         self.plane = plane
+        self.session_lock = False  # operator sessions hold the tenant's purge lock (see build_gatekeeper)
+        self.auth_guard = None
         self.config_users = ConfigUserDirectory.from_config(config)
         dirs = [self.config_users]
         if plane is not None:
             from proxy.control.plane import OperatorDirectory
 
+            from proxy.control.auth_guard import AuthGuard
+
             dirs.append(OperatorDirectory(plane))
+            self.auth_guard = AuthGuard(plane)  # throttles and audits operator logins (client_session)
         self.users = UserDirectoryChain(*dirs)
         self._tenants: dict[str, object] = {}  # name -> proxy.control.plane.Tenant
         self._live: dict[str, weakref.WeakSet] = {}  # tenant -> live tenant gates
@@ -210,7 +217,11 @@ class PolicyGatekeeper:
                                       "(request a write grant if you need one)")
             return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
 
-        return await open_operator_session(self.plane, user, startup, make_inner=make_inner)
+        gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner,
+                                           hold_session_lock=self.session_lock)
+        # operator sessions follow the tenant's status like tenant sessions: a change ends them
+        self._live.setdefault(gate.grant.tenant, weakref.WeakSet()).add(gate)
+        return gate
 
 
 async def build_gatekeeper(config: Config):
@@ -237,5 +248,24 @@ async def build_gatekeeper(config: Config):
         plane = ControlPlane.from_config(config)
         await plane.start()
     gk = PolicyGatekeeper(config, engine, catalog, plane)
+    if plane is not None:
+        gk.session_lock = await _backend_may_take_advisory_locks(backend_dsn(config))
     await gk.start()
     return gk
+
+
+async def _backend_may_take_advisory_locks(dsn: str) -> bool:
+    """Whether the backend role may call pg_try_advisory_lock_shared (the hardened bootstrap revokes it)."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn)
+    except Exception:
+        return False
+    try:
+        return bool(await conn.fetchval(
+            "SELECT has_function_privilege('pg_try_advisory_lock_shared(bigint)', 'EXECUTE')"))
+    except Exception:
+        return False
+    finally:
+        await conn.close()

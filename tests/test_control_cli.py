@@ -40,15 +40,31 @@ def as_(name: str, *extra: str) -> list[str]:
 
 async def test_bootstrap_grant_flow_and_audit(cli_env):
     env, cfg = cli_env
-    # Bootstrap: no approver yet, so the control DSN holder adds the first accounts without --as.
+    # Bootstrap: fewer than two approvers, so the control DSN holder adds the first ones without --as.
     r = tg(cfg, "operator", "add", "alice", "--role", "approver", "--password-stdin", stdin="alice-pw\n")
     assert r.returncode == 0, r.stderr
+    r = tg(cfg, "operator", "add", "carol", "--role", "approver", "--password-stdin", stdin="carol-pw\n")
+    assert r.returncode == 0, r.stderr
     r = tg(cfg, "operator", "add", "bob", "--password-stdin", stdin="bob-pw\n")
-    assert r.returncode == 1 and "as an approver" in r.stderr
-    r = tg(cfg, "operator", "add", "bob", *as_("alice"), stdin="alice-pw\nbob-pw\n")
+    assert r.returncode == 1 and "no longer added by the platform admin" in r.stderr
+    # Then: one approver requests the account, another approves it, the person enrols.
+    r = tg(cfg, "operator", "add", "bob", "--json", *as_("alice"), stdin="alice-pw\n")
     assert r.returncode == 0, r.stderr
-    r = tg(cfg, "operator", "add", "carol", "--role", "approver", *as_("alice"), stdin="alice-pw\ncarol-pw\n")
+    req = str(json.loads(r.stdout)["id"])
+    r = tg(cfg, "operator", "approve", req, *as_("alice"), stdin="alice-pw\n")
+    assert r.returncode == 1 and "another approver" in r.stderr
+    r = tg(cfg, "operator", "approve", req, "--json", *as_("carol"), stdin="carol-pw\n")
     assert r.returncode == 0, r.stderr
+    token = json.loads(r.stdout)["enrolment_token"]
+    r = tg(cfg, "operator", "enrol", "--token", token, "--password-stdin", "--json", stdin="bob-pw\n")
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "bob", r.stderr
+    r = tg(cfg, "operator", "enrol", "--token", token, "--password-stdin", stdin="bob-pw2\n")
+    assert r.returncode == 1 and "not valid" in r.stderr  # one time only
+    conn = await asyncpg.connect(env.dsn)  # this test drives bob without TOTP until it enrols one below
+    try:
+        await conn.execute("UPDATE tenantgate_control.operators SET totp_secret = NULL WHERE name = 'bob'")
+    finally:
+        await conn.close()
     r = tg(cfg, "operator", "list", "--json")
     assert [o["name"] for o in json.loads(r.stdout)] == ["alice", "bob", "carol"]
 
@@ -85,7 +101,7 @@ async def test_bootstrap_grant_flow_and_audit(cli_env):
     secret = json.loads(r.stdout)["secret"]
     r = tg(cfg, "grant", "request", "--tenant", "acme", "--access", "write", "--for", "30m", "--reason", "T-2",
            *as_("bob"), stdin="bob-pw\n")
-    assert r.returncode == 1 and "--totp" in r.stderr
+    assert r.returncode == 1 and "--totp" in r.stderr and "wrong password or TOTP code" in r.stderr
     r = tg(cfg, "grant", "request", "--tenant", "acme", "--access", "write", "--for", "30m", "--reason", "T-2",
            *as_("bob", "--totp", pyotp.TOTP(secret).now()), stdin="bob-pw\n")
     assert r.returncode == 0, r.stderr

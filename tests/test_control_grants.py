@@ -131,11 +131,19 @@ async def test_grant_lifecycle_and_self_approval(plane):
 
 
 async def test_two_approvals_required(env):
+    # The config says 2, but the grant policy lives in the control schema: it is changed
+    # through a change request that a second approver approves (grant_policy.py, accounts.py).
+    from proxy.control.accounts import decide_change, request_change
+
     plane = env.plane(grants=GrantsConfig(approvals_required=2))
     await plane.start()
     try:
         await add_people(plane, ("r2", ("operator",)), ("a2", ("approver",)), ("b2", ("approver",)))
         r, a, b = [await actor(plane, n) for n in ("r2", "a2", "b2")]
+        assert (await plane.policy()).approvals_required == 1
+        req = await request_change(plane, a, "policy.set", None, {"settings": {"approvals_required": "2"}})
+        await decide_change(plane, b, req.id, True)
+        assert (await plane.policy()).approvals_required == 2
         g = await plane.request_grant(r, "acme", "read", "1h", "T-2")
         g = await plane.approve_grant(a, g.id)
         assert g.state == "pending" and len(g.approvals) == 1
@@ -146,6 +154,8 @@ async def test_two_approvals_required(env):
         g = await plane.approve_grant(b, g.id)
         assert g.state == "approved" and {x.approver for x in g.approvals} == {"a2", "b2"}
         assert (await plane.bind_grant("r2")).id == g.id
+        req = await request_change(plane, b, "policy.set", None, {"settings": {"approvals_required": "1"}})
+        await decide_change(plane, a, req.id, True)
     finally:
         await plane.close()
 
@@ -175,28 +185,39 @@ async def test_expiry_of_pending_and_approved_grants(env, plane):
 
 
 async def test_totp_for_actor_and_connect(plane):
+    import time
+
     await add_people(plane, ("t1", ("operator",)), ("ta", ("approver",)))
     t1 = await actor(plane, "t1")
     secret, uri = await plane.enrol_totp(t1, "t1")
     assert uri.startswith("otpauth://totp/")
-    with pytest.raises(AuthenticationFailed, match="--totp"):
+    totp = pyotp.TOTP(secret)
+    now = time.time()
+    code = lambda step: totp.at(now + step * 30)  # noqa: E731 - codes of the previous/current/next step
+    # No code, a wrong code: the same error as a wrong password.
+    with pytest.raises(AuthenticationFailed, match="wrong password or TOTP code.*--totp"):
         await plane.authenticate_actor("t1", "t1-pw")
-    with pytest.raises(AuthenticationFailed, match="not valid"):
-        await plane.authenticate_actor("t1", "t1-pw", "000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
-    t1 = await actor(plane, "t1", secret)
-    assert await plane.verify_totp("t1", pyotp.TOTP(secret).now())
+    with pytest.raises(AuthenticationFailed, match="wrong password or TOTP code"):
+        await plane.authenticate_actor("t1", "t1-pw", "000000" if code(0) != "000000" else "111111")
+    t1 = await plane.authenticate_actor("t1", "t1-pw", code(-1))
+    assert await plane.verify_totp("t1", code(0))
+    assert not await plane.verify_totp("t1", code(0))  # a code works once
     g = await plane.request_grant(t1, "acme", "read", "1h", "T-5")
     await plane.approve_grant(await actor(plane, "ta"), g.id)
-    with pytest.raises(SessionRefused, match="TOTP") as ei:
+    with pytest.raises(SessionRefused, match="password authentication failed") as ei:
         await plane.bind_grant("t1")
-    assert ei.value.sqlstate == "28000" and "tenantgate.totp" in ei.value.message
-    with pytest.raises(SessionRefused, match="not valid"):
+    assert ei.value.sqlstate == "28P01"
+    with pytest.raises(SessionRefused, match="password authentication failed"):
         await plane.bind_grant("t1", None, "12345x")
-    assert (await plane.bind_grant("t1", None, pyotp.TOTP(secret).now())).id == g.id
-    # Someone else may not enrol TOTP for t1 unless they are an approver.
+    with pytest.raises(SessionRefused, match="password authentication failed"):
+        await plane.bind_grant("t1", None, code(-1))  # already used
+    assert (await plane.bind_grant("t1", None, code(1))).id == g.id
+    # Nobody enrols TOTP for someone else, approvers included (that would show them the secret).
     await add_people(plane, ("t2", ("operator",)))
     with pytest.raises(PermissionDenied):
         await plane.enrol_totp(await actor(plane, "t2"), "t1")
+    with pytest.raises(PermissionDenied):
+        await plane.enrol_totp(await actor(plane, "ta"), "t1")
 
 
 async def test_tenants_lifecycle_and_notify(env, plane):
@@ -239,7 +260,7 @@ async def test_schema_install_is_idempotent_and_private(env, pg):
     conn = await asyncpg.connect(env.dsn)
     try:
         await install_control_schema(conn)  # again, as the owner: no error, nothing lost
-        assert await conn.fetchval("SELECT count(*) FROM tenantgate_control.schema_version") == 1
+        assert await conn.fetchval("SELECT count(*) FROM tenantgate_control.schema_version") == 2  # v1 + v2
         owner = await conn.fetchval(
             "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'tenantgate_control'")
         assert owner == "tg_control_owner"

@@ -90,7 +90,8 @@ async def test_gate_audits_before_and_after(plane):
                                        lambda grant: RecordingInnerGate(grant.tenant, grant.read_only))
     try:
         assert gate.audited and gate.kind is SessionKind.OPERATOR
-        assert gate.backend_setup_sql[-1] == "SET default_transaction_read_only = on"
+        assert "SET default_transaction_read_only = on" in gate.backend_setup_sql
+        assert not any("advisory" in x for x in gate.backend_setup_sql)  # only with hold_session_lock
         d = gate.check("SELECT * FROM orders WHERE id = $1", Origin.PARSE)
         assert isinstance(d, Forward) and d.audit == StatementNote("SELECT * FROM orders WHERE id = $1", "inner-note")
         seq = await gate.audit_before(d, [b"42"])
@@ -153,15 +154,18 @@ async def test_connect_refusals_are_audited_and_totp_is_required(plane):
         await open_operator_session(plane, user("c_op"), startup(**{"tenantgate.grant": "x"}), inner)
     g = await _approved(plane, "c_op", "c_ap")
     secret, _ = await plane.enrol_totp(await actor(plane, "c_op"), "c_op")
-    with pytest.raises(SessionRefused, match="TOTP"):
+    # a missing or wrong TOTP code gets the same error as a wrong password (28P01)
+    with pytest.raises(SessionRefused, match="password authentication failed"):
         await open_operator_session(plane, user("c_op"), startup(), inner)
-    with pytest.raises(SessionRefused, match="not valid"):
+    with pytest.raises(SessionRefused, match="password authentication failed"):
         await open_operator_session(plane, user("c_op"), startup(**{"tenantgate.totp": "99999x"}), inner)
     gate = await open_operator_session(
         plane, user("c_op"), startup(**{"tenantgate.totp": pyotp.TOTP(secret).now()}), inner)
     await gate.close()
     refused = [r for r in await _records(plane) if r["type"] == A.CONNECTION_REFUSED and r["operator"] == "c_op"]
-    assert len(refused) == 4 and all(r["sqlstate"] == "28000" for r in refused)
+    assert len(refused) == 4 and [r["sqlstate"] for r in refused] == ["28000", "28000", "28P01", "28P01"]
+    failed = [r for r in await _records(plane) if r["type"] == A.AUTH_FAILED and r["operator"] == "c_op"]
+    assert len(failed) == 2
     assert all(pyotp.TOTP(secret).now() not in (r["detail"] or "") for r in refused)
     await plane.revoke_grant(await actor(plane, "c_ap"), g.id)
 

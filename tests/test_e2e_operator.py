@@ -46,7 +46,7 @@ REQUEST_HINT = "tenantgate grant request"
 
 @pytest.fixture(scope="module")
 def tg(demo):  # noqa: F811
-    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in ("alice", "bob")})
+    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in ("alice", "bob", "carol")})
 
 
 @pytest.fixture(scope="module")
@@ -372,44 +372,59 @@ def _invalid_code(secret: str) -> str:
     return f"{code:06d}"
 
 
+def _fresh_totp_step() -> float:
+    """Now, or the start of the next 30 s step when this one is nearly over (codes of the previous,
+    current and next step are accepted, each once: the test uses three of them in a row)."""
+    t = time.time()
+    if t % 30 > 18:
+        time.sleep(30 - t % 30 + 0.2)
+    return time.time()
+
+
 def test_totp_enrolled_operator_needs_a_current_code_to_connect(demo, tg, admin):  # noqa: F811
     name = f"carol_{secrets.token_hex(3)}"
     password = secrets.token_urlsafe(12)
-    r = tg.run("operator", "add", name, "--role", "operator", actor="bob", extra_lines=(password,))
+    # An approver requests the account, a second approver approves it, the person enrols with
+    # the one-time token: they choose their password and get their own TOTP secret.
+    req = tg.ok("operator", "add", name, "--role", "operator", actor="bob")
+    approved = tg.ok("operator", "approve", str(req["id"]), actor="carol")
+    r = tg.run("operator", "enrol", "--token", approved["enrolment_token"], "--password-stdin", json_out=True,
+               extra_lines=(password,))
     assert r.returncode == 0, r.stderr
+    enrol = json.loads(r.stdout)
     tg.passwords[name] = password
     gid = None
     try:
-        enrol = tg.ok("operator", "enrol-totp", actor=name)  # the operator enrols their own authenticator
         secret = enrol["secret"]
         assert enrol["name"] == name and enrol["uri"].startswith("otpauth://totp/")
         ops = {o["name"]: o for o in tg.ok("operator", "list")}
         assert ops[name]["totp_enrolled"] is True
+        totp = pyotp.TOTP(secret)
+        now = _fresh_totp_step()
+        code = lambda step: totp.at(now + 30 * step)  # noqa: E731
 
         # Requesting needs a code now, too.
         r = tg.run("grant", "request", "--tenant", "acme", "--access", "read", "--for", "10m",
                    "--reason", "TICKET-5: totp", actor=name)
         assert r.returncode == 1 and "--totp" in r.stderr, r.stderr
-        gid = tg.request(name, "acme", "read", "10m", "TICKET-5: totp", totp=pyotp.TOTP(secret).now())["id"]
+        gid = tg.request(name, "acme", "read", "10m", "TICKET-5: totp", totp=code(-1))["id"]
         assert tg.approve(gid)["state"] == "approved"
 
         dsn = conninfo("127.0.0.1", demo.port, name, password)
-        # No code: FATAL 28000.
+        # No code, a wrong code, a used code: the same FATAL as a wrong password (28P01).
         r = psql_once(dsn, "-c", "SELECT 1", options=pg_options(gid))
-        assert r.returncode == 2 and "FATAL" in r.stderr and "TOTP code is required" in r.stderr, r.stderr
-        assert "tenantgate.totp" in r.stderr, "the message says how to pass the code"
-        assert _sqlstate_of_connect(dsn, pg_options(gid))[0] == "28000"
-        # A wrong code: refused.
+        assert r.returncode == 2 and "FATAL" in r.stderr and "password authentication failed" in r.stderr, r.stderr
+        assert _sqlstate_of_connect(dsn, pg_options(gid))[0] == "28P01"
         bad = _invalid_code(secret)
         r = psql_once(dsn, "-c", "SELECT 1", options=pg_options(gid, bad))
-        assert r.returncode == 2 and "TOTP code is not valid" in r.stderr, r.stderr
-        assert _sqlstate_of_connect(dsn, pg_options(gid, bad))[0] == "28000"
+        assert r.returncode == 2 and "password authentication failed" in r.stderr, r.stderr
+        assert _sqlstate_of_connect(dsn, pg_options(gid, code(-1)))[0] == "28P01"  # used for the request
         # A current code: connected, scoped to the grant's tenant.
         r = psql_once(dsn, "-A", "-t", "-c", "SELECT DISTINCT tenant_id FROM customers",
-                      options=pg_options(gid, pyotp.TOTP(secret).now()))
+                      options=pg_options(gid, code(0)))
         assert r.returncode == 0 and r.stdout.split() == ["acme"], (r.stdout, r.stderr)
-        # The code also works in the conninfo's options.
-        opts = pg_options(gid, pyotp.TOTP(secret).now()).replace(" ", "\\ ")
+        # The code also works in the conninfo's options (the next one: each code works once).
+        opts = pg_options(gid, code(1)).replace(" ", "\\ ")
         r = psql_once(f"{dsn} options='{opts}'", "-A", "-t", "-c", "SELECT count(*) FROM orders")
         assert r.returncode == 0 and r.stdout.strip() == str(
             admin.one("SELECT count(*) FROM orders WHERE tenant_id = 'acme'")), (r.stdout, r.stderr)

@@ -7,9 +7,16 @@
     tenantgate grant revoke 7 --as bob             # or an approver
 
 States: pending -> approved | denied | expired (unanswered) | revoked;
-approved -> expired | revoked.  Durations are capped by grants.max_duration,
-approvals needed are grants.approvals_required, and self-approval is
-impossible.  Every change is in the audit chain.
+approved -> expired | revoked.  Self-approval is impossible.  Every change is
+in the audit chain.
+
+The grant policy (maximum duration, approvals needed, how long a request
+waits, the account change window, lockout limits) lives in the control
+schema, not in the config file, and is re-checked at every approval:
+
+    tenantgate grant policy show
+    tenantgate grant policy set --max-duration 4h --approvals-required 2 --as alice
+    tenantgate operator approve N --as carol        # another approver
 """
 
 from __future__ import annotations
@@ -52,6 +59,21 @@ def register(sub):
     ls.add_argument("--limit", type=int, default=50)
     add_config_arg(ls)
     ls.set_defaults(func=lambda args: run(args, _list))
+
+    pol = ops.add_parser("policy", help="show or change the grant policy (changes: two approvers)")
+    pops = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    ps = pops.add_parser("show", help="the grant policy in force")
+    add_config_arg(ps)
+    ps.set_defaults(func=lambda args: run(args, _policy_show))
+    pset = pops.add_parser("set", help="request a policy change (bootstrap: set it directly, without --as)")
+    from proxy.control.grant_policy import SETTINGS
+
+    for name in SETTINGS:
+        pset.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE")
+    pset.add_argument("--reason")
+    add_config_arg(pset)
+    add_actor_args(pset, required=False)
+    pset.set_defaults(func=lambda args: run(args, _policy_set))
 
     sh = ops.add_parser("show", help="show one grant with its approvals")
     sh.add_argument("id", type=int)
@@ -121,4 +143,29 @@ async def _show(args) -> int:
         await plane.expire_due()
         g = await plane.get_grant(args.id)
         emit(args, g.to_json(), lambda: _describe(g))
+    return EXIT_OK
+
+
+async def _policy_show(args) -> int:
+    async with control_plane(args) as plane:
+        p = await plane.policy()
+        d = p.to_json()
+        emit(args, d, lambda: "grant policy (control schema):\n" + "\n".join(f"  {k:24} {v}" for k, v in d.items()))
+    return EXIT_OK
+
+
+async def _policy_set(args) -> int:
+    from proxy.control.accounts import bootstrap_policy, request_change
+    from proxy.control.grant_policy import SETTINGS
+
+    settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    async with control_plane(args) as plane:
+        if args.actor:
+            actor = await authenticate(plane, args)
+            req = await request_change(plane, actor, "policy.set", None, {"settings": settings}, args.reason)
+            emit(args, req.to_json(), f"change request {req.id}: policy.set {settings}\n"
+                 f"Another approver must approve it: tenantgate operator approve {req.id} --as NAME")
+        else:
+            p = await bootstrap_policy(plane, plane.platform_admin(), settings)
+            emit(args, p.to_json(), "grant policy set [bootstrap]")
     return EXIT_OK

@@ -355,6 +355,9 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
 
     await ctx.plane.append(AuditRecord(PURGE_STARTED, operator=operator, grant_id=grant_id, tenant=tenant,
                                        detail={"mode": mode}))
+    # every instance ends the tenant's sessions and accepts no new one; purge_tenant then waits
+    # until the operator sessions' shared lock is free, so nothing writes while it deletes and verifies
+    await ctx.plane.mark_purge_started(tenant, actor=ctx.actor, grant_id=grant_id)
 
     async def record(receipt: dict) -> None:
         await ctx.plane.append(AuditRecord(PURGE_RECEIPT, operator=operator, grant_id=grant_id, tenant=tenant,

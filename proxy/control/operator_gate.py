@@ -62,7 +62,9 @@ from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionGate, 
     StartupInfo, UserRecord
 
 from . import audit as A
-from .plane import ActiveGrant, ControlPlane
+from proxy.lifecycle.purge import sessions_lock_name
+
+from .plane import AUTH_FAILED_SQLSTATE, ActiveGrant, ControlPlane
 
 log = logging.getLogger("tenantgate.operator")
 
@@ -91,6 +93,7 @@ class OperatorSessionGate:
     audited = True
 
     def __init__(self, plane: ControlPlane, inner: SessionGate, grant: ActiveGrant, startup: StartupInfo, *,
+                 hold_session_lock: bool = False,
                  redact_params: bool | None = None, wait_for_outcome: bool = False):
         self.plane = plane
         self.inner = inner
@@ -98,8 +101,15 @@ class OperatorSessionGate:
         self.startup = startup
         self.redact_params = plane.audit_cfg.redact_params if redact_params is None else redact_params
         setup = list(inner.backend_setup_sql)
-        if grant.read_only:
+        if grant.read_only or getattr(inner, "read_only", False):
             setup.append("SET default_transaction_read_only = on")
+        # Held for the life of the backend connection (the client can neither call advisory-lock
+        # functions nor DISCARD): a purge takes the lock exclusively, so it starts only once every
+        # operator session of the tenant has gone, and verifies with none left (lifecycle/purge.py).
+        # Only where the backend role may take advisory locks (the hardened bootstrap revokes them:
+        # then the purge relies on the purge mark, re-read before every statement, and NOTIFY).
+        if hold_session_lock:
+            setup.append(f"SELECT pg_try_advisory_lock_shared(hashtext({_literal(sessions_lock_name(grant.tenant))}))")
         self.backend_setup_sql: Sequence[str] = tuple(setup)
         self.context = A.AuditRecord(
             type=A.STATEMENT, operator=grant.operator, grant_id=grant.id, tenant=grant.tenant,
@@ -111,6 +121,7 @@ class OperatorSessionGate:
         self._tasks: set[asyncio.Task] = set()
         self._outcomes: set[asyncio.Future] = set()
         self._closed = False
+        self._tenant_state = None  # (status, purge_started_at) at start; a change ends the session
 
     def backstop_binding(self) -> tuple[str | None, str]:
         """The PostgreSQL backstop binding: the grant's tenant, read-only under a read grant."""
@@ -128,6 +139,7 @@ class OperatorSessionGate:
                                  "the tenantgate audit log cannot be written, so operator sessions are refused",
                                  detail=str(e))
         self._watch = await self.plane.watch_grant(self.grant, self._grant_ended)
+        self._tenant_state = await self.plane.tenant_state(self.grant.tenant)
 
     # ---- SessionGate
 
@@ -136,8 +148,9 @@ class OperatorSessionGate:
             return Refuse(self.ended[0], self.ended[1], reason="grant")
         decision = self.inner.check(sql, origin)
         if isinstance(decision, Refuse):
-            return decision
-        if self.grant.read_only and (decision.statement_class in ("write", "ddl") or (
+            return _operator_wording(decision, self.grant)
+        if (self.grant.read_only or getattr(self.inner, "read_only", False)) and (
+                decision.statement_class in ("write", "ddl") or (
                 decision.statement_class != "read" and _READ_WRITE_SWITCH.search(sql))):
             return Refuse(READ_ONLY_SQLSTATE, f"grant {self.grant.id} is read-only: this statement is not allowed",
                           hint="Request a write grant: tenantgate grant request --access write ...", reason="read_only")
@@ -155,6 +168,18 @@ class OperatorSessionGate:
             self._grant_ended(self.grant.id, "expired")
         if self.ended is not None:
             raise PolicyRefusal(self.ended[0], self.ended[1], reason="grant")
+        # The tenant's status is read now, after whatever the client waited for: an offboard or
+        # a purge committed before this statement ends the session even if its NOTIFY is late.
+        try:
+            state = await self.plane.tenant_state(self.grant.tenant)
+        except Exception as e:
+            raise PolicyRefusal(AUDIT_UNAVAILABLE_SQLSTATE, "statement refused: the control schema cannot be read, "
+                                "nothing was run", detail=str(e), reason="audit")
+        if state != self._tenant_state:
+            status = "being purged" if state and state[1] is not None else f"now {state[0] if state else 'gone'}"
+            self.terminate(GRANT_ENDED_SQLSTATE, f'terminating connection: tenant "{self.grant.tenant}" is {status}; '
+                                                 "this operator session was ended, nothing was run")
+            raise PolicyRefusal(self.ended[0], self.ended[1], reason="tenant_status")
         note = decision.audit if isinstance(decision.audit, StatementNote) else None
         rec = replace(
             self.context, type=A.STATEMENT, statement_class=decision.statement_class,
@@ -216,6 +241,19 @@ class OperatorSessionGate:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.inner.close()
 
+    def terminate(self, sqlstate: str, message: str) -> None:
+        """End the session (FATAL 57P01), e.g. when its tenant's status changes (the gatekeeper calls it)."""
+        if self.ended is not None:
+            return
+        self.ended = (sqlstate, message)
+        metrics.OPERATOR_SESSIONS_TERMINATED_TOTAL.labels("tenant_status").inc()
+        self._background(replace(self.context, type=A.SESSION_ENDED, detail={"reason": message}))
+        if self._terminate is not None:
+            try:
+                self._terminate(sqlstate, message)
+            except Exception:
+                log.exception("terminator failed")
+
     # ---- internals
 
     def _grant_ended(self, grant_id: int, reason: str) -> None:
@@ -244,18 +282,39 @@ class OperatorSessionGate:
         t.add_done_callback(self._tasks.discard)
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _operator_wording(refusal: Refuse, grant: ActiveGrant) -> Refuse:
+    """The policy engine speaks of "a tenant session"; here it is an operator session under a grant."""
+    if "tenant session" not in refusal.message:
+        return refusal
+    where = f'an operator session (grant {grant.id}, {grant.access} access to tenant "{grant.tenant}")'
+    msg = refusal.message.replace("in a tenant session", f"in {where}").replace("a tenant session", where)
+    return replace(refusal, message=msg)
+
+
+_GRANT_ID = re.compile(r"[0-9]{1,19}")
+MAX_GRANT_ID = 2**63 - 1  # grants.id is a bigint
+
+
 def _grant_id_option(startup: StartupInfo) -> int | None:
+    """``tenantgate.grant`` as a grant number, or SessionRefused 28000 naming the problem.
+
+    Only ASCII digits are accepted (Python's int() would also take "1_0", " +7" or
+    Arabic-Indic digits), and the number must fit a bigint: anything else is refused
+    here, before it reaches a query.
+    """
     raw = startup.options.get(GRANT_OPTION)
     if raw is None or raw.strip() == "":
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {raw!r}: it must be a grant number, "
-                                      "e.g. PGOPTIONS='-c tenantgate.grant=7'")
-    if value <= 0:
-        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {raw!r}: it must be a grant number")
-    return value
+    text = raw.strip()
+    if not _GRANT_ID.fullmatch(text) or int(text) <= 0 or int(text) > MAX_GRANT_ID:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise SessionRefused("28000", f"invalid {GRANT_OPTION} value {shown!r}: it must be a grant number "
+                                      f"between 1 and {MAX_GRANT_ID}, e.g. PGOPTIONS='-c tenantgate.grant=7'")
+    return int(text)
 
 
 async def open_operator_session(
@@ -266,21 +325,38 @@ async def open_operator_session(
     *,
     redact_params: bool | None = None,
     wait_for_outcome: bool = False,
+    hold_session_lock: bool = False,
 ) -> OperatorSessionGate:
     """Bind the session to a grant and return its gate; raises SessionRefused (audited)."""
     try:
         grant_id = _grant_id_option(startup)
         grant = await plane.bind_grant(user.name, grant_id, startup.options.get(TOTP_OPTION))
     except SessionRefused as e:
+        if e.sqlstate == AUTH_FAILED_SQLSTATE:  # wrong or reused TOTP code: the counted attempt stays
+            await plane._audit_quietly(A.AuditRecord(
+                A.AUTH_FAILED, operator=user.name, client_addr=startup.client_addr,
+                session_id=startup.session_id, detail={"why": "totp", "via": "proxy"}))
+        else:
+            await _give_back(plane, user.name, startup.client_addr)
         await plane._audit_quietly(A.AuditRecord(
             A.CONNECTION_REFUSED, operator=user.name, client_addr=startup.client_addr,
             session_id=startup.session_id, sqlstate=e.sqlstate,
             detail={"message": e.message, "grant_option": startup.options.get(GRANT_OPTION)}))
         raise
-    gate = OperatorSessionGate(plane, make_inner(grant), grant, startup, redact_params=redact_params,
+    await _give_back(plane, user.name, startup.client_addr)
+    gate = OperatorSessionGate(plane, make_inner(grant), grant, startup, hold_session_lock=hold_session_lock,
+                               redact_params=redact_params,
                                wait_for_outcome=wait_for_outcome)
     await gate.start()
     return gate
+
+
+async def _give_back(plane: ControlPlane, name: str, client_addr: str | None) -> None:
+    """The person proved who they are: undo the attempt counted by the proxy's AuthGuard."""
+    try:
+        await plane.auth_succeeded(name, client_addr)
+    except Exception as e:  # the session may go on; the count decays with the lockout window
+        log.error("could not reset the authentication throttle of %s: %s", name, e)
 
 
 class RefusalAuditor:

@@ -10,25 +10,30 @@ number of tenantgate instances and CLI invocations share it.  One
     await plane.close()                            # or: async with plane: ...
 
 Who may do what (identities are always proven: :meth:`authenticate_actor`
-checks the password and, when enrolled, the TOTP code):
+checks the password and, when enrolled, a TOTP code that works once; it is
+throttled, see :mod:`proxy.control.identities` and :mod:`proxy.control.throttle`):
 
 * ``request_grant``: any enabled account (operator or approver role).
 * ``approve_grant`` / ``deny_grant``: accounts with the ``approver`` role,
-  never the requester (self-approval is impossible whatever the roles); a
-  grant becomes *approved* once it has ``grants.approvals_required``
-  approvals; one deny denies it.
+  never the requester (self-approval is impossible whatever the roles), nor
+  an account made for or by the requester within the policy's account change
+  window (:func:`proxy.control.accounts.entangled`); a grant becomes
+  *approved* once it has the policy's ``approvals_required`` approvals; one
+  deny denies it.
 * ``revoke_grant``: the requester (giving access up) or any approver.
-* account management (``add_operator``, ``remove_operator``, TOTP for
-  someone else): an approver, or the platform admin via
-  :meth:`platform_admin` (the holder of the control DSN; this is how the
-  very first accounts are made).
+* accounts and the grant policy: change requests another approver approves
+  (:mod:`proxy.control.accounts`); the platform admin (the holder of the
+  control DSN) only bootstraps the first two approvers.
 
 Grant states (Customer Lockbox): pending -> approved | denied | expired |
 revoked; approved -> expired | revoked.  An approved grant runs for its
-requested duration from the moment of approval (capped by
-``grants.max_duration``); a pending one expires after ``grants.pending_ttl``.
-Every state change and its audit record commit in one transaction, and a
-trigger NOTIFYs all instances (see :mod:`proxy.control.watcher`).
+requested duration from the moment of approval.  The grant policy (maximum
+duration, approvals required, pending TTL) is the control schema's
+``grant_policy`` row (:mod:`proxy.control.grant_policy`), read when a grant
+is requested and re-checked when it is approved; the config's ``grants.*``
+only seed it at install.  Every state change and its audit record commit in
+one transaction, and a trigger NOTIFYs all instances (see
+:mod:`proxy.control.watcher`).
 
 For the proxy: :meth:`bind_grant` at connect (raises
 :class:`proxy.seam.SessionRefused`, SQLSTATE 28000, with instructions),
@@ -47,7 +52,6 @@ For other commands: :meth:`authenticate_actor`, :meth:`active_grant_for`
 
 from __future__ import annotations
 
-import getpass
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,10 +62,13 @@ import asyncpg
 
 from proxy import metrics
 from proxy.config import AuditConfig, Config, ConfigError, GrantsConfig, LifecycleConfig
-from proxy.seam import Outcome, SessionKind, SessionRefused, UserRecord
+from proxy.seam import Outcome, SessionRefused, UserRecord
 
 from . import audit as A
-from .credentials import check_password, check_totp, make_verifier, new_totp_secret, totp_uri
+from . import accounts as AC
+from . import throttle as TH
+from .credentials import make_verifier
+from .grant_policy import read_policy, seed_policy
 from .durations import format_duration, parse_duration
 from .schema import check_schema_name, control_schema_installed, install_control_schema, notify_channel
 
@@ -73,6 +80,7 @@ GRANT_STATES = ("pending", "approved", "denied", "expired", "revoked")
 TENANT_STATUSES = ("active", "offboarded", "purged")
 PLATFORM_ADMIN = "platform-admin"
 INVALID_AUTHORIZATION = "28000"
+AUTH_FAILED_SQLSTATE = "28P01"  # invalid_password: what PostgreSQL says for a wrong password
 
 
 # --------------------------------------------------------------------------- errors
@@ -193,12 +201,14 @@ class Tenant:
     offboarded_at: datetime | None
     retention_end: datetime | None
     purged_at: datetime | None
+    purge_started_at: datetime | None = None  # a purge began: no session of the tenant may run
 
     def to_json(self) -> dict:
         iso = lambda d: d.isoformat() if d else None  # noqa: E731
         return {"name": self.name, "status": self.status, "created_at": iso(self.created_at),
                 "updated_at": iso(self.updated_at), "offboarded_at": iso(self.offboarded_at),
-                "retention_end": iso(self.retention_end), "purged_at": iso(self.purged_at)}
+                "retention_end": iso(self.retention_end), "purged_at": iso(self.purged_at),
+                "purge_started_at": iso(self.purge_started_at)}
 
 
 def _grant(row, approvals: Iterable[Approval] = ()) -> Grant:
@@ -206,7 +216,7 @@ def _grant(row, approvals: Iterable[Approval] = ()) -> Grant:
 
 
 def _tenant(row) -> Tenant:
-    return Tenant(**{k: row[k] for k in Tenant.__dataclass_fields__})
+    return Tenant(**{k: row[k] for k in Tenant.__dataclass_fields__ if k in row})
 
 
 def _operator(row) -> Operator:
@@ -230,8 +240,11 @@ def request_hint(tenant: str | None = None) -> str:
 
 # --------------------------------------------------------------------------- the plane
 
+# Imported here, not at the top: identities.py uses the errors and values defined above.
+from .identities import IdentityMethods  # noqa: E402
 
-class ControlPlane:
+
+class ControlPlane(IdentityMethods):
     def __init__(
         self,
         dsn: str,
@@ -249,8 +262,8 @@ class ControlPlane:
         self.grants_cfg = grants or GrantsConfig()
         self.audit_cfg = audit or AuditConfig()
         self.lifecycle_cfg = lifecycle or LifecycleConfig()
-        self.max_duration = parse_duration(self.grants_cfg.max_duration)
-        self.pending_ttl = parse_duration(self.grants_cfg.pending_ttl)
+        # grants.* of the config only seed the control schema's grant_policy at first install
+        parse_duration(self.grants_cfg.max_duration), parse_duration(self.grants_cfg.pending_ttl)
         self.pool_max_size = pool_max_size
         self.pool: asyncpg.Pool | None = None
         self.writer: A.AuditWriter | None = None
@@ -285,6 +298,10 @@ class ControlPlane:
                     raise ConfigError(f"control schema {self.schema!r} is not installed "
                                       "(tenantgate operator add installs it, or install_control_schema())")
                 await install_control_schema(conn, self.schema)
+                await seed_policy(conn, self.s, self.grants_cfg)
+            elif not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{self.s}.grant_policy"):
+                await install_control_schema(conn, self.schema)  # upgrade to v2 (idempotent)
+                await seed_policy(conn, self.s, self.grants_cfg)
         sink = A.JsonlSink(self.audit_cfg.jsonl_path) if self.audit_cfg.jsonl_path else None
         self.writer = A.AuditWriter(self.pool, self.schema, signer=A.signer_from_config(self.audit_cfg),
                                     checkpoint_every=self.audit_cfg.checkpoint_every, sink=sink,
@@ -384,155 +401,6 @@ class ControlPlane:
                                               checkpoint_every=self.audit_cfg.checkpoint_every,
                                               checkpoints_out=signed))
 
-    # ---- operators and identities
-
-    def platform_admin(self) -> Actor:
-        """The holder of the control DSN (bootstrap and account management).  Audited with the OS user."""
-        return Actor(f"{PLATFORM_ADMIN}:{getpass.getuser()}", frozenset({"approver"}), platform_admin=True)
-
-    async def _op_row(self, conn, name: str):
-        return await conn.fetchrow(f"SELECT * FROM {self.s}.operators WHERE name = $1", name)
-
-    async def get_operator(self, name: str) -> Operator | None:
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        return _operator(row) if row else None
-
-    async def list_operators(self) -> list[Operator]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(f"SELECT * FROM {self.s}.operators ORDER BY name")
-        return [_operator(r) for r in rows]
-
-    async def has_approver(self) -> bool:
-        async with self.pool.acquire() as conn:
-            return await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM {self.s}.operators WHERE enabled AND 'approver' = ANY (roles))"
-            )
-
-    def _require_account_admin(self, actor: Actor) -> None:
-        if not (actor.platform_admin or actor.is_approver):
-            raise PermissionDenied(f"{actor.name} may not manage operator accounts (needs the approver role)")
-
-    async def add_operator(self, actor: Actor, name: str, password: str, roles: Iterable[str] = ("operator",)) -> Operator:
-        self._require_account_admin(actor)
-        roles = sorted(set(roles))
-        bad = [r for r in roles if r not in ROLES]
-        if bad or not roles:
-            raise InvalidRequest(f"invalid role(s) {bad or roles}: roles are {', '.join(ROLES)}")
-        verifier = make_verifier(password)
-        async with self._tx() as conn:
-            try:
-                row = await conn.fetchrow(
-                    f"INSERT INTO {self.s}.operators (name, scram_verifier, roles) VALUES ($1, $2, $3) RETURNING *",
-                    name, verifier, roles,
-                )
-            except asyncpg.UniqueViolationError:
-                raise InvalidRequest(f"operator {name!r} already exists")
-            except asyncpg.CheckViolationError:
-                raise InvalidRequest(f"invalid operator name {name!r}: use letters, digits and _ . @ - (max 63)")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_ADDED, operator=actor.name,
-                                                         detail={"account": name, "roles": roles})])
-        return _operator(row)
-
-    async def remove_operator(self, actor: Actor, name: str) -> None:
-        """Delete the account and revoke its pending and approved grants."""
-        self._require_account_admin(actor)
-        async with self._tx() as conn:
-            deleted = await conn.fetchval(f"DELETE FROM {self.s}.operators WHERE name = $1 RETURNING name", name)
-            if deleted is None:
-                raise NotFound(f"operator {name!r} does not exist")
-            revoked = await conn.fetch(
-                f"UPDATE {self.s}.grants SET state = 'revoked', ended_at = now(), ended_by = $2, "
-                f"end_reason = 'operator account removed' "
-                f"WHERE requester = $1 AND state IN ('pending', 'approved') RETURNING id, tenant", name, actor.name,
-            )
-            recs = [A.AuditRecord(A.OPERATOR_REMOVED, operator=actor.name, detail={"account": name})]
-            recs += [A.AuditRecord(A.GRANT_REVOKED, operator=actor.name, grant_id=r["id"], tenant=r["tenant"],
-                                   detail={"reason": "operator account removed"}) for r in revoked]
-            await self._in_tx_audit(conn, recs)
-
-    async def set_password(self, actor: Actor, name: str, password: str) -> None:
-        if actor.name != name:
-            self._require_account_admin(actor)
-        async with self._tx() as conn:
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET scram_verifier = $2, updated_at = now() WHERE name = $1",
-                name, make_verifier(password),
-            )
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
-                                                         detail={"account": name, "change": "password"})])
-
-    async def enrol_totp(self, actor: Actor, name: str) -> tuple[str, str]:
-        """Enrol (or replace) a TOTP secret; returns (secret, otpauth:// URI) to put in an authenticator app."""
-        if actor.name != name:
-            self._require_account_admin(actor)
-        secret = new_totp_secret()
-        async with self._tx() as conn:
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET totp_secret = $2, updated_at = now() WHERE name = $1", name, secret
-            )
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(A.OPERATOR_CHANGED, operator=actor.name,
-                                                         detail={"account": name, "change": "totp enrolled"})])
-        return secret, totp_uri(secret, name)
-
-    async def set_enabled(self, actor: Actor, name: str, enabled: bool) -> None:
-        self._require_account_admin(actor)
-        async with self._tx() as conn:
-            n = await conn.execute(
-                f"UPDATE {self.s}.operators SET enabled = $2, updated_at = now() WHERE name = $1", name, enabled)
-            if n.endswith(" 0"):
-                raise NotFound(f"operator {name!r} does not exist")
-            await self._in_tx_audit(conn, [A.AuditRecord(
-                A.OPERATOR_CHANGED, operator=actor.name,
-                detail={"account": name, "change": "enabled" if enabled else "disabled"})])
-
-    async def verify_password(self, name: str, password: str) -> bool:
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        return bool(row and row["enabled"] and check_password(row["scram_verifier"], password))
-
-    async def verify_totp(self, name: str, code: str | None) -> bool:
-        """True when the account has no TOTP enrolled or ``code`` is current."""
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        if row is None:
-            return False
-        return row["totp_secret"] is None or check_totp(row["totp_secret"], code)
-
-    async def authenticate_actor(self, name: str, password: str, totp_code: str | None = None) -> Actor:
-        """Prove who is acting: password, plus a current TOTP code when enrolled.  Raises AuthenticationFailed."""
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        verifier = row["scram_verifier"] if row is not None else _dummy_verifier()  # same work for unknown names
-        if not check_password(verifier, password or "") or row is None or not row["enabled"]:
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "password"}))
-            raise AuthenticationFailed(f"authentication failed for {name!r}")
-        if row["totp_secret"] is not None and not check_totp(row["totp_secret"], totp_code):
-            await self._audit_quietly(A.AuditRecord(A.AUTH_FAILED, operator=name, detail={"why": "totp"}))
-            raise AuthenticationFailed(
-                f"{name!r} has TOTP enrolled: give a current code with --totp CODE"
-                if not totp_code else f"authentication failed for {name!r}: TOTP code is not valid")
-        return Actor(name, frozenset(row["roles"]))
-
-    async def _audit_quietly(self, record: A.AuditRecord) -> None:
-        try:
-            await self.append(record)
-        except Exception as e:  # the refusal stands either way
-            log.error("could not audit %s: %s", record.type, e)
-
-    async def user_record(self, name: str) -> UserRecord | None:
-        """The operator as a :class:`proxy.seam.UserRecord` (for the proxy's SCRAM exchange)."""
-        async with self.pool.acquire() as conn:
-            row = await self._op_row(conn, name)
-        if row is None or not row["enabled"]:
-            return None
-        return UserRecord(name=row["name"], scram_verifier=row["scram_verifier"], kind=SessionKind.OPERATOR,
-                          totp_secret=row["totp_secret"], roles=frozenset(row["roles"]))
-
     # ---- grants
 
     async def _grant_row(self, conn, grant_id: int, *, lock: bool = False):
@@ -578,18 +446,22 @@ class ControlPlane:
                 raise InvalidRequest(str(e))
         if duration.total_seconds() <= 0:
             raise InvalidRequest("the duration must be positive")
-        if duration > self.max_duration:
-            raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the policy maximum "
-                                 f"{format_duration(self.max_duration)} (grants.max_duration)")
+        if duration.total_seconds() > 2**31 - 1:
+            raise InvalidRequest(f"the duration {format_duration(duration)} is out of range")
         async with self._tx() as conn:
+            # the policy of the control schema, not of the requester's config file
+            policy = await read_policy(conn, self.s)
+            if duration.total_seconds() > policy.max_duration_s:
+                raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the grant policy's maximum "
+                                     f"{format_duration(policy.max_duration_s)} (tenantgate grant policy show)")
             t = await conn.fetchrow(f"SELECT status FROM {self.s}.tenants WHERE name = $1", tenant)
             if t is not None and t["status"] == "purged":
                 raise InvalidRequest(f"tenant {tenant!r} has been purged")
             row = await conn.fetchrow(
                 f"INSERT INTO {self.s}.grants (requester, tenant, access, reason, duration_s, approvals_required, "
-                f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval) RETURNING *",
+                f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) RETURNING *",
                 actor.name, tenant, access, reason.strip(), int(duration.total_seconds()),
-                self.grants_cfg.approvals_required, self.pending_ttl,
+                policy.approvals_required, policy.pending_ttl_s,
             )
             await self._in_tx_audit(conn, [A.AuditRecord(
                 A.GRANT_REQUESTED, operator=actor.name, grant_id=row["id"], tenant=tenant,
@@ -617,10 +489,28 @@ class ControlPlane:
             raise InvalidRequest(f"{actor.name} has already decided on grant {grant_id} ({prior})")
         return row, None
 
+    async def _recheck_policy(self, conn, actor: Actor, row):
+        """At approval: the current grant policy applies, whatever it was when the grant was requested.
+
+        Returns the grant row with ``approvals_required`` raised to the policy's when that is higher."""
+        policy = await read_policy(conn, self.s, lock=True)
+        if row["duration_s"] > policy.max_duration_s:
+            raise PermissionDenied(
+                f"grant {row['id']} asks for {format_duration(row['duration_s'])}, more than the grant policy's "
+                f"maximum {format_duration(policy.max_duration_s)}: deny it and have a shorter one requested")
+        why = await AC.entangled(conn, self.s, policy, actor.name, row["requester"])
+        if why:
+            raise PermissionDenied(why)
+        if policy.approvals_required > row["approvals_required"]:
+            row = await conn.fetchrow(f"UPDATE {self.s}.grants SET approvals_required = $2 WHERE id = $1 "
+                                      f"RETURNING *", row["id"], policy.approvals_required)
+        return row
+
     async def approve_grant(self, actor: Actor, grant_id: int, comment: str | None = None) -> Grant:
         async with self._tx() as conn:
             row, expired = await self._pending_for_decision(conn, actor, grant_id)
             if not expired:
+                row = await self._recheck_policy(conn, actor, row)
                 await conn.execute(
                     f"INSERT INTO {self.s}.approvals (grant_id, approver, decision, comment) "
                     f"VALUES ($1, $2, 'approve', $3)", grant_id, actor.name, comment)
@@ -725,12 +615,13 @@ class ControlPlane:
             op = await self._op_row(conn, operator_name)
             if op is None or not op["enabled"]:
                 raise refuse(f'operator "{operator_name}" is not enabled in tenantgate')
-            if op["totp_secret"] is not None and not check_totp(op["totp_secret"], totp_code):
-                raise refuse(
-                    "a current TOTP code is required" if not totp_code else "the TOTP code is not valid",
-                    hint="Pass it as a startup option: PGOPTIONS='-c tenantgate.totp=123456' psql ...")
+            if op["totp_secret"] is not None and not await TH.consume_totp(
+                    conn, self.s, operator_name, op["totp_secret"], totp_code):
+                # the same error as a wrong password: a guesser learns nothing about which one was wrong
+                raise SessionRefused(AUTH_FAILED_SQLSTATE,
+                                     f'password authentication failed for user "{operator_name}"')
             rows = await conn.fetch(
-                f"SELECT g.*, t.status AS tenant_status FROM {self.s}.grants g "
+                f"SELECT g.*, t.status AS tenant_status, t.purge_started_at FROM {self.s}.grants g "
                 f"LEFT JOIN {self.s}.tenants t ON t.name = g.tenant "
                 f"WHERE g.requester = $1 AND g.state = 'approved' AND g.expires_at > now() "
                 f"AND ($2::bigint IS NULL OR g.id = $2) ORDER BY g.id", operator_name, grant_id)
@@ -750,6 +641,8 @@ class ControlPlane:
         r = rows[0]
         if r["tenant_status"] == "purged":
             raise refuse(f"tenant \"{r['tenant']}\" has been purged")
+        if r["purge_started_at"] is not None:
+            raise refuse(f"tenant \"{r['tenant']}\" is being purged: its sessions were ended")
         return ActiveGrant(r["id"], operator_name, r["tenant"], r["access"], r["expires_at"], r["reason"])
 
     async def active_grant_for(self, actor: Actor, tenant: str, access: str,
@@ -820,7 +713,7 @@ class ControlPlane:
             elif status == "active":
                 row = await conn.fetchrow(
                     f"UPDATE {self.s}.tenants SET status = 'active', updated_at = now(), offboarded_at = NULL, "
-                    f"retention_end = NULL WHERE name = $1 RETURNING *", name)
+                    f"retention_end = NULL, purge_started_at = NULL WHERE name = $1 RETURNING *", name)
             else:
                 row = await conn.fetchrow(
                     f"UPDATE {self.s}.tenants SET status = 'purged', updated_at = now(), "
@@ -833,6 +726,26 @@ class ControlPlane:
             await self._in_tx_audit(conn, [A.AuditRecord(
                 A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, grant_id=grant_id,
                 detail=d)])
+        return _tenant(row)
+
+    async def tenant_state(self, name: str) -> tuple[str, datetime | None] | None:
+        """(status, purge_started_at) read now from the control schema (None: not registered)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT status, purge_started_at FROM {self.s}.tenants WHERE name = $1", name)
+        return (row["status"], row["purge_started_at"]) if row else None
+
+    async def mark_purge_started(self, name: str, *, actor: Actor | None = None, grant_id: int | None = None) -> Tenant:
+        """Before a purge deletes anything: every instance ends the tenant's sessions (NOTIFY
+        status 'purging') and accepts no new one; audited with the change."""
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE {self.s}.tenants SET purge_started_at = coalesce(purge_started_at, now()), updated_at = now() "
+                f"WHERE name = $1 RETURNING *", name)
+            if row is None:
+                raise NotFound(f"tenant {name!r} is not registered")
+            await self._in_tx_audit(conn, [A.AuditRecord(
+                A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, grant_id=grant_id,
+                detail={"status": row["status"], "event": "purge started: sessions ended"})])
         return _tenant(row)
 
     # ---- watching (see proxy.control.watcher)

@@ -152,9 +152,13 @@ BEGIN
         END IF;
     ELSIF TG_TABLE_NAME = 'tenants' THEN
         IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status
-           OR NEW.retention_end IS DISTINCT FROM OLD.retention_end THEN
+           OR NEW.retention_end IS DISTINCT FROM OLD.retention_end
+           OR to_jsonb(NEW) -> 'purge_started_at' IS DISTINCT FROM to_jsonb(OLD) -> 'purge_started_at' THEN
+            -- status 'purging': a purge is about to start, every session of the tenant must end
             PERFORM pg_notify('@channel@', json_build_object(
-                'kind', 'tenant', 'name', NEW.name, 'status', NEW.status,
+                'kind', 'tenant', 'name', NEW.name,
+                'status', CASE WHEN NEW.status <> 'purged' AND to_jsonb(NEW) ->> 'purge_started_at' IS NOT NULL
+                               THEN 'purging' ELSE NEW.status END,
                 'retention_end', NEW.retention_end)::text);
         END IF;
     END IF;
@@ -169,6 +173,79 @@ CREATE TRIGGER tenants_notify AFTER INSERT OR UPDATE ON @schema@.tenants
     FOR EACH ROW EXECUTE FUNCTION @schema@.notify_change();
 
 INSERT INTO @schema@.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+
+-- ---------------------------------------------------------------- oversight (v2)
+-- The grant policy lives here, not in anyone's config file: one row, changed
+-- only through a change request that a second approver approves (see
+-- proxy/control/accounts.py).  Installing seeds it from the installer's
+-- config (grants.*) the first time only.
+CREATE TABLE IF NOT EXISTS @schema@.grant_policy (
+    one                   boolean PRIMARY KEY DEFAULT true CHECK (one),
+    max_duration_s        integer NOT NULL CHECK (max_duration_s > 0),
+    approvals_required    integer NOT NULL CHECK (approvals_required >= 1),
+    pending_ttl_s         integer NOT NULL CHECK (pending_ttl_s > 0),
+    -- an approval by an account created or changed by (or at the request of) the
+    -- requester within this window is refused
+    account_change_window_s integer NOT NULL DEFAULT 604800 CHECK (account_change_window_s >= 0),
+    -- authentication throttling (CLI and proxy): failures before a lockout, per
+    -- account and per client address, counted over lockout_window_s
+    max_failures_account  integer NOT NULL DEFAULT 5 CHECK (max_failures_account >= 1),
+    max_failures_address  integer NOT NULL DEFAULT 20 CHECK (max_failures_address >= 1),
+    lockout_window_s      integer NOT NULL DEFAULT 900 CHECK (lockout_window_s > 0),
+    lockout_s             integer NOT NULL DEFAULT 900 CHECK (lockout_s > 0),
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    updated_by            text
+);
+
+-- Set (by `tenant purge`) before a purge deletes anything: every session of the
+-- tenant is ended and no new one is accepted; cleared if the tenant is restored.
+ALTER TABLE @schema@.tenants ADD COLUMN IF NOT EXISTS purge_started_at timestamptz;
+
+ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS totp_last_step bigint;   -- replay guard
+ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS enrol_token_hash text;   -- sha256 hex of a one-time token
+ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS enrol_expires_at timestamptz;
+
+-- Who was involved in each change of an account (creation, roles, credential
+-- reset, enable): the requester and the approver of the change request, and who
+-- received the enrolment token.  Within grant_policy.account_change_window_s an
+-- approval by that account for one of the involved, or by the token's receiver
+-- for that account, is refused.
+CREATE TABLE IF NOT EXISTS @schema@.account_events (
+    id        bigserial PRIMARY KEY,
+    account   text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    change    text NOT NULL,
+    involved  text[] NOT NULL,
+    token_to  text             -- who received the enrolment token (the approver of the change)
+);
+CREATE INDEX IF NOT EXISTS account_events_account ON @schema@.account_events (account, at);
+
+-- Requests to change accounts or the grant policy; a different approver decides.
+CREATE TABLE IF NOT EXISTS @schema@.change_requests (
+    id            bigserial PRIMARY KEY,
+    kind          text NOT NULL CHECK (kind IN ('account.create', 'account.roles', 'account.reset',
+                                                'account.enable', 'policy.set')),
+    account       text,
+    payload       jsonb NOT NULL DEFAULT '{}',
+    requested_by  text NOT NULL,
+    reason        text,
+    state         text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'approved', 'denied', 'expired')),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    pending_until timestamptz NOT NULL,
+    decided_by    text,
+    decided_at    timestamptz
+);
+
+-- Authentication throttling state, shared by every instance and the CLI.
+-- key: 'account:<name>' or 'address:<ip>'.
+CREATE TABLE IF NOT EXISTS @schema@.auth_throttle (
+    key           text PRIMARY KEY,
+    failures      integer NOT NULL DEFAULT 0,
+    window_start  timestamptz NOT NULL DEFAULT now(),
+    locked_until  timestamptz
+);
+
+INSERT INTO @schema@.schema_version (version) VALUES (2) ON CONFLICT DO NOTHING;
 
 -- Signed checkpoints cannot be truncated away either (the append-only row
 -- trigger above does not fire on TRUNCATE).  The owner can still disable

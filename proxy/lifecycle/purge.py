@@ -17,6 +17,22 @@ so other tenants' queries never wait long on it.
 * **Reported before anything is deleted**: rows of another tenant, or of a
   shared table, that reference the tenant's rows (23503, naming the FK); a
   role that may not delete, or an RLS policy that could hide rows (42501).
+* **Checked again where it holds**: each delete transaction runs at
+  REPEATABLE READ and re-checks, in the snapshot its DELETE uses, that no row
+  outside the tenant references the rows it deletes.  A referencing row
+  committed after that snapshot (or being inserted meanwhile: it holds a
+  key-share lock on its parent row, so the DELETE waits for it) is not in the
+  snapshot, and PostgreSQL's foreign-key actions then refuse to cascade to it
+  (40001, their cross-check snapshot); the batch is rolled back and retried in
+  a new snapshot, whose check finds the reference: 23503, nothing of that
+  batch deleted, never cascaded away.  Needs no privilege beyond SELECT and
+  DELETE (``FOR UPDATE`` would need UPDATE).
+* **No session of the tenant runs during the purge**: every operator session
+  of the tenant holds a shared advisory lock (:func:`sessions_lock_name`) on
+  its backend connection; the purge takes it exclusively before deleting
+  anything (waiting up to ``PurgeOptions.sessions_wait_s`` for the sessions
+  the CLI ended, 55P03 otherwise) and keeps it until the receipt's
+  verification is done.
 * **Resumable and idempotent**: progress is journaled in the same transaction
   as each batch, in ``<journal schema>.purge_journal`` of the data database,
   so after a crash (even kill -9) a rerun continues and the receipt counts
@@ -37,8 +53,10 @@ rerun records the same receipt again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -88,11 +106,21 @@ class PurgeOptions:
     operator: str | None = None
     grant_id: str | None = None
     lock_timeout_ms: int = 5000  # a batch that cannot get its locks fails instead of queueing others
+    sessions_wait_s: float = 30.0  # how long to wait for the tenant's operator sessions to end
+    # test hook: awaited after the first external-reference check, before any delete transaction
+    after_check: Callable[[], Awaitable[None]] | None = None
     signer: object | None = None  # proxy.control.signing.Signer: the receipt is signed with the audit key
+
+
+def sessions_lock_name(tenant: str) -> str:
+    """The advisory lock each operator session of ``tenant`` holds shared (proxy.control.operator_gate)."""
+    return f"tenantgate.sessions:{tenant}"
 
 
 def _raise_if_still_referenced(e: Exception, tenant: str, where: str) -> None:
     """Turn a foreign-key violation during a purge into a LifecycleError that says what to do."""
+    if isinstance(e, LifecycleError):
+        return  # already says it
     if getattr(e, "sqlstate", None) == FK_VIOLATION:
         raise LifecycleError(
             FK_VIOLATION,
@@ -183,21 +211,43 @@ def _leaf_condition(table: TenantTable, schema: TenantSchema) -> str:
     return " AND ".join(parts) if parts else "true"
 
 
-async def _delete_batch(conn, table: TenantTable, tenant: str, limit: int, leaf: str, journal: _Journal) -> int:
+SERIALIZATION_FAILURE = "40001"
+SNAPSHOT_RETRIES = 5
+
+
+async def _in_snapshot(conn, body):
+    """Run ``body()`` in a REPEATABLE READ transaction; retry when a cascade met a newer row (40001)."""
+    for attempt in range(SNAPSHOT_RETRIES):
+        try:
+            async with conn.transaction(isolation="repeatable_read"):
+                return await body()
+        except Exception as e:
+            if getattr(e, "sqlstate", None) != SERIALIZATION_FAILURE or attempt == SNAPSHOT_RETRIES - 1:
+                raise
+
+
+async def _delete_batch(conn, schema: TenantSchema, table: TenantTable, tenant: str, limit: int, leaf: str,
+                        journal: _Journal) -> int:
     pred = table.tenant_predicate(tenant)
-    sql = (
-        f"DELETE FROM {table.qualified} WHERE ctid = ANY(ARRAY("
-        f"SELECT c.ctid FROM {table.qualified} c WHERE {table.tenant_predicate(tenant, 'c')} AND {leaf} LIMIT {int(limit)}"
-        f")) AND {pred}"
-    )
-    async with conn.transaction():
-        n = _n(await conn.execute(sql))
+
+    async def body() -> int:
+        ctids = await conn.fetchval(
+            f"SELECT coalesce(array_agg(ctid), '{{}}') FROM (SELECT c.ctid FROM {table.qualified} c "
+            f"WHERE {table.tenant_predicate(tenant, 'c')} AND {leaf} LIMIT {int(limit)}) b")
+        if not ctids:
+            return 0
+        # same snapshot as the DELETE below: what it finds is what the cascade would reach
+        await _external_references(conn, schema, tenant, only=(table.key, ctids))
+        n = _n(await conn.execute(f"DELETE FROM {table.qualified} WHERE ctid = ANY($1::tid[]) AND {pred}", ctids))
         if n:
             await journal.add(table.key, n)
-    return n
+        return n
+
+    return await _in_snapshot(conn, body)
 
 
-async def _delete_rest(conn, tables: list[TenantTable], tenant: str, journal: _Journal) -> dict[str, int]:
+async def _delete_rest(conn, schema: TenantSchema, tables: list[TenantTable], tenant: str,
+                       journal: _Journal) -> dict[str, int]:
     """Delete all remaining rows of ``tables`` in ONE statement (cycles)."""
     ctes = [
         f"d{i} AS (DELETE FROM {t.qualified} WHERE {t.tenant_predicate(tenant)} RETURNING 1)"
@@ -205,7 +255,9 @@ async def _delete_rest(conn, tables: list[TenantTable], tenant: str, journal: _J
     ]
     counts = ", ".join(f"(SELECT count(*) FROM d{i})" for i in range(len(tables)))
     sql = f"WITH {', '.join(ctes)} SELECT ARRAY[{counts}]"
-    async with conn.transaction():
+    async def body():
+        # re-check in the DELETE's own snapshot (see the module doc)
+        await _external_references(conn, schema, tenant, only_tables={t.key for t in tables})
         try:
             got = await conn.fetchval(sql)
         except Exception as e:
@@ -214,6 +266,9 @@ async def _delete_rest(conn, tables: list[TenantTable], tenant: str, journal: _J
         for t, n in zip(tables, got):
             if n:
                 await journal.add(t.key, int(n))
+        return got
+
+    got = await _in_snapshot(conn, body)
     return {t.key: int(n) for t, n in zip(tables, got)}
 
 
@@ -226,21 +281,29 @@ async def _preflight(conn, schema: TenantSchema) -> None:
                 hint="lifecycle.data_dsn needs SELECT and DELETE on every tenant table")
 
 
-async def _external_references(conn, schema: TenantSchema, tenant: str) -> None:
-    """Refuse (23503) before deleting anything when rows outside the tenant reference its rows.
+async def _external_references(conn, schema: TenantSchema, tenant: str, *,
+                               only: tuple[str, list] | None = None, only_tables: set[str] | None = None) -> None:
+    """Refuse (23503) when rows outside the tenant reference its rows.
 
     Checks every FK into a tenant table: from another tenant's rows of a tenant
-    table, and from any row of a non-tenant (shared) table.
+    table, and from any row of a non-tenant (shared) table.  ``only=(table, ctids)``
+    limits the check to references to those rows of that table (inside a delete
+    transaction, after locking them); ``only_tables`` to references into those tables.
     """
     for fk in schema.foreign_keys + schema.blockers:
+        if only is not None and fk.parent != only[0]:
+            continue
+        if only_tables is not None and fk.parent not in only_tables:
+            continue
         parent = schema.tables[fk.parent]
         child_t = schema.tables.get(fk.child)
         child = child_t.qualified if child_t else ".".join(quote_ident(p) for p in fk.child.split(".", 1))
         on = " AND ".join(f"c.{quote_ident(cc)} = p.{quote_ident(pc)}" for cc, pc in zip(fk.child_columns, fk.parent_columns))
         outside = f" AND NOT coalesce({child_t.tenant_predicate(tenant, 'c')}, false)" if child_t else ""
+        rows = " AND p.ctid = ANY($1::tid[])" if only is not None else ""
         found = await conn.fetchval(
             f"SELECT EXISTS (SELECT 1 FROM {parent.qualified} p JOIN {child} c ON {on} "
-            f"WHERE {parent.tenant_predicate(tenant, 'p')}{outside})"
+            f"WHERE {parent.tenant_predicate(tenant, 'p')}{rows}{outside})", *([only[1]] if only is not None else [])
         )
         if found:
             raise LifecycleError(
@@ -274,7 +337,9 @@ async def purge_tenant(
     lock_key = f"tenantgate.purge:{tenant}"
     if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key):
         raise LifecycleError(LOCK_NOT_AVAILABLE, f'a purge of tenant "{tenant}" is already running')
+    sessions_key = sessions_lock_name(tenant)
     try:
+        await _wait_for_sessions(conn, tenant, sessions_key, options.sessions_wait_s)
         # RLS must not let DELETE or the final count silently skip rows
         await scope_session(conn, schema, tenant, local=False)
         return await _purge(conn, schema, tenant, options, record_receipt, on_batch)
@@ -283,15 +348,30 @@ async def purge_tenant(
             try:
                 await conn.execute("RESET row_security; RESET standard_conforming_strings; RESET lock_timeout")
                 await conn.fetchval("SELECT set_config($1, '', false)", TENANT_GUC)
+                await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", sessions_key)
                 await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
             except Exception:
                 pass
+
+
+async def _wait_for_sessions(conn, tenant: str, key: str, wait_s: float) -> None:
+    """Take the tenant's sessions lock exclusively: every operator session of the tenant has ended."""
+    deadline = time.monotonic() + wait_s
+    while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+        if time.monotonic() >= deadline:
+            raise LifecycleError(
+                LOCK_NOT_AVAILABLE, f'operator sessions of tenant "{tenant}" are still open: nothing was deleted',
+                hint="the purge ended them through the proxies; a proxy that did not hear it still holds one. "
+                     "Run the purge again, or end the session (pg_terminate_backend) first")
+        await asyncio.sleep(0.1)
 
 
 async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dict:
     await conn.execute(f"SET lock_timeout = {int(options.lock_timeout_ms)}")
     await _preflight(conn, schema)
     await _external_references(conn, schema, tenant)
+    if options.after_check is not None:
+        await options.after_check()
     await ensure_journal(conn, options.journal_schema)
     journal = _Journal(conn, options.journal_schema, tenant)
     started = await journal.begin(options.operator, options.grant_id)
@@ -299,7 +379,7 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
     for comp in schema.purge_components():
         tables = [schema.tables[k] for k in comp.tables]
         if comp.is_cycle:
-            for key, n in (await _delete_rest(conn, tables, tenant, journal)).items():
+            for key, n in (await _delete_rest(conn, schema, tables, tenant, journal)).items():
                 if on_batch and n:
                     on_batch(key, n)
             continue
@@ -307,7 +387,7 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
         leaf = _leaf_condition(table, schema)
         while True:
             try:
-                n = await _delete_batch(conn, table, tenant, options.batch_rows, leaf, journal)
+                n = await _delete_batch(conn, schema, table, tenant, options.batch_rows, leaf, journal)
             except Exception as e:
                 _raise_if_still_referenced(e, tenant, table.key)
                 raise
@@ -317,7 +397,7 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
                 continue
             if leaf != "true":
                 # no leaf left: whatever remains is a cycle of self-references
-                got = await _delete_rest(conn, [table], tenant, journal)
+                got = await _delete_rest(conn, schema, [table], tenant, journal)
                 if on_batch and got[table.key]:
                     on_batch(table.key, got[table.key])
             break

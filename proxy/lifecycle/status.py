@@ -1,7 +1,8 @@
 """What a tenant's lifecycle status means for its sessions (for the proxy's gate).
 
-* ``purged``: the tenant's credentials and tokens are refused at connect
-  (:func:`connect_refusal` -> :class:`proxy.seam.SessionRefused`, 28000).
+* ``purged``, or a purge has started (``purge_started_at``): the tenant's
+  credentials and tokens are refused at connect (:func:`connect_refusal` ->
+  :class:`proxy.seam.SessionRefused`, 28000).
 * ``offboarded``: sessions may read and export but not write
   (:func:`write_refusal` -> :class:`proxy.seam.Refuse`, 25006, naming the
   retention end); the gate should also run the backend transaction read-only
@@ -29,6 +30,12 @@ def connect_refusal(tenant) -> SessionRefused | None:
             INVALID_AUTHORIZATION,
             f'tenant "{tenant.name}" has been purged',
             detail="its data was deleted; its credentials and tokens are no longer accepted",
+        )
+    if tenant is not None and getattr(tenant, "purge_started_at", None) is not None:
+        return SessionRefused(
+            INVALID_AUTHORIZATION,
+            f'tenant "{tenant.name}" is being purged',
+            detail="its data is being deleted; no session of it is accepted",
         )
     return None
 
