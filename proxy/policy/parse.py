@@ -52,29 +52,11 @@ class Statement:
 
 
 def tokenize_span(sql: str, start: int, end: int) -> list[Token]:
-    """Tokenize ``sql[start:end]`` keeping absolute positions (the prefix is blanked, not cut)."""
-    padded = " " * start + sql[start:end]
-    try:
-        tokens = DIALECT.tokenize(padded)
-    except TokenError as e:
-        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"statement could not be tokenized: {e}") from None
-    # Cross-check with PostgreSQL's lexical rules: whatever sqlglot skipped between two
-    # tokens must be whitespace or comments, or sqlglot and PostgreSQL disagree.
-    pos = start
-    for tok in tokens:
-        if tok.start > pos and not _is_gap(sql[pos : tok.start]):
-            raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"statement could not be tokenized near {sql[pos:tok.start][:20]!r}")
-        pos = max(pos, tok.end + 1)
-    if pos < end and not _is_gap(sql[pos:end]):
-        raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "statement could not be tokenized at its end")
-    return tokens
+    """sqlglot's tokens of ``sql[start:end]`` at absolute positions, checked token by token
+    against PostgreSQL's own scanner (:mod:`proxy.policy.crosscheck`): any disagreement refuses."""
+    from proxy.policy.crosscheck import sqlglot_tokens
 
-
-def _is_gap(text: str) -> bool:
-    from proxy.policy.lexer import _trim
-
-    s, e = _trim(text, 0, len(text))
-    return s >= e
+    return sqlglot_tokens(DIALECT, sql, start, end)
 
 
 def parse_tokens(sql: str, tokens: list[Token], what: str = "statement") -> exp.Expression:
@@ -103,6 +85,9 @@ def parse_tokens(sql: str, tokens: list[Token], what: str = "statement") -> exp.
     if len(trees) != 1:
         raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{what} did not parse as exactly one statement", reason="parse")
     tree = trees[0]
+    from proxy.policy.crosscheck import reserved_names
+
+    reserved_names(tree)
     if isinstance(tree, exp.Command) or any(isinstance(n, exp.Command) for n in tree.walk()):
         name = str(tree.this).upper() if isinstance(tree, exp.Command) else tokens[0].text.upper()
         raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"{name} statements are not supported by tenantgate",
@@ -140,8 +125,6 @@ def parse_statements(sql: str, *, single: bool = False) -> list[Statement]:
     """
     from proxy.policy.lexer import first_word, split_statements
 
-    if "\x00" in sql:
-        raise PolicyRefusal(SYNTAX_ERROR, "statement contains a NUL character")
     spans = split_statements(sql)
     if single and len(spans) > 1:
         raise PolicyRefusal(SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement")
