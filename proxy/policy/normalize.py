@@ -52,7 +52,7 @@ class Literal:
 
 def number_literals(sql: str) -> tuple[str, list[tuple[int, int]]] | None:
     """(key text with each numeric literal replaced by NUL, literal spans), or None."""
-    if _unmodelled(sql):
+    if _unmodelled(sql) or "\x00" in sql:
         return None
     fullmatch = _NUMBER.fullmatch
     spans = [m.span(1) for m in _TOKENS.finditer(sql) if m.lastindex and fullmatch(m.group(1))]
