@@ -74,7 +74,28 @@ def scan(sql: str) -> tuple[PgToken, ...]:
                 end -= 1
         toks.append(PgToken(t.start, end, t.name, t.kind))
     _check_offsets(sql, toks)
+    _check_comment_continuation(sql, toks)
     return tuple(toks)
+
+
+def _check_comment_continuation(sql: str, toks: list[PgToken]) -> None:
+    """libpg_query's scanner (changed to report comments as tokens) ends a string at a ``--``
+    comment, while the PostgreSQL 15 server joins ``'a' -- c<newline>'b'`` into one string
+    (scan.l: a -- comment is horizontal whitespace in a continuation).  Refuse that form."""
+    for k, t in enumerate(toks):
+        if t.name != "SQL_COMMENT" or k == 0:
+            continue
+        j = k - 1
+        while j >= 0 and toks[j].name in COMMENTS:
+            j -= 1
+        if j < 0 or toks[j].name not in STRINGS or sql[toks[j].start] == "$":
+            continue
+        m = k + 1
+        while m < len(toks) and toks[m].name in COMMENTS:
+            m += 1
+        if m < len(toks) and sql[toks[m].start] == "'":
+            raise PolicyRefusal(SYNTAX_ERROR, "a -- comment between two string constants is not supported by "
+                                "tenantgate (PostgreSQL may join the strings); remove the comment", reason="parse")
 
 
 def _check_offsets(sql: str, toks: list[PgToken]) -> None:

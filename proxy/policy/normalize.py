@@ -34,7 +34,9 @@ def _unmodelled(sql: str) -> bool:
 # fully).  Tokens starting with a letter are never matched: the look-behind only lets a token start
 # where the previous character cannot continue one.
 _TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|(?<![\w$.\x80-\U0010ffff])([\d.][\w$.\x80-\U0010ffff]*)""")
-_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE]\d+)?")
+# digits first: a leading-dot form (.5) is one constant to PostgreSQL but not to sqlglot, so a
+# cache hit never forwards a form that a cold rewrite would refuse
+_NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE]\d+)?")
 QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
 
 
