@@ -166,6 +166,7 @@ def compare(sql: str, pg: list[PgToken], sg: list[Token]) -> None:
         j += 1
     if i != npg:
         raise _refuse(f"token {sql[pg[i].start:pg[i].end][:30]!r} at offset {pg[i].start}")
+    _interval_words(sql, pg)
 
 
 def _is_space(sql: str, a: int, b: int) -> bool:
@@ -174,12 +175,47 @@ def _is_space(sql: str, a: int, b: int) -> bool:
 
 def reserved_names(tree) -> None:
     """Refuse an unquoted name in sqlglot's tree that PostgreSQL reads as a reserved keyword
-    (sqlglot takes some of them for column or table names; PostgreSQL never does)."""
+    (sqlglot takes some of them for column or table names; PostgreSQL never does), and a
+    parameter that sqlglot took for an alias."""
     from sqlglot import exp
 
     for node in tree.find_all(exp.Identifier):
         if not node.quoted and node.this.lower() in _RESERVED:
             raise _refuse(f"{node.this!r} is a reserved word to PostgreSQL, not a name")
+    # PostgreSQL reads INTERVAL as a constant only before a string constant (with an optional
+    # field list); otherwise ``interval`` is a column name and the next word its alias
+    for node in tree.find_all(exp.Interval):
+        this = node.this
+        if not (isinstance(this, exp.Literal) and this.is_string):
+            raise _refuse("INTERVAL is a constant to PostgreSQL only before a quoted string; "
+                          "write '...'::interval")
+    # ``name $1``: PostgreSQL reads a typed constant ($1 cast to type "name"), sqlglot an alias
+    for node in tree.find_all(exp.Parameter, exp.Placeholder):
+        if node.arg_key == "alias" or isinstance(node.parent, exp.TableAlias):
+            raise _refuse("a parameter after a name is a typed constant to PostgreSQL; write $n::type")
+
+
+_INTERVAL_FIELDS = frozenset({"YEAR_P", "MONTH_P", "DAY_P", "HOUR_P", "MINUTE_P", "SECOND_P"})
+
+
+def _interval_words(sql: str, pg: list[PgToken]) -> None:
+    """``INTERVAL 'x' word``: PostgreSQL reads a word other than an interval field as an alias,
+    sqlglot as a unit; and INTERVAL not followed by a string constant is a column name to
+    PostgreSQL.  Refuse both."""
+    for k, t in enumerate(pg):
+        if t.name != "INTERVAL":
+            continue
+        j = k + 1
+        if j < len(pg) and pg[j].name == "ASCII_40":  # INTERVAL (p) 'x'
+            while j < len(pg) and pg[j].name != "ASCII_41":
+                j += 1
+            j += 1
+        if j >= len(pg) or pg[j].name != "SCONST":
+            raise _refuse("INTERVAL is a constant to PostgreSQL only before a quoted string; write '...'::interval")
+        if j + 1 < len(pg):
+            nxt = pg[j + 1]
+            if is_word(sql, nxt) and nxt.name not in _INTERVAL_FIELDS and nxt.kind != "RESERVED_KEYWORD":
+                raise _refuse(f"{sql[nxt.start:nxt.end]!r} after an interval constant is an alias to PostgreSQL")
 
 
 def _reserved() -> frozenset[str]:
