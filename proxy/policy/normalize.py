@@ -8,7 +8,12 @@ tenant column value) are never normalised, and string literals are never normali
 function allowlist looks at some of them, e.g. ``set_config('name', ...)``).
 
 To stay lexically exact the fast scanner gives up (returns None) on anything it does not
-model: block comments, dollar quotes, backslashes (E'' strings), U& escapes.
+model: block comments, dollar quotes, backslashes (E'' strings), U& escapes, NUL.  A normalised
+template is only made on a cache miss where PostgreSQL's scanner confirmed that every
+normalised span is exactly one numeric constant (pipeline.build, lexer.single_numbers); a hit
+differs from that text only inside spans that fully match :data:`_NUMBER`, which PostgreSQL 15
+reads as one numeric constant there, so cache hits need no scan (docs/security.md, "Two
+opinions").
 """
 
 from __future__ import annotations
