@@ -266,3 +266,32 @@ def test_copy_force_null_on_tenant_column_refused(demo):  # noqa: F811
                 cp.write(b'"acme",9102,"x"\n')
         assert info.value.sqlstate == "0A000"
     assert _admin_rows(demo, "SELECT count(*) FROM customers WHERE customer_id = 9102") == [(0,)]
+
+
+# ---- the lexer itself -------------------------------------------------------------------------
+def test_token_offsets_are_characters_and_u_tokens_get_their_end():
+    from proxy.policy.lexer import scan, split_statements, string_value
+
+    sql = "SELECT 'ééé', U&'a\\0062'  /* x */, $1,$2; SELECT E'a'\r\n'\\'b' -- c\n"
+    toks = [t for t in scan(sql) if t.name not in ("C_COMMENT", "SQL_COMMENT")]
+    texts = [sql[t.start:t.end] for t in toks]
+    assert texts[:8] == ["SELECT", "'ééé'", ",", "U&'a\\0062'", ",", "$1", ",", "$2"]
+    cont = toks[-1]
+    assert sql[cont.start:cont.end] == "E'a'\r\n'\\'b'" and string_value(sql, cont) == "a'b"
+    assert [sql[s:e] for s, e in split_statements(sql)] == [sql[:sql.index(";")], "SELECT E'a'\r\n'\\'b'"]
+
+
+def test_escape_string_values_follow_postgresql():
+    from proxy.policy.errors import PolicyRefusal
+    from proxy.policy.lexer import scan, string_value
+
+    def value(lit):
+        sql = "SELECT " + lit
+        return string_value(sql, scan(sql)[1])
+
+    assert value("E'\\x41\\101\\u00e9\\U0001F600\\q\\''") == "AAé😀q'"
+    assert value("'a''b'\n'c'") == "a'bc"
+    assert value("$t$ $$ $t$") == " $$ "
+    for bad in ("E'\\0'", "E'\\xff'", "E'\\ud800'"):
+        with pytest.raises(PolicyRefusal):
+            value(bad)

@@ -52,7 +52,7 @@ class PgToken(NamedTuple):
     kind: str  # NO_KEYWORD, UNRESERVED_KEYWORD, COL_NAME_KEYWORD, TYPE_FUNC_NAME_KEYWORD, RESERVED_KEYWORD
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def scan(sql: str) -> tuple[PgToken, ...]:
     """PostgreSQL's tokens of ``sql`` (comments included); a scanner error is a 42601 refusal."""
     if "\x00" in sql:
@@ -129,7 +129,7 @@ def tokens_in(sql: str, start: int, end: int, *, comments: bool = False) -> list
     return out
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _starts(sql: str) -> list[int]:
     return [t.start for t in scan(sql)]
 
