@@ -36,6 +36,7 @@ _SG_STRINGS = frozenset({
     TokenType.STRING, TokenType.BYTE_STRING, TokenType.NATIONAL_STRING, TokenType.BIT_STRING,
     TokenType.HEX_STRING, TokenType.HEREDOC_STRING, TokenType.RAW_STRING,
 } | ({TokenType.UNICODE_STRING} if hasattr(TokenType, "UNICODE_STRING") else set()))
+_SPLIT_OPS = frozenset({"!~", "!~*", "!~~", "!~~*"})
 _PG_OPS = frozenset({"Op", "TYPECAST", "DOT_DOT", "COLON_EQUALS", "EQUALS_GREATER", "LESS_EQUALS",
                      "GREATER_EQUALS", "NOT_EQUALS"})
 
@@ -146,6 +147,15 @@ def compare(sql: str, pg: list[PgToken], sg: list[Token]) -> None:
             i += 1
             j += 2
             continue
+        if pc == "op" and p.name == "Op" and sql[p.start:p.end] in _SPLIT_OPS:
+            # sqlglot reads PostgreSQL's one operator !~ (and !~*, !~~, !~~*) as ! followed by ~...
+            while j < nsg and sg[j].end + 1 < p.end and _sg_category(sg[j]) == "op" and sg[j + 1].start == sg[j].end + 1:
+                j += 1
+            if j >= nsg or sg[j].end + 1 != p.end or _sg_category(sg[j]) != "op":
+                raise _refuse(f"operator {sql[p.start:p.end]!r}")
+            i += 1
+            j += 1
+            continue
         if pc != sc:
             raise _refuse(f"{sql[p.start:p.end][:30]!r} is a {pc} to PostgreSQL and a {sc} to tenantgate's parser")
         k = i
@@ -180,7 +190,7 @@ def reserved_names(tree) -> None:
     from sqlglot import exp
 
     for node in tree.find_all(exp.Identifier):
-        if not node.quoted and node.this.lower() in _RESERVED:
+        if not node.quoted and node.this.lower() in _RESERVED and node.this.lower() != "default":
             raise _refuse(f"{node.this!r} is a reserved word to PostgreSQL, not a name")
     # PostgreSQL reads INTERVAL as a constant only before a string constant (with an optional
     # field list); otherwise ``interval`` is a column name and the next word its alias
