@@ -6,7 +6,7 @@ PGBIN := /usr/lib/postgresql/15/bin
 STATE_DIR ?= $(CURDIR)/.tenantgate/demo
 LISTEN ?= 127.0.0.1:6432
 
-.PHONY: install run test bench fuzz-rewrite fuzz-wire postgres prometheus clean
+.PHONY: install run test bench fuzz-rewrite fuzz-wire fuzz-lexer postgres prometheus clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,11 @@ fuzz-wire: install postgres
 	TENANTGATE_WIRE_FUZZ_INPUTS=1000000 TENANTGATE_WIRE_FUZZ_EXAMPLES=30000 TENANTGATE_WIRE_FUZZ_LIVE=3000 \
 	  $(BIN)/python -m pytest -p no:cacheprovider tests/test_wire_roundtrip.py tests/test_wire_fuzz.py \
 	  tests/test_wire_fuzz_live.py -x -q
+
+# 1,000,000 token soups through the policy engine; pglast judges every forwarded case, a
+# throwaway PostgreSQL 15 executes every 20th (prints cases/s and disagreements; goal 0)
+fuzz-lexer: install postgres
+	$(BIN)/python tests/lexer_fuzz.py --cases $${LEXER_FUZZ_CASES:-1000000} --start-pg
 
 clean:
 	rm -rf $(VENV) .tenantgate build *.egg-info

@@ -1,4 +1,8 @@
-"""The statement kinds sqlglot does not model, parsed by the proxy itself (on sqlglot tokens).
+"""The statement kinds sqlglot does not model, parsed by the proxy itself.
+
+The parser works on sqlglot tokens that :mod:`proxy.policy.crosscheck` has checked against
+PostgreSQL's own scanner (same spans, same string and identifier values), so a decision here
+is a decision on what PostgreSQL reads.
 
 SET / RESET / SHOW (a safe list of parameters), transaction control, PREPARE / EXECUTE /
 DEALLOCATE, EXPLAIN, DECLARE / FETCH / MOVE / CLOSE, COPY (see :mod:`proxy.policy.copy`).
@@ -77,10 +81,13 @@ def _only_simple(tokens: list[Token], what: str) -> None:
 
 
 def _kw_end(sql: str, start: int) -> int:
-    i = start
-    while i < len(sql) and (sql[i].isalnum() or sql[i] == "_"):
-        i += 1
-    return i
+    """End of the statement's first token (PostgreSQL's scanner)."""
+    from proxy.policy.lexer import token_at
+
+    t = token_at(sql, start)
+    if t is None:
+        raise _refuse("statement could not be read", SYNTAX_ERROR)
+    return t.end
 
 
 def command_piece(sql: str, start: int, end: int, kw: str, inner: InnerHandler) -> Piece:
@@ -341,37 +348,57 @@ def _deallocate(sql, start, end, toks, inner) -> Piece:
 
 # ---- EXPLAIN, cursors -----------------------------------------------------------------------
 _EXPLAIN_WORDS = {"ANALYZE", "ANALYSE", "VERBOSE"}
+# PostgreSQL 15's EXPLAIN options (case-insensitive identifiers, quoted or not)
+_EXPLAIN_OPTIONS = frozenset({"analyze", "analyse", "verbose", "costs", "settings", "buffers", "wal", "timing",
+                              "summary", "format"})
+_EXPLAIN_VALUE_TYPES = {TokenType.STRING, TokenType.NUMBER, TokenType.VAR, TokenType.IDENTIFIER, TokenType.TRUE,
+                        TokenType.FALSE, TokenType.ON}
+
+
+def _option_name(t: Token) -> str:
+    """An option name as PostgreSQL folds it: a quoted identifier exactly, a word lower-cased."""
+    if t.token_type == TokenType.IDENTIFIER:
+        return t.text
+    if t.token_type in (TokenType.STRING, TokenType.HEREDOC_STRING) or not t.text[:1].isalpha():
+        raise _refuse(f"unsupported EXPLAIN option {t.text!r}", FEATURE_NOT_SUPPORTED)
+    return fold_identifier(t.text)
+
+
+def _explain_options(toks: list[Token]) -> tuple[bool, int]:
+    """(ANALYZE requested, index after the option list) for ``( option [value] [, ...] )``."""
+    analyze = False
+    j = 1
+    while True:
+        if j >= len(toks):
+            raise _refuse("unterminated EXPLAIN option list", SYNTAX_ERROR)
+        name = _option_name(toks[j])
+        if name not in _EXPLAIN_OPTIONS:
+            raise _refuse(f'unrecognized EXPLAIN option "{name}"', FEATURE_NOT_SUPPORTED)
+        j += 1
+        value = None
+        if j < len(toks) and toks[j].token_type not in (TokenType.COMMA, TokenType.R_PAREN):
+            v = toks[j]
+            if v.token_type not in _EXPLAIN_VALUE_TYPES and not v.text[:1].isalpha():
+                raise _refuse(f"unsupported value of EXPLAIN option {name}", FEATURE_NOT_SUPPORTED)
+            value = v.text if v.token_type in (TokenType.STRING, TokenType.IDENTIFIER) else v.text.lower()
+            j += 1
+        if name in ("analyze", "analyse") and value not in ("false", "off", "0"):
+            # no value, true, on, 1, and anything PostgreSQL might read as true
+            analyze = True
+        if j >= len(toks):
+            raise _refuse("unterminated EXPLAIN option list", SYNTAX_ERROR)
+        if toks[j].token_type == TokenType.R_PAREN:
+            return analyze, j + 1
+        if toks[j].token_type != TokenType.COMMA:
+            raise _refuse("unsupported EXPLAIN option list", FEATURE_NOT_SUPPORTED)
+        j += 1
 
 
 def _explain(sql, start, end, toks, inner) -> Piece:
     j = 0
     analyze = False
     if toks and toks[0].token_type == TokenType.L_PAREN:
-        depth = 0
-        prev_word = ""
-        while j < len(toks):
-            t = toks[j]
-            if t.token_type == TokenType.L_PAREN:
-                depth += 1
-                if depth > 1:
-                    raise _refuse("unsupported EXPLAIN option", FEATURE_NOT_SUPPORTED)
-            elif t.token_type == TokenType.R_PAREN:
-                depth -= 1
-                if depth == 0:
-                    break
-            elif t.token_type == TokenType.COMMA:
-                pass
-            else:
-                w = _word(t)
-                if w in ("ANALYZE", "ANALYSE"):
-                    analyze = True
-                elif prev_word in ("ANALYZE", "ANALYSE") and w in ("OFF", "FALSE", "0"):
-                    analyze = False
-                if not (t.text.replace("_", "a").isalnum()):
-                    raise _refuse("unsupported EXPLAIN option", FEATURE_NOT_SUPPORTED)
-                prev_word = w
-            j += 1
-        j += 1
+        analyze, j = _explain_options(toks)
     else:
         while j < len(toks) and _word(toks[j]) in _EXPLAIN_WORDS:
             analyze |= _word(toks[j]) in ("ANALYZE", "ANALYSE")

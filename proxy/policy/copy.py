@@ -101,7 +101,7 @@ def copy_piece(sql: str, start: int, end: int, toks: list[Token], inner) -> Piec
         raise UnknownRelation(shown)
     if rel.classification == "denied":
         raise _refuse(f"permission denied for relation {rel.qualified}: {rel.reason}", INSUFFICIENT_PRIVILEGE)
-    fmt = _parse_options(options, "text")
+    fmt = _parse_options(options, "text", rules.tenant_column if direction == "FROM" else None)
     if direction == "TO":
         piece = Piece(statement_class="read")
         if rel.classification == "tenant":
@@ -166,7 +166,16 @@ def _string(t: Token, what: str) -> str:
     return t.text
 
 
-def _parse_options(toks: list[Token], default_format: str) -> dict:
+def _column_list(val: list[Token], key: str) -> list[str]:
+    if len(val) < 3 or val[0].token_type != TokenType.L_PAREN or val[-1].token_type != TokenType.R_PAREN:
+        raise _refuse(f"COPY option {key} needs a column list")
+    inner = val[1:-1]
+    if any(t.token_type != TokenType.COMMA for t in inner[1::2]) or len(inner) % 2 == 0:
+        raise _refuse(f"unsupported column list in COPY option {key}")
+    return [_ident(t) for t in inner[0::2]]
+
+
+def _parse_options(toks: list[Token], default_format: str, tenant_column: str | None = None) -> dict:
     opts: dict = {"format": default_format, "header": False}
     raw: dict[str, str] = {}
     if toks and _word(toks[0]) == "WITH":
@@ -202,7 +211,17 @@ def _parse_options(toks: list[Token], default_format: str) -> dict:
                     raw["header"] = "match"
                 else:
                     raw["header"] = "true" if v in ("true", "on", "1") else "false" if v in ("false", "off", "0") else "?"
-            elif key in ("freeze", "force_quote", "force_not_null", "force_null"):
+            elif key in ("force_not_null", "force_null"):
+                # they change which fields become NULL: only columns other than the tenant
+                # column, named in a plain list, leave the row check exact
+                if tenant_column is None:
+                    continue  # COPY TO: PostgreSQL refuses them itself
+                names = _column_list(val, key)
+                if tenant_column in names:
+                    raise _refuse(f"COPY option {key} on the tenant column {tenant_column} is not supported "
+                                  "through tenantgate")
+                continue
+            elif key in ("freeze", "force_quote"):
                 continue
             else:
                 raise _refuse(f"COPY option {key} is not supported through tenantgate")

@@ -2,9 +2,11 @@
 
 Pure Python, no sockets, no I/O.  The passes, one module each, run in order:
 
-    lexer.split_statements    -> exact statement boundaries (PostgreSQL's lexical rules); U&"..."
-                                 identifiers and strings decoded (lexer.decode_unicode_escapes)
-    parse.parse_tokens        -> sqlglot tree with token positions (exp.Command/parse errors refused)
+    lexer.split_statements    -> exact statement boundaries from PostgreSQL's own scanner (pglast);
+                                 U&"..." identifiers and strings decoded (lexer.decode_unicode_escapes);
+                                 the text must parse with PostgreSQL's grammar (lexer.statement_count)
+    parse.parse_tokens        -> sqlglot tree with token positions; sqlglot's tokens are cross-checked
+                                 against PostgreSQL's (crosscheck.py), exp.Command/parse errors refused
     commands.command_piece    -> SET/SHOW/RESET, transactions, PREPARE/EXECUTE/DEALLOCATE, EXPLAIN,
                                  DECLARE/FETCH/CLOSE, COPY (copy.py): the proxy's own small parser
     classify.classify         -> statement kind (read/write), refuses DDL and everything else

@@ -8,7 +8,12 @@ tenant column value) are never normalised, and string literals are never normali
 function allowlist looks at some of them, e.g. ``set_config('name', ...)``).
 
 To stay lexically exact the fast scanner gives up (returns None) on anything it does not
-model: block comments, dollar quotes, backslashes (E'' strings), U& escapes.
+model: block comments, dollar quotes, backslashes (E'' strings), U& escapes, NUL.  A normalised
+template is only made on a cache miss where PostgreSQL's scanner confirmed that every
+normalised span is exactly one numeric constant (pipeline.build, lexer.single_numbers); a hit
+differs from that text only inside spans that fully match :data:`_NUMBER`, which PostgreSQL 15
+reads as one numeric constant there, so cache hits need no scan (docs/security.md, "Two
+opinions").
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ def _unmodelled(sql: str) -> bool:
 # fully).  Tokens starting with a letter are never matched: the look-behind only lets a token start
 # where the previous character cannot continue one.
 _TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|(?<![\w$.\x80-\U0010ffff])([\d.][\w$.\x80-\U0010ffff]*)""")
-_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE]\d+)?")
+# digits first: a leading-dot form (.5) is one constant to PostgreSQL but not to sqlglot, so a
+# cache hit never forwards a form that a cold rewrite would refuse
+_NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE]\d+)?")
 QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
 
 
@@ -52,7 +59,7 @@ class Literal:
 
 def number_literals(sql: str) -> tuple[str, list[tuple[int, int]]] | None:
     """(key text with each numeric literal replaced by NUL, literal spans), or None."""
-    if _unmodelled(sql):
+    if _unmodelled(sql) or "\x00" in sql:
         return None
     fullmatch = _NUMBER.fullmatch
     spans = [m.span(1) for m in _TOKENS.finditer(sql) if m.lastindex and fullmatch(m.group(1))]

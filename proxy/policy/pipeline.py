@@ -25,7 +25,7 @@ from proxy.policy.errors import (
     PolicyRefusal,
 )
 from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
-from proxy.policy.lexer import decode_unicode_escapes, first_word, split_statements
+from proxy.policy.lexer import decode_unicode_escapes, first_word, single_numbers, split_statements, statement_count
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
 from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
 from proxy.policy.pg_syntax import reduce_tokens
@@ -184,10 +184,12 @@ class Pipeline:
         snapshot = self.catalog_manager.snapshot
         original = sql
         try:
+            # PostgreSQL's own scanner and grammar first (proxy.policy.lexer): statement
+            # boundaries from its tokens, and a text its grammar rejects is refused here
             sql = decode_unicode_escapes(sql)
             spans = split_statements(sql)
-            if "\x00" in sql:
-                raise PolicyRefusal(SYNTAX_ERROR, "statement contains a NUL character")
+            if statement_count(sql) != len(spans):
+                raise PolicyRefusal(SYNTAX_ERROR, "statement boundaries could not be determined exactly")
             if origin == Origin.PARSE and len(spans) > 1:
                 raise PolicyRefusal(SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement")
             if not spans:
@@ -222,7 +224,9 @@ class Pipeline:
             and all(first_word(sql, s) in QUERY_KEYWORDS for s, _ in spans)
         ):
             norm = number_literals(sql)
-            if norm is not None:
+            # a normalised template only where PostgreSQL's scanner confirms that every
+            # normalised span is exactly one numeric constant (see normalize.py)
+            if norm is not None and single_numbers(sql, norm[1]):
                 norm_parts = literal_parts(sql, edits, norm[1])
         return Template(
             norm_parts=norm_parts,
