@@ -99,7 +99,10 @@ def e_string(g):
 
 
 def string_continuation(g):
-    sep = g.pick(["\n", " \n ", " -- a comment\n", "\n-- a comment\n", "\t\n\t"])
+    # A -- comment between the pieces is also a continuation for the PostgreSQL 15 server, but
+    # libpg_query's scanner ends the string there; tenantgate refuses that form (42601, fail
+    # closed: docs/limitations.md), tested in test_continuation_across_comment_is_refused.
+    sep = g.pick(["\n", " \n ", "\r\n", "\n\n", "\t\n\t"])
     a, b = g.pick([("cust-", "A-1"), ("op", "en"), ("", "north"), ("cust-A", "-3")])
     col, table = (("name", "customers") if a.startswith("cust") else ("status", "orders") if b == "en"
                   else ("region", "customers"))
