@@ -126,7 +126,8 @@ async def initialize(cluster: PgCluster, state: DemoState) -> None:
     apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"),
                     backstop_key=state.backstop_key())
     state.data["backstop"] = True
-    plane = ControlPlane(control_dsn(cluster, state), audit=AuditConfig(signing_key_file=str(signing_key(state))))
+    plane = ControlPlane(control_dsn(cluster, state), audit=AuditConfig(
+        signing_key_file=str(signing_key(state)), witness_file=str(witness_file(state))))
     await plane.start(install=True)
     try:
         admin = plane.platform_admin()
@@ -143,6 +144,11 @@ async def initialize(cluster: PgCluster, state: DemoState) -> None:
 
 def control_dsn(cluster: PgCluster, state: DemoState) -> str:
     return cluster.dsn("tenantgate_control", state.secret("tenantgate_control"), DEMO_DB)
+
+
+def witness_file(state: DemoState) -> Path:
+    """The demo's audit witness (JSON lines of signed checkpoints, beside the state)."""
+    return state.dir / "audit-witness.jsonl"
 
 
 def signing_key(state: DemoState) -> Path:
@@ -173,7 +179,8 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
         "rules_file": str(RULES_FILE),
         "tokens": {"hmac_key": state.secret("token_key", 32)},  # HS256 wants a key of at least 32 bytes
         "control": {"dsn": control_dsn(cluster, state)},
-        "audit": {"signing_key_file": str(signing_key(state))},
+        # checkpoints also go to a witness file outside the database (docs/operator-access.md)
+        "audit": {"signing_key_file": str(signing_key(state)), "witness_file": str(witness_file(state))},
         "backstop": {"key": state.backstop_key()},  # the PostgreSQL backstop's key (proxy/backstop.py)
         # export/import/purge read and delete tenant rows and keep a purge journal; in the demo
         # they run as the cluster's superuser (production: a dedicated role, see docs/lifecycle.md)
