@@ -456,7 +456,10 @@ class _Injector:
 
     def refuse_tenant_assignment(self, assignments: list[exp.Expression], what: str) -> None:
         for a in assignments:
-            targets = a.this.expressions if isinstance(a.this, exp.Tuple) else [a.this]
+            target = a.this
+            if isinstance(target, exp.Paren):  # SET (a) = ROW(...) / (SELECT ...): one column
+                target = target.this
+            targets = target.expressions if isinstance(target, exp.Tuple) else [target]
             for t in targets:
                 name = t.this if isinstance(t, exp.Column) else t
                 if not isinstance(name, exp.Identifier):
@@ -818,7 +821,8 @@ class _Injector:
                 self.handle_delete(node)
             elif isinstance(node, exp.Table) and isinstance(node.this, exp.Identifier):
                 self.handle_table(node)
-            elif isinstance(node, exp.Table) and node.this is None:
+            elif isinstance(node, exp.Table) and node.this is None and not node.args.get("rows_from"):
+                # (ROWS FROM (f(...), ...): its items are function tables, walked like any other)
                 raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "unsupported FROM item")
         self.apply_predicates()
         if self.out.tenant_relations:
