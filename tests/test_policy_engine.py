@@ -581,3 +581,14 @@ def test_only_client_encodings_that_keep_ascii_bytes_ascii(engine, encoding, ok)
     assert isinstance(d, Forward) == ok, d
     if not ok:
         assert d.sqlstate == "0A000"
+
+
+def test_one_column_row_assignment_cannot_change_the_tenant_column(engine):
+    """SET (col) = ROW(...) is allowed for ordinary columns, never for the tenant column."""
+    out = fwd(engine, "UPDATE orders SET (amount) = ROW(amount + 1) WHERE id = 1")
+    assert "'acme'" in out
+    for sql in ("UPDATE orders SET (tenant_id) = ROW('globex')",
+                "UPDATE orders SET (tenant_id) = (SELECT 'globex')",
+                "UPDATE orders SET (amount, tenant_id) = (1, 'globex')"):
+        r = refused(engine, sql)
+        assert r.sqlstate in ("42501", "0A000"), (sql, r)
