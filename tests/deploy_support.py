@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import pwd
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -150,3 +153,25 @@ class Relay:
 
     def dsn(self, user: str, password: str, database: str, sslmode: str = "require") -> str:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}?sslmode={sslmode}"
+
+
+@contextlib.contextmanager
+def hardened_cluster_with_relay(prefix: str, name: str):
+    """A hardened cluster (not under pytest's basetemp: concurrent pytest runs reset
+    /tmp/pytest-of-<user> to 0700, and the postgres OS user must reach the cluster directory)
+    whose pg_hba lets 127.0.0.2 in, plus a TCP relay from that address; yields (cluster, relay)."""
+    from proxy.bootstrap import install_hba
+
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, 0o755)
+    cluster = make_hardened_cluster(base, name)
+    relay = None
+    try:
+        install_hba(cluster, "127.0.0.2", database="all", local_auth="trust")
+        relay = Relay(cluster.host, cluster.port, source="127.0.0.2").start()
+        yield cluster, relay
+    finally:
+        if relay:
+            relay.stop()
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)

@@ -8,36 +8,19 @@ cluster-wide).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 import uuid
 
 import pytest
 
-from deploy_support import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn
+from deploy_support import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, hardened_cluster_with_relay, socket_admin_dsn
 from proxy.bootstrap import apply_bootstrap, install_hba, scram_verifier
 from proxy.doctor import diagnose
 
 
 @pytest.fixture(scope="module")
 def env():
-    # not under pytest's basetemp: concurrent pytest runs reset /tmp/pytest-of-<user> to 0700,
-    # and the postgres OS user must reach the cluster directory
-    base = Path(tempfile.mkdtemp(prefix="tenantgate-doctor-pg-"))
-    os.chmod(base, 0o755)
-    cluster = make_hardened_cluster(base, "doctor")
-    relay = None
-    try:
-        install_hba(cluster, "127.0.0.2", database="all", local_auth="trust")
-        relay = Relay(cluster.host, cluster.port, source="127.0.0.2").start()
-        yield cluster, relay
-    finally:
-        if relay:
-            relay.stop()
-        cluster.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+    with hardened_cluster_with_relay("tenantgate-doctor-pg-", "doctor") as cluster_relay:
+        yield cluster_relay
 
 
 @pytest.fixture

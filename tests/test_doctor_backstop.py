@@ -8,37 +8,22 @@ that check fail.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 
 from deploy_support import (
-    APP_PASSWORD, BACKSTOP_KEY, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn,
+    APP_PASSWORD, BACKSTOP_KEY, CONTROL_PASSWORD, DEMO_SCHEMA, hardened_cluster_with_relay, socket_admin_dsn,
 )
-from proxy.bootstrap import apply_bootstrap, install_hba
+from proxy.bootstrap import apply_bootstrap
 from proxy.doctor import diagnose
 from proxy.doctor_backstop import CHANNELS
 
 
 @pytest.fixture(scope="module")
 def env():
-    base = Path(tempfile.mkdtemp(prefix="tenantgate-doctor-bs-"))
-    os.chmod(base, 0o755)
-    cluster = make_hardened_cluster(base, "doctorbs")
-    relay = None
-    try:
-        install_hba(cluster, "127.0.0.2", database="all", local_auth="trust")
-        relay = Relay(cluster.host, cluster.port, source="127.0.0.2").start()
-        yield cluster, relay
-    finally:
-        if relay:
-            relay.stop()
-        cluster.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+    with hardened_cluster_with_relay("tenantgate-doctor-bs-", "doctorbs") as cluster_relay:
+        yield cluster_relay
 
 
 @pytest.fixture
