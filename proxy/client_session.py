@@ -97,6 +97,19 @@ log = logging.getLogger("tenantgate.session")
 FORWARDED_STARTUP_PARAMS = frozenset(
     {"application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"}
 )
+
+# Fire-and-forget tasks (cancel delivery, audit, gate close): the event loop keeps only weak
+# references to tasks, so one that is waiting could be garbage-collected mid-flight ("Task was
+# destroyed but it is pending"); this set holds them until they finish.
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
+    task = loop.create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
+
 _STANDARD_PARAMS = FORWARDED_STARTUP_PARAMS | {"user", "database", "options", "replication"}
 
 MARKER_PREFIX = "tenantgate_refused_"
@@ -1101,7 +1114,7 @@ class ClientSession(asyncio.Protocol):
             self._blocked = True
             self._flush_backend()
             self._pause_client()
-            self.loop.create_task(self._warm_up_forked(t, payload, pair))
+            _spawn(self.loop, self._warm_up_forked(t, payload, pair))
             return None
         if self._seg_done < self._seg_sent:
             # the gate must not be checked in another thread while a ReadyForQuery for this
@@ -1111,7 +1124,7 @@ class ClientSession(asyncio.Protocol):
         self._blocked = True
         self._flush_backend()
         self._pause_client()
-        self.loop.create_task(self._analyse_off_loop(t, payload, sql, origin))
+        _spawn(self.loop, self._analyse_off_loop(t, payload, sql, origin))
         return None
 
     async def _warm_up_forked(self, t: bytes, payload: bytes, pair) -> None:
@@ -1485,7 +1498,7 @@ class ClientSession(asyncio.Protocol):
                     refuse: Callable[[Refuse], None]) -> None:
         self._blocked = True
         self._flush_backend()
-        self.loop.create_task(self._audit_task(decision, params, forward, refuse))
+        _spawn(self.loop, self._audit_task(decision, params, forward, refuse))
 
     async def _audit_task(self, decision, params, forward, refuse) -> None:
         try:
@@ -1782,7 +1795,7 @@ class ClientSession(asyncio.Protocol):
             if not self.inflight or self._cancels_pending:  # nothing running, or a cancel already on its way
                 return
             self._cancels_pending += 1
-        self.loop.create_task(self._deliver_cancel(b))
+        _spawn(self.loop, self._deliver_cancel(b))
 
     async def _deliver_cancel(self, b: BackendConnection) -> None:
         try:
@@ -1851,7 +1864,7 @@ class ClientSession(asyncio.Protocol):
         if b is not None:
             busy = self.inflight or self.fstate.phase is Phase.COPY_IN
             if cancel_running and busy and not b.protocol.closed:
-                self.loop.create_task(send_cancel(self.config.backend, b.pid, b.secret))
+                _spawn(self.loop, send_cancel(self.config.backend, b.pid, b.secret))
             sc = self.sconn
             if sc is not None:
                 clean = not (busy or self._pinned or self._unsynced or self._settings_dirty or self._swallowing
@@ -1876,7 +1889,7 @@ class ClientSession(asyncio.Protocol):
             CLIENT_CONNECTIONS.labels(kind=self.kind_label).dec()
         gate = self.gate
         if gate is not None:
-            self.loop.create_task(self._close_gate(gate))
+            _spawn(self.loop, self._close_gate(gate))
         self.server.session_ended(self)
 
     async def _close_gate(self, gate) -> None:

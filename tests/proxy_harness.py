@@ -128,6 +128,13 @@ class RunningProxy:
             return
         self._ready.set()
         loop.run_forever()
+        # as asyncio.run does: cancel what is still pending (e.g. a cancel request on its way to
+        # PostgreSQL when the test stopped the proxy) and let it finish before closing the loop
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 

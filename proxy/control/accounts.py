@@ -292,7 +292,7 @@ async def _apply(plane, conn, req: ChangeRequest, actor: "Actor", policy: GrantP
     recs: list[A.AuditRecord] = []
     token = None
     if req.kind in ("account.create", "account.reset"):
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_hex(24)  # never starts with "-" (a CLI argument)
         unusable = make_verifier(secrets.token_urlsafe(32))  # nobody knows it: the person enrols
         if req.kind == "account.create":
             try:
