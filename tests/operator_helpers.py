@@ -253,3 +253,11 @@ class Admin:
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every tenant row, to show that nothing changed."""
         return {t: self.rows(f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in ("customers", "orders", "order_items")}
+
+
+DEMO_OPERATORS = ("alice", "bob", "carol")
+
+
+def demo_tenantgate(demo) -> "Tenantgate":
+    """The CLI driven as the demo's operators (passwords from the demo's state)."""
+    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in DEMO_OPERATORS})

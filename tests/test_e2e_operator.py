@@ -31,7 +31,7 @@ import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from operator_helpers import CONTROL, ROOT, Admin, LivePsql, Tenantgate, conninfo, pg_options, psql_once
+from operator_helpers import CONTROL, ROOT, Admin, LivePsql, Tenantgate, demo_tenantgate, conninfo, pg_options, psql_once
 from proxy.pgcluster import free_port
 from proxy_harness import wait_until
 
@@ -46,7 +46,7 @@ REQUEST_HINT = "tenantgate grant request"
 
 @pytest.fixture(scope="module")
 def tg(demo):  # noqa: F811
-    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in ("alice", "bob", "carol")})
+    return demo_tenantgate(demo)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from demo_support import demo  # noqa: F401  (session fixture)
 from e2e_helpers import RawClient, admin_rows, errors, fresh_ids
-from operator_helpers import CONTROL, Admin, Tenantgate, pg_options
+from operator_helpers import CONTROL, Admin, demo_tenantgate, pg_options
 from pool_support import serve_pooled
 from proxy.wire import messages as m
 
@@ -148,7 +148,7 @@ def test_an_error_at_every_position_of_a_pipeline(demo, acme, position):  # noqa
 
 @pytest.fixture(scope="module")
 def tg(demo):  # noqa: F811
-    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in ("alice", "bob")})
+    return demo_tenantgate(demo)
 
 
 @pytest.fixture(scope="module")

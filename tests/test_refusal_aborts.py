@@ -14,7 +14,7 @@ import pytest
 
 from demo_support import demo  # noqa: F401  (session fixture)
 from e2e_helpers import RawClient, admin_rows, fresh_ids
-from operator_helpers import Tenantgate, pg_options
+from operator_helpers import demo_tenantgate, pg_options
 from pool_support import serve_pooled
 from proxy.wire import messages as m
 
@@ -30,7 +30,7 @@ def session_px(demo, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def tg(demo):  # noqa: F811
-    return Tenantgate(demo.config_path, {n: demo.password(f"operator:{n}") for n in ("alice", "bob")})
+    return demo_tenantgate(demo)
 
 
 @pytest.fixture(scope="module")
