@@ -60,7 +60,6 @@ from proxy.seam import (
     SessionKind,
     SessionRefused,
     StartupInfo,
-    client_encoding_is_safe,
 )
 from proxy.wire import messages as m
 from proxy.wire.backend import (
@@ -77,6 +76,7 @@ from proxy.wire.backend import (
 )
 from proxy.wire.buffer import AUTH_MESSAGE_MAX, PREAUTH_BUFFER_MAX, ReceiveBuffer
 from proxy.wire.errors import ProtocolError
+from proxy.policy.startup_settings import StartupRefusal, split_startup
 from proxy.wire.frontend import Action, FrontendState, Phase
 from proxy.wire.startup import (
     CancelRequest,
@@ -92,11 +92,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("tenantgate.session")
 
-#: startup parameters passed on to PostgreSQL (lower-case names); everything
-#: else (``options`` included) only goes to the policy via StartupInfo.options
-FORWARDED_STARTUP_PARAMS = frozenset(
-    {"application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"}
-)
 
 # Fire-and-forget tasks (cancel delivery, audit, gate close): the event loop keeps only weak
 # references to tasks, so one that is waiting could be garbage-collected mid-flight ("Task was
@@ -110,7 +105,6 @@ def _spawn(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
     task.add_done_callback(_BACKGROUND.discard)
     return task
 
-_STANDARD_PARAMS = FORWARDED_STARTUP_PARAMS | {"user", "database", "options", "replication"}
 
 MARKER_PREFIX = "tenantgate_refused_"
 FUNCTION_CALL_REFUSAL = Refuse(
@@ -233,6 +227,8 @@ class ClientSession(asyncio.Protocol):
         "_unsynced",
         "_waiter",
         "_wanted",
+        "_connect_settings",
+        "_settings_reset",
         "_wanted_epoch",
         "application_name",
         "audited",
@@ -323,6 +319,8 @@ class ClientSession(asyncio.Protocol):
         self.sconn: ServerConn | None = None  # the pooled connection while lent to this session
         self._last_sconn: ServerConn | None = None
         self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
+        self._connect_settings: dict[str, str] = {}  # connection-time settings: RESET ALL's values
+        self._settings_reset = False  # a RESET ALL / DISCARD ALL ran since the last read-back
         self._bkey: bytes | None = None  # the backstop key, when the gate binds connections (proxy/backstop.py)
         self._binder = None  # session mode: the backend connection's BackendBinder
         self._wanted_epoch = None  # the gate's tenant_epoch _wanted was last updated for
@@ -488,7 +486,6 @@ class ClientSession(asyncio.Protocol):
         user = pkt.user
         self.user = user
         self.database = pkt.database
-        self.application_name = params.get("application_name")
         record = await server.gatekeeper.users.lookup(user)
         peer = self.transport.get_extra_info("peername")
         client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unix"
@@ -526,14 +523,21 @@ class ClientSession(asyncio.Protocol):
             self._start_admin_console(record)
             return
 
-        options: dict[str, str] = {}
-        for k, v in params.items():
-            if k.lower() not in _STANDARD_PARAMS:
-                options[k] = v
-        options.update(parse_options(params.get("options", "")))
+        # connection-time settings (startup packet and options=-c): the SET-able ones are applied
+        # as PostgreSQL would, tenantgate.* go to the gate, anything else refuses the connection
+        passthrough = record is not None and record.kind is SessionKind.PASSTHROUGH
+        try:
+            startup = split_startup(params, parse_options(params.get("options", "")), strict=not passthrough)
+        except StartupRefusal as e:
+            raise _Fatal(e.sqlstate, e.message, None, e.hint, outcome="refused")
+        if cfg.backend.database and pkt.database != cfg.backend.database:
+            # tenantgate fronts one database: any other name does not exist here (as in PostgreSQL)
+            raise _Fatal("3D000", f'database "{pkt.database}" does not exist', None,
+                         f'connect to database "{cfg.backend.database}"', outcome="refused")
+        self.application_name = startup.settings.get("application_name")
         info = StartupInfo(
-            user=user, database=pkt.database, client_addr=client_addr, options=options,
-            application_name=params.get("application_name"), session_id=self.session_id, tls=self.tls,
+            user=user, database=pkt.database, client_addr=client_addr, options=startup.gate_options,
+            application_name=self.application_name, session_id=self.session_id, tls=self.tls,
         )
         try:
             gate = await server.gatekeeper.open_session(record, info)
@@ -547,12 +551,7 @@ class ClientSession(asyncio.Protocol):
         self.kind_label = getattr(gate.kind, "value", str(gate.kind))
         gate.set_terminator(self._terminator)
 
-        forwarded = {k: v for k, v in params.items() if k.lower() in FORWARDED_STARTUP_PARAMS}
-        encoding = next((v for k, v in forwarded.items() if k.lower() == "client_encoding"), None)
-        if encoding is not None and not client_encoding_is_safe(encoding):
-            # statement text is read as UTF-8; this encoding would make PostgreSQL see other SQL
-            raise _Fatal("0A000", f"client_encoding {encoding!r} is not supported through tenantgate",
-                         None, "set client_encoding=UTF8 (PGCLIENTENCODING=UTF8)", outcome="refused")
+        forwarded = startup.settings
         database = cfg.backend.database or pkt.database
         if gate.kind is SessionKind.TENANT and cfg.pool_mode_for(user, pkt.database) == "transaction":
             backend = await self._start_pooled(gate, database, forwarded)
@@ -613,8 +612,10 @@ class ClientSession(asyncio.Protocol):
         settings = self._gate_settings()
         names = tuple(getattr(gate, "tracked_parameters", ())) + tuple(sorted(settings))
         self._probe_names = self.pool.probe_names.setdefault(names, names)  # one shared tuple per pool
-        self._wanted = {k.lower(): v for k, v in forwarded.items()}
+        self._connect_settings = {k.lower(): v for k, v in forwarded.items()}
+        self._wanted = dict(self._connect_settings)
         self._wanted.update(settings)
+        gate.pooled = True  # RESET ALL / DISCARD ALL are followed by a settings read-back
         try:
             sc = await self.pool.acquire(self.config.pool.queue_timeout_s)
         except PoolTimeout as e:
@@ -795,6 +796,14 @@ class ClientSession(asyncio.Protocol):
         self.inflight.append(_Entry(b"W"))
         self._seg_sent += 1
         sql = varcache.probe_sql(self._probe_names)
+        if self._settings_reset:
+            # RESET ALL / DISCARD ALL ran: put back what PostgreSQL's reset values would be (the
+            # connection-time settings) and the proxy's own, before anything else runs here
+            self._settings_reset = False
+            restore = dict(self._connect_settings)
+            restore.update(self.gate.backend_settings())
+            if restore:
+                sql = f"{varcache.apply_sql(restore, ())}; {sql}"
         binder = self.sconn.binder if self._bkey is not None else None
         if binder is not None:  # a SET may have switched the tenant: bind before reading back
             sql = f"{binder.sql(*self.gate.backstop_binding())}; {sql}"
@@ -1259,6 +1268,8 @@ class ClientSession(asyncio.Protocol):
         ``server_name``: the statement it is prepared as (Parse), "" for the unnamed one."""
         if server_name is not None and self._setting_stmts:
             self._setting_stmts.discard(server_name)  # the name now holds this statement
+        if decision.resets_settings:
+            self._settings_reset = True  # the read-back puts the connection-time settings back
         if decision.pins_session:
             self._pinned = True
         elif decision.statement_class == "set" or decision.changes_settings:

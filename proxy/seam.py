@@ -143,6 +143,9 @@ class Forward:
     # The statement may change session settings without being a SET (set_config): a pooled
     # session reads its settings back afterwards so they follow it.
     changes_settings: bool = False
+    # RESET ALL / DISCARD ALL: the client's settings go back to their reset values, i.e. the
+    # connection-time ones (proxy.policy.resets); a pooled session puts those back afterwards.
+    resets_settings: bool = False
     # The gate applied the statement's effect when it checked it (a tenant token switch): it may
     # run once, so it cannot be a named prepared statement and its unnamed statement binds once.
     single_use: bool = False

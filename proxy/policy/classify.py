@@ -22,7 +22,7 @@ REFUSED_KEYWORDS = {
     "GRANT": "GRANT", "REVOKE": "REVOKE", "SECURITY": "DDL", "REINDEX": "maintenance", "CLUSTER": "maintenance",
     "VACUUM": "maintenance", "ANALYZE": "maintenance", "ANALYSE": "maintenance", "CHECKPOINT": "maintenance",
     "REFRESH": "maintenance", "LOCK": "LOCK", "LISTEN": "LISTEN/NOTIFY", "NOTIFY": "LISTEN/NOTIFY",
-    "UNLISTEN": "LISTEN/NOTIFY", "DO": "DO blocks", "CALL": "CALL", "LOAD": "LOAD", "IMPORT": "DDL",
+    "DO": "DO blocks", "CALL": "CALL", "LOAD": "LOAD", "IMPORT": "DDL",
     "REASSIGN": "DDL",
 }
 

@@ -197,8 +197,8 @@ def _check_value(value: list[Token], what: str) -> None:
 
 def _reset(sql, start, end, toks, inner) -> Piece:
     if len(toks) == 1 and _word(toks[0]) == "ALL":
-        raise _refuse("RESET ALL is not supported in a tenant session (it would drop the tenant binding)",
-                      FEATURE_NOT_SUPPORTED)
+        # the client's settings only: the tenant binding is not a setting (proxy.policy.resets)
+        return Piece(statement_class="set", resets_settings=True)
     if len(toks) == 2 and _word(toks[0]) == "TIME" and _word(toks[1]) == "ZONE":
         return Piece(statement_class="set")
     if len(toks) == 2 and _word(toks[0]) == "SESSION" and _word(toks[1]) == "AUTHORIZATION":
@@ -464,8 +464,24 @@ def _close(sql, start, end, toks, inner) -> Piece:
 
 
 def _discard(sql, start, end, toks, inner) -> Piece:
-    raise _refuse("DISCARD is not supported in a tenant session (it would drop the tenant binding)",
-                  FEATURE_NOT_SUPPORTED)
+    """DISCARD ALL | PLANS | SEQUENCES | TEMP | TEMPORARY: the client's own session state
+    (proxy.policy.resets); ALL also drops every prepared statement, as DEALLOCATE ALL does."""
+    words = [_word(t) for t in toks]
+    if words == ["ALL"]:
+        return Piece(statement_class="set", deallocate_all=True, resets_settings=True)
+    if words in (["PLANS"], ["SEQUENCES"], ["TEMP"], ["TEMPORARY"]):
+        return Piece(statement_class="other")
+    raise _refuse("unsupported form of DISCARD (ALL, PLANS, SEQUENCES or TEMP)", SYNTAX_ERROR)
+
+
+def _unlisten(sql, start, end, toks, inner) -> Piece:
+    """UNLISTEN * | channel: a tenant session cannot LISTEN, so there is nothing to stop
+    listening to; PostgreSQL answers it on the session's own backend (drivers' resets send it)."""
+    if len(toks) != 1:
+        raise _refuse("unsupported form of UNLISTEN", SYNTAX_ERROR)
+    if toks[0].text != "*":
+        _name(toks[0])
+    return Piece(statement_class="other")
 
 
 def _copy(sql, start, end, toks, inner) -> Piece:
@@ -480,5 +496,5 @@ _HANDLERS = {
     "SAVEPOINT": _savepoint, "RELEASE": _savepoint,
     "PREPARE": _prepare, "EXECUTE": _execute, "DEALLOCATE": _deallocate,
     "EXPLAIN": _explain, "DECLARE": _declare, "FETCH": _fetch, "MOVE": _fetch, "CLOSE": _close,
-    "DISCARD": _discard, "COPY": _copy,
+    "DISCARD": _discard, "COPY": _copy, "UNLISTEN": _unlisten,
 }

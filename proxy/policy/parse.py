@@ -36,7 +36,7 @@ COMMAND_KEYWORDS = frozenset(
     {
         "SET", "RESET", "SHOW", "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT",
         "RELEASE", "PREPARE", "EXECUTE", "DEALLOCATE", "EXPLAIN", "DECLARE", "FETCH", "MOVE", "CLOSE",
-        "COPY", "DISCARD",
+        "COPY", "DISCARD", "UNLISTEN",
     }
 )
 

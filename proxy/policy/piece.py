@@ -40,6 +40,8 @@ class Piece:
     # leaves state on the backend connection that later transactions use (SQL PREPARE,
     # DECLARE ... WITH HOLD): a transaction-pooled session keeps its connection from then on
     pins_session: bool = False
+    # RESET ALL / DISCARD ALL: the client's settings go back to their reset values (resets.py)
+    resets_settings: bool = False
 
     def absorb(self, other: "Piece") -> None:
         """Merge the effects of an inner statement (EXPLAIN x, PREPARE p AS x, ...)."""

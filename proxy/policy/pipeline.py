@@ -25,6 +25,7 @@ from proxy.policy.errors import (
     PolicyRefusal,
 )
 from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
+from proxy.policy.resets import advisory_unlock_all_piece
 from proxy.policy.lexer import decode_unicode_escapes, first_word, single_numbers, split_statements, statement_count
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
 from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
@@ -61,6 +62,7 @@ class Template:
     tenant_token: tuple[str, bool] | None = None
     pins_session: bool = False
     changes_settings: bool = False
+    resets_settings: bool = False
     refusal: Refuse | None = None
     unknown_relation: bool = False
     # for the numeric-literal-normalised cache: segments with TENANT and Literal markers
@@ -126,6 +128,10 @@ class _StatementHandler:
         try:
             kw = first_word(sql, start)
             refuse_keyword(kw)
+            if kw == "SELECT":  # a driver's reset: SELECT pg_advisory_unlock_all() (resets.py)
+                reset = advisory_unlock_all_piece(sql, start, end)
+                if reset is not None:
+                    return reset
             if kw in COMMAND_KEYWORDS:
                 return command_piece(sql, start, end, kw, self)
             stage = "parse"
@@ -244,6 +250,7 @@ class Pipeline:
             deallocate_all=any(p.deallocate_all for p in pieces),
             pins_session=any(p.pins_session for p in pieces),
             changes_settings="set_config" in sql.lower() or any(p.statement_class == "set" for p in pieces),
+            resets_settings=any(p.resets_settings for p in pieces),
             requires_prepared=_unprepared_requirements(pieces),
             tenant_token=pieces[0].tenant_token if len(pieces) == 1 else None,
         )
@@ -364,7 +371,8 @@ class Pipeline:
                 copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
         result = Analysis(
             Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class,
-                    pins_session=tpl.pins_session, changes_settings=tpl.changes_settings),
+                    pins_session=tpl.pins_session, changes_settings=tpl.changes_settings,
+                    resets_settings=tpl.resets_settings),
             effects,
             cached=True,
         )

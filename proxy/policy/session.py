@@ -73,6 +73,9 @@ _CLASS_ORDER = ("ddl", "write", "read", "tcl", "set")
 class TenantSessionGate:
     kind = SessionKind.TENANT
     audited = False
+    #: set by the proxy when the session uses transaction pooling: then a RESET ALL / DISCARD ALL
+    #: is followed by the settings read-back that puts the tenant GUC back (proxy.policy.resets)
+    pooled = False
 
     def __init__(
         self,
@@ -182,6 +185,12 @@ class TenantSessionGate:
         decision = analysis.decision
         if isinstance(decision, Refuse):
             return decision
+        if decision.resets_settings and self._allow_tokens and not self.pooled:
+            # in session mode nothing would put the tenant GUC back that this session's prepared
+            # statements read (tenant tokens): refuse rather than run them against no tenant
+            return Refuse(FEATURE_NOT_SUPPORTED,
+                          "RESET ALL / DISCARD ALL are not supported in a session-mode tenant-token session",
+                          hint="RESET the parameters you changed one by one, or use pool mode transaction")
         eff = analysis.effects
         if eff.tenant_token is not None:
             return self._set_token(*eff.tenant_token)

@@ -1,0 +1,73 @@
+"""Connection-time settings: the startup packet's parameters and ``options=-c name=value``.
+
+PostgreSQL applies every parameter of the startup packet (and of its ``options`` string) as a
+session setting whose reset value it becomes.  tenantgate does the same for exactly the
+parameters a tenant session may ``SET`` (:data:`proxy.policy.commands.SAFE_PARAMETERS`, one list
+for both), and refuses the connection, naming the parameter, for any other: a setting is never
+dropped silently.
+
+* ``tenantgate.*`` names are tenantgate's own connection options (a tenant token, an operator's
+  grant) and go to the gatekeeper, as do PostgreSQL's protocol options (``_pq_.*``).
+* The per-transaction parameters (``transaction_isolation`` ...) have no meaning at connect time
+  in PostgreSQL either; they are refused like any other.
+
+Entry point: :func:`split_startup` -> :class:`StartupSettings`.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from proxy.policy.commands import SAFE_PARAMETERS
+from proxy.seam import client_encoding_is_safe
+
+#: the startup packet's own keys (not settings)
+PROTOCOL_KEYS = frozenset({"user", "database", "options", "replication"})
+#: what a connection may set at connect time: the SET-able parameters that last a session
+CONNECT_SETTABLE = frozenset(p for p in SAFE_PARAMETERS if not p.startswith("transaction_"))
+
+
+class StartupRefusal(Exception):
+    """The connection must be refused (FATAL) because of one of its settings."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+
+
+@dataclass
+class StartupSettings:
+    #: settings for the backend session (lower-case names), applied as PostgreSQL would
+    settings: dict[str, str] = field(default_factory=dict)
+    #: tenantgate's own connection options for the gatekeeper (``tenantgate.grant`` ...)
+    gate_options: dict[str, str] = field(default_factory=dict)
+
+
+def split_startup(params: Mapping[str, str], options: Mapping[str, str], *, strict: bool = True) -> StartupSettings:
+    """Sort the startup packet's parameters and the parsed ``options`` (``-c`` pairs; a later
+    one wins, as in PostgreSQL where ``options`` is applied after the packet's own keys).
+    ``strict=False`` (passthrough users, which have no policy) forwards every setting."""
+    out = StartupSettings()
+    pairs = [(k, v) for k, v in params.items() if k.lower() not in PROTOCOL_KEYS]
+    pairs += list(options.items())
+    for key, value in pairs:
+        name = key.lower()
+        if name.startswith("tenantgate.") or name.startswith("_pq_."):
+            out.gate_options[key] = value
+            continue
+        if name not in CONNECT_SETTABLE and strict:
+            raise StartupRefusal(
+                "42501",
+                f'parameter "{name}" cannot be set at connection time through tenantgate',
+                hint="remove it from the connection string or options (PGOPTIONS); "
+                     "a tenant session may set: " + ", ".join(sorted(CONNECT_SETTABLE)),
+            )
+        if name == "client_encoding" and not client_encoding_is_safe(value):
+            # statement text is read as UTF-8; this encoding would make PostgreSQL see other SQL
+            raise StartupRefusal("0A000", f"client_encoding {value!r} is not supported through tenantgate",
+                                 hint="set client_encoding=UTF8 (PGCLIENTENCODING=UTF8)")
+        out.settings[name] = value
+    return out
