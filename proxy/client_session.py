@@ -107,6 +107,9 @@ def _spawn(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
 
 
 MARKER_PREFIX = "tenantgate_refused_"
+UNDEFINED_TABLE = "42P01"
+#: how long a statement naming an unknown relation waits for a fresh catalog snapshot
+CATALOG_RECHECK_TIMEOUT_S = 10.0
 FUNCTION_CALL_REFUSAL = Refuse(
     "42501",
     "FunctionCall messages are not allowed: they call functions without SQL the proxy could inspect",
@@ -228,6 +231,7 @@ class ClientSession(asyncio.Protocol):
         "_waiter",
         "_wanted",
         "_connect_settings",
+        "_refresh_retried",
         "_settings_reset",
         "_wanted_epoch",
         "application_name",
@@ -321,6 +325,7 @@ class ClientSession(asyncio.Protocol):
         self._wanted: dict[str, str] = {}  # settings this session's connection must have (varcache)
         self._connect_settings: dict[str, str] = {}  # connection-time settings: RESET ALL's values
         self._settings_reset = False  # a RESET ALL / DISCARD ALL ran since the last read-back
+        self._refresh_retried: bytes | None = None  # the message re-checked after a catalog refresh
         self._bkey: bytes | None = None  # the backstop key, when the gate binds connections (proxy/backstop.py)
         self._binder = None  # session mode: the backend connection's BackendBinder
         self._wanted_epoch = None  # the gate's tenant_epoch _wanted was last updated for
@@ -1097,6 +1102,8 @@ class ClientSession(asyncio.Protocol):
         else:
             decision = self._check(sql, Origin.SIMPLE)
         if isinstance(decision, Refuse):
+            if decision.sqlstate == UNDEFINED_TABLE and self._recheck_after_refresh(t, payload):
+                return
             self._refuse_simple(sql, decision)
             return
         if self.audited:
@@ -1169,6 +1176,35 @@ class ClientSession(asyncio.Protocol):
             return
         self._resume_after_offload(t, payload, decision)
 
+    def _recheck_after_refresh(self, t: bytes, payload: bytes) -> bool:
+        """A statement names a relation the catalog snapshot lacks: it may have been created
+        since (migrations run directly on PostgreSQL).  Wait for a fresh snapshot and check the
+        message once more before refusing it.  True when the message will come back."""
+        if self._refresh_retried is payload:
+            self._refresh_retried = None
+            return False
+        catalog = getattr(self.server.gatekeeper, "catalog", None)
+        if catalog is None or not hasattr(catalog, "refresh_after"):
+            return False
+        self._refresh_retried = payload
+        self._blocked = True
+        self._flush_backend()
+        self._pause_client()
+        _spawn(self.loop, self._refresh_then_recheck(t, payload, catalog, self.loop.time()))
+        return True
+
+    async def _refresh_then_recheck(self, t: bytes, payload: bytes, catalog, t0: float) -> None:
+        try:
+            await asyncio.wait_for(catalog.refresh_after(t0), CATALOG_RECHECK_TIMEOUT_S)
+        except Exception:  # the old snapshot stays; the statement is refused as before
+            log.warning("session %s: catalog refresh for an unknown relation failed", self.session_id, exc_info=True)
+        if self.closed:
+            return
+        self._held = (t, payload)
+        self._blocked = False
+        self._resume_client()
+        self._process_client()
+
     def _check(self, sql: str, origin: Origin):
         """gate.check; a policy that crashes refuses the statement (fail closed)."""
         try:
@@ -1215,6 +1251,9 @@ class ClientSession(asyncio.Protocol):
                 return
         if decision is None:
             decision = self._check(p.query, Origin.PARSE)
+        if isinstance(decision, Refuse) and decision.sqlstate == UNDEFINED_TABLE \
+                and self._recheck_after_refresh(t, payload):
+            return
         if isinstance(decision, Forward) and decision.param_checks:
             decision = _check_declared_types(decision, p.param_types)
         if self.pooled and p.name and p.name in self._stmt_names and isinstance(decision, Forward):

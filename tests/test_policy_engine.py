@@ -329,8 +329,28 @@ def test_set_show_reset_safe_list(engine):
                 "SET tenantgate.tenant_id = 'globex'", "SET row_security = off", "RESET search_path",
                 "SET standard_conforming_strings = off", "SET \"search_path\" TO x"]:
         refused(engine, sql, state="42501")
-    refused(engine, "RESET ALL", state="0A000")
-    refused(engine, "DISCARD ALL", state="0A000")
+    # drivers' resets: the client's own state, forwarded as sent (proxy/policy/resets.py)
+    for sql in ["RESET ALL", "DISCARD ALL", "reset all;"]:
+        d = engine.check(sql, ACME)
+        assert isinstance(d, Forward) and d.sql == sql and d.resets_settings, (sql, d)
+    for sql in ["DISCARD PLANS", "DISCARD SEQUENCES", "DISCARD TEMP", "UNLISTEN *", "UNLISTEN ch", "CLOSE ALL"]:
+        d = engine.check(sql, ACME)
+        assert isinstance(d, Forward) and d.sql == sql and not d.resets_settings, (sql, d)
+    refused(engine, "DISCARD EVERYTHING", state="42601")
+    refused(engine, "UNLISTEN a, b", state="42601")
+    for sql in ["LISTEN ch", "NOTIFY ch"]:
+        refused(engine, sql)
+    # any other use of the function is left to the function allowlist (tests/test_driver_resets.py)
+    for sql in ["SELECT pg_advisory_unlock_all(), 1", 'SELECT "pg_advisory_unlock_all"()']:
+        assert "void" not in fwd(engine, sql)
+
+
+def test_advisory_unlock_all_is_answered_without_calling_it(engine):
+    for sql in ["SELECT pg_advisory_unlock_all()", "select PG_ADVISORY_UNLOCK_ALL ( );",
+                "SELECT pg_catalog.pg_advisory_unlock_all()", "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"]:
+        out = fwd(engine, sql)
+        assert "pg_advisory_unlock_all()" not in out.lower().replace(" ", "")
+        assert "''::pg_catalog.void AS pg_advisory_unlock_all" in out, out
 
 
 def test_transaction_control(engine):

@@ -256,13 +256,18 @@ def test_session_refused_and_startup_options(proxy, db, gk):
     c = RawClient(proxy.host, proxy.port)
     with pytest.raises(RuntimeError, match="refused by the test gatekeeper"):
         c.startup("app", PW, database=db, options="-c tenantgate.refuse=1")
-    c = raw(proxy, db, options="-c search_path=evil_schema --tenantgate.tenant=acme", **{"tenantgate.grant": "g-1"})
+    # a setting a tenant may not SET refuses the connection, naming it (never dropped silently)
+    c = RawClient(proxy.host, proxy.port)
+    with pytest.raises(RuntimeError, match='"search_path" cannot be set at connection time'):
+        c.startup("app", PW, database=db, options="-c search_path=evil_schema --tenantgate.tenant=acme")
+    c = raw(proxy, db, options="-c statement_timeout=4321 --tenantgate.tenant=acme", **{"tenantgate.grant": "g-1"})
     st = proxy.gatekeeper.gates[-1].startup
-    assert st.options == {"search_path": "evil_schema", "tenantgate.tenant": "acme", "tenantgate.grant": "g-1"}
+    # tenantgate's own options go to the gate; SET-able settings go to PostgreSQL
+    assert st.options == {"tenantgate.tenant": "acme", "tenantgate.grant": "g-1"}
     assert st.user == "app" and st.database == db and not st.tls and len(st.session_id) == 16
-    c.send(m.encode_query("SHOW search_path"))
+    c.send(m.encode_query("SHOW statement_timeout"))
     rows = [p for t, p in c.read_until(b"Z") if t == b"D"]
-    assert b"evil_schema" not in rows[0]  # client options never reach PostgreSQL
+    assert b"4321ms" in rows[0]
     c.close()
 
 
@@ -322,6 +327,7 @@ class CrashingGatekeeper(RecordingGatekeeper):
         return gate
 
 
+@pytest.mark.allow_tracebacks("the test policy raises on purpose")
 def test_a_crashing_policy_refuses_and_keeps_the_session(pg, db):
     p = start_proxy(make_config(pg, db, USERS), CrashingGatekeeper)
     try:

@@ -286,6 +286,10 @@ class CatalogManager:
         self._lock = asyncio.Lock()
         self._last_refresh = 0.0
         self._listeners: list[Callable[[CatalogSnapshot], None]] = []
+        self._sync: asyncio.Task | None = None  # the load refresh_after() callers share
+        self._sync_started = float("-inf")
+        self._loaded_at = float("-inf")  # loop time the current snapshot's load began
+        self.min_sync_interval_s = 0.2
 
     @classmethod
     async def from_dsn(cls, dsn: str, rules: Rules, *, refresh_interval_s: float | None = None,
@@ -320,12 +324,14 @@ class CatalogManager:
         from proxy.metrics import CATALOG_REFRESHES_TOTAL
 
         async with self._lock:
+            started = asyncio.get_running_loop().time()
             snap = await self._loader()
             old = self._snapshot
             if snap.relations == old.relations:
                 snap = CatalogSnapshot(snap.relations, snap.search_path, old.version, snap.problems)
             self._snapshot = snap
             self._last_refresh = asyncio.get_running_loop().time()
+            self._loaded_at = started  # the snapshot reflects the catalog as of this time
             CATALOG_REFRESHES_TOTAL.labels(reason=reason).inc()
         if snap.version != old.version:
             for cb in self._listeners:
@@ -333,6 +339,29 @@ class CatalogManager:
         for p in snap.problems:
             log.warning("catalog: %s", p)
         return snap
+
+    async def refresh_after(self, t0: float, reason: str = "unknown_relation") -> None:
+        """Return once a snapshot loaded after loop time ``t0`` is in force (a statement that
+        named a relation the snapshot lacks waits for this before it is refused: the table may
+        have been created since).  Single-flight: concurrent callers share one load; loads start
+        at most every ``min_sync_interval_s``."""
+        if self._loader is None:
+            return
+        loop = asyncio.get_running_loop()
+        while self._loaded_at < t0:
+            task = self._sync
+            if task is None or task.done() or self._sync_started < t0:
+                if task is not None and not task.done():
+                    await asyncio.shield(task)  # started before t0: may not see the new table
+                    continue
+                wait = self._sync_started + self.min_sync_interval_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    if self._loaded_at >= t0 or (self._sync is not None and not self._sync.done()):
+                        continue
+                self._sync_started = loop.time()
+                task = self._sync = loop.create_task(self.refresh(reason))
+            await asyncio.shield(task)  # raises if the load failed: the caller refuses
 
     def request_refresh(self, reason: str = "unknown_relation") -> None:
         """Schedule a refresh soon (rate-limited; no-op without a running loop)."""
@@ -375,11 +404,11 @@ class CatalogManager:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: self.request_refresh("sighup"))
 
     async def close(self) -> None:
-        for t in (self._periodic, self._pending):
+        for t in (self._periodic, self._pending, self._sync):
             if t is not None and not t.done():
                 t.cancel()
                 try:
                     await t
                 except (asyncio.CancelledError, Exception):
                     pass
-        self._periodic = self._pending = None
+        self._periodic = self._pending = self._sync = None

@@ -40,7 +40,7 @@ def advisory_unlock_all_piece(sql: str, start: int, end: int) -> Piece | None:
     if toks and toks[-1].name == "ASCII_59":  # a trailing ';'
         toks = toks[:-1]
     words = [_text(sql, t) for t in toks]
-    if len(words) == 7 and toks[1].name == "IDENT" and words[1].lower() == "pg_catalog" and words[2] == ".":
+    if len(words) == 6 and toks[1].name == "IDENT" and words[1].lower() == "pg_catalog" and words[2] == ".":
         words = [words[0]] + words[3:]
         toks = [toks[0]] + toks[3:]
     if len(words) != 4:
