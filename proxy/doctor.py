@@ -195,6 +195,7 @@ async def diagnose(
         await _check_rls_effective(ctx, tables)
         await _check_indexes(ctx, tables)
         await _check_control_schema(ctx)
+        await _check_catalog_notify(ctx)
         await _check_functions_and_extensions(ctx)
         await _check_ssl(ctx)
         await doctor_backstop.check_guard(conn, report, backstop_key)
@@ -507,6 +508,20 @@ async def _check_control_schema(ctx: _Context) -> None:
               f"REVOKE ALL ON ALL TABLES IN SCHEMA {qi(s)} FROM PUBLIC, {qi(ctx.role)};", s)
     if not bad:
         r.add("control.privileges", PASS, f"role {ctx.role} has no privilege on the control schema {s}", subject=s)
+
+
+async def _check_catalog_notify(ctx: _Context) -> None:
+    """The bootstrap's DDL event trigger (tables created by migrations reach tenantgate at once)."""
+    n = await ctx.conn.fetchval(
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN "
+        "('tenantgate_catalog_notify', 'tenantgate_catalog_notify_drop') AND evtenabled <> 'D'")
+    if n == 2:
+        ctx.report.add("catalog.notify", PASS, "DDL notifies tenantgate (event triggers tenantgate_catalog_notify*)")
+    else:
+        ctx.report.add("catalog.notify", WARN,
+                       "no DDL event trigger notifies tenantgate: new tables are seen at the next periodic "
+                       "catalog refresh, or when a statement first names them",
+                       "rerun deploy/postgres/bootstrap.sql (section 7) as a superuser")
 
 
 async def _check_functions_and_extensions(ctx: _Context) -> None:

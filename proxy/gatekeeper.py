@@ -240,6 +240,7 @@ async def build_gatekeeper(config: Config):
     catalog = await CatalogManager.from_dsn(backend_dsn(config), rules, refresh_interval_s=rules.catalog_refresh_s,
                                             backstop_key_configured=config.backstop.resolved_key() is not None)
     catalog.start_periodic()
+    catalog.start_listening(backend_dsn(config))  # DDL event trigger: refresh within a second
     engine = PolicyEngine(rules, catalog, FunctionChecker.from_rules(rules))
     plane = None
     if config.control.resolved_dsn():

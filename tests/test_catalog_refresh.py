@@ -93,3 +93,38 @@ def test_a_relation_that_does_not_exist_is_still_42p01_and_the_session_goes_on(d
                 conn.execute("INSERT INTO customers (customer_id, name, email) VALUES (987654, 'x', 'x@x')")
                 conn.execute("SELECT * FROM no_such_table_either", prepare=prepare)
         assert conn.execute("SELECT count(*) FROM customers WHERE customer_id = 987654").fetchone()[0] == 0
+
+
+async def test_the_bootstraps_ddl_event_trigger_makes_tenantgate_refresh(demo):
+    """bootstrap.sql section 7: DDL NOTIFYs tenantgate_catalog; a listening CatalogManager reloads."""
+    from proxy.policy.catalog import CatalogManager, CatalogSnapshot
+
+    loads = []
+    snap = CatalogSnapshot(relations={}, search_path=("public",), version=1)
+
+    async def loader():
+        loads.append(1)
+        return mgr.snapshot
+
+    mgr = CatalogManager(snap, loader)
+    mgr.min_on_demand_interval_s = 0.0
+    mgr.start_listening(demo.admin)
+    try:
+        # the listener refreshes once when it connects; wait for that, then cause DDL
+        for _ in range(200):
+            if loads:
+                break
+            await asyncio.sleep(0.05)
+        assert loads, "the listener never connected"
+        await asyncio.sleep(0.2)
+        before = len(loads)
+        name = "ddl_" + uuid.uuid4().hex[:8]
+        admin_execute(demo, f"CREATE TABLE {name} (x int)")
+        admin_execute(demo, f"DROP TABLE {name}")
+        for _ in range(200):
+            if len(loads) > before:
+                break
+            await asyncio.sleep(0.05)
+        assert len(loads) > before, "no refresh after DDL"
+    finally:
+        await mgr.close()

@@ -638,4 +638,26 @@ BEGIN
     END LOOP;
 END $$;
 
+-- 7. Catalog changes reach every tenantgate instance within a second -------------
+-- Migrations run straight on PostgreSQL.  This event trigger NOTIFYs channel
+-- tenantgate_catalog after every DDL command; each tenantgate instance LISTENs on
+-- it (as tenantgate_app) and reloads its catalog snapshot.  (A statement naming a
+-- relation the snapshot lacks also waits for a fresh one before it is refused.)
+-- SECURITY DEFINER as the guard: pg_notify is revoked from PUBLIC above.
+CREATE OR REPLACE FUNCTION tenantgate_guard.notify_catalog_change() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('tenantgate_catalog', tg_tag);
+END $$;
+REVOKE ALL ON FUNCTION tenantgate_guard.notify_catalog_change() FROM PUBLIC;
+-- every function of the guard's schema is the guard's own (doctor checks it); the guard may notify
+ALTER FUNCTION tenantgate_guard.notify_catalog_change() OWNER TO tenantgate_guard;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_notify(text, text) TO tenantgate_guard;
+DROP EVENT TRIGGER IF EXISTS tenantgate_catalog_notify;
+CREATE EVENT TRIGGER tenantgate_catalog_notify ON ddl_command_end
+    EXECUTE FUNCTION tenantgate_guard.notify_catalog_change();
+DROP EVENT TRIGGER IF EXISTS tenantgate_catalog_notify_drop;
+CREATE EVENT TRIGGER tenantgate_catalog_notify_drop ON sql_drop
+    EXECUTE FUNCTION tenantgate_guard.notify_catalog_change();
+
 RESET password_encryption;

@@ -266,6 +266,10 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
     return CatalogSnapshot.build(rules, rows, backstop=state)
 
 
+#: the channel deploy/postgres/bootstrap.sql's DDL event trigger notifies
+CATALOG_CHANNEL = "tenantgate_catalog"
+
+
 class CatalogManager:
     """Holds the current :class:`CatalogSnapshot` and refreshes it."""
 
@@ -289,6 +293,7 @@ class CatalogManager:
         self._sync: asyncio.Task | None = None  # the load refresh_after() callers share
         self._sync_started = float("-inf")
         self._loaded_at = float("-inf")  # loop time the current snapshot's load began
+        self._listener: asyncio.Task | None = None  # LISTEN tenantgate_catalog (start_listening)
         self.min_sync_interval_s = 0.2
 
     @classmethod
@@ -385,6 +390,37 @@ class CatalogManager:
 
         self._pending = loop.create_task(run())
 
+    def start_listening(self, dsn: str) -> None:
+        """LISTEN on the backend for the bootstrap's DDL event trigger (channel
+        :data:`CATALOG_CHANNEL`) and refresh on each notification; reconnects with backoff."""
+        if self._loader is None or self._listener is not None:
+            return
+
+        async def run() -> None:
+            import asyncpg
+
+            backoff = 1.0
+            while True:
+                lost = asyncio.Event()
+                try:
+                    conn = await asyncpg.connect(dsn)
+                except Exception as e:
+                    log.warning("catalog: cannot LISTEN for DDL notifications (%s); retrying", e)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                backoff = 1.0
+                try:
+                    conn.add_termination_listener(lambda _c: lost.set())
+                    await conn.add_listener(CATALOG_CHANNEL, lambda *_a: self.request_refresh("ddl"))
+                    self.request_refresh("ddl")  # whatever changed while not listening
+                    await lost.wait()
+                finally:
+                    if not conn.is_closed():
+                        await conn.close()
+
+        self._listener = asyncio.get_running_loop().create_task(run())
+
     def start_periodic(self) -> None:
         if self._loader is None or self._periodic is not None:
             return
@@ -404,11 +440,11 @@ class CatalogManager:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: self.request_refresh("sighup"))
 
     async def close(self) -> None:
-        for t in (self._periodic, self._pending, self._sync):
+        for t in (self._periodic, self._pending, self._sync, self._listener):
             if t is not None and not t.done():
                 t.cancel()
                 try:
                     await t
                 except (asyncio.CancelledError, Exception):
                     pass
-        self._periodic = self._pending = self._sync = None
+        self._periodic = self._pending = self._sync = self._listener = None
