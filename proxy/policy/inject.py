@@ -594,11 +594,20 @@ class _Injector:
                 for end_i in ends:
                     p = self.tokens[end_i].start
                     self.add(p, p, ", ", TENANT)
+        elif isinstance(src, exp.Select) and not src.args.get("with_") and not src.args.get("with") \
+                and _has_star(src) and cols is not None and self.col not in cols:
+            # INSERT INTO t (a, b) SELECT * FROM UNNEST($1, $2) (Django's bulk_create): the column
+            # list is explicit, so the source's columns map onto it; add the tenant column after
+            # them, as for a set operation:  SELECT *, T FROM (<source>) AS q
+            self.wrap_source_with_tenant(schema, target_end)
         elif isinstance(src, exp.Select) and not src.args.get("with_") and not src.args.get("with"):
             projections = src.expressions
-            if any(isinstance(p, exp.Star) or (isinstance(p, exp.Column) and isinstance(p.this, exp.Star)) for p in projections):
+            if _has_star(src):
                 raise PolicyRefusal(
-                    FEATURE_NOT_SUPPORTED, "INSERT ... SELECT * into a tenant table: list the columns explicitly"
+                    FEATURE_NOT_SUPPORTED,
+                    "INSERT ... SELECT * into a tenant table: list the columns explicitly, without the tenant "
+                    "column (tenantgate fills it in)" if cols is not None else
+                    "INSERT ... SELECT * into a tenant table: list the columns explicitly"
                 )
             cols = self.effective_columns(cols, len(projections), rel, table, target_end)
             if self.col in cols:
@@ -620,15 +629,7 @@ class _Injector:
                 raise PolicyRefusal(
                     FEATURE_NOT_SUPPORTED, "INSERT ... set operation into a tenant table needs a column list"
                 )
-            self.append_column(schema, target_end)
-            first = self.scan(target_end, {TokenType.SELECT, TokenType.L_PAREN, TokenType.VALUES, TokenType.WITH})
-            if first >= len(self.tokens):
-                raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "could not locate the INSERT source")
-            end_i = self.scan_clause(first, {TokenType.RETURNING})
-            p = self.tokens[first].start
-            self.add(p, p, "SELECT *, ", TENANT, " FROM (")
-            q = self.after(end_i)
-            self.add(q, q, ") AS tenantgate_insert_source ")
+            self.wrap_source_with_tenant(schema, target_end)
         else:
             raise PolicyRefusal(
                 FEATURE_NOT_SUPPORTED,
@@ -756,6 +757,19 @@ class _Injector:
         self.add(p, p, " (", ", ".join(quote_ident(c) for c in cols + extra), ")")
         return cols
 
+    def wrap_source_with_tenant(self, schema, target_end: int) -> None:
+        """INSERT INTO t (cols) <source>  ->  INSERT INTO t (cols, tc) SELECT *, T FROM (<source>) AS q:
+        the source keeps its own meaning and column types; the tenant value is added after them."""
+        self.append_column(schema, target_end)
+        first = self.scan(target_end, {TokenType.SELECT, TokenType.L_PAREN, TokenType.VALUES, TokenType.WITH})
+        if first >= len(self.tokens):
+            raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "could not locate the INSERT source")
+        end_i = self.scan_clause(first, {TokenType.RETURNING})
+        p = self.tokens[first].start
+        self.add(p, p, "SELECT *, ", TENANT, " FROM (")
+        q = self.after(end_i)
+        self.add(q, q, ") AS tenantgate_insert_source ")
+
     def append_column(self, schema, target_end: int) -> None:
         if schema is None:
             return  # effective_columns wrote the whole list
@@ -839,3 +853,8 @@ class _Injector:
 def inject_tenant(tree: exp.Expression, tokens: list[Token], sql: str, snapshot: CatalogSnapshot, rules: Rules) -> Injection:
     """Compute the tenant edits for one parsed statement (see module docstring)."""
     return _Injector(sql, tokens, snapshot, rules).run(tree)
+
+
+def _has_star(select: exp.Select) -> bool:
+    return any(isinstance(p, exp.Star) or (isinstance(p, exp.Column) and isinstance(p.this, exp.Star))
+               for p in select.expressions)
