@@ -49,6 +49,7 @@ from proxy.metrics import (
 from proxy.pool import PoolTimeout, ServerConn
 from proxy import statement_offload
 from proxy.copy_audit import CopyDigest
+from proxy.holds import hold_if_paused
 from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
@@ -186,6 +187,7 @@ class ClientSession(asyncio.Protocol):
         "_after_tasks",
         "_attach_t0",
         "_attach_task",
+        "_held_task",
         "_backend_fatal",
         "_binder",
         "_bkey",
@@ -346,6 +348,7 @@ class ClientSession(asyncio.Protocol):
         self._parse_fifo: list[tuple[int, bool, str | None]] = []  # (segment, swallow?, name), oldest first
         self._attach_t0 = 0.0
         self._attach_task: asyncio.Task | None = None
+        self._held_task: asyncio.Task | None = None  # PAUSE: waiting for RESUME (proxy/holds.py)
         self._console = None  # the admin console (SHOW POOLS, ...) instead of a backend
 
     # ------------------------------------------------------------------ asyncio callbacks (client socket)
@@ -868,7 +871,8 @@ class ClientSession(asyncio.Protocol):
                          outcome="refused")
         from proxy.admin_console import AdminConsole
 
-        self._console = AdminConsole(self.server, self._write_client)
+        self._console = AdminConsole(self.server, self._write_client, user=self.user,
+                                     on_idle=self._process_client)
         self.kind_label = "admin"
         self._write_client(self._console.startup_messages())
         note_connection(self, "accepted")
@@ -879,7 +883,7 @@ class ClientSession(asyncio.Protocol):
 
     def _process_console(self) -> None:
         try:
-            while not self.closed:
+            while not self.closed and not self._console.busy:  # busy: a PAUSE is waiting
                 msg = self.buf.next_message()
                 if msg is None:
                     return
@@ -914,8 +918,12 @@ class ClientSession(asyncio.Protocol):
         if self.pooled and self.sconn is None:
             if not self._wants_backend():
                 return
+            if self.server.holds.active and hold_if_paused(self):  # PAUSE: before a transaction starts
+                return
             if not self._attach():
                 return
+        elif self.server.holds.active and self.idle and not self._unsynced and hold_if_paused(self):
+            return
         accept = self.fstate.accept
         handlers = _HANDLERS
         try:
@@ -1448,6 +1456,7 @@ class ClientSession(asyncio.Protocol):
 
     def _note_refusal(self, sql: str, refusal: Refuse) -> None:
         self._m_refused.inc()
+        self.server.tenant_counters.refusal(self)  # SHOW TENANTS
         note_refusal(self, sql, refusal)  # tenantgate_statements_refused_total{kind,reason,sqlstate} + log line
         try:
             self.gate.on_refused(sql, refusal)
@@ -1642,6 +1651,8 @@ class ClientSession(asyncio.Protocol):
 
     def _on_ready(self, status: bytes, out: list[bytes]) -> None:
         self.tx_status = status
+        if status == b"I" and not self._swallowing:
+            self.server.tenant_counters.transaction(self)  # SHOW TENANTS
         if self.pooled:
             self.pool.query_count += 1
         if self._bytes_in > 65536 or self._bytes_out > 65536:
@@ -1860,6 +1871,10 @@ class ClientSession(asyncio.Protocol):
         self._bwrite = None
         if self._attach_task is not None:
             self._attach_task.cancel()
+        if self._held_task is not None:
+            self._held_task.cancel()
+        if self._console is not None:
+            self._console.close()
         b = self.backend
         if b is not None:
             busy = self.inflight or self.fstate.phase is Phase.COPY_IN

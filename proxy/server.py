@@ -24,8 +24,10 @@ from proxy.backend_link import connect_backend
 from proxy.cancel import CancelRegistry
 from proxy.config import Config, ConfigError, load_config
 from proxy.metrics import CONFIG_RELOADS_TOTAL
+from proxy.holds import Holds
 from proxy.pool import PoolManager
 from proxy.seam import Gatekeeper
+from proxy.tenant_counters import TenantCounters, tenant_snapshot
 
 log = logging.getLogger("tenantgate.server")
 
@@ -83,6 +85,8 @@ class ProxyServer:
         self.started_at = time.time()
         # transaction pooling: backend connections shared by sessions, per database
         self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
+        self.holds = Holds()  # PAUSE / RESUME (proxy/holds.py)
+        self.tenant_counters = TenantCounters()  # SHOW TENANTS
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
         self._closed = asyncio.Event()
@@ -183,7 +187,10 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):
-            s.drain()
+            if getattr(s, "_held_task", None) is not None:  # held by PAUSE: between transactions
+                s._drain_close()
+            else:
+                s.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.sessions and loop.time() < deadline:
@@ -209,6 +216,42 @@ class ProxyServer:
                 pass
         await asyncio.sleep(0)
         self._closed.set()
+
+    # -------------------------------------------------------------- pause and resume
+
+    async def pause(self, database: str | None = None) -> None:
+        """Hold new transactions (of ``database``, or all); return once in-flight ones ended and
+        the idle backend connections of the paused pools are closed (PgBouncer's PAUSE)."""
+        if database is None:
+            self.holds.everything = True
+        else:
+            self.holds.databases.add(database)
+        await self.holds.wait_quiet(lambda: list(self.sessions), database=database)
+        for name, pool in list(self.pools.pools.items()):
+            if database is None or name == database:
+                pool.close_idle()
+
+    def resume(self, database: str | None = None) -> None:
+        if database is None:
+            self.holds.everything = False
+            self.holds.databases.clear()
+        else:
+            self.holds.databases.discard(database)
+        self.holds.lift()
+
+    async def pause_tenant(self, tenant: str) -> None:
+        """Hold the tenant's new transactions; return once its in-flight ones have ended.
+        The building block of a tenant move: nothing of the tenant runs until resume_tenant()."""
+        self.holds.tenants.add(tenant)
+        await self.holds.wait_quiet(lambda: list(self.sessions), tenant=tenant)
+
+    def resume_tenant(self, tenant: str) -> None:
+        self.holds.tenants.discard(tenant)
+        self.holds.lift()
+
+    def tenant_snapshot(self) -> list[dict]:
+        """What SHOW TENANTS prints: per tenant, sessions, transactions, refusals, paused."""
+        return tenant_snapshot(self)
 
     def pool_snapshot(self) -> dict:
         """What the admin console's SHOW POOLS / CLIENTS / SERVERS / STATS print (plain data)."""

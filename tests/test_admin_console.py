@@ -269,10 +269,10 @@ def test_several_statements_in_one_query_run_in_order():
 
 def test_an_error_stops_the_rest_of_the_query_and_the_console_stays_usable():
     c = Console()
-    msgs = c.query("SHOW POOLS; PAUSE; SHOW STATS")
+    msgs = c.query("SHOW POOLS; SUSPEND; SHOW STATS")
     assert [t for t, _ in msgs] == [b"T", b"D", b"D", b"C", b"E", b"Z"]
     (err,) = errors(msgs)
-    assert err["S"] == "ERROR" and err["C"] == "0A000" and "PAUSE" in err["M"]
+    assert err["S"] == "ERROR" and err["C"] == "0A000" and "SUSPEND" in err["M"]
     assert "SHOW POOLS" in err["H"] and "SHOW CLIENTS" in err["H"] and "SHOW STATS" in err["H"]
     assert results(c.query("SHOW LISTS"))
 
@@ -469,7 +469,7 @@ def csv_blocks(stdout: str) -> list[list[list[str]]]:
 def test_psql_reads_the_console():
     listener = _ConsoleListener(make_server())
     try:
-        r = run_psql(listener.port, "SHOW POOLS", "SHOW HELP", "show stats;", "PAUSE", "SHOW CLIENTS")
+        r = run_psql(listener.port, "SHOW POOLS", "SHOW HELP", "show stats;", "SUSPEND", "SHOW CLIENTS")
     finally:
         listener.close()
     assert "WARNING" not in r.stderr, r.stderr
@@ -477,7 +477,7 @@ def test_psql_reads_the_console():
     assert lines[0] == "database,user,cl_active,cl_waiting,sv_active,sv_idle,sv_used,sv_login,maxwait,maxwait_us,pool_mode"
     assert lines[1] == "appdb,tg_backend,3,1,2,5,0,1,2,500000,transaction"
     assert "NOTICE:  Console usage" in r.stderr
-    assert "ERROR:  PAUSE is not supported by the tenantgate admin console" in r.stderr
+    assert "ERROR:  SUSPEND is not supported by the tenantgate admin console" in r.stderr
     assert any(l.startswith("appdb,100,250,10000,40000,500000,") for l in lines)
     assert any(l.startswith("C,app,appdb,waiting,127.0.0.1,50123,") for l in lines)  # after the error
 
