@@ -119,7 +119,9 @@ def harden(cluster: PgCluster) -> None:
     cluster.enable_tls()
     # the unix socket: peer for the postgres OS user when we are root (cluster.psql runs as it),
     # else trust (the OS user is not "postgres"); doctor counts local trust as a warning, not a failure
-    install_hba(cluster, cluster.host, database=DEMO_DB, admin_addr=cluster.host,
+    # every role of the demo database from loopback (tenantgate's address here): the backend and
+    # control roles, and the dedicated lifecycle or variant backend roles an operator adds
+    install_hba(cluster, cluster.host, database=DEMO_DB, admin_addr=cluster.host, app_roles=("all",),
                 local_auth="peer" if os.geteuid() == 0 else "trust")
 
 
