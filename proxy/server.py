@@ -86,6 +86,8 @@ class ProxyServer:
         # transaction pooling: backend connections shared by sessions, per database
         self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
         self.holds = Holds()  # PAUSE / RESUME (proxy/holds.py)
+        self.supervisor_pid: int | None = None  # set in a worker process (proxy/workers.py)
+        self._shutdown_task: asyncio.Task | None = None  # the admin console's SHUTDOWN
         self.tenant_counters = TenantCounters()  # SHOW TENANTS
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None

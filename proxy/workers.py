@@ -120,6 +120,7 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
     if inspect.isawaitable(gatekeeper):
         gatekeeper = await gatekeeper
     server = ProxyServer(config, gatekeeper, config_path=config_path, cancels=registry, reuse_port=True)
+    server.supervisor_pid = os.getppid()  # the admin console's RELOAD / SHUTDOWN reach every worker through it
     await server.start()
     from proxy.session_events import TENANT_LABELS
 

@@ -213,6 +213,39 @@ def test_show_stats_totals_and_since_start_averages():
     assert avgs[0]["xact_time"] == "5000"
 
 
+def test_show_stats_averages_cover_the_last_60_seconds():
+    """As PgBouncer's stats_period: what happened in the window, not since start."""
+    import copy
+
+    snap = copy.deepcopy(SNAPSHOT)
+    # 60 s ago the totals were 40 transactions, 130 queries, 4000/16000 bytes, 200 ms of transactions
+    snap["stats"][0].update(window_s=60.0, window_start={
+        "total_xact_count": 40, "total_query_count": 130, "total_received": 4_000, "total_sent": 16_000,
+        "total_xact_time_us": 200_000, "total_query_time_us": 130_000, "total_wait_time_us": 400})
+    c = Console(make_server(snap))
+    (_, rows), = results(c.query("SHOW STATS"))
+    r = rows[0]
+    assert r["total_xact_count"] == "100"  # totals stay totals
+    assert (r["avg_xact_count"], r["avg_query_count"], r["avg_recv"], r["avg_sent"]) == ("1", "2", "100", "400")
+    # 60 transactions took 300 ms in the window: 5000 µs each; 120 queries 120 ms: 1000 µs
+    assert (r["avg_xact_time"], r["avg_query_time"], r["avg_wait_time"]) == ("5000", "1000", "10")
+    (_, avgs), = results(c.query("SHOW STATS_AVERAGES"))
+    assert avgs[0]["xact_count"] == "1" and avgs[0]["bytes_sent"] == "400"
+
+
+def test_stats_window_keeps_60_seconds():
+    from proxy.stats_window import StatsWindow
+
+    w = StatsWindow()
+    assert w.since(0.0, "app") is None
+    for t in range(0, 200):
+        w.record(float(t), {"app": {"total_xact_count": t * 10}})
+    span, start = w.since(199.0, "app")
+    assert span == 60.0 and start == {"total_xact_count": 1390}
+    assert w.since(199.0, "other") == (60.0, {})  # a database first seen inside the window starts at 0
+    assert len(w._samples) <= 61
+
+
 def test_show_databases_lists_users_version():
     c = Console()
     (cols, rows), = results(c.query("SHOW DATABASES"))
