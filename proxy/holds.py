@@ -29,10 +29,16 @@ POLL_S = 0.05
 
 
 def session_tenant(session) -> str | None:
-    """The tenant the session's statements run for now (None: no tenant, or unknown)."""
-    gate = getattr(session, "gate", None)
+    """The tenant the session's statements run for now (None: no tenant, or unknown).
+    Operator gates have no ``tenant`` of their own: their grant's tenant is their binding's."""
+    gate = session.gate
     if gate is None:
         return None
+    inner = getattr(gate, "inner", gate)
+    try:
+        return inner.tenant
+    except AttributeError:
+        pass
     try:
         return gate.backstop_binding()[0]
     except Exception:  # noqa: BLE001 - a gate without a binding has no tenant
@@ -107,10 +113,14 @@ class Holds:
             await self._changed.wait()
 
     async def wait_quiet(self, sessions: Callable[[], Iterable], *, database: str | None = None,
-                         tenant: str | None = None) -> None:
-        """Return once no affected session has a transaction open."""
+                         tenant: str | None = None, held: Callable[[], bool] = lambda: True) -> bool:
+        """Return once no affected session has a transaction open: True, or False when the hold
+        was lifted meanwhile (``held()`` turned false: a RESUME during the PAUSE)."""
         while any(in_transaction(s) for s in self.affected(sessions(), database=database, tenant=tenant)):
+            if not held():
+                return False
             await asyncio.sleep(POLL_S)
+        return held()
 
 
 def hold_if_paused(session) -> bool:

@@ -224,11 +224,14 @@ class ProxyServer:
     async def pause(self, database: str | None = None) -> None:
         """Hold new transactions (of ``database``, or all); return once in-flight ones ended and
         the idle backend connections of the paused pools are closed (PgBouncer's PAUSE)."""
+        holds = self.holds
         if database is None:
-            self.holds.everything = True
+            holds.everything = True
         else:
-            self.holds.databases.add(database)
-        await self.holds.wait_quiet(lambda: list(self.sessions), database=database)
+            holds.databases.add(database)
+        still = (lambda: holds.everything) if database is None else (lambda: database in holds.databases)
+        if not await holds.wait_quiet(lambda: list(self.sessions), database=database, held=still):
+            return  # resumed before it was quiet: nothing to close
         for name, pool in list(self.pools.pools.items()):
             if database is None or name == database:
                 pool.close_idle()
@@ -244,8 +247,9 @@ class ProxyServer:
     async def pause_tenant(self, tenant: str) -> None:
         """Hold the tenant's new transactions; return once its in-flight ones have ended.
         The building block of a tenant move: nothing of the tenant runs until resume_tenant()."""
-        self.holds.tenants.add(tenant)
-        await self.holds.wait_quiet(lambda: list(self.sessions), tenant=tenant)
+        holds = self.holds
+        holds.tenants.add(tenant)
+        await holds.wait_quiet(lambda: list(self.sessions), tenant=tenant, held=lambda: tenant in holds.tenants)
 
     def resume_tenant(self, tenant: str) -> None:
         self.holds.tenants.discard(tenant)

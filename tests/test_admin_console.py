@@ -621,3 +621,21 @@ def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):
     assert err["S"] == "FATAL" and err["C"] == "28000" and "tenantgate" in err["H"]
     err = _startup_error(proxy, "ops", "wrong", "tenantgate")
     assert err["C"] == "28P01"
+
+
+def test_reload_failure_is_f0000_and_the_old_config_stays(proxy_factory, make_db):
+    """RELOAD as PgBouncer answers a failed reload: F0000; here the proxy has no config file."""
+    import psycopg
+
+    db, _ = make_db("adminreload")
+    proxy = proxy_factory(db, users=[{"name": "ops", "password": "ops-pw", "admin": True}])
+    dsn = proxy.dsn("ops", "ops-pw", database=proxy.config.admin.database)
+    with psycopg.connect(dsn, autocommit=True) as con:
+        with pytest.raises(psycopg.Error) as e:
+            con.execute("RELOAD", prepare=False)
+        assert e.value.sqlstate == "F0000" and "RELOAD failed" in e.value.diag.message_primary
+        assert "no configuration file" in e.value.diag.message_detail
+        with pytest.raises(psycopg.Error) as e:
+            con.execute("RELOAD now", prepare=False)
+        assert e.value.sqlstate == "42601"
+        assert con.execute("SHOW VERSION", prepare=False).fetchone()[0].startswith("tenantgate")

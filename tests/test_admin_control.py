@@ -7,12 +7,10 @@ Waits are "until the console shows it" loops, never fixed sleeps.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import psycopg
 import pytest
 
+from admin_support import Background, until
 from e2e_helpers import admin_rows, fresh_ids
 
 # PgBouncer's SQLSTATE for every admin console error
@@ -33,38 +31,6 @@ def run(conn, sql: str) -> str:
     """Run a command; its CommandComplete tag."""
     cur = conn.execute(sql, prepare=False)
     return cur.statusmessage
-
-
-def until(predicate, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Background(threading.Thread):
-    """Run fn() in a thread; .result / .error once joined."""
-
-    def __init__(self, fn):
-        super().__init__(daemon=True)
-        self.fn, self.result, self.error = fn, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn()
-        except BaseException as e:  # noqa: BLE001
-            self.error = e
-
-    def value(self, timeout: float = 30):
-        self.join(timeout)
-        assert not self.is_alive(), "still running"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def client_state(con, application_name: str) -> str | None:

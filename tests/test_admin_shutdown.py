@@ -7,6 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from admin_support import Background, until
 from pool_support import ADMIN_PASSWORD, ADMIN_USER, serve_pooled
 
 
@@ -39,3 +40,32 @@ def test_shutdown_drains_every_worker_and_lets_open_transactions_finish(demo, tm
                 c.close()
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(px.dsn("acme"), connect_timeout=5)
+
+
+def test_pause_tenant_in_session_mode_waits_for_the_open_transaction_and_holds_the_next(demo, tmp_path):
+    """Session-mode sessions keep their backend connection: they are held when idle, not at a borrow."""
+    with serve_pooled(demo, tmp_path, {"mode": "transaction", "size": 4},
+                      user_settings={"acme_app": {"pool_mode": "session"}}) as px, _console(px) as con, \
+            psycopg.connect(px.dsn("acme"), application_name="session-acme") as acme, \
+            psycopg.connect(px.dsn("globex"), autocommit=True) as globex:
+
+        def acme_state():
+            return next((r[3] for r in con.execute("SHOW CLIENTS", prepare=False).fetchall()
+                         if r[12] == "session-acme"), None)
+
+        acme.execute("SELECT count(*) FROM orders")  # a transaction is open
+        pause = Background(lambda: _console(px).execute("PAUSE TENANT acme", prepare=False).statusmessage)
+        try:
+            until(lambda: any(r[0] == "acme" and r[4] == "yes"
+                              for r in con.execute("SHOW TENANTS", prepare=False).fetchall()), "acme paused")
+            assert pause.is_alive(), "PAUSE TENANT returned while acme's transaction was open"
+            assert globex.execute("SELECT DISTINCT tenant_id FROM orders").fetchall() == [("globex",)]
+            acme.commit()
+            assert pause.value() == "PAUSE"
+            held = Background(lambda: acme.execute("SELECT DISTINCT tenant_id FROM orders").fetchall())
+            until(lambda: acme_state() == "waiting", "the session-mode acme client to be held")
+            assert held.is_alive()
+        finally:
+            con.execute("RESUME TENANT acme", prepare=False)
+        assert held.value() == [("acme",)]
+        acme.commit()
