@@ -68,11 +68,32 @@ class Holds:
         self.everything = False
         self.databases: set[str] = set()
         self.tenants: set[str] = set()
+        #: anything held at all: read by every client session before each transaction, so a plain
+        #: attribute (kept up to date by the methods below), not a property
+        self.active = False
         self._changed: asyncio.Event | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.everything or bool(self.databases) or bool(self.tenants)
+    def hold(self, *, database: str | None = None, tenant: str | None = None) -> None:
+        """Hold ``database``, or ``tenant``, or (neither given) everything."""
+        if tenant is not None:
+            self.tenants.add(tenant)
+        elif database is not None:
+            self.databases.add(database)
+        else:
+            self.everything = True
+        self.active = True
+
+    def release(self, *, database: str | None = None, tenant: str | None = None) -> None:
+        """Lift a hold (neither given: everything and every database); waiting sessions check again."""
+        if tenant is not None:
+            self.tenants.discard(tenant)
+        elif database is not None:
+            self.databases.discard(database)
+        else:
+            self.everything = False
+            self.databases.clear()
+        self.active = self.everything or bool(self.databases) or bool(self.tenants)
+        self.lift()
 
     def holds(self, session) -> bool:
         """Whether the session's next transaction must wait."""

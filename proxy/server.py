@@ -225,10 +225,7 @@ class ProxyServer:
         """Hold new transactions (of ``database``, or all); return once in-flight ones ended and
         the idle backend connections of the paused pools are closed (PgBouncer's PAUSE)."""
         holds = self.holds
-        if database is None:
-            holds.everything = True
-        else:
-            holds.databases.add(database)
+        holds.hold(database=database)
         still = (lambda: holds.everything) if database is None else (lambda: database in holds.databases)
         if not await holds.wait_quiet(lambda: list(self.sessions), database=database, held=still):
             return  # resumed before it was quiet: nothing to close
@@ -237,23 +234,18 @@ class ProxyServer:
                 pool.close_idle()
 
     def resume(self, database: str | None = None) -> None:
-        if database is None:
-            self.holds.everything = False
-            self.holds.databases.clear()
-        else:
-            self.holds.databases.discard(database)
-        self.holds.lift()
+        """Lift PAUSE ``database``, or (None) PAUSE and every PAUSE db."""
+        self.holds.release(database=database)
 
     async def pause_tenant(self, tenant: str) -> None:
         """Hold the tenant's new transactions; return once its in-flight ones have ended.
         The building block of a tenant move: nothing of the tenant runs until resume_tenant()."""
         holds = self.holds
-        holds.tenants.add(tenant)
+        holds.hold(tenant=tenant)
         await holds.wait_quiet(lambda: list(self.sessions), tenant=tenant, held=lambda: tenant in holds.tenants)
 
     def resume_tenant(self, tenant: str) -> None:
-        self.holds.tenants.discard(tenant)
-        self.holds.lift()
+        self.holds.release(tenant=tenant)
 
     def tenant_snapshot(self) -> list[dict]:
         """What SHOW TENANTS prints: per tenant, sessions, transactions, refusals, paused."""

@@ -91,3 +91,21 @@ def test_demo_passes_doctor(demo):
     assert report["summary"]["pass"] > 20
     checks = {f["check"] for f in report["findings"] if f["status"] == "pass"}
     assert {"ssl", "hba"} <= checks
+
+
+def test_metrics_port_option(tmp_path):
+    """--metrics-port: auto (a free port, kept across runs while free), off, or a number."""
+    import argparse
+
+    from proxy.commands.demo import _metrics_port
+    from proxy.demo import DemoState, resolve_metrics_port
+
+    assert _metrics_port("auto") == "auto" and _metrics_port("off") == "off" and _metrics_port("9127") == 9127
+    for bad in ("0", "70000", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _metrics_port(bad)
+    state = DemoState(tmp_path)
+    assert resolve_metrics_port(state, "off") is None
+    assert resolve_metrics_port(state, 9127) == 9127
+    first = resolve_metrics_port(state, "auto")
+    assert first and resolve_metrics_port(state, "auto") == first  # the same port while it is free
