@@ -13,7 +13,8 @@ What acts on the proxy lives on :class:`proxy.server.ProxyServer` (``pause``,
 (``reconnect``); this module parses, checks and reports.  With ``workers: N``,
 RELOAD and SHUTDOWN reach every worker through the supervisor's signals
 (SIGHUP, SIGTERM); PAUSE, RESUME, RECONNECT and KILL_CLIENT act on the worker
-that serves the console connection (docs/admin-console.md).
+that serves the console connection and, through ``server.peers``
+(:mod:`proxy.worker_control`), on every other worker (docs/admin-console.md).
 """
 
 from __future__ import annotations
@@ -113,6 +114,19 @@ class ControlCommands:
             raise ConsoleError("42601", f"syntax error: {verb} TENANT takes exactly one tenant name")
         return args[1].strip("'\"")
 
+    async def _on_peers(self, verb: str, req: dict) -> list[dict]:
+        """With worker processes: the same request on every other worker; raises when one failed."""
+        peers = getattr(self.server, "peers", None)
+        if peers is None:
+            return []
+        replies = await peers.broadcast(req)
+        failed = [r.get("error", "failed") for r in replies if not r.get("ok")]
+        if failed:
+            raise ConsoleError(ADMIN_ERROR, f"{verb} did not reach every worker process",
+                               detail="; ".join(failed),
+                               hint="this worker has done it; check the workers and repeat the command")
+        return replies
+
     # ---- PAUSE / RESUME
 
     def cmd_pause(self, args: list[str]) -> Awaitable[bytes] | bytes:
@@ -125,7 +139,8 @@ class ControlCommands:
             log.info("PAUSE TENANT %s issued by %s", tenant, self.user)
 
             async def pause_tenant() -> bytes:
-                await server.pause_tenant(tenant)
+                await asyncio.gather(server.pause_tenant(tenant),
+                                     self._on_peers("PAUSE", {"op": "pause", "tenant": tenant}))
                 return encode_command_complete("PAUSE")
             return pause_tenant()
         if holds.everything:
@@ -134,14 +149,15 @@ class ControlCommands:
         log.info("PAUSE %s issued by %s", db or "(all databases)", self.user)
 
         async def pause() -> bytes:
-            await server.pause(db)
+            await asyncio.gather(server.pause(db), self._on_peers("PAUSE", {"op": "pause", "database": db}))
             return encode_command_complete("PAUSE")
         return pause()
 
-    def cmd_resume(self, args: list[str]) -> bytes:
+    def cmd_resume(self, args: list[str]) -> Awaitable[bytes]:
         server = self._control("RESUME")
         holds = server.holds
         tenant = self._tenant_arg("RESUME", args)
+        db = None
         if tenant is not None:
             if tenant not in holds.tenants:
                 raise ConsoleError(ADMIN_ERROR, f"tenant {tenant} is not paused")
@@ -158,7 +174,11 @@ class ControlCommands:
                 raise ConsoleError(ADMIN_ERROR, f"database {db} is not paused")
             server.resume(db)
         log.info("RESUME %s issued by %s", " ".join(args) or "(all)", self.user)
-        return encode_command_complete("RESUME")
+
+        async def on_peers() -> bytes:
+            await self._on_peers("RESUME", {"op": "resume", "database": db, "tenant": tenant})
+            return encode_command_complete("RESUME")
+        return on_peers()
 
     # ---- RECONNECT, KILL_CLIENT
 
@@ -170,19 +190,29 @@ class ControlCommands:
             if db is None or name == db:
                 n += pool.reconnect()
         log.info("RECONNECT %s issued by %s: %d server connections to recycle", db or "(all)", self.user, n)
-        return encode_command_complete("RECONNECT")
 
-    def cmd_kill_client(self, args: list[str]) -> bytes:
+        async def on_peers() -> bytes:
+            await self._on_peers("RECONNECT", {"op": "reconnect", "database": db})
+            return encode_command_complete("RECONNECT")
+        return on_peers()
+
+    def cmd_kill_client(self, args: list[str]) -> Awaitable[bytes] | bytes:
         if len(args) != 1:
             raise ConsoleError(ADMIN_ERROR, "invalid client pointer supplied")
         target = args[0].strip("'\"")
-        for s in list(self._control("KILL_CLIENT").sessions):
-            if s.session_id == target and not s.closed:
-                log.info("KILL_CLIENT %s (user %s) issued by %s", target, s.user, self.user)
-                s._fatal(ADMIN_ERROR, "admin forced disconnect",
-                         detail="the session was ended with KILL_CLIENT in the tenantgate admin console")
-                return encode_command_complete("KILL_CLIENT")
-        raise ConsoleError(ADMIN_ERROR, "client not found")
+        server = self._control("KILL_CLIENT")
+        log.info("KILL_CLIENT %s issued by %s", target, self.user)
+        if server.kill_client(target):
+            return encode_command_complete("KILL_CLIENT")
+        if getattr(server, "peers", None) is None:
+            raise ConsoleError(ADMIN_ERROR, "client not found")
+
+        async def on_peers() -> bytes:  # the client may be on another worker
+            replies = await self._on_peers("KILL_CLIENT", {"op": "kill_client", "id": target})
+            if not any(r.get("found") for r in replies):
+                raise ConsoleError(ADMIN_ERROR, "client not found")
+            return encode_command_complete("KILL_CLIENT")
+        return on_peers()
 
     # ---- RELOAD, SHUTDOWN
 

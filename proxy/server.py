@@ -87,6 +87,7 @@ class ProxyServer:
         self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
         self.holds = Holds()  # PAUSE / RESUME (proxy/holds.py)
         self.supervisor_pid: int | None = None  # set in a worker process (proxy/workers.py)
+        self.peers = None  # the other workers (proxy/worker_control.Peers), set in a worker process
         self._shutdown_task: asyncio.Task | None = None  # the admin console's SHUTDOWN
         self.tenant_counters = TenantCounters()  # SHOW TENANTS
         self._server: asyncio.AbstractServer | None = None
@@ -246,6 +247,16 @@ class ProxyServer:
 
     def resume_tenant(self, tenant: str) -> None:
         self.holds.release(tenant=tenant)
+
+    def kill_client(self, session_id: str) -> bool:
+        """KILL_CLIENT: end that client session now (FATAL 08P01, as PgBouncer); False when unknown."""
+        for s in list(self.sessions):
+            if s.session_id == session_id and not s.closed:
+                log.info("KILL_CLIENT: ending session %s (user %s)", session_id, s.user)
+                s._fatal("08P01", "admin forced disconnect",
+                         detail="the session was ended with KILL_CLIENT in the tenantgate admin console")
+                return True
+        return False
 
     def tenant_snapshot(self) -> list[dict]:
         """What SHOW TENANTS prints: per tenant, sessions, transactions, refusals, paused."""
