@@ -315,7 +315,11 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload_from_file)
-        await stop.wait()
+        # stop on a signal, or when the server has stopped (the admin console's SHUTDOWN drains it)
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.serve_forever())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         print("stopping tenantgate demo ...", flush=True)
         return 0
     finally:
