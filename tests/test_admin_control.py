@@ -188,3 +188,19 @@ def test_show_tenants_counts_sessions_transactions_and_refusals(demo):
             assert now["transactions"] >= before["acme"]["transactions"] + 2
             assert now["refusals"] == before["acme"]["refusals"] + 1
         assert tenant_row(con, "globex")["refusals"] == before["globex"]["refusals"]
+
+
+def test_show_stats_averages_come_from_the_live_window(demo):
+    """The pool janitor samples the totals every second; SHOW STATS divides the window's growth."""
+    with console(demo) as con, psycopg.connect(demo.app("globex"), autocommit=True) as globex:
+        for _ in range(200):
+            globex.execute("SELECT 1")
+
+        def app_stats():
+            return next((s for s in rows(con, "SHOW STATS") if s["database"] == "app"), None)
+
+        stats = until(lambda: (lambda s: s if s and s["avg_query_count"] > 0 else None)(app_stats()),
+                      "a per-second query rate for the app database")
+        assert stats["total_query_count"] >= 200
+        assert stats["avg_query_count"] <= stats["total_query_count"]
+        assert stats["avg_query_time"] >= 0 and stats["avg_recv"] > 0
