@@ -24,6 +24,8 @@ import asyncio
 import time
 from typing import Callable, Iterable
 
+_NONE = object()
+
 #: how often :meth:`Holds.wait_quiet` looks at the sessions again (as ProxyServer.drain does)
 POLL_S = 0.05
 
@@ -35,12 +37,14 @@ def session_tenant(session) -> str | None:
     if gate is None:
         return None
     inner = getattr(gate, "inner", gate)
+    tenant = getattr(inner, "tenant", _NONE)
+    if tenant is not _NONE:
+        return tenant
+    binding = getattr(gate, "backstop_binding", None)
+    if binding is None:  # a passthrough gate: no tenant
+        return None
     try:
-        return inner.tenant
-    except AttributeError:
-        pass
-    try:
-        return gate.backstop_binding()[0]
+        return binding()[0]
     except Exception:  # noqa: BLE001 - a gate without a binding has no tenant
         return None
 
