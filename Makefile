@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 PGBIN := /usr/lib/postgresql/15/bin
 STATE_DIR ?= $(CURDIR)/.tenantgate/demo
 LISTEN ?= 127.0.0.1:6432
+# make run METRICS_PORT=9127 (a number, auto: a free port, off: no metrics); POOL_MODE=session|transaction
+METRICS_PORT ?= auto
+POOL_MODE ?= transaction
 
 .PHONY: install run test bench fuzz-rewrite fuzz-wire fuzz-lexer postgres prometheus clean
 
@@ -35,7 +38,7 @@ prometheus:
 	fi
 
 run: install postgres
-	$(BIN)/tenantgate demo --state-dir $(STATE_DIR) --listen $(LISTEN)
+	$(BIN)/tenantgate demo --state-dir $(STATE_DIR) --listen $(LISTEN) --metrics-port $(METRICS_PORT) --pool-mode $(POOL_MODE)
 
 test: install postgres prometheus
 	$(BIN)/python -m pytest -p no:cacheprovider -rs tests; rc=$$?; \

@@ -49,6 +49,7 @@ from proxy.metrics import (
 from proxy.pool import PoolTimeout, ServerConn
 from proxy import statement_offload
 from proxy.copy_audit import CopyDigest
+from proxy.holds import hold_if_paused
 from proxy.statement_ledger import COMPLETIONS, LedgerError, StatementLedger, Wait
 from proxy.session_events import count_tenant_statements, note_connection, note_refusal
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
@@ -183,6 +184,7 @@ class ClientSession(asyncio.Protocol):
         "_after_tasks",
         "_attach_t0",
         "_attach_task",
+        "_held_task",
         "_backend_fatal",
         "_binder",
         "_bkey",
@@ -349,6 +351,7 @@ class ClientSession(asyncio.Protocol):
         self._parse_fifo: list[tuple[int, bool, str | None]] = []  # (segment, swallow?, name), oldest first
         self._attach_t0 = 0.0
         self._attach_task: asyncio.Task | None = None
+        self._held_task: asyncio.Task | None = None  # PAUSE: waiting for RESUME (proxy/holds.py)
         self._console = None  # the admin console (SHOW POOLS, ...) instead of a backend
 
     # ------------------------------------------------------------------ asyncio callbacks (client socket)
@@ -882,7 +885,8 @@ class ClientSession(asyncio.Protocol):
                          outcome="refused")
         from proxy.admin_console import AdminConsole
 
-        self._console = AdminConsole(self.server, self._write_client)
+        self._console = AdminConsole(self.server, self._write_client, user=self.user,
+                                     on_idle=self._process_client)
         self.kind_label = "admin"
         self._write_client(self._console.startup_messages())
         note_connection(self, "accepted")
@@ -893,7 +897,7 @@ class ClientSession(asyncio.Protocol):
 
     def _process_console(self) -> None:
         try:
-            while not self.closed:
+            while not self.closed and not self._console.busy:  # busy: a PAUSE is waiting
                 msg = self.buf.next_message()
                 if msg is None:
                     return
@@ -928,8 +932,12 @@ class ClientSession(asyncio.Protocol):
         if self.pooled and self.sconn is None:
             if not self._wants_backend():
                 return
+            if self.server.holds.active and hold_if_paused(self):  # PAUSE: before a transaction starts
+                return
             if not self._attach():
                 return
+        elif self.server.holds.active and self.idle and not self._unsynced and hold_if_paused(self):
+            return
         accept = self.fstate.accept
         handlers = _HANDLERS
         try:
@@ -1498,6 +1506,7 @@ class ClientSession(asyncio.Protocol):
 
     def _note_refusal(self, sql: str, refusal: Refuse) -> None:
         self._m_refused.inc()
+        self.server.tenant_counters.refusal(self)  # SHOW TENANTS
         note_refusal(self, sql, refusal)  # tenantgate_statements_refused_total{kind,reason,sqlstate} + log line
         try:
             self.gate.on_refused(sql, refusal)
@@ -1692,6 +1701,8 @@ class ClientSession(asyncio.Protocol):
 
     def _on_ready(self, status: bytes, out: list[bytes]) -> None:
         self.tx_status = status
+        if status == b"I" and not self._swallowing:
+            self.server.tenant_counters.transaction(self)  # SHOW TENANTS
         if self.pooled:
             self.pool.query_count += 1
         if self._bytes_in > 65536 or self._bytes_out > 65536:
@@ -1910,6 +1921,10 @@ class ClientSession(asyncio.Protocol):
         self._bwrite = None
         if self._attach_task is not None:
             self._attach_task.cancel()
+        if self._held_task is not None:
+            self._held_task.cancel()
+        if self._console is not None:
+            self._console.close()
         b = self.backend
         if b is not None:
             busy = self.inflight or self.fstate.phase is Phase.COPY_IN

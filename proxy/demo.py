@@ -37,6 +37,7 @@ TENANTS = ("acme", "globex")
 # alice requests access; bob and carol approve (two approvers: account changes need a second one,
 # see proxy/control/accounts.py).  The demo, as the database owner, adds them at bootstrap.
 OPERATORS = {"alice": ("operator",), "bob": ("approver",), "carol": ("approver",)}
+ADMIN_USER = "tg_admin"  # the admin console's user (dsns.json: admin_console)
 SCHEMA_SQL = Path(__file__).resolve().parent / "sql" / "demo_schema.sql"
 RULES_FILE = Path(__file__).resolve().parent.parent / "rules" / "tenancy.yaml"
 
@@ -95,6 +96,7 @@ def ensure_cluster(state: DemoState) -> PgCluster:
         cluster.stop("immediate")  # a stale postmaster.pid from a killed run
         cluster.start()
         state.data["pg_port"] = cluster.port
+        harden(cluster)  # a state dir from before TLS gets it now
         return cluster
     os.chmod(state.dir, 0o755)
     ensure_traversable(state.dir)
@@ -103,7 +105,24 @@ def ensure_cluster(state: DemoState) -> PgCluster:
     cluster.start()
     state.data["pg_port"] = cluster.port
     state.data.pop("initialized", None)
+    harden(cluster)
     return cluster
+
+
+def harden(cluster: PgCluster) -> None:
+    """The posture docs/security.md recommends, so `tenantgate doctor` passes: TLS with a
+    self-signed certificate (clients verify it: sslmode=verify-full), and a pg_hba.conf from
+    deploy/postgres/pg_hba.conf.template: hostssl + scram-sha-256 only, the application roles
+    from tenantgate's address only, the superuser from loopback, everything else rejected."""
+    from proxy.bootstrap import install_hba
+
+    cluster.enable_tls()
+    # the unix socket: peer for the postgres OS user when we are root (cluster.psql runs as it),
+    # else trust (the OS user is not "postgres"); doctor counts local trust as a warning, not a failure
+    # every role of the demo database from loopback (tenantgate's address here): the backend and
+    # control roles, and the dedicated lifecycle or variant backend roles an operator adds
+    install_hba(cluster, cluster.host, database=DEMO_DB, admin_addr=cluster.host, app_roles=("all",),
+                local_auth="peer" if os.geteuid() == 0 else "trust")
 
 
 async def initialize(cluster: PgCluster, state: DemoState) -> None:
@@ -171,10 +190,13 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
         {"name": f"{t}_app", "scram_verifier": make_verifier(state.secret(f"app:{t}")), "tenant": t} for t in TENANTS
     ]
     users.append({"name": "pool_app", "scram_verifier": make_verifier(state.secret("app:pool")), "token_tenants": True})
+    # the admin console (SHOW POOLS, PAUSE, ...: docs/admin-console.md); it reaches no data
+    users.append({"name": ADMIN_USER, "scram_verifier": make_verifier(state.secret("admin_console")), "admin": True})
     return {
         "listen": {"host": host, "port": port},
         "backend": {"host": "127.0.0.1", "port": cluster.port, "database": DEMO_DB, "user": "tenantgate_app",
-                    "password": state.secret("tenantgate_app"), "sslmode": "disable"},
+                    "password": state.secret("tenantgate_app"), "sslmode": cluster.sslmode,
+                    "sslrootcert": cluster.sslrootcert},
         "users": users,
         "rules_file": str(RULES_FILE),
         "tokens": {"hmac_key": state.secret("token_key", 32)},  # HS256 wants a key of at least 32 bytes
@@ -189,18 +211,39 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
     }
 
 
-def dsns(cluster: PgCluster, state: DemoState, host: str, port: int) -> dict:
-    def url(user: str, password: str) -> str:
+def dsns(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_port: int | None = None,
+         admin_database: str = "tenantgate") -> dict:
+    """The demo contract (dsns.json).  ``app``, ``operator`` and ``backend_admin`` never change;
+    ``metrics`` (with a metrics port) and ``admin_console`` are additions."""
+    h = f"[{host}]" if ":" in host else host
+
+    def url(user: str, password: str, database: str = DEMO_DB) -> str:
         from urllib.parse import quote
 
-        h = f"[{host}]" if ":" in host else host
-        return f"postgresql://{quote(user)}:{quote(password, safe='')}@{h}:{port}/{DEMO_DB}?sslmode=disable"
+        return f"postgresql://{quote(user)}:{quote(password, safe='')}@{h}:{port}/{database}?sslmode=disable"
 
-    return {
+    out = {
         "app": {t: url(f"{t}_app", state.secret(f"app:{t}")) for t in TENANTS},
         "operator": {name: url(name, state.secret(f"operator:{name}")) for name in OPERATORS},
         "backend_admin": cluster.dsn(database=DEMO_DB),
+        "admin_console": url(ADMIN_USER, state.secret("admin_console"), admin_database),
     }
+    if metrics_port:
+        out["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
+    return out
+
+
+def resolve_metrics_port(state: DemoState, requested: str | int | None) -> int | None:
+    """``--metrics-port``: ``auto`` (the default) keeps the port of the last run when it is free,
+    else takes a free one; ``off`` serves no metrics; a number is that port."""
+    if requested is None or requested == "off":
+        return None
+    if requested != "auto":
+        return int(requested)
+    last = state.data.get("metrics_port")
+    port = last if isinstance(last, int) and _port_free(last) else free_port()
+    state.data["metrics_port"] = port
+    return port
 
 
 def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
@@ -224,14 +267,15 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
         f"  psql '{d['operator']['alice']}'",
         "",
         f"Backend (superuser, direct; for administration only): psql '{d['backend_admin']}'",
+        f"Admin console (SHOW POOLS, SHOW TENANTS, PAUSE, ...): psql '{d['admin_console']}'",
     ]
-    if metrics_port:
-        lines.append(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics")
+    if d.get("metrics"):
+        lines.append(f"Prometheus metrics: {d['metrics']}")
     lines += ["", "Ctrl-C stops tenantgate and PostgreSQL.", ""]
     return "\n".join(lines)
 
 
-async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None,
+async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None = "auto",
                    pool_mode: str = "transaction") -> int:
     from proxy.config import Config
     from proxy.gatekeeper import build_gatekeeper
@@ -242,6 +286,7 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None
     state_dir.mkdir(parents=True, exist_ok=True)
     state = DemoState(state_dir)
     cluster = ensure_cluster(state)
+    metrics_port = resolve_metrics_port(state, metrics_port)
     state.save()
     server = None
     gatekeeper = None
@@ -262,7 +307,7 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None
             from proxy.commands.serve import start_metrics_endpoint
 
             admin = await start_metrics_endpoint(config, server, gatekeeper)
-        d = dsns(cluster, state, host, server.port)
+        d = dsns(cluster, state, host, server.port, metrics_port, config.admin.database)
         (state_dir / "dsns.json").write_text(json.dumps(d, indent=2))
         print(banner(state_dir, d, metrics_port), flush=True)
         stop = asyncio.Event()
@@ -270,7 +315,11 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: int | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload_from_file)
-        await stop.wait()
+        # stop on a signal, or when the server has stopped (the admin console's SHUTDOWN drains it)
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.serve_forever())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         print("stopping tenantgate demo ...", flush=True)
         return 0
     finally:

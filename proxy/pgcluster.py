@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 PG_BIN = Path(os.environ.get("TENANTGATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -44,12 +45,16 @@ class PgCluster:
 
     The bootstrap superuser is ``postgres`` with password ``superuser_password``;
     host connections need scram-sha-256 (trust only on the private unix socket).
+    After :meth:`enable_tls` the DSNs of :meth:`dsn` ask for ``sslmode``
+    (``verify-full`` against ``sslrootcert``, the cluster's own certificate).
     """
 
     datadir: Path
     port: int
     superuser_password: str = "postgres-admin"
     host: str = "127.0.0.1"
+    sslmode: str = "disable"
+    sslrootcert: str | None = None
 
     @property
     def sockdir(self) -> Path:
@@ -59,7 +64,39 @@ class PgCluster:
         if password is None and user == "postgres":
             password = self.superuser_password
         auth = user if password is None else f"{user}:{password}"
-        return f"postgresql://{auth}@{self.host}:{self.port}/{database}?sslmode=disable"
+        dsn = f"postgresql://{auth}@{self.host}:{self.port}/{database}?sslmode={self.sslmode}"
+        if self.sslrootcert:
+            dsn += f"&sslrootcert={quote(self.sslrootcert, safe='/')}"
+        return dsn
+
+    @property
+    def cert_file(self) -> Path:
+        """The server certificate as clients read it (beside the data directory: sslrootcert)."""
+        return self.datadir.parent / (self.datadir.name + "-server.crt")
+
+    def enable_tls(self) -> None:
+        """A self-signed certificate for ``self.host`` (and localhost), ``ssl = on``; DSNs then use
+        ``sslmode=verify-full`` with the certificate as ``sslrootcert``.  Idempotent: an existing
+        certificate is kept (a restarted demo keeps the one its clients trust)."""
+        crt, key = self.datadir / "server.crt", self.datadir / "server.key"
+        if not (crt.exists() and key.exists() and self.cert_file.exists()):
+            cert_pem, key_pem = self_signed_certificate(self.host)
+            for path, data in ((crt, cert_pem), (key, key_pem)):
+                path.write_bytes(data)
+                os.chmod(path, 0o600)
+                _chown_to_postgres(path)
+            self.cert_file.write_bytes(cert_pem)
+            os.chmod(self.cert_file, 0o644)
+        conf = self.datadir / "postgresql.conf"
+        if "# tenantgate embedded cluster: TLS" not in conf.read_text():
+            with conf.open("a") as f:
+                f.write("\n# tenantgate embedded cluster: TLS\n"
+                        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+                        "password_encryption = 'scram-sha-256'\n")
+            if (self.datadir / "postmaster.pid").exists():
+                self.reload()
+        self.sslmode = "verify-full"
+        self.sslrootcert = str(self.cert_file)
 
     @property
     def admin_dsn(self) -> str:
@@ -148,6 +185,41 @@ class PgCluster:
         self.stop("immediate")
         shutil.rmtree(self.datadir, ignore_errors=True)
         shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+def self_signed_certificate(host: str = "127.0.0.1", days: int = 3650) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM): a self-signed P-256 certificate naming ``host`` and localhost
+    (IP addresses as IP subject alternative names, so libpq's verify-full accepts them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    for h in {host, "127.0.0.1"}:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def ensure_traversable(path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Awaitable, Callable
 
 from proxy.backend_link import BackendConnection, BackendError
 from proxy.config import Config
+from proxy.stats_window import StatsWindow
 from proxy.metrics import (
     BACKEND_CONNECTIONS,
     POOL_SERVER_CONNECTIONS,
@@ -57,7 +58,7 @@ class ServerConn:
     """One pooled backend connection and what is known about its session state."""
 
     __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
-                 "unnamed_owner", "on_lost", "binder")
+                 "unnamed_owner", "on_lost", "binder", "generation")
 
     def __init__(self, conn: BackendConnection, pool: "BackendPool"):
         self.conn = conn
@@ -70,6 +71,7 @@ class ServerConn:
         self.closed = False
         self.unnamed_owner = None  # the session whose unnamed statement the connection holds
         self.binder = None  # proxy.backstop.BackendBinder: identity and nonce of the backstop binding
+        self.generation = pool.generation  # RECONNECT: older generations are closed when they come back
         self.on_lost = lambda exc: pool._lost(self)  # while idle in the pool: PostgreSQL closed it
 
     @property
@@ -104,6 +106,7 @@ class BackendPool:
         self.xact_time_s = 0.0
         self.wait_time_s = 0.0
         self.max_wait_started: float | None = None
+        self.generation = 0  # bumped by RECONNECT
 
     # ------------------------------------------------------------------ borrowing
 
@@ -188,7 +191,7 @@ class BackendPool:
         self.xact_count += 1
         self.xact_time_s += xact_s
         cfg = self.config.pool
-        if (not sc.healthy() or sc.last_used - sc.created > cfg.server_lifetime_s
+        if (not sc.healthy() or sc.last_used - sc.created > cfg.server_lifetime_s or sc.generation != self.generation
                 or len(sc.prepared) > cfg.max_prepared_per_server or len(self.servers) > self.size):
             self._drop(sc)
             self._serve_waiter_with_new()
@@ -258,6 +261,22 @@ class BackendPool:
                 del self.idle[sc]
                 self._drop(sc)
 
+    def reconnect(self) -> int:
+        """RECONNECT: close every connection of this pool once it is released (idle ones now);
+        new ones are opened as needed.  Returns how many connections were marked."""
+        self.generation += 1
+        marked = len(self.servers)
+        for sc in list(self.idle):
+            del self.idle[sc]
+            self._drop(sc)
+        return marked
+
+    def close_idle(self) -> None:
+        """PAUSE: close the idle connections (PgBouncer disconnects its servers while paused)."""
+        for sc in list(self.idle):
+            del self.idle[sc]
+            self._drop(sc)
+
     def close(self) -> None:
         for sc in list(self.idle):
             self._drop(sc)
@@ -268,6 +287,14 @@ class BackendPool:
                 fut.set_exception(BackendError("tenantgate is shutting down", "57P01"))
 
     # ------------------------------------------------------------------ SHOW
+
+    def totals(self) -> dict[str, int]:
+        """The running totals SHOW STATS prints (PgBouncer's units: bytes, microseconds)."""
+        xact_us = int(self.xact_time_s * 1e6)
+        return {"total_xact_count": self.xact_count, "total_query_count": self.query_count,
+                "total_received": self.bytes_received, "total_sent": self.bytes_sent,
+                "total_xact_time_us": xact_us, "total_query_time_us": xact_us,
+                "total_wait_time_us": int(self.wait_time_s * 1e6)}
 
     def maxwait_s(self) -> float:
         return time.monotonic() - self.waiters[0][1] if self.waiters else 0.0
@@ -281,6 +308,7 @@ class PoolManager:
         self._connect = connect
         self.pools: dict[str, BackendPool] = {}
         self._janitor: asyncio.Task | None = None
+        self.stats_window = StatsWindow()  # SHOW STATS averages: the last 60 s
 
     def get(self, database: str) -> BackendPool:
         pool = self.pools.get(database)
@@ -301,6 +329,7 @@ class PoolManager:
         while True:
             await asyncio.sleep(GAUGE_EVERY_S)
             self.publish()
+            self.stats_window.record(time.monotonic(), {n: p.totals() for n, p in self.pools.items()})
             xacts = sum(p.xact_count for p in self.pools.values())
             POOL_TRANSACTIONS_TOTAL.inc(xacts - published)
             published = xacts

@@ -20,6 +20,8 @@ def _addr(session) -> tuple[str, int]:
 
 
 def _client_state(s) -> str:
+    if getattr(s, "_held_task", None) is not None:  # held by PAUSE (proxy/holds.py)
+        return "waiting"
     if s.pooled:
         if s.sconn is not None:
             return "active"
@@ -78,12 +80,11 @@ def snapshot(server) -> dict:
                                        client.session_id if client is not None else None, len(sc.prepared),
                                        server.config.backend))
         row["sv_login"] += pool.connecting
-        stats.append({
-            "database": database, "total_xact_count": pool.xact_count, "total_query_count": pool.query_count,
-            "total_received": pool.bytes_received, "total_sent": pool.bytes_sent,
-            "total_xact_time_us": int(pool.xact_time_s * 1e6), "total_query_time_us": int(pool.xact_time_s * 1e6),
-            "total_wait_time_us": int(pool.wait_time_s * 1e6),
-        })
+        stat = {"database": database, **pool.totals()}
+        window = server.pools.stats_window.since(time.monotonic(), database)
+        if window is not None:  # SHOW STATS averages cover the last 60 s (proxy/stats_window.py)
+            stat["window_s"], stat["window_start"] = window
+        stats.append(stat)
     return {"pools": list(pools.values()), "clients": clients, "servers": servers, "stats": stats,
             "started_at": server.started_at}
 

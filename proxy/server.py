@@ -24,8 +24,10 @@ from proxy.backend_link import connect_backend
 from proxy.cancel import CancelRegistry
 from proxy.config import Config, ConfigError, load_config
 from proxy.metrics import CONFIG_RELOADS_TOTAL
+from proxy.holds import Holds
 from proxy.pool import PoolManager
 from proxy.seam import Gatekeeper
+from proxy.tenant_counters import TenantCounters, tenant_snapshot
 
 log = logging.getLogger("tenantgate.server")
 
@@ -83,6 +85,11 @@ class ProxyServer:
         self.started_at = time.time()
         # transaction pooling: backend connections shared by sessions, per database
         self.pools = PoolManager(config, lambda database: connect_backend(self.config.backend, database, {}))
+        self.holds = Holds()  # PAUSE / RESUME (proxy/holds.py)
+        self.supervisor_pid: int | None = None  # set in a worker process (proxy/workers.py)
+        self.peers = None  # the other workers (proxy/worker_control.Peers), set in a worker process
+        self._shutdown_task: asyncio.Task | None = None  # the admin console's SHUTDOWN
+        self.tenant_counters = TenantCounters()  # SHOW TENANTS
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
         self._closed = asyncio.Event()
@@ -183,7 +190,10 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):
-            s.drain()
+            if getattr(s, "_held_task", None) is not None:  # held by PAUSE: between transactions
+                s._drain_close()
+            else:
+                s.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.sessions and loop.time() < deadline:
@@ -209,6 +219,48 @@ class ProxyServer:
                 pass
         await asyncio.sleep(0)
         self._closed.set()
+
+    # -------------------------------------------------------------- pause and resume
+
+    async def pause(self, database: str | None = None) -> None:
+        """Hold new transactions (of ``database``, or all); return once in-flight ones ended and
+        the idle backend connections of the paused pools are closed (PgBouncer's PAUSE)."""
+        holds = self.holds
+        holds.hold(database=database)
+        still = (lambda: holds.everything) if database is None else (lambda: database in holds.databases)
+        if not await holds.wait_quiet(lambda: list(self.sessions), database=database, held=still):
+            return  # resumed before it was quiet: nothing to close
+        for name, pool in list(self.pools.pools.items()):
+            if database is None or name == database:
+                pool.close_idle()
+
+    def resume(self, database: str | None = None) -> None:
+        """Lift PAUSE ``database``, or (None) PAUSE and every PAUSE db."""
+        self.holds.release(database=database)
+
+    async def pause_tenant(self, tenant: str) -> None:
+        """Hold the tenant's new transactions; return once its in-flight ones have ended.
+        The building block of a tenant move: nothing of the tenant runs until resume_tenant()."""
+        holds = self.holds
+        holds.hold(tenant=tenant)
+        await holds.wait_quiet(lambda: list(self.sessions), tenant=tenant, held=lambda: tenant in holds.tenants)
+
+    def resume_tenant(self, tenant: str) -> None:
+        self.holds.release(tenant=tenant)
+
+    def kill_client(self, session_id: str) -> bool:
+        """KILL_CLIENT: end that client session now (FATAL 08P01, as PgBouncer); False when unknown."""
+        for s in list(self.sessions):
+            if s.session_id == session_id and not s.closed:
+                log.info("KILL_CLIENT: ending session %s (user %s)", session_id, s.user)
+                s._fatal("08P01", "admin forced disconnect",
+                         detail="the session was ended with KILL_CLIENT in the tenantgate admin console")
+                return True
+        return False
+
+    def tenant_snapshot(self) -> list[dict]:
+        """What SHOW TENANTS prints: per tenant, sessions, transactions, refusals, paused."""
+        return tenant_snapshot(self)
 
     def pool_snapshot(self) -> dict:
         """What the admin console's SHOW POOLS / CLIENTS / SERVERS / STATS print (plain data)."""

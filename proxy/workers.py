@@ -120,6 +120,7 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
     if inspect.isawaitable(gatekeeper):
         gatekeeper = await gatekeeper
     server = ProxyServer(config, gatekeeper, config_path=config_path, cancels=registry, reuse_port=True)
+    server.supervisor_pid = os.getppid()  # the admin console's RELOAD / SHUTDOWN reach every worker through it
     await server.start()
     from proxy.session_events import TENANT_LABELS
 
@@ -132,6 +133,10 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
         os.unlink(sock_path)
     inbox = await loop.create_unix_server(lambda: _CancelInbox(registry), sock_path)
     os.chmod(sock_path, 0o600)
+    from proxy.worker_control import Peers, serve_control
+
+    control_inbox = await serve_control(server, runtime_dir, index)  # the console's PAUSE etc. on every worker
+    server.peers = Peers(runtime_dir, index, count)
     server.install_signal_handlers()
 
     parent = os.getppid()
@@ -148,6 +153,7 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
     _ready_path(runtime_dir, index).write_text(str(os.getpid()))
     await server.serve_forever()
     inbox.close()
+    control_inbox.close()
     closer = getattr(gatekeeper, "close", None)
     if closer is not None:
         r = closer()

@@ -59,12 +59,31 @@ class RawClient:
         u = urlsplit(dsn)
         self.user, password = unquote(u.username or ""), unquote(u.password or "")
         self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
+        self._maybe_tls(u)
         self.buf = ReceiveBuffer()
         params = {"user": self.user, "database": u.path.lstrip("/"), "application_name": "tenantgate-e2e-raw"}
         params.update(options or {})
         self.sock.sendall(m.encode_startup(params))
         self._authenticate(password)
         self.startup_messages = self.until_ready()
+
+    def _maybe_tls(self, u) -> None:
+        """TLS as libpq does it when the DSN asks for it (the demo's backend_admin: verify-full)."""
+        import ssl
+        from urllib.parse import parse_qs
+
+        q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+        mode = q.get("sslmode", "disable")
+        if mode in ("disable", "allow", "prefer"):
+            return
+        self.sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+        if self.sock.recv(1) != b"S":
+            raise ConnectionError("the server refused TLS")
+        ctx = ssl.create_default_context(cafile=q.get("sslrootcert"))
+        ctx.check_hostname = mode == "verify-full"
+        if mode == "require":
+            ctx.verify_mode = ssl.CERT_NONE
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=u.hostname)
 
     # -- transport
     def recv(self) -> tuple[bytes, bytes]:

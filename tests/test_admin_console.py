@@ -213,6 +213,39 @@ def test_show_stats_totals_and_since_start_averages():
     assert avgs[0]["xact_time"] == "5000"
 
 
+def test_show_stats_averages_cover_the_last_60_seconds():
+    """As PgBouncer's stats_period: what happened in the window, not since start."""
+    import copy
+
+    snap = copy.deepcopy(SNAPSHOT)
+    # 60 s ago the totals were 40 transactions, 130 queries, 4000/16000 bytes, 200 ms of transactions
+    snap["stats"][0].update(window_s=60.0, window_start={
+        "total_xact_count": 40, "total_query_count": 130, "total_received": 4_000, "total_sent": 16_000,
+        "total_xact_time_us": 200_000, "total_query_time_us": 130_000, "total_wait_time_us": 400})
+    c = Console(make_server(snap))
+    (_, rows), = results(c.query("SHOW STATS"))
+    r = rows[0]
+    assert r["total_xact_count"] == "100"  # totals stay totals
+    assert (r["avg_xact_count"], r["avg_query_count"], r["avg_recv"], r["avg_sent"]) == ("1", "2", "100", "400")
+    # 60 transactions took 300 ms in the window: 5000 µs each; 120 queries 120 ms: 1000 µs
+    assert (r["avg_xact_time"], r["avg_query_time"], r["avg_wait_time"]) == ("5000", "1000", "10")
+    (_, avgs), = results(c.query("SHOW STATS_AVERAGES"))
+    assert avgs[0]["xact_count"] == "1" and avgs[0]["bytes_sent"] == "400"
+
+
+def test_stats_window_keeps_60_seconds():
+    from proxy.stats_window import StatsWindow
+
+    w = StatsWindow()
+    assert w.since(0.0, "app") is None
+    for t in range(0, 200):
+        w.record(float(t), {"app": {"total_xact_count": t * 10}})
+    span, start = w.since(199.0, "app")
+    assert span == 60.0 and start == {"total_xact_count": 1390}
+    assert w.since(199.0, "other") == (60.0, {})  # a database first seen inside the window starts at 0
+    assert len(w._samples) <= 61
+
+
 def test_show_databases_lists_users_version():
     c = Console()
     (cols, rows), = results(c.query("SHOW DATABASES"))
@@ -269,10 +302,10 @@ def test_several_statements_in_one_query_run_in_order():
 
 def test_an_error_stops_the_rest_of_the_query_and_the_console_stays_usable():
     c = Console()
-    msgs = c.query("SHOW POOLS; PAUSE; SHOW STATS")
+    msgs = c.query("SHOW POOLS; SUSPEND; SHOW STATS")
     assert [t for t, _ in msgs] == [b"T", b"D", b"D", b"C", b"E", b"Z"]
     (err,) = errors(msgs)
-    assert err["S"] == "ERROR" and err["C"] == "0A000" and "PAUSE" in err["M"]
+    assert err["S"] == "ERROR" and err["C"] == "0A000" and "SUSPEND" in err["M"]
     assert "SHOW POOLS" in err["H"] and "SHOW CLIENTS" in err["H"] and "SHOW STATS" in err["H"]
     assert results(c.query("SHOW LISTS"))
 
@@ -469,7 +502,7 @@ def csv_blocks(stdout: str) -> list[list[list[str]]]:
 def test_psql_reads_the_console():
     listener = _ConsoleListener(make_server())
     try:
-        r = run_psql(listener.port, "SHOW POOLS", "SHOW HELP", "show stats;", "PAUSE", "SHOW CLIENTS")
+        r = run_psql(listener.port, "SHOW POOLS", "SHOW HELP", "show stats;", "SUSPEND", "SHOW CLIENTS")
     finally:
         listener.close()
     assert "WARNING" not in r.stderr, r.stderr
@@ -477,7 +510,7 @@ def test_psql_reads_the_console():
     assert lines[0] == "database,user,cl_active,cl_waiting,sv_active,sv_idle,sv_used,sv_login,maxwait,maxwait_us,pool_mode"
     assert lines[1] == "appdb,tg_backend,3,1,2,5,0,1,2,500000,transaction"
     assert "NOTICE:  Console usage" in r.stderr
-    assert "ERROR:  PAUSE is not supported by the tenantgate admin console" in r.stderr
+    assert "ERROR:  SUSPEND is not supported by the tenantgate admin console" in r.stderr
     assert any(l.startswith("appdb,100,250,10000,40000,500000,") for l in lines)
     assert any(l.startswith("C,app,appdb,waiting,127.0.0.1,50123,") for l in lines)  # after the error
 
@@ -588,3 +621,21 @@ def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):
     assert err["S"] == "FATAL" and err["C"] == "28000" and "tenantgate" in err["H"]
     err = _startup_error(proxy, "ops", "wrong", "tenantgate")
     assert err["C"] == "28P01"
+
+
+def test_reload_failure_is_f0000_and_the_old_config_stays(proxy_factory, make_db):
+    """RELOAD as PgBouncer answers a failed reload: F0000; here the proxy has no config file."""
+    import psycopg
+
+    db, _ = make_db("adminreload")
+    proxy = proxy_factory(db, users=[{"name": "ops", "password": "ops-pw", "admin": True}])
+    dsn = proxy.dsn("ops", "ops-pw", database=proxy.config.admin.database)
+    with psycopg.connect(dsn, autocommit=True) as con:
+        with pytest.raises(psycopg.Error) as e:
+            con.execute("RELOAD", prepare=False)
+        assert e.value.sqlstate == "F0000" and "RELOAD failed" in e.value.diag.message_primary
+        assert "no configuration file" in e.value.diag.message_detail
+        with pytest.raises(psycopg.Error) as e:
+            con.execute("RELOAD now", prepare=False)
+        assert e.value.sqlstate == "42601"
+        assert con.execute("SHOW VERSION", prepare=False).fetchone()[0].startswith("tenantgate")

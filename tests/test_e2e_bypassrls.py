@@ -43,7 +43,7 @@ def bypass(demo, backend, tmp_path_factory):  # noqa: F811
 
 def test_the_backend_role_of_this_variant_bypasses_rls(demo, backend):  # noqa: F811
     direct = (f"postgresql://{BYPASS_ROLE}:{BYPASS_PW}@{backend['host']}:{backend['port']}/{backend['database']}"
-              "?sslmode=disable")
+              "?sslmode=require")
     with psycopg.connect(direct, autocommit=True) as c:
         for table in TABLES:
             tenants = {r[0] for r in c.execute(f"SELECT DISTINCT tenant_id FROM {table}")}
