@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from admin_support import Background, until
-from e2e_helpers import admin_rows, fresh_ids
+from e2e_helpers import admin_execute, admin_rows, fresh_ids
 
 # PgBouncer's SQLSTATE for every admin console error
 ADMIN_ERROR = "08P01"
@@ -75,6 +75,7 @@ def test_pause_tenant_holds_that_tenant_only_and_waits_for_its_transaction(demo)
         assert held.value() == [(cid, "paused-insert", "acme")]
         assert tenant_row(con, "acme")["paused"] == ""
     assert admin_rows(demo, "customers", "globex") == globex_before  # untouched
+    admin_execute(demo, "DELETE FROM customers WHERE customer_id = %s", [cid])  # other tests count acme's rows
 
 
 def test_pause_tenant_also_holds_sessions_that_pick_their_tenant_with_a_token(demo):
