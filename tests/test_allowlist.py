@@ -181,7 +181,6 @@ REFUSED = [
     ("SELECT * FROM pg_hba_file_rules", "pg_hba_file_rules"),
     ("SELECT * FROM pg_ident_file_mappings", "pg_ident_file_mappings"),
     ("SELECT * FROM pg_stat_replication", "pg_stat_replication"),
-    ("SELECT * FROM pg_settings", "pg_settings"),
     ("SELECT * FROM pg_locks", "pg_locks"),
     ("SELECT * FROM pg_stat_user_tables", "pg_stat_user_tables"),
     ("SELECT * FROM information_schema.user_mapping_options", "user_mapping_options"),

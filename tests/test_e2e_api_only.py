@@ -76,7 +76,7 @@ REFUSED = {
     # the same leaks through other doors: function forms, other spellings, subqueries
     "pg_stat_get_activity": "SELECT * FROM pg_stat_get_activity(NULL)",
     "pg_stats_ext": "SELECT * FROM pg_stats_ext",
-    "pg_settings": "SELECT name, setting FROM pg_settings",
+    "pg_settings_update": "UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'",
     "pg_locks": "SELECT * FROM pg_locks",
     "pg_stat_statements": "SELECT * FROM pg_stat_statements",
     "pg_largeobject_metadata": "SELECT * FROM pg_catalog.pg_largeobject_metadata",

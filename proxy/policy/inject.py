@@ -34,6 +34,7 @@ from typing import Callable
 from sqlglot import exp
 from sqlglot.tokens import Token, TokenType
 
+from proxy.policy.catalog_views import CATALOG_ROW_FILTERS
 from proxy.policy.catalog import CatalogSnapshot, Relation
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, PolicyRefusal
 from proxy.policy.resolve import display_name, fold_identifier, quote_ident, resolve_table
@@ -234,7 +235,12 @@ class _Injector:
                 f"relation {display_name(table)} is used in an unsupported position ({type(parent).__name__})",
             )
         rel = resolve_table(table, self.snapshot)
-        if rel is None or rel.classification == "system":
+        if rel is not None and rel.classification == "system":
+            where = CATALOG_ROW_FILTERS.get((rel.schema, rel.name))
+            if where is not None:  # a catalog a tenant sees only in part (catalog_views.py)
+                self.wrap_catalog(table, where)
+            return
+        if rel is None:
             return
         if rel.classification == "shared":
             self.out.shared_relations.append(rel.qualified)
@@ -270,6 +276,22 @@ class _Injector:
             self.add(start, end, *wrapped)
         else:
             self.add(start, end, *wrapped, " AS ", quote_ident(rel.name))
+
+    def wrap_catalog(self, table: exp.Table, where: str) -> None:
+        """A catalog view a tenant may read only in part: ``(SELECT * FROM <it> WHERE <where>)``
+        under the name (or alias) it had."""
+        if table.args.get("only") or any(table.args.get(k) for k in ("sample", "version", "hints", "pivots")):
+            raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"unsupported use of {display_name(table)}")
+        start, end = self.name_span(table)
+        i = self.tok_index(start)
+        if i > 0 and self.tokens[i - 1].token_type == TokenType.TABLE:
+            raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"TABLE {display_name(table)}")
+        wrapped = ("(SELECT * FROM pg_catalog.", quote_ident(table.name.lower()), " WHERE ", where, ")")
+        has_alias = isinstance(table.args.get("alias"), exp.TableAlias) and table.args["alias"].this is not None
+        if has_alias:
+            self.add(start, end, *wrapped)
+        else:
+            self.add(start, end, *wrapped, " AS ", quote_ident(table.name.lower()))
 
     def guard_join(self, table: exp.Table, rel: Relation) -> bool:
         """A FROM item of a SELECT that must be filtered before its outer join but has no ON to

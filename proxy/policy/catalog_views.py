@@ -1,0 +1,33 @@
+"""What a tenant session sees of the system catalogs that list the whole server.
+
+Most catalogs describe the schema and are read as they are (rules/catalogs.yaml).  A few list
+things outside the tenant's application: tenantgate's own schemas, the server's other databases
+and roles, and the server's configuration.  Those are read through a row filter: the rewriter
+replaces the relation with ``(SELECT * FROM pg_catalog.<it> WHERE <filter>)`` under the same
+name or alias (proxy/policy/inject.py ``wrap_catalog``), so psql's ``\\dn``, ``\\l`` and ``\\du``,
+drivers' metadata calls and ORMs' reflection keep working and simply do not show these rows.
+
+| catalog | a tenant sees | why |
+|---|---|---|
+| ``pg_namespace`` | every schema except ``tenantgate_*`` (control, copy views, the backstop's guard) | tenantgate's machinery is not the application's |
+| ``pg_database`` | the database it is connected to | other databases' names are other applications' (or other customers') |
+| ``pg_roles``, ``pg_user`` | its backend role and PostgreSQL's built-in ``pg_*`` roles | role names reveal who else uses the server |
+| ``pg_settings`` | preset (``internal``) and client-settable (``user``) parameters, without file and directory names, commands, libraries, connection strings, search paths or custom (dotted) settings | drivers read limits such as ``max_index_keys`` (pgjdbc); paths and commands are the server's business. PostgreSQL itself hides the superuser-only ones (``data_directory``, ``config_file``, ...) from the backend role |
+
+Writes to these catalogs stay refused (they are not tenant or shared tables).  Functions that
+name objects (``pg_get_userbyid``, ``has_database_privilege``, casts to ``regrole``) still
+answer for any oid: they reveal a name only to a client that already has its oid.
+"""
+
+from __future__ import annotations
+
+#: (schema, relation) -> the SQL condition a row must meet to be visible in a tenant session
+CATALOG_ROW_FILTERS: dict[tuple[str, str], str] = {
+    ("pg_catalog", "pg_namespace"): "nspname !~ '^tenantgate_'",
+    ("pg_catalog", "pg_database"): "datname = pg_catalog.current_database()",
+    ("pg_catalog", "pg_roles"): "(rolname = CURRENT_USER OR rolname ~ '^pg_')",
+    ("pg_catalog", "pg_user"): "(usename = CURRENT_USER OR usename ~ '^pg_')",
+    ("pg_catalog", "pg_settings"): (
+        "context IN ('internal', 'user') AND name !~ '(file|director|command|librar|conninfo|path|[.])'"
+    ),
+}
