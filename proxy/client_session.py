@@ -1480,6 +1480,11 @@ class ClientSession(asyncio.Protocol):
                     self._out.append(m.encode_copy_fail(err))
                     self._copy_failed = True
                     return
+                if getattr(check, "fills", False):  # the rows with the tenant column added (policy/copy_fill.py)
+                    out = check.take()
+                    if out:
+                        self._out.append(m.frame(t, out))
+                    return
             self._out.append(m.frame(t, payload))
         elif t == b"c":
             check = self._copy_check
@@ -1488,6 +1493,10 @@ class ClientSession(asyncio.Protocol):
                 if check is not None:
                     try:
                         err = check.finish()
+                        if not err and getattr(check, "fills", False):
+                            out = check.take()
+                            if out:
+                                self._out.append(m.frame(b"d", out))
                     except Exception as e:
                         err = f"COPY data check failed: {e}"
                 self._out.append(m.encode_copy_fail(err) if err else m.frame(t, payload))

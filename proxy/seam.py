@@ -119,9 +119,15 @@ class CopyInCheck(Protocol):
     then sends CopyFail to PostgreSQL, so nothing is committed), or None.
     """
 
+    #: True when the check rewrites the stream: the proxy then forwards ``take()`` (after each
+    #: ``feed`` and before CopyDone) instead of the client's bytes
+    fills: bool
+
     def feed(self, data: bytes) -> str | None: ...
 
     def finish(self) -> str | None: ...
+
+    def take(self) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,23 @@ def test_copy_from_stdin_data_is_recorded_with_its_digest(op, admin, demo):  # n
     joined = b"".join(data)
     assert detail == {"bytes": len(joined), "sha256": hashlib.sha256(joined).hexdigest()}
     admin.execute(f"DELETE FROM customers WHERE tenant_id = 'acme' AND customer_id IN ({a}, {b})")
+
+
+def test_copy_from_stdin_without_the_tenant_column_under_a_write_grant(op, admin, demo):  # noqa: F811
+    """Issue 20's over-refusal: the grant's tenant is filled in, and the audit records the
+    operator's own rows (what they sent)."""
+    a, b = fresh_ids(2)
+    data = [f"{a}\tfilled copy 1\n".encode(), f"{b}\tfilled copy 2\n".encode()]
+    since = admin.head_seq()
+    op.send(m.encode_query("COPY customers (customer_id, name) FROM STDIN"))
+    t, _ = op.recv()
+    assert t == b"G", t
+    op.send(*[m.frame(b"d", d) for d in data], m.frame(b"c"))
+    msgs = op.until_ready()
+    assert not errors(msgs), errors(msgs)
+    out = [r for r in _records(admin, since, 1) if r["type"] == "statement.outcome"]
+    assert len(out) == 1 and out[0]["command_tag"] == "COPY 2"
+    joined = b"".join(data)
+    assert json.loads(out[0]["detail"])["copy_in"] == {"bytes": len(joined), "sha256": hashlib.sha256(joined).hexdigest()}
+    assert admin.rows("SELECT tenant_id FROM customers WHERE customer_id IN (%s, %s)", (a, b)) == [("acme",), ("acme",)]
+    admin.execute(f"DELETE FROM customers WHERE customer_id IN ({a}, {b})")

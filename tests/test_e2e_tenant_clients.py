@@ -215,18 +215,19 @@ async def test_asyncpg_copy_records_with_a_foreign_tenant_row_commits_nothing(de
     assert after == before
 
 
-async def test_asyncpg_copy_in_without_the_tenant_column_is_refused(demo):
+async def test_asyncpg_copy_in_without_the_tenant_column_fills_it_in(demo):
+    """As INSERT does, COPY without the tenant column gets the session's tenant (copy_fill.py)."""
     conn = await asyncpg.connect(demo.app("acme"))
-    before = snapshot(demo, "acme")
+    globex_before = snapshot(demo, "globex")
+    cid = fresh_ids()[0]
     try:
-        with pytest.raises(asyncpg.PostgresError) as e:
-            await conn.copy_records_to_table("customers", records=[(fresh_ids()[0], "x")], columns=["customer_id", "name"])
-        assert e.value.sqlstate == "0A000"
-        assert "tenant_id" in str(e.value)
-        assert await conn.fetchval("SELECT 1") == 1
+        res = await conn.copy_records_to_table("customers", records=[(cid, "x")], columns=["customer_id", "name"])
+        assert res == "COPY 1"
+        assert await conn.fetchval("SELECT tenant_id FROM customers WHERE customer_id = $1", cid) == "acme"
     finally:
         await conn.close()
-    assert snapshot(demo, "acme") == before
+        delete_customers(demo, [cid])
+    assert snapshot(demo, "globex") == globex_before
 
 
 async def test_asyncpg_cancellation_via_timeout(demo):

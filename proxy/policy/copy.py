@@ -125,18 +125,23 @@ def copy_piece(sql: str, start: int, end: int, toks: list[Token], inner) -> Piec
     view = snapshot.copy_view(rel, rules.tenant_column)
     # without a column list PostgreSQL copies every column but generated ones: the view has exactly those
     names = cols if cols is not None else [c.name for c in (view or rel).columns]
-    if rules.tenant_column not in names:
-        raise _refuse(
-            f"COPY FROM into {rel.qualified} must include the tenant column {rules.tenant_column} in its column list"
-        )
-    if view is not None and any(not view.has_column(c) for c in names):
+    fill = rules.tenant_column not in names
+    if fill and cols is None:  # (a table without the tenant column is not a tenant table)
+        raise _refuse(f"COPY FROM into {rel.qualified}: list the columns")
+    if fill and fmt.get("header_match"):
+        raise _refuse("COPY ... HEADER MATCH without the tenant column is not supported: list it, or use HEADER true")
+    sent = names + [rules.tenant_column] if fill else names  # what PostgreSQL receives
+    if view is not None and any(not view.has_column(c) for c in sent):
         view = None  # e.g. a generated column named: plain COPY gives PostgreSQL's own error
     spec = CopyInSpec(
-        format=fmt["format"], ncols=len(names), tenant_index=names.index(rules.tenant_column),
+        format=fmt["format"], ncols=len(names), tenant_index=-1 if fill else names.index(rules.tenant_column),
         delimiter=fmt["delimiter"], null=fmt["null"], quote=fmt["quote"], escape=fmt["escape"],
-        header=fmt["header"], table=rel.qualified,
+        header=fmt["header"], table=rel.qualified, fill=fill,
     )
     piece = Piece(statement_class="write", touches_tenant=True, writes=True, copy_in=spec)
+    if fill:
+        # like INSERT: the tenant column is added after the client's columns (copy_fill.py adds the values)
+        piece.edits.append(Edit(span_end - 1, span_end - 1, (", ", quote_ident(rules.tenant_column))))
     if view is not None:
         # PostgreSQL refuses COPY FROM into a table under row-level security; the bootstrap's view
         # (INSTEAD OF INSERT, RLS still applies row by row) takes the rows instead
@@ -252,6 +257,7 @@ def _parse_options(toks: list[Token], default_format: str, tenant_column: str | 
         raise _refuse("unsupported COPY HEADER value")
     opts["format"] = fmt
     opts["header"] = raw.get("header", "false") in ("true", "match")
+    opts["header_match"] = raw.get("header") == "match"
     opts["delimiter"] = raw.get("delimiter", "," if fmt == "csv" else "\t")
     opts["null"] = raw.get("null", "" if fmt == "csv" else "\\N")
     opts["quote"] = raw.get("quote", '"')
@@ -323,6 +329,8 @@ def _split_text(line: bytes, delim: int) -> list[bytes]:
 
 class TenantCopyInCheck:
     """Implements :class:`proxy.seam.CopyInCheck` for one COPY ... FROM STDIN."""
+
+    fills = False  # forwards the client's data as sent (CopyFill rewrites it)
 
     def __init__(self, spec: CopyInSpec, tenant: str | None, type_: str):
         self.spec = spec
@@ -565,3 +573,12 @@ class TenantCopyInCheck:
             pos = p
         del buf[:pos]
         return None
+
+
+def copy_in_check(spec: CopyInSpec, tenant: str | None, type_: str):
+    """The data-stream check of one COPY FROM STDIN: check the tenant column, or add it."""
+    if spec.fill:
+        from proxy.policy.copy_fill import CopyFill
+
+        return CopyFill(spec, tenant, type_)
+    return TenantCopyInCheck(spec, tenant, type_)

@@ -169,6 +169,7 @@ class _Injector:
         self._on_preds: dict[int, tuple[exp.Join, list]] = {}
         self._guards = 0
         self.by_start = {t.start: i for i, t in enumerate(tokens)}
+        self.wrapped_catalogs: set[str] = set()  # catalog views read through a row filter
 
     # ---- token helpers -------------------------------------------------------------
     def tok_index(self, pos: int) -> int:
@@ -292,6 +293,20 @@ class _Injector:
             self.add(start, end, *wrapped)
         else:
             self.add(start, end, *wrapped, " AS ", quote_ident(table.name.lower()))
+            # pg_catalog.pg_namespace.nspname (SQLAlchemy writes this) names the FROM item as
+            # pg_namespace now: drop the schema from such column references
+            self.wrapped_catalogs.add(table.name.lower())
+
+    def unqualify_wrapped_columns(self, tree: exp.Expression) -> None:
+        for col in tree.find_all(exp.Column):
+            db, tbl = col.args.get("db"), col.args.get("table")
+            if not (isinstance(db, exp.Identifier) and isinstance(tbl, exp.Identifier)):
+                continue
+            if fold_identifier(db) != "pg_catalog" or fold_identifier(tbl) not in self.wrapped_catalogs:
+                continue
+            if col.args.get("catalog") is not None or "start" not in db.meta or "start" not in tbl.meta:
+                raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"could not locate column reference {col.sql()}")
+            self.add(db.meta["start"], tbl.meta["start"], "")
 
     def guard_join(self, table: exp.Table, rel: Relation) -> bool:
         """A FROM item of a SELECT that must be filtered before its outer join but has no ON to
@@ -861,6 +876,8 @@ class _Injector:
                 # (ROWS FROM (f(...), ...): its items are function tables, walked like any other)
                 raise PolicyRefusal(FEATURE_NOT_SUPPORTED, "unsupported FROM item")
         self.apply_predicates()
+        if self.wrapped_catalogs:
+            self.unqualify_wrapped_columns(tree)
         if self.out.tenant_relations:
             for col in tree.find_all(exp.Column):
                 name = col.name.lower() if isinstance(col.this, exp.Identifier) else ""

@@ -20,6 +20,8 @@ class CopyInSpec:
     escape: str
     header: bool
     table: str
+    # the client's rows lack the tenant column: the proxy adds it (proxy/policy/copy_fill.py)
+    fill: bool = False
 
 
 @dataclass

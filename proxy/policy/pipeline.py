@@ -16,7 +16,7 @@ from proxy.policy.cache import RewriteCache
 from proxy.policy.catalog import CatalogSnapshot
 from proxy.policy.classify import classify, refuse_keyword
 from proxy.policy.commands import command_piece
-from proxy.policy.copy import TenantCopyInCheck
+from proxy.policy.copy import copy_in_check
 from proxy.policy.errors import (
     FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
@@ -366,9 +366,9 @@ class Pipeline:
         if tpl.copy_in is not None:
             spec = tpl.copy_in
             if dynamic:
-                copy_factory = lambda: TenantCopyInCheck(spec, source(), type_)  # noqa: E731
+                copy_factory = lambda: copy_in_check(spec, source(), type_)  # noqa: E731
             else:
-                copy_factory = lambda: TenantCopyInCheck(spec, tenant, type_)  # noqa: E731
+                copy_factory = lambda: copy_in_check(spec, tenant, type_)  # noqa: E731
         result = Analysis(
             Forward(out, param_checks=param_checks, copy_in_check=copy_factory, statement_class=tpl.statement_class,
                     pins_session=tpl.pins_session, changes_settings=tpl.changes_settings,
