@@ -74,11 +74,12 @@ def test_app_role_is_least_privileged(hardened):
         "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member"
         " WHERE r.rolname IN ('tenantgate_app', 'tenantgate_control')")
     assert memberships.strip() == "0"
-    # the backstop guard reads its callers' backend start time, nothing else; nobody is a member of it
+    # the backstop guard reads backend start times and ends a purged tenant's backends (bootstrap
+    # section 8), nothing else; nobody is a member of it
     guard = cluster.psql(
-        "SELECT string_agg(g.rolname, ',') FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+        "SELECT string_agg(g.rolname, ',' ORDER BY g.rolname) FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
         " WHERE m.member = 'tenantgate_guard'::regrole")
-    assert guard.strip() == "pg_read_all_stats"
+    assert guard.strip() == "pg_read_all_stats,pg_signal_backend"
     assert cluster.psql("SELECT count(*) FROM pg_auth_members WHERE roleid = 'tenantgate_guard'::regrole").strip() == "0"
     assert cluster.psql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tenantgate_guard'").strip() == "f"
     privs = cluster.psql(

@@ -660,4 +660,37 @@ DROP EVENT TRIGGER IF EXISTS tenantgate_catalog_notify_drop;
 CREATE EVENT TRIGGER tenantgate_catalog_notify_drop ON sql_drop
     EXECUTE FUNCTION tenantgate_guard.notify_catalog_change();
 
+-- 8. A purge ends every backend bound to the tenant ------------------------------
+-- Before a purge deletes, each backend connection the backstop has bound to the
+-- tenant (operator sessions under a grant, tenant sessions, pooled connections)
+-- is terminated and waited for, on every proxy at once: a statement already
+-- running cannot commit a row after the purge counted zero.  Run by the purge's
+-- role (lifecycle.data_dsn); GRANT EXECUTE to it when it is not a superuser.
+-- (pg_read_all_stats: to tell a bound backend from a later one that reuses its pid)
+GRANT pg_signal_backend, pg_read_all_stats TO tenantgate_guard;
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint) TO tenantgate_guard;
+CREATE OR REPLACE FUNCTION tenantgate_guard.end_tenant_backends(p_tenant text, p_timeout_ms integer DEFAULT 5000)
+    RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    FOR r IN SELECT b.pid FROM tenantgate_guard.binding b
+               JOIN pg_catalog.pg_stat_get_activity(NULL) a
+                 ON a.pid = b.pid AND (extract(epoch FROM a.backend_start) * 1000000)::bigint = b.backend_start
+              WHERE (b.tenant = p_tenant OR b.local_tenant = p_tenant) AND b.pid <> pg_catalog.pg_backend_pid()
+    LOOP
+        -- waits up to p_timeout_ms for the backend to be gone (its transaction rolled back)
+        IF pg_catalog.pg_terminate_backend(r.pid, p_timeout_ms) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'tenantgate_guard.end_tenant_backends: the guard may not end a backend of this tenant'
+        USING ERRCODE = 'insufficient_privilege', HINT = 'GRANT pg_signal_backend TO tenantgate_guard';
+END $$;
+ALTER FUNCTION tenantgate_guard.end_tenant_backends(text, integer) OWNER TO tenantgate_guard;
+REVOKE ALL ON FUNCTION tenantgate_guard.end_tenant_backends(text, integer) FROM PUBLIC;
+
 RESET password_encryption;

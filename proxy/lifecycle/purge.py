@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -98,6 +99,8 @@ def check_receipt(doc: dict, keys: dict) -> bool:
         return False
     return True
 
+
+log = logging.getLogger("tenantgate.lifecycle")
 
 @dataclass
 class PurgeOptions:
@@ -340,6 +343,7 @@ async def purge_tenant(
     sessions_key = sessions_lock_name(tenant)
     try:
         await _wait_for_sessions(conn, tenant, sessions_key, options.sessions_wait_s)
+        await _end_tenant_backends(conn, tenant, options.sessions_wait_s)
         # RLS must not let DELETE or the final count silently skip rows
         await scope_session(conn, schema, tenant, local=False)
         return await _purge(conn, schema, tenant, options, record_receipt, on_batch)
@@ -364,6 +368,29 @@ async def _wait_for_sessions(conn, tenant: str, key: str, wait_s: float) -> None
                 hint="the purge ended them through the proxies; a proxy that did not hear it still holds one. "
                      "Run the purge again, or end the session (pg_terminate_backend) first")
         await asyncio.sleep(0.1)
+
+
+async def _end_tenant_backends(conn, tenant: str, wait_s: float) -> None:
+    """End every backend the PostgreSQL backstop has bound to ``tenant`` (bootstrap section 8),
+    and wait until each is gone: on every proxy, a statement already running rolls back instead
+    of committing after the purge counted zero rows.  Without the backstop there is no such
+    function, and the proxies' own session ends (and the sessions lock) are what holds."""
+    exists = await conn.fetchval(
+        "SELECT to_regprocedure('tenantgate_guard.end_tenant_backends(text, integer)') IS NOT NULL")
+    if not exists:
+        return
+    try:
+        n = await conn.fetchval("SELECT tenantgate_guard.end_tenant_backends($1, $2)", tenant,
+                                int(max(wait_s, 1) * 1000))
+    except Exception as e:
+        raise LifecycleError(
+            getattr(e, "sqlstate", None) or "42501",
+            f'could not end the database sessions bound to tenant "{tenant}": nothing was deleted',
+            detail=str(e),
+            hint="GRANT EXECUTE ON FUNCTION tenantgate_guard.end_tenant_backends(text, integer) to the purge's "
+                 "role (lifecycle.data_dsn), or rerun deploy/postgres/bootstrap.sql") from e
+    if n:
+        log.info("purge of %s: ended %d database session(s) bound to the tenant", tenant, n)
 
 
 async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dict:
