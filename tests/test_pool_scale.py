@@ -59,7 +59,8 @@ class Sampler:
     async def sample(self) -> int:
         rows = await self.admin.fetch(
             "SELECT pid, client_port FROM pg_stat_activity WHERE usename = $1 "
-            "AND query NOT LIKE '%attisdropped%'",  # the proxy's catalog refresh, not a pooled connection
+            "AND query NOT LIKE '%attisdropped%' "  # the proxy's catalog refresh, not a pooled connection
+            "AND application_name NOT LIKE 'tenantgate: %'",  # its catalog connections (refresh, LISTEN)
             self.px.backend_role)
         if any(r["pid"] not in self.ours and r["pid"] not in self.theirs for r in rows):
             self._classify([(r["pid"], r["client_port"]) for r in rows])

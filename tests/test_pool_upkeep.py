@@ -30,7 +30,8 @@ def px(demo, tmp_path_factory):  # noqa: F811
 
 async def _pooled_backends(px, admin) -> list[int]:
     ports = local_ports_towards([px.proc.pid], px.raw["backend"]["port"])
-    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1 AND client_port = ANY($2::int[])",
+    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1 AND client_port = ANY($2::int[])"
+                             " AND application_name NOT LIKE 'tenantgate: %'",  # the catalog's own connections
                              px.backend_role, list(ports))
     return [r["pid"] for r in rows]
 

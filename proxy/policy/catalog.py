@@ -253,7 +253,7 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
     required, read every table's row-level security state)."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": "tenantgate: catalog"})
     try:
         records = await conn.fetch(CATALOG_QUERY, list(rules.schemas))
         state = await load_backstop_state(conn, rules) if backstop_required(rules, backstop_key_configured) else None
@@ -403,7 +403,7 @@ class CatalogManager:
             while True:
                 lost = asyncio.Event()
                 try:
-                    conn = await asyncpg.connect(dsn)
+                    conn = await asyncpg.connect(dsn, server_settings={"application_name": "tenantgate: catalog"})
                 except Exception as e:
                     log.warning("catalog: cannot LISTEN for DDL notifications (%s); retrying", e)
                     await asyncio.sleep(backoff)
