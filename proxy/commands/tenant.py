@@ -155,7 +155,7 @@ class _Ctx:
         async with data_connection(self.cfg) as conn:
             found = await tenant_in_data(conn, await _schema(self.cfg, conn), name)
         if not found:
-            msg, hint = unknown_tenant_message(name)
+            msg, hint = unknown_tenant_message(name, found)
             raise await self.refuse(LifecycleError(UNDEFINED_OBJECT, msg, hint=hint), name, action)
         return await self.plane.register_tenant(name, self.actor, source="discovered")
 

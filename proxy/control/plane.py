@@ -472,7 +472,7 @@ class ControlPlane(IdentityMethods):
                 from .tenants import unknown_tenant_message
 
                 if not in_data:
-                    msg, hint = unknown_tenant_message(tenant)
+                    msg, hint = unknown_tenant_message(tenant, in_data)
                     raise NotFound(f"{msg}. {hint}")
                 await self._register_in_tx(conn, tenant, actor, source="discovered")
             row = await conn.fetchrow(

@@ -102,11 +102,17 @@ async def tenant_in_data(conn, schema: TenantSchema, name: str) -> bool | None:
 
 
 def data_probe(cfg: Config):
-    """``async probe(name) -> bool | None`` over the config's data role, or None when no data DSN is configured."""
+    """``async probe(name) -> bool | None`` over the config's data role (None: cannot tell).
+
+    Without a data DSN (no ``lifecycle.data_dsn`` and no ``backend.database``) the probe always
+    answers None: only registered tenants are known (fail closed)."""
     try:
         data_dsn(cfg)
     except ConfigError:
-        return None
+        async def unknown(name: str) -> None:
+            return None
+
+        return unknown
 
     async def probe(name: str) -> bool | None:
         async with data_connection(cfg) as conn:
@@ -116,8 +122,11 @@ def data_probe(cfg: Config):
     return probe
 
 
-def unknown_tenant_message(name: str) -> tuple[str, str]:
-    return (f'tenant "{name}" is not known: it is not registered and no tenant table holds a row of it',
+def unknown_tenant_message(name: str, checked: bool | None = True) -> tuple[str, str]:
+    """(message, hint) for a tenant neither registered nor found; ``checked=None``: the data could not be read."""
+    why = ("no tenant table holds a row of it" if checked is not None else
+           "its rows cannot be looked up (no lifecycle.data_dsn, or that role cannot see every row)")
+    return (f'tenant "{name}" is not known: it is not registered and {why}',
             f"check the name (tenantgate tenant list); a tenant with no rows yet is registered by an approver: "
             f"tenantgate tenant register {name}")
 
