@@ -661,7 +661,8 @@ class ControlPlane(IdentityMethods):
             if pending:
                 ids = ", ".join(str(r["id"]) for r in pending)
                 raise refuse(f'operator "{operator_name}" has no active grant: grant {ids} is pending',
-                             hint=f"Ask an approver to approve it: tenantgate grant approve {pending[0]['id']}")
+                             hint=f"Ask an approver to approve it: tenantgate grant approve {pending[0]['id']} "
+                                  f"(for another tenant: tenantgate grant request --tenant T ...)")
             raise refuse(f'operator "{operator_name}" has no active grant', hint=request_hint())
         if len(rows) > 1:
             ids = ", ".join(str(r["id"]) for r in rows)
