@@ -9,6 +9,11 @@ plane's (:class:`proxy.control.plane.ControlPlane`):
 * export needs an approved read (or write) grant for the tenant, import and
   purge an approved write grant (``--grant ID`` to choose one);
 * offboard, restore and register need the approver role;
+* a tenant is known when registered or found in the tenant tables (then it is
+  registered on first use, audited: :mod:`proxy.control.tenants`); ``list``
+  shows both;
+* ``import --reactivate`` brings a purged tenant back from its export
+  (:mod:`proxy.commands.tenant_import`);
 * ``purge-expired`` runs as the platform's service identity (the holder of
   the config's control and data DSNs), recorded as ``lifecycle.service_name``;
 * every action is appended to the audit chain before it runs, its outcome
@@ -208,12 +213,18 @@ async def _list(args) -> int:
 
     async with _context(args) as ctx:
         tenants = await ctx.plane.list_tenants()
-        found = None
+        found, note = None, None
         try:
             async with _data(ctx.cfg) as conn:
                 found = await tenant_values(conn, await _schema(ctx.cfg, conn))
-        except ConfigError:
-            pass  # no data DSN configured: the registry only
+            if found is None:
+                note = "the lifecycle.data_dsn role cannot see every row (it needs BYPASSRLS)"
+        except ConfigError as e:
+            note = str(e)  # no data DSN configured: the registry only
+        except Exception as e:  # the data database is unreachable or refuses: still list the registry
+            if not (isinstance(e, (OSError, LifecycleError)) or getattr(e, "sqlstate", None)):
+                raise
+            note = _format_error(e)
     registered = {t.name for t in tenants}
     docs = [dict(t.to_json(), source="registered") for t in tenants]
     docs += [{"name": v, "status": "active", "source": "discovered"} for v in found or () if v not in registered]
@@ -225,8 +236,8 @@ async def _list(args) -> int:
     for d in docs:
         print(f"{safe_text(d['name']):<24} {d['status']:<11} {d['source']:<11} "
               f"{d.get('retention_end') or '-':<26} {d.get('purged_at') or '-'}")
-    if found is None:
-        print("(tenant values in the data not listed: the lifecycle.data_dsn role cannot see every row)", file=sys.stderr)
+    if note:
+        print(f"(tenant values in the data not listed: {note})", file=sys.stderr)
     return 0
 
 
