@@ -164,3 +164,23 @@ async def test_a_pending_grant_says_ask_an_approver(fresh):
         assert ei.value.sqlstate == "28000"
         assert "pending" in ei.value.message and f"tenantgate grant approve {g.id}" in ei.value.message
         assert "Request one" not in ei.value.message and (grant_id is None or "grant request" not in ei.value.message)
+
+
+async def test_discovery_with_an_integer_tenant_column(make_db):
+    """A tenant id that does not cast to the column's type is simply not in the data (no error, nothing hidden)."""
+    from proxy.control.tenants import tenant_in_data, tenant_values
+    from proxy.lifecycle.tables import discover
+
+    _, dsn = make_db("tnint")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE invoices (tenant_id int NOT NULL, n int);"
+                           "INSERT INTO invoices VALUES (5, 1), (5, 2), (7, 1)")
+        schema = await discover(conn, "tenant_id", ["public"])
+        assert await tenant_values(conn, schema) == ["5", "7"]
+        assert await tenant_in_data(conn, schema, "5") is True
+        assert await tenant_in_data(conn, schema, "6") is False
+        assert await tenant_in_data(conn, schema, "acme") is False
+        assert await tenant_in_data(conn, schema, "99999999999") is False
+    finally:
+        await conn.close()
