@@ -123,6 +123,9 @@ async def test_export_purge_import_reactivates_with_identical_rows(fresh):
     out = fresh["tmp"] / "oneil.tar.zst"
     rc, _, err = cli(fresh, "export", T, "--out", str(out), who="alice")  # registers T first (discovered)
     assert rc == 0, err
+    first = (await audit_records(conn, "tenant.status"))[0]
+    assert first["tenant"] == T and first["operator"] == "alice"
+    assert json.loads(first["detail"]) == {"status": "active", "event": "registered", "source": "discovered"}
     # import into the same, non-empty tenant: the hint is the real way, not "purge it first"
     rc, _, err = cli(fresh, "import", T, str(out), who="alice")
     assert rc == 1 and "not empty" in err and "import --reactivate" in err
