@@ -455,26 +455,16 @@ class ControlPlane(IdentityMethods):
             raise InvalidRequest("the duration must be positive")
         if duration.total_seconds() > 2**31 - 1:
             raise InvalidRequest(f"the duration {format_duration(duration)} is out of range")
-        in_data = None
-        if self.tenant_probe is not None and await self.get_tenant(tenant) is None:
-            in_data = await self.tenant_probe(tenant)
+        from .tenants import admit_grant_tenant, probe_unregistered
+
+        in_data = await probe_unregistered(self, tenant)
         async with self._tx() as conn:
             # the policy of the control schema, not of the requester's config file
             policy = await read_policy(conn, self.s)
             if duration.total_seconds() > policy.max_duration_s:
                 raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the grant policy's maximum "
                                      f"{format_duration(policy.max_duration_s)} (tenantgate grant policy show)")
-            t = await conn.fetchrow(f"SELECT status FROM {self.s}.tenants WHERE name = $1", tenant)
-            if t is not None and t["status"] == "purged" and access != "write":
-                raise InvalidRequest(f"tenant {tenant!r} has been purged: there is nothing to read "
-                                     f"(a write grant lets you import its export back: tenantgate tenant import)")
-            if t is None and self.tenant_probe is not None:
-                from .tenants import unknown_tenant_message
-
-                if not in_data:
-                    msg, hint = unknown_tenant_message(tenant, in_data)
-                    raise NotFound(f"{msg}. {hint}")
-                await self._register_in_tx(conn, tenant, actor, source="discovered")
+            await admit_grant_tenant(self, conn, tenant, access, actor, in_data)
             row = await conn.fetchrow(
                 f"INSERT INTO {self.s}.grants (requester, tenant, access, reason, duration_s, approvals_required, "
                 f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) RETURNING *",

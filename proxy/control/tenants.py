@@ -149,3 +149,28 @@ async def reactivate_purged(plane, name: str, *, actor, grant_id: int, detail: d
             A.TENANT_STATUS, tenant=name, operator=actor.name, grant_id=grant_id,
             detail={"status": "active", "was": "purged", "event": "reactivated by import", "detail": detail})])
     return _tenant(row)
+
+
+async def probe_unregistered(plane, name: str) -> bool | None:
+    """Before a grant request's transaction: is an unregistered tenant in the data?  (None: registered,
+    no probe, or cannot tell.)  Read outside the control transaction: the data may be another database."""
+    if plane.tenant_probe is None or await plane.get_tenant(name) is not None:
+        return None
+    return await plane.tenant_probe(name)
+
+
+async def admit_grant_tenant(plane, conn, name: str, access: str, actor, in_data: bool | None) -> None:
+    """Inside the grant request's transaction: refuse a purged tenant (but for write: import --reactivate)
+    and, when the plane has a data probe, an unknown one; register a discovered one (audited, same transaction).
+    A plane made without ``from_config`` (library use, unit tests) has no probe and checks only purged."""
+    from proxy.control.plane import InvalidRequest, NotFound
+
+    t = await conn.fetchrow(f"SELECT status FROM {plane.s}.tenants WHERE name = $1", name)
+    if t is not None and t["status"] == "purged" and access != "write":
+        raise InvalidRequest(f"tenant {name!r} has been purged: there is nothing to read "
+                             f"(a write grant lets you import its export back: tenantgate tenant import --reactivate)")
+    if t is None and plane.tenant_probe is not None:
+        if not in_data:
+            msg, hint = unknown_tenant_message(name, in_data)
+            raise NotFound(f"{msg}. {hint}")
+        await plane._register_in_tx(conn, name, actor, source="discovered")
