@@ -187,3 +187,30 @@ async def test_discovery_with_an_integer_tenant_column(make_db):
         assert await tenant_in_data(conn, schema, "99999999999") is False
     finally:
         await conn.close()
+
+
+async def test_data_role_without_bypassrls(fresh):
+    """Under tenantgate's GUC-keyed RLS policies a role without BYPASSRLS cannot list tenant values (the
+    list says so and shows the registry), but still finds one tenant's rows for a grant request."""
+    import uuid
+
+    conn = fresh["conn"]
+    role = f"tn_life_{uuid.uuid4().hex[:6]}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    for t in ("customers", "orders", "order_items", "employees", "teams", "members", '"Notes ü.v2"'):
+        await conn.execute(f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY")
+        await conn.execute(f"CREATE POLICY tenantgate_tenant_access ON {t} AS PERMISSIVE FOR ALL TO PUBLIC "
+                           "USING (tenant_id = current_setting('tenantgate.tenant_id', true))")
+    cfg = yaml.safe_load(open(fresh["cfg"]).read())
+    cfg["lifecycle"]["data_dsn"] = fresh["dsn"].replace("postgres:postgres-admin@", f"{role}:pw@")
+    assert cfg["lifecycle"]["data_dsn"] != fresh["dsn"]
+    open(fresh["cfg"], "w").write(yaml.safe_dump(cfg))
+
+    rc, stdout, err = cli(fresh, "list", "--json")
+    assert rc == 0, err
+    assert json.loads(stdout) == [] and "cannot see every row" in err
+    r = grant_cli(fresh, "alice", "request", "--tenant", "nosuch", "--access", "read", "--for", "1h", "--reason", "T-1")
+    assert r.returncode == 1 and "is not known" in r.stderr
+    r = grant_cli(fresh, "alice", "request", "--tenant", "acme", "--access", "read", "--for", "1h", "--reason", "T-1")
+    assert r.returncode == 0, r.stderr
+    assert await _registered(conn) == ["acme"]

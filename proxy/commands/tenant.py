@@ -229,6 +229,8 @@ async def _list(args) -> int:
     docs = [dict(t.to_json(), source="registered") for t in tenants]
     docs += [{"name": v, "status": "active", "source": "discovered"} for v in found or () if v not in registered]
     docs.sort(key=lambda d: d["name"])
+    if note:
+        print(f"(tenant values in the data not listed: {note})", file=sys.stderr)
     if args.json:
         _print_json(docs)
         return 0
@@ -236,8 +238,6 @@ async def _list(args) -> int:
     for d in docs:
         print(f"{safe_text(d['name']):<24} {d['status']:<11} {d['source']:<11} "
               f"{d.get('retention_end') or '-':<26} {d.get('purged_at') or '-'}")
-    if note:
-        print(f"(tenant values in the data not listed: {note})", file=sys.stderr)
     return 0
 
 
