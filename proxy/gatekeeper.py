@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 from proxy.admin_console import refuse_admin_outside_console
 from proxy.config import Config, ConfigError
-from proxy.lifecycle.status import connect_refusal, write_refusal
+from proxy.lifecycle.status import connect_refusal, ended_message, write_refusal
 from proxy.seam import SessionGate, SessionKind, SessionRefused, StartupInfo, UserRecord
 from proxy.users import ConfigUserDirectory
 
@@ -136,8 +136,7 @@ class PolicyGatekeeper:
         else:
             self._tenants[name] = t
         for gate in list(self._live.get(name, ())):
-            gate.terminate(TENANT_ENDED_SQLSTATE,
-                           f'tenant "{name}" is now {status}; this session was ended, reconnect to continue')
+            gate.terminate(TENANT_ENDED_SQLSTATE, ended_message(name, status))
 
     def _lifecycle(self, tenant: str | None) -> tuple[bool, str | None]:
         """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect.

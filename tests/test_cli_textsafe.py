@@ -32,6 +32,7 @@ async def cli(pg, make_db, tmp_path):
     plane = env.plane()
     await plane.start()
     await add_people(plane, ("alice", ("approver",)), ("bob", ("operator",)))
+    await plane.register_tenant("globex")  # no data DSN in this config: only registered tenants take grants
     await plane.close()
     cfg = tmp_path / "tenantgate.yaml"
     cfg.write_text(yaml.safe_dump({"control": {"dsn": env.dsn}, "grants": {"max_duration": "8h"}}))

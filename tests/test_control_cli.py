@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 async def cli_env(pg, make_db, tmp_path_factory):
     env = await control_env(pg, make_db, "ctlcli")
+    plane = env.plane()
+    await plane.start()
+    await plane.register_tenant("acme")  # no data DSN in this config: only registered tenants take grants
+    await plane.close()
     d = tmp_path_factory.mktemp("ctlcli")
     key = d / "audit.key"
     assert tg(None, "audit", "keygen", "--out", str(key)).returncode == 0

@@ -82,7 +82,9 @@ async def test_grant_lifecycle_and_self_approval(plane):
     # Not bindable while pending.
     with pytest.raises(SessionRefused) as ei:
         await plane.bind_grant("req1")
-    assert ei.value.sqlstate == "28000" and "tenantgate grant request --tenant" in ei.value.message
+    # pending, not missing: the way forward is an approver, not a new request
+    assert ei.value.sqlstate == "28000" and f"tenantgate grant approve {g.id}" in ei.value.message
+    assert "is pending" in ei.value.message and "Request one" not in ei.value.message
 
     g = await plane.approve_grant(appr, g.id, "ok")
     assert g.state == "approved" and g.expires_at is not None

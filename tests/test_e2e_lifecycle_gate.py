@@ -148,7 +148,7 @@ async def test_offboard_makes_sessions_read_only_and_restore_makes_them_writable
         for client in (live, live_pool):
             err = wait_for_fatal(client)
             assert (err.severity, err.sqlstate) == ("FATAL", "57P01")
-            assert "offboarded" in err.message
+            assert "offboarded" in err.message and "may read and export, not write" in err.message, err.message
         assert live_acme.query("SELECT 1")[-1] == (b"Z", b"I")
 
         # a new session reads and exports ...
@@ -165,6 +165,7 @@ async def test_offboard_makes_sessions_read_only_and_restore_makes_them_writable
                         await run(sql)
                     assert e.value.sqlstate == "25006", (sql, e.value.sqlstate, str(e.value))
                     assert retention_day in str(e.value), str(e.value)
+                    assert "will be purged when its retention period ends" in str(e.value), str(e.value)
             async with conn.transaction():
                 with pytest.raises(asyncpg.PostgresError) as e:
                     await conn.execute("UPDATE customers SET name = 'x'")
@@ -339,6 +340,9 @@ def test_purge_deletes_the_rows_and_ends_the_live_session(demo, purged):
     assert purged["seen_before"] == [f"{tenant}/1", f"{tenant}/2"]
     for key in ("offboard_fatal", "purge_fatal"):
         assert (purged[key].severity, purged[key].sqlstate) == ("FATAL", "57P01"), key
+    # after a purge there is nothing to reconnect to: the message says no new session is accepted
+    assert "reconnect" not in purged["purge_fatal"].message, purged["purge_fatal"].message
+    assert "no new session of it is accepted" in purged["purge_fatal"].message, purged["purge_fatal"].message
     receipt = purged["receipt"]
     assert receipt["tenant"] == tenant and receipt["total_rows"] == 5
     assert receipt["tables"] == {"public.order_items": 1, "public.orders": 2, "public.customers": 2}

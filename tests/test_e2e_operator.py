@@ -109,7 +109,10 @@ def test_operator_story_request_approve_query_revoke(demo, tg, admin):  # noqa: 
     assert (g["state"], g["requester"], g["tenant"], g["access"], g["reason"]) == (
         "pending", "alice", "acme", "read", reason)
     r = psql_once(demo.operator("alice"), "-c", "SELECT 1", options=pg_options(gid))
-    assert r.returncode != 0 and "FATAL" in r.stderr and REQUEST_HINT in r.stderr, "a pending grant gives no access"
+    assert r.returncode != 0 and "FATAL" in r.stderr, "a pending grant gives no access"
+    # pending, not missing: the message points to an approver, not to a new request
+    assert f"grant {gid} is pending" in r.stderr and f"tenantgate grant approve {gid}" in r.stderr, r.stderr
+    assert REQUEST_HINT not in r.stderr, r.stderr
 
     # Self-approval is refused; alice is not an approver either.
     r = tg.run("grant", "approve", str(gid), actor="alice")

@@ -105,7 +105,7 @@ async def test_export_needs_authentication_and_a_read_grant(env):
 
     gid = await grant(env["plane"], "alice", T, "read")
     rc, _, err = cli(env, "export", "nobody", "--out", str(out), who="alice")
-    assert rc == 1 and "42704" in err and '"nobody" does not exist' in err
+    assert rc == 1 and "42704" in err and '"nobody" is not known' in err
     rc, stdout, err = cli(env, "export", T, "--out", str(out), who="alice")
     assert rc == 0, err
     assert json.loads(stdout)["total_rows"] > 0

@@ -414,6 +414,11 @@ def test_progress_draws_only_on_a_terminal():
     assert quiet.getvalue() == ""
     out = tty.getvalue()
     assert "public.orders" in out and "3,000 rows" in out and "4.8 MB" in out and out.endswith("\n")
+    # while streaming only bytes are shown: a guessed row count (line breaks) above COPY's exact
+    # count would make the rows go down on the final line
+    interim = [seg for seg in out.split("\r") if seg and not seg.endswith("\n")]
+    assert interim and all("rows" not in seg for seg in interim) and "2.4 MB" in out
+    assert out.count(" rows ") == 1
 
 
 def test_status_helpers_for_the_gate():
@@ -431,6 +436,19 @@ def test_status_helpers_for_the_gate():
     assert write_refusal(active) is None and write_refusal(gone) is None
     r = write_refusal(off)
     assert r.sqlstate == "25006" and "2027-02-24" in r.message
+    # after the retention period the tenant is purged, not writable again: the message says so
+    assert "will be purged when its retention period ends on 2027-02-24" in r.message
+    assert "read-only until" not in r.message and "tenantgate tenant restore acme" in r.hint
+
+
+def test_session_ended_messages_name_what_happens_next():
+    from proxy.lifecycle.status import ended_message
+
+    for status in ("purged", "purging"):
+        m = ended_message("acme", status)
+        assert "reconnect" not in m and "no new session of it is accepted" in m
+    assert "may read and export, not write" in ended_message("acme", "offboarded")
+    assert "reconnect to continue" in ended_message("acme", "active")
 
 
 async def test_concurrent_purge_of_the_same_tenant_is_refused(db):

@@ -33,6 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 async def env(pg, make_db, tmp_path_factory):
     e = await control_env(pg, make_db, "ovtp")
+    plane = e.plane()
+    await plane.start()
+    await plane.register_tenant("acme")  # no data DSN in these configs: only registered tenants take grants
+    await plane.close()
     d = tmp_path_factory.mktemp("ovtp")
     key = d / "audit.key"
     assert tg(None, "audit", "keygen", "--out", str(key)).returncode == 0

@@ -9,6 +9,11 @@ plane's (:class:`proxy.control.plane.ControlPlane`):
 * export needs an approved read (or write) grant for the tenant, import and
   purge an approved write grant (``--grant ID`` to choose one);
 * offboard, restore and register need the approver role;
+* a tenant is known when registered or found in the tenant tables (then it is
+  registered on first use, audited: :mod:`proxy.control.tenants`); ``list``
+  shows both;
+* ``import --reactivate`` brings a purged tenant back from its export
+  (:mod:`proxy.commands.tenant_import`);
 * ``purge-expired`` runs as the platform's service identity (the holder of
   the config's control and data DSNs), recorded as ``lifecycle.service_name``;
 * every action is appended to the audit chain before it runs, its outcome
@@ -29,10 +34,9 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from urllib.parse import quote
 
-from proxy.commands.receipt import add_key_args, read_limits
-from proxy.control.signing import signer_from_config, verify_keys_from_config
+from proxy.commands.receipt import add_key_args
+from proxy.control.signing import signer_from_config
 from proxy.textsafe import safe_text
 from proxy.config import Config, ConfigError, load_config
 from proxy.lifecycle.tables import (
@@ -88,27 +92,8 @@ REFUSED = "tenant.refused"
 
 
 # --------------------------------------------------------------------------- helpers
-def _data_dsn(cfg: Config) -> str:
-    dsn = cfg.lifecycle.resolved_data_dsn()
-    if dsn:
-        return dsn
-    b = cfg.backend
-    if not b.database:
-        raise ConfigError("lifecycle.data_dsn (or backend.database) must be set for tenant export/import/purge")
-    pw = b.resolved_password()
-    auth = quote(b.user, safe="") + (":" + quote(pw, safe="") if pw else "")
-    return f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
-
-
-async def _schema(cfg: Config, conn):
-    """Tenant tables as the proxy sees them (rules file), else tenant_id in public."""
-    if cfg.rules_file:
-        from proxy.policy.rules import load_rules
-
-        rules = load_rules(cfg.rules_file)
-        tables = None if rules.discover else sorted(rules.tenant_table_keys)
-        return await discover(conn, rules.tenant_column, rules.schemas, tables)
-    return await discover(conn, "tenant_id", ["public"])
+from proxy.control.tenants import data_dsn as _data_dsn  # noqa: E402,F401 (kept for callers)
+from proxy.control.tenants import tenant_schema as _schema  # noqa: E402
 
 
 def _control_error(e: Exception) -> LifecycleError:
@@ -166,12 +151,18 @@ class _Ctx:
         return self.actor
 
     async def tenant(self, name: str, action: str):
+        """The registered tenant; one found in the data is registered first (audited), else 42704."""
+        from proxy.control.tenants import data_connection, tenant_in_data, unknown_tenant_message
+
         t = await self.plane.get_tenant(name)
-        if t is None:
-            raise await self.refuse(
-                LifecycleError(UNDEFINED_OBJECT, f'tenant "{name}" does not exist',
-                               hint="tenantgate tenant list shows the registered tenants"), name, action)
-        return t
+        if t is not None:
+            return t
+        async with data_connection(self.cfg) as conn:
+            found = await tenant_in_data(conn, await _schema(self.cfg, conn), name)
+        if not found:
+            msg, hint = unknown_tenant_message(name, found)
+            raise await self.refuse(LifecycleError(UNDEFINED_OBJECT, msg, hint=hint), name, action)
+        return await self.plane.register_tenant(name, self.actor, source="discovered")
 
     async def grant(self, tenant: str, access: str, action: str):
         from proxy.control.plane import ControlError
@@ -201,15 +192,10 @@ async def _context(args):
         await plane.close()
 
 
-@asynccontextmanager
-async def _data(cfg: Config):
-    import asyncpg
+def _data(cfg: Config):
+    from proxy.control.tenants import data_connection
 
-    conn = await asyncpg.connect(_data_dsn(cfg), server_settings={"application_name": "tenantgate-lifecycle"})
-    try:
-        yield conn
-    finally:
-        await conn.close()
+    return data_connection(cfg)
 
 
 def _print_json(doc) -> None:
@@ -222,14 +208,36 @@ def _iso(d: datetime | None) -> str:
 
 # --------------------------------------------------------------------------- actions
 async def _list(args) -> int:
+    """Registered tenants, plus the tenant values found in the tenant tables (``source: discovered``)."""
+    from proxy.control.tenants import tenant_values
+
     async with _context(args) as ctx:
         tenants = await ctx.plane.list_tenants()
+        found, note = None, None
+        try:
+            async with _data(ctx.cfg) as conn:
+                found = await tenant_values(conn, await _schema(ctx.cfg, conn))
+            if found is None:
+                note = "the lifecycle.data_dsn role cannot see every row (it needs BYPASSRLS)"
+        except ConfigError as e:
+            note = str(e)  # no data DSN configured: the registry only
+        except Exception as e:  # the data database is unreachable or refuses: still list the registry
+            if not (isinstance(e, (OSError, LifecycleError)) or getattr(e, "sqlstate", None)):
+                raise
+            note = _format_error(e)
+    registered = {t.name for t in tenants}
+    docs = [dict(t.to_json(), source="registered") for t in tenants]
+    docs += [{"name": v, "status": "active", "source": "discovered"} for v in found or () if v not in registered]
+    docs.sort(key=lambda d: d["name"])
+    if note:
+        print(f"(tenant values in the data not listed: {note})", file=sys.stderr)
     if args.json:
-        _print_json([t.to_json() for t in tenants])
+        _print_json(docs)
         return 0
-    print(f"{'tenant':<24} {'status':<11} {'retention_end':<26} purged_at")
-    for t in tenants:
-        print(f"{safe_text(t.name):<24} {t.status:<11} {_iso(t.retention_end):<26} {_iso(t.purged_at)}")
+    print(f"{'tenant':<24} {'status':<11} {'source':<11} {'retention_end':<26} purged_at")
+    for d in docs:
+        print(f"{safe_text(d['name']):<24} {d['status']:<11} {d['source']:<11} "
+              f"{d.get('retention_end') or '-':<26} {d.get('purged_at') or '-'}")
     return 0
 
 
@@ -293,31 +301,9 @@ async def _verify_export(args) -> int:
 
 
 async def _import(args) -> int:
-    from proxy.lifecycle.importer import import_tenant
+    from proxy.commands.tenant_import import run_import
 
-    async with _context(args) as ctx:
-        await ctx.authenticate("import", args.tenant)
-        t = await ctx.tenant(args.tenant, "import")
-        if t.status != "active":
-            raise await ctx.refuse(LifecycleError(
-                OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is {t.status}: import loads only into an active tenant'),
-                t.name, "import")
-        g = await ctx.grant(t.name, "write", "import")
-        seq = await ctx.audit(IMPORT, grant_id=g.id, tenant=t.name, detail={"path": os.path.abspath(args.path)})
-        t0 = time.monotonic()
-        try:
-            async with _data(ctx.cfg) as conn:
-                schema = await _schema(ctx.cfg, conn)
-                result = await import_tenant(conn, schema, t.name, args.path, limits=read_limits(ctx.cfg),
-                                             keys=verify_keys_from_config(ctx.cfg.audit) or None)
-        except Exception as e:
-            await ctx.audit(IMPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
-                            sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})
-            raise
-        await ctx.audit(IMPORT + DONE, grant_id=g.id, tenant=t.name, ref_seq=seq, rows=result["total_rows"],
-                        duration_us=int((time.monotonic() - t0) * 1e6), detail={"tables": result["tables"]})
-    _print_json({"tenant": t.name, "total_rows": result["total_rows"], "tables": result["tables"]})
-    return 0
+    return await run_import(args)
 
 
 async def _offboard(args) -> int:
@@ -526,9 +512,12 @@ def register(sub):
     sp.add_argument("path")
     add_key_args(sp)
     sp.set_defaults(func=_runner(_verify_export))
-    sp = add("import", _import, "load an export into an empty tenant (write grant)", [common, actor, granted])
+    sp = add("import", _import, "load an export into an empty tenant, or bring a purged one back (write grant)",
+             [common, actor, granted])
     sp.add_argument("tenant")
     sp.add_argument("path")
+    sp.add_argument("--reactivate", action="store_true",
+                    help="the tenant was purged: load its export and make it active again")
     sp = add("offboard", _offboard, "start the retention period: read and export only (approver)", [common, actor])
     sp.add_argument("tenant")
     sp = add("restore", _restore, "undo an offboarding within the retention period (approver)", [common, actor])

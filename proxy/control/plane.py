@@ -269,14 +269,21 @@ class ControlPlane(IdentityMethods):
         self.writer: A.AuditWriter | None = None
         self._watcher = None
         self._tx_audit: dict = {}  # connection -> records appended in its open transaction
+        # async name -> bool | None: does a tenant table hold a row of it (proxy.control.tenants.data_probe).
+        # Set by from_config; with it, grant requests for tenants neither registered nor in the data are refused.
+        self.tenant_probe = None
 
     @classmethod
     def from_config(cls, cfg: Config, **kw) -> "ControlPlane":
         dsn = cfg.control.resolved_dsn()
         if not dsn:
             raise ConfigError("control.dsn (or control.dsn_env) is not set: the control plane needs it")
-        return cls(dsn, schema=cfg.control.schema_, grants=cfg.grants, audit=cfg.audit,
-                   lifecycle=cfg.lifecycle, **kw)
+        from .tenants import data_probe
+
+        plane = cls(dsn, schema=cfg.control.schema_, grants=cfg.grants, audit=cfg.audit,
+                    lifecycle=cfg.lifecycle, **kw)
+        plane.tenant_probe = data_probe(cfg)
+        return plane
 
     # ---- lifecycle of the object
 
@@ -448,15 +455,16 @@ class ControlPlane(IdentityMethods):
             raise InvalidRequest("the duration must be positive")
         if duration.total_seconds() > 2**31 - 1:
             raise InvalidRequest(f"the duration {format_duration(duration)} is out of range")
+        from .tenants import admit_grant_tenant, probe_unregistered
+
+        in_data = await probe_unregistered(self, tenant)
         async with self._tx() as conn:
             # the policy of the control schema, not of the requester's config file
             policy = await read_policy(conn, self.s)
             if duration.total_seconds() > policy.max_duration_s:
                 raise InvalidRequest(f"the duration {format_duration(duration)} exceeds the grant policy's maximum "
                                      f"{format_duration(policy.max_duration_s)} (tenantgate grant policy show)")
-            t = await conn.fetchrow(f"SELECT status FROM {self.s}.tenants WHERE name = $1", tenant)
-            if t is not None and t["status"] == "purged":
-                raise InvalidRequest(f"tenant {tenant!r} has been purged")
+            await admit_grant_tenant(self, conn, tenant, access, actor, in_data)
             row = await conn.fetchrow(
                 f"INSERT INTO {self.s}.grants (requester, tenant, access, reason, duration_s, approvals_required, "
                 f"pending_until) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) RETURNING *",
@@ -631,8 +639,20 @@ class ControlPlane(IdentityMethods):
                     raise refuse(f"grant {grant_id} does not exist for operator \"{operator_name}\"",
                                  hint=request_hint())
                 state = "expired" if g["state"] == "approved" else g["state"]
+                if state == "pending":
+                    raise refuse(f"grant {grant_id} is pending, not active yet",
+                                 hint=f"Ask an approver to approve it: tenantgate grant approve {grant_id}")
                 raise refuse(f"grant {grant_id} is {state}, not active", hint=request_hint(g["tenant"]))
         if not rows:
+            async with self.pool.acquire() as conn:
+                pending = await conn.fetch(
+                    f"SELECT id FROM {self.s}.grants WHERE requester = $1 AND state = 'pending' ORDER BY id",
+                    operator_name)
+            if pending:
+                ids = ", ".join(str(r["id"]) for r in pending)
+                raise refuse(f'operator "{operator_name}" has no active grant: grant {ids} is pending',
+                             hint=f"Ask an approver to approve it: tenantgate grant approve {pending[0]['id']} "
+                                  f"(for another tenant: tenantgate grant request --tenant T ...)")
             raise refuse(f'operator "{operator_name}" has no active grant', hint=request_hint())
         if len(rows) > 1:
             ids = ", ".join(str(r["id"]) for r in rows)
@@ -664,18 +684,24 @@ class ControlPlane(IdentityMethods):
 
     # ---- tenants
 
-    async def register_tenant(self, name: str, actor: Actor | None = None) -> Tenant:
-        """Make ``name`` known as an active tenant (idempotent)."""
+    async def register_tenant(self, name: str, actor: Actor | None = None, *, source: str | None = None) -> Tenant:
+        """Make ``name`` known as an active tenant (idempotent).  ``source="discovered"``: registered
+        because its rows were found in the tenant tables (proxy.control.tenants)."""
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                f"INSERT INTO {self.s}.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING *", name)
-            if row is None:
-                row = await conn.fetchrow(f"SELECT * FROM {self.s}.tenants WHERE name = $1", name)
-            else:
-                await self._in_tx_audit(conn, [A.AuditRecord(
-                    A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None,
-                    detail={"status": "active", "event": "registered"})])
+            row = await self._register_in_tx(conn, name, actor, source=source)
         return _tenant(row)
+
+    async def _register_in_tx(self, conn, name: str, actor: Actor | None, *, source: str | None = None):
+        row = await conn.fetchrow(
+            f"INSERT INTO {self.s}.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING *", name)
+        if row is None:
+            return await conn.fetchrow(f"SELECT * FROM {self.s}.tenants WHERE name = $1", name)
+        d = {"status": "active", "event": "registered"}
+        if source:
+            d["source"] = source
+        await self._in_tx_audit(conn, [A.AuditRecord(
+            A.TENANT_STATUS, tenant=name, operator=actor.name if actor else None, detail=d)])
+        return row
 
     async def get_tenant(self, name: str) -> Tenant | None:
         async with self.pool.acquire() as conn:

@@ -249,9 +249,8 @@ async def export_tenant(
                     f.write(data)
                     sha.update(data)
                     counter.nbytes += len(data)
-                    if progress.enabled:  # an estimate for the progress line; the count comes from COPY
-                        counter.rows += data.count(b"\n")
-                        progress.update(counter.rows, counter.nbytes)
+                    if progress.enabled:  # bytes only: the row count comes from COPY at the end
+                        progress.update(0, counter.nbytes)
 
                 query, opts = copy_out_query(table, tenant, data_format)
                 status = await conn.copy_from_query(query, output=write, **opts)

@@ -155,7 +155,8 @@ async def import_tenant(
                 raise LifecycleError(
                     OBJECT_NOT_IN_STATE,
                     f'tenant "{tenant}" is not empty: table {key} already holds its rows',
-                    hint="import only loads into a tenant with no rows (purge it first)",
+                    hint="import loads only into a tenant with no rows; to replace them: offboard, purge, then "
+                    "tenant import --reactivate (docs/lifecycle.md)",
                 )
         reader = ExportReader(path, limits)
         for name, stream in reader.members():

@@ -20,7 +20,7 @@ def _human_bytes(n: int) -> str:
 
 
 class Progress:
-    """``start(table)``, ``update(rows, nbytes)`` (totals so far), ``done(rows, nbytes)``."""
+    """``start(table)``, ``update(rows, nbytes)`` (totals so far; ``rows`` is not shown), ``done(rows, nbytes)``."""
 
     def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, interval_s: float = 0.2):
         from proxy.textsafe import unfiltered
@@ -52,9 +52,16 @@ class Progress:
         self._draw(rows, nbytes, final=True)
 
     def _draw(self, rows: int, nbytes: int, *, final: bool) -> None:
+        """While a table streams only bytes are shown: a row count guessed from the stream (line
+        breaks, a CSV header, newlines inside values) could exceed the exact count COPY reports
+        at the end, and the line would then show the rows going down.  The final line has the
+        exact count; the interim line is padded to the same width so nothing is left over."""
         if not self.enabled:
             return
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        line = f"{self._table:<40} {rows:>12,} rows {_human_bytes(nbytes):>10}  {rows / elapsed:>10,.0f} rows/s"
+        if final:
+            line = f"{self._table:<40} {rows:>12,} rows {_human_bytes(nbytes):>10}  {rows / elapsed:>10,.0f} rows/s"
+        else:
+            line = f"{self._table:<40} {'':>12} ...  {_human_bytes(nbytes):>10}  {nbytes / elapsed / 1024:>8,.0f} kB/s"
         self.stream.write("\r" + line + ("\n" if final else ""))
         self.stream.flush()

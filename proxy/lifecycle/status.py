@@ -46,6 +46,20 @@ def write_refusal(tenant) -> Refuse | None:
     end = tenant.retention_end.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if tenant.retention_end else "?"
     return Refuse(
         READ_ONLY_TRANSACTION,
-        f'tenant "{tenant.name}" is offboarded: its data is read-only until the retention period ends on {end}',
-        hint="reading and exporting still work; ask the platform to restore the tenant to write again",
+        f'tenant "{tenant.name}" is offboarded: its data is read-only, and it will be purged when its '
+        f"retention period ends on {end}",
+        hint="reading and exporting still work until then; to write again, ask an approver to restore the tenant "
+             f"(tenantgate tenant restore {tenant.name})",
     )
+
+
+def ended_message(name: str, status: str) -> str:
+    """Why a live session of ``name`` was ended when its status changed to ``status`` (notify value)."""
+    if status in ("purged", "purging"):
+        return (f'tenant "{name}" is being purged: this session was ended and no new session of it is accepted'
+                if status == "purging" else
+                f'tenant "{name}" has been purged: this session was ended and no new session of it is accepted')
+    if status == "offboarded":
+        return (f'tenant "{name}" is now offboarded: this session was ended; '
+                "a new session may read and export, not write")
+    return f'tenant "{name}" is now {status}: this session was ended, reconnect to continue'
