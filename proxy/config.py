@@ -285,6 +285,20 @@ class Config(_Strict):
         return self.pool.databases.get(database, self.pool.mode)
 
 
+def check_rules_file(cfg: Config, where: str) -> None:
+    """Application users and operators need the tenancy rules: without ``rules_file`` every one of
+    them would be refused at connect time, so such a config does not start (ConfigError)."""
+    needs = [u.name for u in cfg.users if not u.passthrough]
+    if cfg.rules_file is None:
+        if needs or cfg.control.resolved_dsn():
+            who = (f"application users ({', '.join(needs[:5])}{', ...' if len(needs) > 5 else ''})" if needs
+                   else "operators (control.dsn is set)")
+            raise ConfigError(
+                f"{where}: rules_file is not set, but the config has {who}: set rules_file to the tenancy "
+                "rules (for example rules/tenancy.yaml; see rules/README.md). Only passthrough users work without it")
+        return
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     raw = load_mapping(path, ConfigError)
@@ -294,6 +308,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(format_validation_error(e, str(path)))
     if cfg.rules_file and not os.path.isabs(cfg.rules_file):
         cfg.rules_file = str((path.parent / cfg.rules_file).resolve())
+    check_rules_file(cfg, str(path))
     if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
         raise ConfigError(f"{path}: tls.cert_file and tls.key_file must be set together")
     if cfg.tls.required and cfg.tls.cert_file is None:

@@ -93,6 +93,7 @@ class PolicyGatekeeper:
         self._tenants: dict[str, object] = {}  # name -> proxy.control.plane.Tenant
         self._live: dict[str, weakref.WeakSet] = {}  # tenant -> live tenant gates
         self._subscription = None
+        self._rules_task: asyncio.Task | None = None  # a rules reload waiting for its catalog load
 
     # ---- life cycle
 
@@ -103,10 +104,40 @@ class PolicyGatekeeper:
             self._subscription = await self.plane.watch(on_tenant_changed=self._tenant_changed)
 
     def reload(self, config: Config) -> None:
+        """SIGHUP / RELOAD: the config's users now; the tenancy rules are validated here (a broken or
+        missing file raises, and everything stays as it was) and swapped in once the catalog has
+        been classified under them (:meth:`_swap_rules`)."""
+        swap = None
+        if config.rules_file:
+            from proxy.policy.allowlist import FunctionChecker
+            from proxy.policy.rules import load_rules
+
+            rules = load_rules(config.rules_file)  # RulesError: the reload fails, nothing changes
+            if rules != self.engine.rules:
+                swap = (rules, FunctionChecker.from_rules(rules), config.rules_file)
         self.config = config
         self.config_users.replace(config.users)
-        if self.catalog is not None:
-            self.catalog.request_refresh("sighup")
+        if swap is not None:
+            self._rules_task = asyncio.get_running_loop().create_task(self._swap_rules(*swap))
+        else:
+            log.info("rules reloaded from %s: no change", config.rules_file)
+            if self.catalog is not None:
+                self.catalog.request_refresh("sighup")
+
+    async def _swap_rules(self, rules, checker, path: str) -> None:
+        from proxy.metrics import CONFIG_RELOADS_TOTAL
+        from proxy.policy.rules import describe_change
+
+        old = self.engine.rules
+        try:
+            if self.catalog is not None:
+                await self.catalog.replace_rules(rules)
+            self.engine.replace_rules(rules, checker)
+        except Exception as e:
+            CONFIG_RELOADS_TOTAL.labels(result="error").inc()
+            log.error("rules reload from %s failed, keeping the old rules: %s", path, e)
+            return
+        log.info("rules reloaded from %s: %s", path, describe_change(old, rules))
 
     async def close(self) -> None:
         if self._subscription is not None:

@@ -174,10 +174,15 @@ class ProxyServer:
         if self.config_path is None:
             return False
         try:
-            self.reload(load_config(self.config_path))
-            return True
-        except (ConfigError, OSError, ssl.SSLError, ValueError) as e:
+            config = load_config(self.config_path)
+        except Exception as e:
             CONFIG_RELOADS_TOTAL.labels(result="error").inc()
+            log.error("reload failed, keeping the old configuration: %s", e)
+            return False
+        try:
+            self.reload(config)  # counts its own failure
+            return True
+        except Exception as e:  # RulesError, TLS files, ...: nothing changes
             log.error("reload failed, keeping the old configuration: %s", e)
             return False
 

@@ -123,19 +123,22 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 @contextlib.contextmanager
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
                  user_settings: dict[str, dict] | None = None, limits: dict | None = None,
-                 backend: dict | None = None):
+                 backend: dict | None = None, rules_file: str | None = None, verbose: bool = False):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
     per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
     port = free_port()
     raw = proxy_config(demo, port, pool, workers, max_clients, user_settings, backend)
     raw["limits"].update(limits or {})
+    if rules_file is not None:
+        raw["rules_file"] = rules_file
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / f"tenantgate-pool-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     os.chmod(cfg_path, 0o600)
     log_path = tmp_path / f"tenantgate-pool-{port}.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(cfg_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(cfg_path)]
+                            + (["--verbose"] if verbose else []),
                             stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()

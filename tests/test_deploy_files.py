@@ -320,6 +320,7 @@ def test_example_config_validates():
     cfg = load_config(DEPLOY / "tenantgate.example.yaml")
     assert cfg.backend.user == "tenantgate_app" and cfg.backend.sslmode == "verify-full"
     assert cfg.tls.required and cfg.control.schema_ == "tenantgate_control"
+    assert cfg.rules_file == "/opt/tenantgate/rules/tenancy.yaml"  # the image's rules (deploy/Dockerfile)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------

@@ -95,6 +95,13 @@ def run(args) -> int:
         asyncio.run(_serve(config, args.config))
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # one line with the fix, never a traceback (startup_errors.py)
+        from proxy.commands.startup_errors import describe
+
+        if args.verbose:
+            logging.getLogger("tenantgate").exception("startup failed")
+        print(describe(e, config), file=sys.stderr)
+        return 1
     return 0
 
 

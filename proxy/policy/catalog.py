@@ -304,6 +304,7 @@ class CatalogManager:
 
         snap = await loader()
         mgr = cls(snap, loader, refresh_interval_s=refresh_interval_s or rules.catalog_refresh_s)
+        mgr._dsn, mgr._backstop_key_configured = dsn, backstop_key_configured
         mgr._last_refresh = asyncio.get_running_loop().time()
         return mgr
 
@@ -367,6 +368,24 @@ class CatalogManager:
                 self._sync_started = loop.time()
                 task = self._sync = loop.create_task(self.refresh(reason))
             await asyncio.shield(task)  # raises if the load failed: the caller refuses
+
+    async def replace_rules(self, rules: Rules) -> CatalogSnapshot:
+        """Classify the catalog under new rules (a reload): load with them, then keep loading with
+        them.  On failure the old loader and snapshot stay (the error is raised)."""
+        if self._loader is None or getattr(self, "_dsn", None) is None:
+            return self._snapshot
+        dsn, key = self._dsn, self._backstop_key_configured
+
+        async def loader() -> CatalogSnapshot:
+            return await load_snapshot(dsn, rules, backstop_key_configured=key)
+
+        old_loader = self._loader
+        self._loader = loader
+        try:
+            return await self.refresh("rules")
+        except BaseException:
+            self._loader = old_loader
+            raise
 
     def request_refresh(self, reason: str = "unknown_relation") -> None:
         """Schedule a refresh soon (rate-limited; no-op without a running loop)."""

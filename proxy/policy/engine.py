@@ -106,6 +106,14 @@ class PolicyEngine:
     def cache(self):
         return self._pipeline.cache
 
+    def replace_rules(self, rules: Rules, function_checker: FunctionCheckerLike | None) -> None:
+        """Swap in new rules (a reload): a new pipeline, so the rewrite cache starts empty.
+        Sessions see the new rules from their next statement."""
+        self._pipeline = Pipeline(rules, self.catalog_manager, function_checker,
+                                  cache_size=self._pipeline.cache.maxsize)
+        self.rules = rules
+        self.function_checker = function_checker
+
     def analyze(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Analysis:
         """The decision plus the session effects (PREPARE/DEALLOCATE names, tenant token SET).
 

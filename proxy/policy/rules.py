@@ -152,6 +152,25 @@ def load_rules(path: str | Path) -> Rules:
     return rules
 
 
+def describe_change(old: Rules, new: Rules) -> str:
+    """One line saying what a reload changed: ``shared_tables +public.x -public.y; tenant_column_type
+    text -> uuid`` (or ``no change``)."""
+    a, b = old.model_dump(), new.model_dump()
+    parts = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        if isinstance(x, list) and isinstance(y, list):
+            added = [str(v) for v in y if v not in x]
+            removed = [str(v) for v in x if v not in y]
+            diff = " ".join([f"+{v}" for v in added] + [f"-{v}" for v in removed]) or "reordered"
+            parts.append(f"{key} {diff}")
+        else:
+            parts.append(f"{key} {x!r} -> {y!r}")
+    return "; ".join(parts) if parts else "no change"
+
+
 def rules_json_schema() -> dict:
     return Rules.model_json_schema()
 
