@@ -246,6 +246,21 @@ def resolve_metrics_port(state: DemoState, requested: str | int | None) -> int |
     return port
 
 
+def cli_command() -> str:
+    """How to run this very tenantgate from a shell: bare ``tenantgate`` only when that is what the
+    PATH finds; else the script beside this Python (``/path/to/.venv/bin/tenantgate`` after ``make run``)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "tenantgate"
+    found = shutil.which("tenantgate")
+    if found and beside.exists() and Path(found).resolve() == beside.resolve():
+        return "tenantgate"
+    if beside.exists():
+        return str(beside)
+    return f"{sys.executable} -m proxy"
+
+
 def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
     lines = [
         "",
@@ -260,10 +275,11 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
     lines += ["", "Operator sessions need an approved grant (two-person rule):"]
     cfg = state_dir / "tenantgate.yaml"
     pw = state_dir / "demo.json"
+    tg = cli_command()
     lines += [
         f"  # passwords are in {pw} (secrets.operator:alice / operator:bob / operator:carol)",
-        f"  tenantgate grant request --config {cfg} --as alice --tenant acme --access read --for 1h --reason 'TICKET-1: demo'",
-        f"  tenantgate grant approve --config {cfg} --as bob ID",
+        f"  {tg} grant request --config {cfg} --as alice --tenant acme --access read --for 1h --reason 'TICKET-1: demo'",
+        f"  {tg} grant approve --config {cfg} --as bob ID",
         f"  psql '{d['operator']['alice']}'",
         "",
         f"Backend (superuser, direct; for administration only): psql '{d['backend_admin']}'",

@@ -109,3 +109,17 @@ def test_metrics_port_option(tmp_path):
     assert resolve_metrics_port(state, 9127) == 9127
     first = resolve_metrics_port(state, "auto")
     assert first and resolve_metrics_port(state, "auto") == first  # the same port while it is free
+
+
+def test_the_printed_cli_commands_run_as_printed(demo):
+    """issue 15 item 4: the banner's commands use a tenantgate that exists (not a bare name that
+    is not on PATH after `make run`)."""
+    import shlex
+    import subprocess
+
+    text = demo.log_path.read_text()
+    line = next(ln for ln in text.splitlines() if " grant request " in ln)
+    prefix = shlex.split(line.split(" grant request ")[0])
+    out = subprocess.run(prefix + ["grant", "--help"], capture_output=True, text=True, timeout=60, cwd=demo.state_dir)
+    assert out.returncode == 0, (prefix, out.stderr)
+    assert "request" in out.stdout
