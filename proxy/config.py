@@ -308,7 +308,6 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(format_validation_error(e, str(path)))
     if cfg.rules_file and not os.path.isabs(cfg.rules_file):
         cfg.rules_file = str((path.parent / cfg.rules_file).resolve())
-    check_rules_file(cfg, str(path))
     if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
         raise ConfigError(f"{path}: tls.cert_file and tls.key_file must be set together")
     if cfg.tls.required and cfg.tls.cert_file is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from proxy.backend_link import connect_backend
 from proxy.cancel import CancelRegistry
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config, check_rules_file
 from proxy.metrics import CONFIG_RELOADS_TOTAL
 from proxy.holds import Holds
 from proxy.pool import PoolManager
@@ -175,6 +175,7 @@ class ProxyServer:
             return False
         try:
             config = load_config(self.config_path)
+            check_rules_file(config, self.config_path)
         except Exception as e:
             CONFIG_RELOADS_TOTAL.labels(result="error").inc()
             log.error("reload failed, keeping the old configuration: %s", e)

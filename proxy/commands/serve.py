@@ -16,7 +16,7 @@ import inspect
 import logging
 import sys
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, check_rules_file, load_config
 
 
 def build_gatekeeper(config: Config):
@@ -73,6 +73,7 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
+        check_rules_file(config, args.config)  # serving needs the rules; CLI commands on the same file do not
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
