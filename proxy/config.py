@@ -69,6 +69,19 @@ class BackendConfig(_Strict):
     def resolved_password(self) -> str | None:
         return _secret(self.password, self.password_env, self.password_file, "backend.password")
 
+    def url(self) -> str:
+        """A libpq URL for this role, TLS settings included (sslmode, sslrootcert)."""
+        from urllib.parse import quote
+
+        if not self.database:
+            raise ConfigError("backend.database must be set")
+        pw = self.resolved_password()
+        auth = quote(self.user, safe="") + (":" + quote(pw, safe="") if pw else "")
+        url = f"postgresql://{auth}@{self.host}:{self.port}/{quote(self.database, safe='')}?sslmode={self.sslmode}"
+        if self.sslrootcert:
+            url += f"&sslrootcert={quote(self.sslrootcert)}"
+        return url
+
 
 class UserConfig(_Strict):
     """An application user of tenantgate (operators live in the control schema)."""

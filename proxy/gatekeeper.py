@@ -31,7 +31,6 @@ import asyncio
 from dataclasses import replace
 import logging
 import weakref
-from urllib.parse import quote
 
 from proxy.admin_console import refuse_admin_outside_console
 from proxy.config import Config, ConfigError
@@ -46,16 +45,9 @@ TENANT_ENDED_SQLSTATE = "57P01"
 
 def backend_dsn(config: Config) -> str:
     """A libpq URL for the backend role (used for catalog discovery)."""
-    b = config.backend
-    if not b.database:
+    if not config.backend.database:
         raise ConfigError("backend.database must be set when rules_file is used (catalog discovery needs it)")
-    pw = b.resolved_password()
-    auth = quote(b.user, safe="") + (":" + quote(pw, safe="") if pw else "")
-    sslmode = "prefer" if b.sslmode == "prefer" else b.sslmode
-    url = f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={sslmode}"
-    if b.sslrootcert:
-        url += f"&sslrootcert={quote(b.sslrootcert)}"
-    return url
+    return config.backend.url()
 
 
 class UserDirectoryChain:

@@ -217,3 +217,31 @@ async def test_many_clients_with_connect_time_settings_do_not_leak_them_to_each_
             await conn.close()
 
     await asyncio.gather(*(one(i) for i in range(12)))
+
+
+async def test_discard_all_does_not_break_other_clients_prepared_statements(demo):
+    """Transaction pooling: another client's DISCARD ALL / DEALLOCATE ALL on a shared backend
+    connection must not make this client's (asyncpg's cached, protocol-level) statements fail."""
+    a = await asyncpg.connect(demo.app("acme"))
+    others = [await asyncpg.connect(demo.app("globex"), statement_cache_size=0) for _ in range(3)]
+    try:
+        for i in range(10):
+            assert await a.fetchval("SELECT count(*) FROM customers WHERE customer_id = $1", 1) == 1
+            for b in others:
+                await b.execute("DISCARD ALL" if i % 2 else "DEALLOCATE ALL")
+                assert await b.fetchval("SELECT count(*) FROM customers WHERE tenant_id = $1", "acme") == 0
+            assert {r[0] for r in await a.fetch("SELECT DISTINCT tenant_id FROM customers")} == {"acme"}
+    finally:
+        for c in [a, *others]:
+            await c.close()
+
+
+def test_a_startup_key_wins_over_the_same_setting_in_options(demo):
+    """PostgreSQL applies options=-c first and the startup packet's own keys after them."""
+    with psycopg.connect(demo.app("acme"), options="-c statement_timeout=111", autocommit=True,
+                         application_name="from-key") as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == "111ms"
+        assert conn.execute("SHOW application_name").fetchone()[0] == "from-key"
+    with psycopg.connect(demo.app("acme"), options="-c application_name=from-options", autocommit=True,
+                         application_name="from-key") as conn:
+        assert conn.execute("SHOW application_name").fetchone()[0] == "from-key"

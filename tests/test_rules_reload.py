@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from demo_support import demo  # noqa: F401
 from pool_support import serve_pooled

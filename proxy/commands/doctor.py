@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from urllib.parse import quote
 
 from proxy.config import ConfigError, load_config
 from proxy.doctor import diagnose
@@ -37,12 +36,7 @@ def _dsn_from_config(path: str) -> tuple[str, str, bytes | None]:
     b = cfg.backend
     if not b.database:
         raise ConfigError(f"{path}: backend.database is not set; pass --backend DSN instead")
-    password = b.resolved_password()
-    auth = quote(b.user, safe="") + (":" + quote(password, safe="") if password else "")
-    dsn = f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
-    if b.sslrootcert:
-        dsn += f"&sslrootcert={quote(b.sslrootcert, safe='')}"
-    return dsn, cfg.control.schema_, cfg.backstop.resolved_key()
+    return b.url(), cfg.control.schema_, cfg.backstop.resolved_key()
 
 
 def run(args) -> int:

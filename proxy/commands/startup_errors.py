@@ -40,6 +40,8 @@ def describe(exc: BaseException, config: Any) -> str:
         return f"tenantgate: PostgreSQL refused the connection ({msg}); check pg_hba.conf and the role names"
     if name == "InvalidCatalogNameError" or sqlstate == "3D000":
         return f"tenantgate: {msg}; fix backend.database (the application database)"
+    if "is not installed" in msg:  # the control plane says how to install it
+        return f"tenantgate: {msg}"
     if sqlstate in ("42P01", "3F000") or "tenantgate_control" in msg:
         return (f"tenantgate: the control schema is not installed ({msg}); run deploy/postgres/bootstrap.sql "
                 "as a superuser (deploy/README.md)")

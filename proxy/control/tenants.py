@@ -24,7 +24,6 @@ When it cannot, discovery answers "unknown" and only registered tenants count.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from urllib.parse import quote
 
 from proxy.config import Config, ConfigError
 from proxy.lifecycle.tables import LifecycleError, TenantSchema, discover, quote_ident, scope_session
@@ -37,12 +36,9 @@ def data_dsn(cfg: Config) -> str:
     dsn = cfg.lifecycle.resolved_data_dsn()
     if dsn:
         return dsn
-    b = cfg.backend
-    if not b.database:
+    if not cfg.backend.database:
         raise ConfigError("lifecycle.data_dsn (or backend.database) must be set for tenant export/import/purge")
-    pw = b.resolved_password()
-    auth = quote(b.user, safe="") + (":" + quote(pw, safe="") if pw else "")
-    return f"postgresql://{auth}@{b.host}:{b.port}/{quote(b.database, safe='')}?sslmode={b.sslmode}"
+    return cfg.backend.url()  # with sslrootcert: a verify-full backend must verify here too
 
 
 async def tenant_schema(cfg: Config, conn) -> TenantSchema:

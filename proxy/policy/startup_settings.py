@@ -47,12 +47,12 @@ class StartupSettings:
 
 
 def split_startup(params: Mapping[str, str], options: Mapping[str, str], *, strict: bool = True) -> StartupSettings:
-    """Sort the startup packet's parameters and the parsed ``options`` (``-c`` pairs; a later
-    one wins, as in PostgreSQL where ``options`` is applied after the packet's own keys).
+    """Sort the startup packet's parameters and the parsed ``options`` (``-c`` pairs).  As in
+    PostgreSQL, ``options`` is applied first and the packet's own keys win over it.
     ``strict=False`` (passthrough users, which have no policy) forwards every setting."""
     out = StartupSettings()
-    pairs = [(k, v) for k, v in params.items() if k.lower() not in PROTOCOL_KEYS]
-    pairs += list(options.items())
+    pairs = list(options.items())
+    pairs += [(k, v) for k, v in params.items() if k.lower() not in PROTOCOL_KEYS]
     for key, value in pairs:
         name = key.lower()
         if name.startswith("tenantgate.") or name.startswith("_pq_."):
