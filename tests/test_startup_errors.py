@@ -72,7 +72,7 @@ def test_control_schema_not_installed(tmp_path, pg, db):
     out = _serve(_config(tmp_path, pg, db, control={"dsn": pg.dsn(database=db)}))
     assert out.returncode == 1
     line = _one_line(out)
-    assert "control schema is not installed" in line and "bootstrap.sql" in line
+    assert "is not installed" in line and "operator add" in line  # how to install it
 
 
 def test_port_in_use(tmp_path, pg, db):
