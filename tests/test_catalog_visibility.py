@@ -66,6 +66,8 @@ def test_pg_settings_shows_client_visible_parameters_only(demo):
 
 @pytest.mark.parametrize("sql", [
     "UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'",
+    "SHOW ALL", "SHOW archive_command", "SELECT current_setting('archive_command')",
+    "SELECT current_setting('ssl_key_file', true)",
     "DELETE FROM pg_namespace",
     "SELECT * FROM pg_authid",
 ])

@@ -325,12 +325,16 @@ def test_copy_in_csv_and_binary(engine):
 def test_set_show_reset_safe_list(engine):
     for sql in ["SET application_name = 'x'", "SET SESSION TimeZone TO 'UTC'", "SET LOCAL statement_timeout = 0",
                 "SET extra_float_digits = 3", "SET client_encoding TO 'UTF8'", "SET DateStyle = ISO, MDY",
-                "SHOW TimeZone", "SHOW ALL", "RESET application_name", "SET TIME ZONE 'UTC'"]:
+                "SHOW TimeZone", "RESET application_name", "SET TIME ZONE 'UTC'"]:
         assert fwd(engine, sql) == sql
     for sql in ["SET search_path = public, secret", "SET ROLE postgres", "SET SESSION AUTHORIZATION postgres",
                 "SET tenantgate.tenant_id = 'globex'", "SET row_security = off", "RESET search_path",
                 "SET standard_conforming_strings = off", "SET \"search_path\" TO x"]:
         refused(engine, sql, state="42501")
+    # server paths and commands stay hidden (proxy/policy/catalog_views.py)
+    for sql in ["SHOW ALL", "SHOW archive_command", "SHOW hba_file", "SHOW ssl_key_file"]:
+        refused(engine, sql, state="42501")
+    assert fwd(engine, "SHOW search_path") == "SHOW search_path"
     # drivers' resets: the client's own state, forwarded as sent (proxy/policy/resets.py)
     for sql in ["RESET ALL", "DISCARD ALL", "reset all;"]:
         d = engine.check(sql, ACME)

@@ -299,9 +299,13 @@ BEGIN
         RETURN true;
     END IF;
     IF NOT FOUND OR prev.backend_start <> started THEN
-        -- a new backend: forget bindings of backends that are gone
+        -- a new backend: forget bindings of backends that are gone.  Not those bound after this
+        -- transaction began: this backend's activity snapshot (taken at its first look, in
+        -- backend_start()) does not list backends started since, and many new pool connections
+        -- binding at once would otherwise delete each other's fresh bindings (their sessions'
+        -- writes then fail the RLS WITH CHECK).  Found by the catalog2 branch's 16-client test.
         DELETE FROM tenantgate_guard.binding b
-         WHERE b.pid <> me AND NOT EXISTS (
+         WHERE b.pid <> me AND b.bound_at < now() AND NOT EXISTS (
                SELECT 1 FROM pg_stat_get_activity(NULL) a
                 WHERE a.pid = b.pid AND (extract(epoch FROM a.backend_start) * 1000000)::bigint = b.backend_start);
     END IF;

@@ -517,6 +517,12 @@ class FunctionChecker:
         if name == "set_config":
             self._check_set_config(args)
             return
+        if name == "current_setting" and args and isinstance(args[0], exp.Literal) and args[0].is_string:
+            from proxy.policy.catalog_views import setting_hidden
+
+            if setting_hidden(args[0].name):
+                raise _refuse(f"current_setting('{args[0].name}') is not allowed: server paths and commands are "
+                              "hidden from tenant sessions")
         if name in self.allowlist.allowed:
             return
         if schema is None and name in self.declared_safe_functions:

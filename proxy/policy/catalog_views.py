@@ -21,6 +21,8 @@ answer for any oid: they reveal a name only to a client that already has its oid
 
 from __future__ import annotations
 
+import re
+
 #: (schema, relation) -> the SQL condition a row must meet to be visible in a tenant session
 CATALOG_ROW_FILTERS: dict[tuple[str, str], str] = {
     ("pg_catalog", "pg_namespace"): "nspname !~ '^tenantgate_'",
@@ -31,3 +33,12 @@ CATALOG_ROW_FILTERS: dict[tuple[str, str], str] = {
         "context IN ('internal', 'user') AND name !~ '(file|director|command|librar|conninfo|path|[.])'"
     ),
 }
+
+#: settings a tenant may not read with SHOW or current_setting() either: file and directory names,
+#: commands (archive_command may carry credentials), libraries, connection strings
+_HIDDEN_SETTING = re.compile(r"(file|director|command|librar|conninfo)")
+
+
+def setting_hidden(name: str) -> bool:
+    """A server setting whose value a tenant session may not read (SHOW, current_setting())."""
+    return _HIDDEN_SETTING.search(name.lower()) is not None

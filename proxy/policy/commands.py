@@ -18,6 +18,7 @@ from typing import Callable
 
 from sqlglot.tokens import Token, TokenType
 
+from proxy.policy.catalog_views import setting_hidden
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
 from proxy.policy.inject import TENANT, TENANT_LASTING, Edit
 from proxy.policy.parse import tokenize_span
@@ -227,6 +228,13 @@ def _show(sql, start, end, toks, inner) -> Piece:
     for t in toks:
         if t.token_type not in (TokenType.VAR, TokenType.IDENTIFIER, TokenType.DOT) and not t.text.isalpha():
             raise _refuse("unsupported form of SHOW", FEATURE_NOT_SUPPORTED)
+    name = "".join(t.text for t in toks)
+    if len(toks) == 1 and _word(toks[0]) == "ALL":
+        raise _refuse("SHOW ALL is not allowed in a tenant session: it lists server paths and commands",
+                      INSUFFICIENT_PRIVILEGE)
+    if setting_hidden(name):
+        raise _refuse(f'parameter "{name}" is not readable in a tenant session (server paths and commands are '
+                      "hidden)", INSUFFICIENT_PRIVILEGE)
     return Piece(statement_class="read")
 
 

@@ -520,20 +520,16 @@ class TenantCopyInCheck:
     def _binary(self) -> str | None:
         buf = self.buf
         pos = 0
-        n = len(buf)
         if not self.binary_header_done:
-            if n < 19:
+            try:
+                end = binary_header_end(buf)
+            except ValueError as e:
+                return str(e)
+            if end is None:
                 return None
-            if bytes(buf[:11]) != BINARY_SIGNATURE:
-                return "COPY binary data has an invalid signature"
-            ext = struct.unpack_from("!I", buf, 15)[0]
-            if n < 19 + ext:
-                return None
-            pos = 19 + ext
+            pos = end
             self.binary_header_done = True
-        while True:
-            if n - pos < 2:
-                break
+        while len(buf) - pos >= 2:
             nf = struct.unpack_from("!h", buf, pos)[0]
             if nf == -1:
                 self.done = True
@@ -543,37 +539,55 @@ class TenantCopyInCheck:
             if nf != self.spec.ncols:
                 self.row += 1
                 return self._bad(f"expected {self.spec.ncols} columns, got {nf}")
-            p = pos + 2
-            tenant_val: bytes | None = None
-            complete = True
-            for k in range(nf):
-                if n - p < 4:
-                    complete = False
-                    break
-                ln = struct.unpack_from("!i", buf, p)[0]
-                p += 4
-                if ln < -1:
-                    return self._bad("invalid field length")
-                if ln == -1:
-                    val = None
-                else:
-                    if n - p < ln:
-                        complete = False
-                        break
-                    val = bytes(buf[p : p + ln])
-                    p += ln
-                if k == self.spec.tenant_index:
-                    tenant_val = val
-            if not complete:
+            try:
+                got = binary_tuple(buf, pos + 2, nf, self.spec.tenant_index)
+            except ValueError as e:
+                return self._bad(str(e))
+            if got is None:
                 break
+            pos, tenant_val = got
             self.row += 1
             err = self._check_field(tenant_val, binary=True)
             if err:
                 return err
-            pos = p
         del buf[:pos]
         return None
 
+
+def binary_header_end(buf) -> int | None:
+    """Where a binary COPY stream's header (signature, flags, extension area) ends; None while
+    it is incomplete.  ValueError when it is not a binary COPY header."""
+    n = len(buf)
+    if n < 19:
+        return None
+    if bytes(buf[:11]) != BINARY_SIGNATURE:
+        raise ValueError("COPY binary data has an invalid signature")
+    ext = struct.unpack_from("!I", buf, 15)[0]
+    return 19 + ext if n >= 19 + ext else None
+
+
+def binary_tuple(buf, p: int, nf: int, want: int = -1) -> tuple[int, bytes | None] | None:
+    """The ``nf`` fields of a binary COPY tuple starting at ``p`` (just after its field count):
+    (where the tuple ends, the value of field ``want`` or None), or None while incomplete.
+    ValueError on an invalid field length."""
+    n = len(buf)
+    value = None
+    for k in range(nf):
+        if n - p < 4:
+            return None
+        ln = struct.unpack_from("!i", buf, p)[0]
+        p += 4
+        if ln < -1:
+            raise ValueError("invalid field length")
+        if ln > 0:
+            if n - p < ln:
+                return None
+            if k == want:
+                value = bytes(buf[p : p + ln])
+            p += ln
+        elif ln == 0 and k == want:
+            value = b""
+    return p, value
 
 def copy_in_check(spec: CopyInSpec, tenant: str | None, type_: str):
     """The data-stream check of one COPY FROM STDIN: check the tenant column, or add it."""

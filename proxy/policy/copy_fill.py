@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 import uuid
 
-from proxy.policy.copy import BINARY_SIGNATURE, TenantCopyInCheck, _split_text
+from proxy.policy.copy import TenantCopyInCheck, _split_text, binary_header_end, binary_tuple
 from proxy.policy.piece import CopyInSpec
 
 #: a row (text line, CSV record or binary tuple) longer than this ends the COPY (54000)
@@ -171,19 +171,17 @@ class CopyFill(TenantCopyInCheck):
     def _binary(self) -> str | None:
         buf, out = self.buf, self.out
         pos = 0
-        n = len(buf)
         if not self.binary_header_done:
-            if n < 19:
-                return None
-            if bytes(buf[:11]) != BINARY_SIGNATURE:
-                return "COPY binary data has an invalid signature"
-            ext = struct.unpack_from("!I", buf, 15)[0]
-            if n < 19 + ext:
+            try:
+                end = binary_header_end(buf)
+            except ValueError as e:
+                return str(e)
+            if end is None:
                 return self._too_long()
-            pos = 19 + ext
+            pos = end
             out += buf[:pos]
             self.binary_header_done = True
-        while n - pos >= 2:
+        while len(buf) - pos >= 2:
             nf = struct.unpack_from("!h", buf, pos)[0]
             if nf == -1:
                 self.done = True
@@ -194,25 +192,15 @@ class CopyFill(TenantCopyInCheck):
             if nf != self.spec.ncols:
                 self.row += 1
                 return self._bad(f"expected {self.spec.ncols} columns, got {nf}")
-            p = pos + 2
-            complete = True
-            for _ in range(nf):
-                if n - p < 4:
-                    complete = False
-                    break
-                ln = struct.unpack_from("!i", buf, p)[0]
-                p += 4
-                if ln < -1:
-                    return self._bad("invalid field length")
-                if ln > 0:
-                    if n - p < ln:
-                        complete = False
-                        break
-                    p += ln
-            if not complete:
+            try:
+                got = binary_tuple(buf, pos + 2, nf)
+            except ValueError as e:
+                return self._bad(str(e))
+            if got is None:
                 break
+            end = got[0]
             self.row += 1
-            out += struct.pack("!h", nf + 1) + buf[pos + 2:p] + self.suffix
-            pos = p
+            out += struct.pack("!h", nf + 1) + buf[pos + 2:end] + self.suffix
+            pos = end
         del buf[:pos]
         return self._too_long()
