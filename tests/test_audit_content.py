@@ -62,21 +62,28 @@ def test_execute_of_a_prepared_delete_is_a_write(op, admin):
     assert not errors(op.query("DEALLOCATE audit_del"))
 
 
-def test_copy_from_stdin_data_is_recorded_with_its_digest(op, admin, demo):  # noqa: F811
-    a, b = fresh_ids(2)
-    data = [f"acme\t{a}\taudited copy 1\n".encode(), f"acme\t{b}\taudited copy 2\n".encode()]
+def _copy_in(op, admin, statement: str, data: list[bytes]) -> dict:
+    """COPY ``data`` in through the operator session; the statement's outcome audit record."""
     since = admin.head_seq()
-    op.send(m.encode_query("COPY customers (tenant_id, customer_id, name) FROM STDIN"))
+    op.send(m.encode_query(statement))
     t, _ = op.recv()
     assert t == b"G", t
     op.send(*[m.frame(b"d", d) for d in data], m.frame(b"c"))
     msgs = op.until_ready()
     assert not errors(msgs), errors(msgs)
     out = [r for r in _records(admin, since, 1) if r["type"] == "statement.outcome"]
-    assert len(out) == 1 and out[0]["command_tag"] == "COPY 2" and out[0]["rows"] == 2
-    detail = json.loads(out[0]["detail"])["copy_in"]
+    assert len(out) == 1 and out[0]["command_tag"] == f"COPY {len(data)}", out
     joined = b"".join(data)
-    assert detail == {"bytes": len(joined), "sha256": hashlib.sha256(joined).hexdigest()}
+    assert json.loads(out[0]["detail"])["copy_in"] == {"bytes": len(joined),
+                                                       "sha256": hashlib.sha256(joined).hexdigest()}
+    return out[0]
+
+
+def test_copy_from_stdin_data_is_recorded_with_its_digest(op, admin, demo):  # noqa: F811
+    a, b = fresh_ids(2)
+    data = [f"acme\t{a}\taudited copy 1\n".encode(), f"acme\t{b}\taudited copy 2\n".encode()]
+    out = _copy_in(op, admin, "COPY customers (tenant_id, customer_id, name) FROM STDIN", data)
+    assert out["rows"] == 2
     admin.execute(f"DELETE FROM customers WHERE tenant_id = 'acme' AND customer_id IN ({a}, {b})")
 
 
@@ -85,16 +92,6 @@ def test_copy_from_stdin_without_the_tenant_column_under_a_write_grant(op, admin
     operator's own rows (what they sent)."""
     a, b = fresh_ids(2)
     data = [f"{a}\tfilled copy 1\n".encode(), f"{b}\tfilled copy 2\n".encode()]
-    since = admin.head_seq()
-    op.send(m.encode_query("COPY customers (customer_id, name) FROM STDIN"))
-    t, _ = op.recv()
-    assert t == b"G", t
-    op.send(*[m.frame(b"d", d) for d in data], m.frame(b"c"))
-    msgs = op.until_ready()
-    assert not errors(msgs), errors(msgs)
-    out = [r for r in _records(admin, since, 1) if r["type"] == "statement.outcome"]
-    assert len(out) == 1 and out[0]["command_tag"] == "COPY 2"
-    joined = b"".join(data)
-    assert json.loads(out[0]["detail"])["copy_in"] == {"bytes": len(joined), "sha256": hashlib.sha256(joined).hexdigest()}
+    _copy_in(op, admin, "COPY customers (customer_id, name) FROM STDIN", data)
     assert admin.rows("SELECT tenant_id FROM customers WHERE customer_id IN (%s, %s)", (a, b)) == [("acme",), ("acme",)]
     admin.execute(f"DELETE FROM customers WHERE customer_id IN ({a}, {b})")
