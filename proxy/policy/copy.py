@@ -382,29 +382,11 @@ class TenantCopyInCheck:
 
     def _text(self, eof: bool) -> str | None:
         buf = self.buf
-        pos = 0
         delim = self.spec.delimiter.encode()[0]
         null = self.spec.null.encode()
-        while True:
-            nl = buf.find(b"\n", pos)
-            while nl >= 0:
-                k = nl - 1
-                bs = 0
-                while k >= pos and buf[k] == 0x5C:
-                    bs += 1
-                    k -= 1
-                if bs % 2 == 0:
-                    break
-                nl = buf.find(b"\n", nl + 1)
-            if nl < 0:
-                if eof and pos < len(buf):
-                    line, pos = bytes(buf[pos:]), len(buf)
-                else:
-                    break
-            else:
-                line, pos = bytes(buf[pos:nl]), nl + 1
-            if line.endswith(b"\r") and not line.endswith(b"\\\r"):
-                line = line[:-1]
+        pos = 0
+        for line, _ending, end in text_lines(buf, eof):
+            pos = end
             if line == b"\\.":
                 self.done = True
                 rest = bytes(buf[pos:])
@@ -427,25 +409,15 @@ class TenantCopyInCheck:
 
     def _csv(self, eof: bool) -> str | None:
         buf = self.buf
-        q = self.spec.quote.encode()[0]
-        e = self.spec.escape.encode()[0]
-        d = self.spec.delimiter.encode()[0]
         null = self.spec.null.encode()
         pos = 0
-        n = len(buf)
-        while pos < n:
-            # end-of-data marker line
-            if buf.startswith(b"\\.", pos) and (pos + 2 == n and eof or pos + 2 < n and buf[pos + 2] in (10, 13)):
+        for fields, _start, end in csv_records(buf, self.spec, eof):
+            pos = end
+            if fields is None:  # the end-of-data marker
                 self.done = True
-                rest = bytes(buf[pos + 2 :])
+                rest = bytes(buf[pos:])
                 del buf[:]
                 return "COPY data after the end-of-data marker" if rest.strip() else None
-            if buf.startswith(b"\\.", pos) and pos + 2 == n and not eof:
-                break
-            rec = self._csv_record(buf, pos, n, q, e, d, eof)
-            if rec is None:
-                break
-            fields, pos = rec
             if self.header_pending:
                 self.header_pending = False
                 continue
@@ -552,6 +524,54 @@ class TenantCopyInCheck:
                 return err
         del buf[:pos]
         return None
+
+
+def text_lines(buf, eof: bool):
+    """The complete lines of a COPY text stream in ``buf``: (line, its ending, where it ends).  A
+    newline after an odd number of backslashes is data; ``\\r\\n`` endings are kept apart from the
+    line; a last line without a newline counts only at ``eof``.  Reads ``buf`` lazily: the caller
+    may not change it while iterating."""
+    pos = 0
+    while True:
+        nl = buf.find(b"\n", pos)
+        while nl >= 0:
+            k, bs = nl - 1, 0
+            while k >= pos and buf[k] == 0x5C:
+                bs += 1
+                k -= 1
+            if bs % 2 == 0:
+                break
+            nl = buf.find(b"\n", nl + 1)
+        if nl < 0:
+            if eof and pos < len(buf):
+                yield bytes(buf[pos:]), b"\n", len(buf)
+            return
+        line, ending = bytes(buf[pos:nl]), b"\n"
+        if line.endswith(b"\r") and not line.endswith(b"\\\r"):
+            line, ending = line[:-1], b"\r\n"
+        pos = nl + 1
+        yield line, ending, pos
+
+
+def csv_records(buf, spec: CopyInSpec, eof: bool):
+    """The complete records of a COPY CSV stream in ``buf``: (fields, start, end), fields being
+    (value, was quoted) pairs; ``fields`` is None for the end-of-data marker line (``end`` then
+    points after ``\\.``).  Quoted fields may hold newlines.  Reads ``buf`` lazily."""
+    q, e, d = spec.quote.encode()[0], spec.escape.encode()[0], spec.delimiter.encode()[0]
+    pos = 0
+    n = len(buf)
+    while pos < n:
+        if buf.startswith(b"\\.", pos) and (pos + 2 == n and eof or pos + 2 < n and buf[pos + 2] in (10, 13)):
+            yield None, pos, pos + 2
+            return
+        if buf.startswith(b"\\.", pos) and pos + 2 == n and not eof:
+            return
+        rec = TenantCopyInCheck._csv_record(buf, pos, n, q, e, d, eof)
+        if rec is None:
+            return
+        fields, end = rec
+        yield fields, pos, end
+        pos = end
 
 
 def binary_header_end(buf) -> int | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 import uuid
 
-from proxy.policy.copy import TenantCopyInCheck, _split_text, binary_header_end, binary_tuple
+from proxy.policy.copy import TenantCopyInCheck, _split_text, binary_header_end, binary_tuple, csv_records, text_lines
 from proxy.policy.piece import CopyInSpec
 
 #: a row (text line, CSV record or binary tuple) longer than this ends the COPY (54000)
@@ -87,68 +87,42 @@ class CopyFill(TenantCopyInCheck):
     # ---- text -------------------------------------------------------------------------
     def _text(self, eof: bool) -> str | None:
         buf, out = self.buf, self.out
-        pos = 0
         delim = self.spec.delimiter.encode()[0]
-        while True:
-            nl = buf.find(b"\n", pos)
-            while nl >= 0:  # a newline after an odd number of backslashes is data
-                k, bs = nl - 1, 0
-                while k >= pos and buf[k] == 0x5C:
-                    bs += 1
-                    k -= 1
-                if bs % 2 == 0:
-                    break
-                nl = buf.find(b"\n", nl + 1)
-            if nl < 0:
-                if not (eof and pos < len(buf)):
-                    break
-                line, end, pos = bytes(buf[pos:]), b"\n", len(buf)
-            else:
-                line, end, pos = bytes(buf[pos:nl]), b"\n", nl + 1
-            if line.endswith(b"\r") and not line.endswith(b"\\\r"):
-                line, end = line[:-1], b"\r\n"
+        pos = 0
+        for line, ending, end in text_lines(buf, eof):
+            pos = end
             if line == b"\\.":
                 self.done = True
                 rest = bytes(buf[pos:])
                 del buf[:]
-                out += line + end
+                out += line + ending
                 return "COPY data after the end-of-data marker" if rest.strip() else None
             if self.header_pending:
                 self.header_pending = False
-                out += line + end
+                out += line + ending
                 continue
             self.row += 1
             n = len(_split_text(line, delim))
             if n != self.spec.ncols:
                 del buf[:pos]
                 return self._bad(f"expected {self.spec.ncols} columns, got {n}")
-            out += line + self.suffix + end
+            out += line + self.suffix + ending
         del buf[:pos]
         return self._too_long()
 
     # ---- CSV --------------------------------------------------------------------------
     def _csv(self, eof: bool) -> str | None:
         buf, out = self.buf, self.out
-        q = self.spec.quote.encode()[0]
-        e = self.spec.escape.encode()[0]
-        d = self.spec.delimiter.encode()[0]
         pos = 0
-        n = len(buf)
-        while pos < n:
-            if buf.startswith(b"\\.", pos) and (pos + 2 == n and eof or pos + 2 < n and buf[pos + 2] in (10, 13)):
+        for fields, start, end in csv_records(buf, self.spec, eof):
+            pos = end
+            if fields is None:  # the end-of-data marker
                 self.done = True
-                rest = bytes(buf[pos + 2:])
-                out += buf[pos:]
+                rest = bytes(buf[pos:])
+                out += buf[start:]
                 del buf[:]
                 return "COPY data after the end-of-data marker" if rest.strip() else None
-            if buf.startswith(b"\\.", pos) and pos + 2 == n and not eof:
-                break
-            rec = self._csv_record(buf, pos, n, q, e, d, eof)
-            if rec is None:
-                break
-            fields, end = rec
-            raw = bytes(buf[pos:end])
-            pos = end
+            raw = bytes(buf[start:end])
             if raw.endswith(b"\r\n"):
                 body, term = raw[:-2], b"\r\n"
             elif raw.endswith(b"\n") or raw.endswith(b"\r"):
