@@ -69,7 +69,7 @@ def run() -> None:
         os.chmod(base, 0o755)
         pg = make_cluster(base, "pg", extra_conf=conf)
         try:
-            async def main():
+            async def main(pg=pg):
                 conn = await asyncpg.connect(pg.admin_dsn)
                 await install_control_schema(conn)
                 await conn.close()

@@ -70,7 +70,10 @@ def tenantgate_process(config: dict, workdir: Path):
     cfg_path.write_text(yaml.safe_dump(config))
     log_path = workdir / f"tenantgate-{port}.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(cfg_path)], stdout=log,
+    # BENCH_CPROFILE=<file>: run tenantgate under cProfile with a CPU clock (bench/cpu_profile.py)
+    prof = os.environ.get("BENCH_CPROFILE")
+    runner = ["-m", "bench.cpu_profile", prof] if prof else ["-m", "proxy"]
+    proc = subprocess.Popen([sys.executable, *runner, "serve", "--config", str(cfg_path)], stdout=log,
                             stderr=subprocess.STDOUT, preexec_fn=raise_nofile_limit, cwd=ROOT)
     try:
         wait_port("127.0.0.1", port, proc=proc)

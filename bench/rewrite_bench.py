@@ -29,10 +29,10 @@ def rewrite_costs(workdir: Path, cluster=None, hit_iterations: int = 20000) -> d
         with bench_cluster(workdir / "adv") as fresh:
             return rewrite_costs(workdir, fresh, hit_iterations)
     sys.path.insert(0, str(ROOT / "tests"))
-    from adversarial import install_adversarial_schema, load_corpus  # noqa: E402
-    from rewrite_oracle import build_engine  # noqa: E402
+    from support.adversarial import install_adversarial_schema, load_corpus  # noqa: E402
+    from support.rewrite_oracle import build_engine  # noqa: E402
 
-    from proxy.policy.engine import PolicyContext
+    from proxy.policy.context import PolicyContext
     from proxy.seam import Origin
 
     cluster.psql("CREATE DATABASE adv")

@@ -7,8 +7,11 @@
    with ``BENCH_QUICK=1``).
 3. :mod:`bench.backstop_bench`: the per-statement cost of the PostgreSQL
    backstop's binding check (µs/statement, target < 5).
+4. :mod:`bench.move_bench`: an online tenant move of 1,000,000 rows between two
+   servers while the tenant writes (longest pause, lost writes, total time;
+   ``BENCH_MOVE_ROWS``; skipped with ``BENCH_QUICK=1``).
 
-``BENCH_ONLY=compare`` (or ``audit``, ``backstop``) runs one part.  Each part prints its own
+``BENCH_ONLY=compare`` (or ``audit``, ``backstop``, ``move``) runs one part.  Each part prints its own
 figures; nothing here asserts on time.  Options of the comparison:
 ``python -m bench.compare --help`` (or the ``BENCH_*`` variables it names).
 """
@@ -24,6 +27,7 @@ PARTS = [
     ("direct PostgreSQL vs PgBouncer vs tenantgate", "bench.compare", False),
     ("audit chain: audited operator statements per second", "bench.audit_bench", True),
     ("PostgreSQL backstop: per-statement cost of the binding check", "bench.backstop_bench", False),
+    ("tenant move: 1,000,000 rows online between two servers (issue 19)", "bench.move_bench", True),
 ]
 
 

@@ -10,11 +10,13 @@
   clients, ``tg_bouncer`` for PgBouncer and ``tg_gate`` for tenantgate's
   backend connections (so pg_stat_activity tells them apart);
 
-then PgBouncer (transaction mode, 20 server connections, SCRAM toward clients)
-and tenantgate (a tenant-bound application user ``acme_app``, rules loaded, so
+then PgBouncer (transaction mode, 20 server connections, SCRAM toward clients),
+the bare relay (:mod:`bench.bare_relay`: framing, a raw-bytes Query cache and
+pooling bookkeeping over uvloop, no policy; the limit of tenantgate's
+architecture) and tenantgate (a tenant-bound application user ``acme_app``, rules loaded, so
 every statement is parsed, checked and rewritten; pool mode and size from the
 arguments).  ``targets`` maps each target name to how a client reaches it.
-Direct and PgBouncer clients send statements already filtered with the tenant
+Direct, PgBouncer and bare-relay clients send statements already filtered with the tenant
 predicate (``filtered``); tenantgate clients send the unfiltered statement and
 tenantgate adds the predicate.
 """
@@ -24,29 +26,30 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from bench.common import bench_cluster, free_port, raise_nofile_limit, stop_process, tenantgate_process, wait_port
+from bench.common import ROOT, bench_cluster, free_port, raise_nofile_limit, stop_process, tenantgate_process, wait_port
 from proxy.scram import make_verifier
 
 DB = "bench"
 BACKEND, BACKEND_PW = "tg_bench", "tg-bench-pw"  # direct clients
 BOUNCER_ROLE = "tg_bouncer"  # PgBouncer's clients and server connections
 GATE_ROLE = "tg_gate"  # tenantgate's backend connections
-ROLES = (BACKEND, BOUNCER_ROLE, GATE_ROLE)  # same password and grants; apart in pg_stat_activity
+BARE_ROLE = "tg_bare"  # the bare relay's clients (authentication is passed through)
+ROLES = (BACKEND, BOUNCER_ROLE, GATE_ROLE, BARE_ROLE)  # same password and grants; apart in pg_stat_activity
 APP, APP_PW = "acme_app", "acme-pw"
 TENANT = "acme"
 TENANTS = ("acme", "globex", "initech", "umbrella")
 POOL_SIZE = 20
 MAX_CLIENTS = 10_500
 
-DIRECT, PGBOUNCER, TENANTGATE = "direct", "pgbouncer", "tenantgate"
+DIRECT, PGBOUNCER, BARE, TENANTGATE = "direct", "pgbouncer", "bare", "tenantgate"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class BenchEnv:
             self._setup_database()
             self.targets[DIRECT] = Target(DIRECT, self.cluster.port, BACKEND, BACKEND_PW, filtered=True)
             self._start_pgbouncer()
+            self._start_bare_relay()
             tg = self._stack.enter_context(tenantgate_process(self.tenantgate_config(), self.workdir))
             self.tenantgate_log = tg.log_path
             self.targets[TENANTGATE] = Target(TENANTGATE, tg.port, APP, APP_PW, filtered=False, pid=tg.pid)
@@ -183,13 +187,28 @@ class BenchEnv:
         pid = int(pid_file.read_text().strip()) if pid_file.exists() else proc.pid
         self.targets[PGBOUNCER] = Target(PGBOUNCER, port, BOUNCER_ROLE, BACKEND_PW, filtered=True, pid=pid)
 
+    def _start_bare_relay(self) -> None:
+        port = free_port()
+        log = open(self.workdir / "bare-relay.log", "w")
+        self._stack.callback(log.close)
+        proc = subprocess.Popen([sys.executable, "-m", "bench.bare_relay", "--port", str(port),
+                                 "--backend-port", str(self.cluster.port)],
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile_limit, cwd=ROOT)
+        self._stack.callback(stop_process, proc)
+        wait_port("127.0.0.1", port, proc=proc)
+        self.targets[BARE] = Target(BARE, port, BARE_ROLE, BACKEND_PW, filtered=True, pid=proc.pid)
+
     # ------------------------------------------------------------------ queries
 
     def backend_connections(self, target: str) -> int:
-        """Connections PostgreSQL sees from a proxy target (each proxy logs in as its own role)."""
-        role = {PGBOUNCER: BOUNCER_ROLE, TENANTGATE: GATE_ROLE}.get(target, BACKEND)
+        """Connections PostgreSQL sees from a proxy target that serve clients (each proxy logs in as
+        its own role).  tenantgate's catalog connection (application_name 'tenantgate: catalog',
+        which LISTENs for DDL and reads the catalog) is one per process and serves no client: it is
+        not counted against the pool."""
+        role = {PGBOUNCER: BOUNCER_ROLE, TENANTGATE: GATE_ROLE, BARE: BARE_ROLE}.get(target, BACKEND)
         return int(self.cluster.psql(
             f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND backend_type = 'client backend'"
+            " AND application_name IS DISTINCT FROM 'tenantgate: catalog'"
         ).strip())
 
 

@@ -6,7 +6,7 @@ config (default ``tenantgate``), to users with ``admin: true``::
 
     psql "host=127.0.0.1 port=6432 user=ops dbname=tenantgate" -c 'SHOW POOLS'
 
-The client session (``proxy/client_session.py``) authenticates the user, checks
+The client session (``proxy/session/``) authenticates the user, checks
 that it is an admin, then builds ``AdminConsole(server, write)``, writes
 :meth:`AdminConsole.startup_messages` and hands every later client message to
 :meth:`AdminConsole.handle` (not while :attr:`AdminConsole.busy`: a PAUSE is
@@ -24,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import time
 from typing import Any, Callable
 
 from proxy import __version__
 from proxy.admin_control import ControlCommands
 from proxy.admin_show import ConsoleError, Result, ShowCommands, config_items, is_secret_key  # noqa: F401
-from proxy.seam import SessionRefused, UserRecord
+from proxy.policy.lexer import statement_texts
+from proxy.seam import SessionRefused, SqlStateError, UserRecord
 from proxy.wire import messages as m
 from proxy.wire.errors import ProtocolError
 from proxy.wire.rows import INT8_OID, TEXT_OID, EMPTY_QUERY_RESPONSE, encode_command_complete  # noqa: F401
@@ -57,38 +57,7 @@ _PGBOUNCER_SHOWS = frozenset((
 ))
 
 
-
 # --------------------------------------------------------------------------- statements
-
-_TOKEN = re.compile(r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|--[^\n]*|/\*|\*/|;|[^'";\-/*]+|.""", re.S)
-
-
-def split_statements(sql: str) -> list[str]:
-    """Split a simple Query's text at semicolons outside quotes and comments.
-
-    Comments are dropped; empty statements are left out."""
-    statements: list[str] = []
-    current: list[str] = []
-    depth = 0  # nesting of /* */ comments
-    for tok in _TOKEN.findall(sql):
-        if depth:
-            if tok == "/*":
-                depth += 1
-            elif tok == "*/":
-                depth -= 1
-            continue
-        if tok == "/*":
-            depth = 1
-        elif tok.startswith("--"):
-            current.append(" ")
-        elif tok == ";":
-            statements.append("".join(current))
-            current = []
-        else:
-            current.append(tok)
-    statements.append("".join(current))
-    return [s.strip() for s in statements if s.strip()]
-
 
 def _shorten(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
@@ -203,7 +172,10 @@ class AdminConsole(ShowCommands, ControlCommands):
             sql = m.decode_query(payload).sql
         except ProtocolError as e:
             return m.encode_error("ERROR", e.sqlstate, e.message) + m.encode_ready_for_query(b"I")
-        statements = split_statements(sql)
+        try:
+            statements = statement_texts(sql)  # PostgreSQL's own scanner (proxy.policy.lexer)
+        except SqlStateError as e:
+            return m.encode_error("ERROR", e.sqlstate, e.message) + m.encode_ready_for_query(b"I")
         if not statements:
             return EMPTY_QUERY_RESPONSE + m.encode_ready_for_query(b"I")
         out: list[bytes] = []

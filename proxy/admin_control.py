@@ -86,7 +86,7 @@ class ControlCommands:
         pools = getattr(getattr(self.server, "pools", None), "pools", {}) or {}
         names.update(pools)
         for s in list(getattr(self.server, "sessions", ())):
-            if getattr(s, "database", None) and getattr(s, "_console", None) is None:
+            if getattr(s, "database", None) and getattr(s, "console", None) is None:
                 names.add(s.database)
         backend = getattr(getattr(self.server, "config", None), "backend", None)
         if getattr(backend, "database", None):

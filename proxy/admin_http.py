@@ -181,3 +181,19 @@ def start_admin_server_in_thread(host: str, port: int, *, registry=None, readine
         err = box["error"]
         raise err if isinstance(err, OSError) else OSError(str(err))
     return box["server"]
+
+
+async def start_metrics_endpoint(config, server=None, gatekeeper=None):
+    """Serve /metrics, /healthz and /readyz on ``metrics.host:metrics.port`` (unless the port is
+    null) in the running event loop; returns the AdminHttpServer or None.
+    ``server`` (a ProxyServer) lets readiness follow config reloads."""
+    from proxy.session_events import TENANT_LABELS
+
+    TENANT_LABELS.configure(config.metrics.tenant_labels, config.metrics.tenant_top_n)
+    if config.metrics.port is None:
+        return None
+    from proxy.readiness import Readiness
+
+    current = (lambda: server.config) if server is not None else (lambda: config)
+    return await start_admin_server(config.metrics.host, config.metrics.port,
+                                    readiness=Readiness(current, gatekeeper))

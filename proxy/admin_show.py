@@ -135,37 +135,38 @@ class ShowCommands:
 
     def show_pools(self) -> Result:
         cols = _cols("database user cl_active:i cl_waiting:i sv_active:i sv_idle:i sv_used:i sv_login:i "
-                     "maxwait:i maxwait_us:i pool_mode")
+                     "maxwait:i maxwait_us:i pool_mode region")
         rows = []
         for p in self.snapshot()["pools"]:
             wait_s, wait_us = _split_us(p.get("maxwait_us"))
             rows.append((p.get("database", ""), p.get("user", ""), _int(p.get("cl_active")),
                          _int(p.get("cl_waiting")), _int(p.get("sv_active")), _int(p.get("sv_idle")),
                          _int(p.get("sv_used")), _int(p.get("sv_login")), wait_s, wait_us,
-                         p.get("pool_mode", "")))
+                         p.get("pool_mode", ""), p.get("region", "")))
         return Result(cols, tuple(rows))
 
     def show_clients(self) -> Result:
         cols = _cols("type user database state addr port:i connect_time request_time wait:i wait_us:i "
-                     "id tls application_name prepared_statements:i kind pool_mode")
+                     "id tls application_name prepared_statements:i kind pool_mode region")
         rows = []
         for c in self.snapshot()["clients"]:
             wait_s, wait_us = _split_us(c.get("wait_us"))
             rows.append(("C", c.get("user", ""), c.get("database", ""), c.get("state", ""), c.get("addr", ""),
                          _int(c.get("port")), _timestamp(c.get("connect_time")), _timestamp(c.get("request_time")),
                          wait_s, wait_us, c.get("id", ""), _tls(c.get("tls")), c.get("application_name") or "",
-                         _int(c.get("prepared_statements")), c.get("kind", ""), c.get("pool_mode", "")))
+                         _int(c.get("prepared_statements")), c.get("kind", ""), c.get("pool_mode", ""),
+                         c.get("region", "")))
         return Result(cols, tuple(rows))
 
     def show_servers(self) -> Result:
         cols = _cols("type user database state addr port:i connect_time request_time remote_pid:i tls "
-                     "prepared_statements:i link")
+                     "prepared_statements:i link region")
         rows = []
         for s in self.snapshot()["servers"]:
             rows.append(("S", s.get("user", ""), s.get("database", ""), s.get("state", ""), s.get("addr", ""),
                          _int(s.get("port")), _timestamp(s.get("connect_time")), _timestamp(s.get("request_time")),
                          _int(s.get("remote_pid")), _tls(s.get("tls")), _int(s.get("prepared_statements")),
-                         s.get("client") or ""))
+                         s.get("client") or "", s.get("region", "")))
         return Result(cols, tuple(rows))
 
     def _stats(self) -> list[tuple[str, dict[str, int], dict[str, int]]]:

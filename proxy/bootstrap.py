@@ -35,7 +35,6 @@ CONTROL_ROLE = "tenantgate_control"
 CONTROL_SCHEMA = "tenantgate_control"
 GUARD_ROLE = "tenantgate_guard"
 GUARD_SCHEMA = "tenantgate_guard"
-TENANT_GUC = "tenantgate.tenant_id"
 SCRAM_ITERATIONS = 4096
 
 

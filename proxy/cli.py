@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "receipt", "tenant", "config_schema"]
+COMMANDS = ["serve", "demo", "passwd", "doctor", "operator", "grant", "audit", "receipt", "tenant", "export", "notices", "demand",
+            "config_schema"]
 
 
 def build_parser() -> argparse.ArgumentParser:

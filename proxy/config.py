@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from proxy.yamlfile import format_validation_error, load_mapping
 
@@ -81,6 +81,35 @@ class BackendConfig(_Strict):
         if self.sslrootcert:
             url += f"&sslrootcert={quote(self.sslrootcert)}"
         return url
+
+
+REGION_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+#: the region of a config that has only ``backend:`` (no ``regions:``)
+IMPLICIT_REGION = "default"
+
+
+class RegionConfig(BackendConfig):
+    """One region's backend (``regions: {cn-east: {...}}``): a backend entry like ``backend:``, plus the
+    lifecycle role of that server (export, import, offboard, purge act on the tenant's region)."""
+
+    data_dsn: str | None = Field(None, description="lifecycle role of this region's server "
+                                                   "(unset: lifecycle.data_dsn for the default region, "
+                                                   "else built from this entry)")
+    data_dsn_env: str | None = None
+
+    def resolved_data_dsn(self) -> str | None:
+        return _secret(self.data_dsn, self.data_dsn_env, None, "regions.*.data_dsn")
+
+    def backend(self) -> BackendConfig:
+        return BackendConfig(**self.model_dump(exclude={"data_dsn", "data_dsn_env"}))
+
+
+class PlacementConfig(_Strict):
+    """Where tenants live (docs/scale-out.md).  Placements are in the control schema
+    (``tenantgate tenant place``); a tenant without one is in ``default_region``."""
+
+    default_region: str | None = Field(None, description="region of tenants not placed explicitly "
+                                                         "(unset: the first entry of regions)")
 
 
 class UserConfig(_Strict):
@@ -177,6 +206,35 @@ class GrantsConfig(_Strict):
     pending_ttl: str = "24h"  # an unanswered request expires after this
 
 
+class NoticesConfig(_Strict):
+    """Retention notices to a tenant's contact (``tenantgate notices send``; docs/lifecycle.md)."""
+
+    at_offboarding: bool = Field(True, description="send a notice when a tenant is offboarded")
+    days_before: list[int] = Field([30, 7, 1], description="send a notice this many days before the purge; the "
+                                                           "smallest is the final notice purge-expired waits for")
+    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key of the webhook signature (per deployment)")
+    webhook_secret_env: str | None = Field(None, description="environment variable holding webhook_secret")
+    webhook_secret_file: str | None = None
+    timeout_s: float = Field(10.0, gt=0, description="one webhook request")
+    attempts_per_run: int = Field(4, ge=1, le=20, description="tries of one notice in one `notices send` run")
+    backoff_initial_s: float = Field(1.0, ge=0, description="wait before the 2nd try; doubled for each next try")
+    backoff_max_s: float = Field(60.0, ge=0)
+    max_attempts: int = Field(40, ge=1, description="after this many tries over all runs a notice is failed")
+    require_final_for_purge: bool = Field(True, description="purge-expired skips a tenant whose final notice "
+                                                            "was not delivered (an approver may force it)")
+
+    @field_validator("days_before")
+    @classmethod
+    def _days(cls, v: list[int]) -> list[int]:
+        if any(d < 0 for d in v):
+            raise ValueError("days_before: days must be >= 0")
+        return sorted(set(v), reverse=True)
+
+    def resolved_secret(self) -> str | None:
+        return _secret(self.webhook_secret, self.webhook_secret_env, self.webhook_secret_file,
+                       "lifecycle.notices.webhook_secret")
+
+
 class LifecycleConfig(_Strict):
     retention_days: int = Field(90, ge=0)
     purge_batch_rows: int = Field(5000, ge=1)
@@ -186,6 +244,17 @@ class LifecycleConfig(_Strict):
     data_dsn_env: str | None = None
     journal_schema: str = "tenantgate_lifecycle"  # purge progress journal, in the data database
     service_name: str = "tenantgate-retention"  # identity recorded by `tenant purge-expired`
+    notices: NoticesConfig = Field(default_factory=NoticesConfig)
+    self_export: bool = Field(True, description="tenants may export their own rows through the proxy "
+                                                "(tenantgate export --dsn), audited, without a grant")
+    # Tenant backups (`tenant backup`, proxy/lifecycle/keys.py): the master key that wraps the per-tenant
+    # data keys; never stored in the database.  A file or an environment variable holding 32 random bytes
+    # in base64 (`tenantgate tenant backup-keygen --out FILE` writes one).
+    backup_master_key_file: str | None = None
+    backup_master_key_env: str | None = None
+    # Third-party demands (proxy/control/demands.py): where tenant notices are POSTed (JSON); "{tenant}"
+    # in the URL is replaced by the tenant id (URL-quoted).  Unset: notices stay pending.
+    demand_notice_url: str | None = None
     # Reading exports (verify-export, import): limits against decompression and field bombs.
     max_compression_ratio: float = Field(1000.0, gt=1, description="refuse archives expanding more than this")
     max_manifest_bytes: int = Field(16 << 20, ge=1024, description="largest manifest.json read")
@@ -214,6 +283,8 @@ class PoolConfig(_Strict):
     queue_timeout_s: float = Field(30.0, gt=0, description="a client waits this long for a free backend connection")
     server_idle_timeout_s: float = Field(600.0, gt=0, description="close pooled connections idle this long")
     server_lifetime_s: float = Field(3600.0, gt=0, description="close pooled connections this old when released")
+    max_per_tenant: int = Field(0, ge=0, description="connections lent to one tenant's sessions at a time "
+                                "(transaction mode; 0: no limit); a tenant at its limit queues, others go first")
     client_idle_timeout_s: float | None = Field(None, gt=0, description="close client connections idle this long")
     max_prepared_per_server: int = Field(2000, ge=1, description="close a pooled connection holding more")
 
@@ -276,6 +347,12 @@ class Config(_Strict):
     )
     tls: TlsConfig = TlsConfig()
     backend: BackendConfig = BackendConfig()
+    regions: dict[str, RegionConfig] = Field(
+        default_factory=dict,
+        description="region name -> its backend; unset: `backend` is the one region, named 'default'. "
+                    "With regions, `backend` is the default region's entry (do not set both)")
+    placement: PlacementConfig = PlacementConfig()
+    _region_backends: dict = PrivateAttr(default_factory=dict)
     users: list[UserConfig] = []
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -290,6 +367,54 @@ class Config(_Strict):
     pool: PoolConfig = PoolConfig()
     admin: AdminConfig = AdminConfig()
     backstop: BackstopConfig = BackstopConfig()
+
+    @model_validator(mode="after")
+    def _regions(self):
+        import re
+
+        for name in self.regions:
+            if not re.match(REGION_NAME, name):
+                raise ValueError(f"regions: {name!r} is not a region name (lower case letters, digits, - and _)")
+        if not self.regions:
+            if self.placement.default_region not in (None, IMPLICIT_REGION):
+                raise ValueError(f"placement.default_region: {self.placement.default_region!r} is not a region "
+                                 f"(without regions: there is one region, {IMPLICIT_REGION!r})")
+            return self
+        if "backend" in self.model_fields_set:
+            raise ValueError("set either backend or regions, not both (with regions, each region has its backend)")
+        default = self.placement.default_region or next(iter(self.regions))
+        if default not in self.regions:
+            raise ValueError(f"placement.default_region: {default!r} is not one of regions "
+                             f"({', '.join(self.regions)})")
+        # everything that talks to "the" backend (catalog discovery, readiness, doctor) uses the default region
+        self._region_backends = {name: r.backend() for name, r in self.regions.items()}
+        self.backend = self._region_backends[default]
+        self.__pydantic_fields_set__.discard("backend")
+        return self
+
+    def region_names(self) -> list[str]:
+        """Every region, the default first."""
+        if not self.regions:
+            return [IMPLICIT_REGION]
+        d = self.default_region()
+        return [d] + [r for r in self.regions if r != d]
+
+    def default_region(self) -> str:
+        if not self.regions:
+            return IMPLICIT_REGION
+        return self.placement.default_region or next(iter(self.regions))
+
+    def backend_of(self, region: str) -> BackendConfig:
+        """The backend entry of ``region`` (ConfigError for an unknown region)."""
+        if not self.regions:
+            if region != IMPLICIT_REGION:
+                raise ConfigError(f"region {region!r} is not configured (this config has one region, "
+                                  f"{IMPLICIT_REGION!r})")
+            return self.backend
+        r = self.regions.get(region)
+        if r is None:
+            raise ConfigError(f"region {region!r} is not configured (regions: {', '.join(self.regions)})")
+        return self._region_backends[region]  # the same object every time (pools are keyed by it)
 
     def pool_mode_for(self, user: str, database: str) -> PoolMode:
         for u in self.users:

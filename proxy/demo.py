@@ -15,6 +15,11 @@ What it sets up (first run; later runs reuse the state directory):
 * ``<state dir>/tenantgate.yaml`` (the config it runs with) and
   ``<state dir>/dsns.json`` (the demo contract:
   ``{"app": {tenant: dsn}, "operator": {name: dsn}, "backend_admin": dsn}``).
+
+With ``--regions cn-east,cn-north``: one cluster per region (``pg`` for the first, ``pg-<region>``
+for the others; wal_level=logical), each with the same schema and bootstrap; acme is placed in the
+first region and globex in the second (each tenant's seed rows only on its region's server), the
+config has a ``regions:`` map, and dsns.json adds ``backend_admin_by_region`` (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -84,29 +89,45 @@ class DemoState:
         os.chmod(self.file, 0o600)
 
 
-def ensure_cluster(state: DemoState) -> PgCluster:
-    datadir = state.dir / "pg"
-    if (datadir / "PG_VERSION").exists() and "pg_port" in state.data:
-        cluster = PgCluster(datadir=datadir, port=state.data["pg_port"],
+def ensure_cluster(state: DemoState, name: str = "pg", logical: bool = False) -> PgCluster:
+    """The cluster in ``<state dir>/<name>`` (``pg``: the first one; ``pg-<region>`` for the other regions
+    of ``--regions``), started.  ``logical``: wal_level=logical (tenant moves use logical replication)."""
+    datadir = state.dir / name
+    port_key = "pg_port" if name == "pg" else f"pg_port:{name}"
+    if (datadir / "PG_VERSION").exists() and port_key in state.data:
+        cluster = PgCluster(datadir=datadir, port=state.data[port_key],
                             superuser_password=state.secret("postgres"))
         if not _port_free(cluster.port):
             cluster.port = free_port()
             with (datadir / "postgresql.conf").open("a") as f:
                 f.write(f"port = {cluster.port}\n")
+        if logical:
+            _logical(datadir)
         cluster.stop("immediate")  # a stale postmaster.pid from a killed run
         cluster.start()
-        state.data["pg_port"] = cluster.port
+        state.data[port_key] = cluster.port
         harden(cluster)  # a state dir from before TLS gets it now
         return cluster
     os.chmod(state.dir, 0o755)
     ensure_traversable(state.dir)
     cluster = PgCluster(datadir=datadir, port=free_port(), superuser_password=state.secret("postgres"))
     cluster.initdb()
+    if logical:
+        _logical(datadir)
     cluster.start()
-    state.data["pg_port"] = cluster.port
-    state.data.pop("initialized", None)
+    state.data[port_key] = cluster.port
+    if name == "pg":
+        state.data.pop("initialized", None)
     harden(cluster)
     return cluster
+
+
+def _logical(datadir: Path) -> None:
+    conf = datadir / "postgresql.conf"
+    if "wal_level = logical" not in conf.read_text():
+        with conf.open("a") as f:
+            f.write("\n# tenantgate demo --regions: tenant moves use logical replication\n"
+                    "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n")
 
 
 def harden(cluster: PgCluster) -> None:
@@ -125,10 +146,62 @@ def harden(cluster: PgCluster) -> None:
                 local_auth="peer" if os.geteuid() == 0 else "trust")
 
 
-async def initialize(cluster: PgCluster, state: DemoState) -> None:
-    """Create the demo database, schema, roles, control schema and accounts (once)."""
+def _create_app_db(cluster: PgCluster, keep: tuple[str, ...] | None) -> None:
+    """Database ``app`` with the demo schema; ``keep``: only these tenants' seed rows stay (--regions)."""
+    cluster.psql(f"CREATE DATABASE {DEMO_DB}")
+    cluster.psql(SCHEMA_SQL.read_text(), database=DEMO_DB)
+    if keep is not None:
+        kept = "ARRAY[" + ",".join(f"'{t}'" for t in keep) + "]::text[]"
+        cluster.psql("".join(f"DELETE FROM {t} WHERE tenant_id <> ALL ({kept});"
+                             for t in ("order_items", "orders", "customers")), database=DEMO_DB)
+
+
+async def initialize_region(cluster: PgCluster, state: DemoState, region: str, keep: tuple[str, ...]) -> None:
+    """Another region's server (--regions): the same schema and bootstrap, only its tenants' rows (once)."""
     from proxy.bootstrap import apply_bootstrap
+
+    if region in state.data.get("regions_initialized", []):
+        return
+    if not cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DEMO_DB}'").strip():
+        _create_app_db(cluster, keep)
+    apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"),
+                    backstop_key=state.backstop_key())
+    state.data.setdefault("regions_initialized", []).append(region)
+    state.save()
+
+
+def placed_tenants(regions: list[str]) -> dict[str, str]:
+    """acme in the first region, globex in the second (both in the first when there is one)."""
+    return {t: regions[min(i, len(regions) - 1)] for i, t in enumerate(TENANTS)}
+
+
+async def place_tenants(cluster: PgCluster, state: DemoState, regions: list[str]) -> None:
+    """Record the demo's placements in the control schema (audited as tenant.place; once)."""
+    from proxy.control.placement import get_placement, set_placement
+    from proxy.control.plane import ControlPlane
+
+    plane = ControlPlane(control_dsn(cluster, state), audit=_audit_cfg(state))
+    await plane.start()
+    try:
+        for tenant, region in placed_tenants(regions).items():
+            p = await get_placement(plane, tenant)
+            if p is None or p.region != region:
+                await set_placement(plane, plane.platform_admin(), tenant, region,
+                                    reason="tenantgate demo --regions")
+    finally:
+        await plane.close()
+
+
+def _audit_cfg(state: DemoState):
     from proxy.config import AuditConfig
+
+    return AuditConfig(signing_key_file=str(signing_key(state)), witness_file=str(witness_file(state)))
+
+
+async def initialize(cluster: PgCluster, state: DemoState, keep: tuple[str, ...] | None = None) -> None:
+    """Create the demo database, schema, roles, control schema and accounts (once).  ``keep``: with
+    --regions, the tenants whose seed rows stay on this (the first region's) server."""
+    from proxy.bootstrap import apply_bootstrap
     from proxy.control.plane import ControlPlane
 
     if state.data.get("initialized"):
@@ -140,13 +213,11 @@ async def initialize(cluster: PgCluster, state: DemoState) -> None:
         return
     exists = cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DEMO_DB}'").strip()
     if not exists:
-        cluster.psql(f"CREATE DATABASE {DEMO_DB}")
-        cluster.psql(SCHEMA_SQL.read_text(), database=DEMO_DB)
+        _create_app_db(cluster, keep)
     apply_bootstrap(cluster.dsn(database=DEMO_DB), state.secret("tenantgate_app"), state.secret("tenantgate_control"),
                     backstop_key=state.backstop_key())
     state.data["backstop"] = True
-    plane = ControlPlane(control_dsn(cluster, state), audit=AuditConfig(
-        signing_key_file=str(signing_key(state)), witness_file=str(witness_file(state))))
+    plane = ControlPlane(control_dsn(cluster, state), audit=_audit_cfg(state))
     await plane.start(install=True)
     try:
         admin = plane.platform_admin()
@@ -183,7 +254,16 @@ def signing_key(state: DemoState) -> Path:
     return path
 
 
-def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_port: int | None) -> dict:
+def _backend_entry(cluster: PgCluster, state: DemoState) -> dict:
+    return {"host": "127.0.0.1", "port": cluster.port, "database": DEMO_DB, "user": "tenantgate_app",
+            "password": state.secret("tenantgate_app"), "sslmode": cluster.sslmode,
+            "sslrootcert": cluster.sslrootcert}
+
+
+def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_port: int | None,
+                regions: dict[str, PgCluster] | None = None) -> dict:
+    """The demo's config; with ``regions`` (name -> cluster, the first is ``cluster``) a ``regions:`` map
+    instead of ``backend:``, each region with its lifecycle role (export, import, purge act there)."""
     from proxy.scram import make_verifier
 
     users = [
@@ -192,11 +272,9 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
     users.append({"name": "pool_app", "scram_verifier": make_verifier(state.secret("app:pool")), "token_tenants": True})
     # the admin console (SHOW POOLS, PAUSE, ...: docs/admin-console.md); it reaches no data
     users.append({"name": ADMIN_USER, "scram_verifier": make_verifier(state.secret("admin_console")), "admin": True})
-    return {
+    cfg = {
         "listen": {"host": host, "port": port},
-        "backend": {"host": "127.0.0.1", "port": cluster.port, "database": DEMO_DB, "user": "tenantgate_app",
-                    "password": state.secret("tenantgate_app"), "sslmode": cluster.sslmode,
-                    "sslrootcert": cluster.sslrootcert},
+        "backend": _backend_entry(cluster, state),
         "users": users,
         "rules_file": str(RULES_FILE),
         "tokens": {"hmac_key": state.secret("token_key", 32)},  # HS256 wants a key of at least 32 bytes
@@ -209,10 +287,16 @@ def demo_config(cluster: PgCluster, state: DemoState, host: str, port: int, metr
         "lifecycle": {"data_dsn": cluster.dsn(database=DEMO_DB)},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     }
+    if regions:
+        del cfg["backend"]
+        cfg["regions"] = {name: dict(_backend_entry(c, state), data_dsn=c.dsn(database=DEMO_DB))
+                          for name, c in regions.items()}
+        cfg["placement"] = {"default_region": next(iter(regions))}
+    return cfg
 
 
 def dsns(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_port: int | None = None,
-         admin_database: str = "tenantgate") -> dict:
+         admin_database: str = "tenantgate", regions: dict[str, PgCluster] | None = None) -> dict:
     """The demo contract (dsns.json).  ``app``, ``operator`` and ``backend_admin`` never change;
     ``metrics`` (with a metrics port) and ``admin_console`` are additions."""
     h = f"[{host}]" if ":" in host else host
@@ -230,6 +314,8 @@ def dsns(cluster: PgCluster, state: DemoState, host: str, port: int, metrics_por
     }
     if metrics_port:
         out["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
+    if regions:  # --regions: each region's server (backend_admin stays the first region's)
+        out["backend_admin_by_region"] = {name: c.dsn(database=DEMO_DB) for name, c in regions.items()}
     return out
 
 
@@ -250,7 +336,6 @@ def cli_command() -> str:
     """How to run this very tenantgate from a shell: bare ``tenantgate`` only when that is what the
     PATH finds; else the script beside this Python (``/path/to/.venv/bin/tenantgate`` after ``make run``)."""
     import shutil
-    import sys
 
     beside = Path(sys.executable).parent / "tenantgate"
     found = shutil.which("tenantgate")
@@ -270,7 +355,7 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
         "",
         "Tenant sessions (each sees only its own rows):",
     ]
-    for t, dsn in d["app"].items():
+    for dsn in d["app"].values():
         lines.append(f"  psql '{dsn}'")
     lines += ["", "Operator sessions need an approved grant (two-person rule):"]
     cfg = state_dir / "tenantgate.yaml"
@@ -283,6 +368,7 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
         f"  psql '{d['operator']['alice']}'",
         "",
         f"Backend (superuser, direct; for administration only): psql '{d['backend_admin']}'",
+        *[f"  region {r}: psql '{dsn}'" for r, dsn in d.get("backend_admin_by_region", {}).items()],
         f"Admin console (SHOW POOLS, SHOW TENANTS, PAUSE, ...): psql '{d['admin_console']}'",
     ]
     if d.get("metrics"):
@@ -291,8 +377,22 @@ def banner(state_dir: Path, d: dict, metrics_port: int | None) -> str:
     return "\n".join(lines)
 
 
+def parse_regions(text: str | None) -> list[str]:
+    """``--regions cn-east,cn-north`` -> the region names (at least one, distinct, valid)."""
+    import re
+
+    from proxy.config import REGION_NAME
+
+    if text is None:
+        return []
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names or len(set(names)) != len(names) or not all(re.match(REGION_NAME, r) for r in names):
+        raise SystemExit(f"--regions must be distinct region names (a-z, 0-9, - and _), comma-separated, not {text!r}")
+    return names
+
+
 async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None = "auto",
-                   pool_mode: str = "transaction") -> int:
+                   pool_mode: str = "transaction", regions: list[str] | None = None) -> int:
     from proxy.config import Config
     from proxy.gatekeeper import build_gatekeeper
     from proxy.server import ProxyServer
@@ -301,14 +401,29 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None 
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state = DemoState(state_dir)
-    cluster = ensure_cluster(state)
+    regions = list(regions or [])
+    if state.data.get("regions", []) != regions and state.data.get("initialized"):
+        raise SystemExit(f"the state directory {state_dir} was made with --regions "
+                         f"{','.join(state.data.get('regions', [])) or '(none)'}: use another --state-dir")
+    state.data["regions"] = regions
+    cluster = ensure_cluster(state, logical=bool(regions))
+    clusters = {regions[0]: cluster} if regions else {}
     metrics_port = resolve_metrics_port(state, metrics_port)
     state.save()
     server = None
     gatekeeper = None
     try:
-        await initialize(cluster, state)
-        raw = demo_config(cluster, state, host, port, metrics_port)
+        for name in regions[1:]:
+            clusters[name] = ensure_cluster(state, f"pg-{name}", logical=True)
+            state.save()
+        placed = placed_tenants(regions) if regions else {}
+        keep = lambda region: tuple(t for t, r in placed.items() if r == region)  # noqa: E731
+        await initialize(cluster, state, keep(regions[0]) if regions else None)
+        for name in regions[1:]:
+            await initialize_region(clusters[name], state, name, keep(name))
+        if regions:
+            await place_tenants(cluster, state, regions)
+        raw = demo_config(cluster, state, host, port, metrics_port, clusters or None)
         raw["pool"] = {"mode": pool_mode, "size": 20}
         raw["limits"] = {"max_clients": 20000}
         state.save()  # demo_config created the app passwords and the token key: keep them in demo.json
@@ -320,10 +435,10 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None 
         server = ProxyServer(config, gatekeeper, config_path=cfg_path)
         await server.start()
         if metrics_port:  # /metrics, /healthz, /readyz (proxy.admin_http)
-            from proxy.commands.serve import start_metrics_endpoint
+            from proxy.admin_http import start_metrics_endpoint
 
-            admin = await start_metrics_endpoint(config, server, gatekeeper)
-        d = dsns(cluster, state, host, server.port, metrics_port, config.admin.database)
+            _admin = await start_metrics_endpoint(config, server, gatekeeper)  # serves until the demo exits
+        d = dsns(cluster, state, host, server.port, metrics_port, config.admin.database, clusters or None)
         (state_dir / "dsns.json").write_text(json.dumps(d, indent=2))
         print(banner(state_dir, d, metrics_port), flush=True)
         stop = asyncio.Event()
@@ -343,4 +458,7 @@ async def run_demo(state_dir: Path, listen: str, metrics_port: str | int | None 
             await server.close()
         if gatekeeper is not None and hasattr(gatekeeper, "close"):
             await gatekeeper.close()
+        for c in clusters.values():
+            if c is not cluster:
+                c.stop()
         cluster.stop()

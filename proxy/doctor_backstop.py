@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncpg
 
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+from proxy.doctor_common import FAIL, PASS, WARN
 RERUN = "rerun deploy/postgres/bootstrap.sql (it is idempotent)"
 
 # check id -> (what it is, SQL answering TRUE when the channel is open to the backend role)

@@ -3,7 +3,7 @@
 It composes the independent parts; none of them knows about the others:
 
 * users: application users from the config (:mod:`proxy.users`), then
-  operators from the control schema (:class:`proxy.control.plane.OperatorDirectory`);
+  operators from the control schema (:class:`proxy.control.operators.OperatorDirectory`);
 * tenant sessions: :func:`proxy.policy.session.open_tenant_session` over one
   shared :class:`proxy.policy.engine.PolicyEngine` (rules, live catalog,
   function/catalog allowlist);
@@ -75,14 +75,15 @@ class PolicyGatekeeper:
         self.config_users = ConfigUserDirectory.from_config(config)
         dirs = [self.config_users]
         if plane is not None:
-            from proxy.control.plane import OperatorDirectory
+            from proxy.control.operators import OperatorDirectory
 
             from proxy.control.auth_guard import AuthGuard
 
             dirs.append(OperatorDirectory(plane))
-            self.auth_guard = AuthGuard(plane)  # throttles and audits operator logins (client_session)
+            self.auth_guard = AuthGuard(plane)  # throttles and audits operator logins (proxy/session/startup.py)
         self.users = UserDirectoryChain(*dirs)
-        self._tenants: dict[str, object] = {}  # name -> proxy.control.plane.Tenant
+        self._tenants: dict[str, object] = {}  # name -> proxy.control.model.Tenant
+        self._regions: dict[str, str] = {}  # tenant -> region (placements; absent: the default region)
         self._live: dict[str, weakref.WeakSet] = {}  # tenant -> live tenant gates
         self._subscription = None
         self._rules_task: asyncio.Task | None = None  # a rules reload waiting for its catalog load
@@ -93,7 +94,14 @@ class PolicyGatekeeper:
         if self.plane is not None:
             for t in await self.plane.list_tenants():
                 self._tenants[t.name] = t
+            from proxy.control.placement import list_placements
+
             self._subscription = await self.plane.watch(on_tenant_changed=self._tenant_changed)
+            w = await self.plane.watcher()
+            # listening before reading: a placement made meanwhile is not missed
+            self._placement_sub = w.subscribe(on_placement_changed=self._placement_changed)
+            for p in await list_placements(self.plane):
+                self._regions.setdefault(p.tenant, p.region)
 
     def reload(self, config: Config) -> None:
         """SIGHUP / RELOAD: the config's users now; the tenancy rules are validated here (a broken or
@@ -132,6 +140,8 @@ class PolicyGatekeeper:
         log.info("rules reloaded from %s: %s", path, describe_change(old, rules))
 
     async def close(self) -> None:
+        if getattr(self, "_placement_sub", None) is not None:
+            self._placement_sub.close()
         if self._subscription is not None:
             close = getattr(self._subscription, "close", None)
             if close:
@@ -160,6 +170,51 @@ class PolicyGatekeeper:
             self._tenants[name] = t
         for gate in list(self._live.get(name, ())):
             gate.terminate(TENANT_ENDED_SQLSTATE, ended_message(name, status))
+
+    # ---- placement (docs/scale-out.md): which backend a session goes to
+
+    def region_of(self, tenant: str | None) -> str:
+        """The region ``tenant`` is placed in (the default region for None and unplaced tenants)."""
+        if tenant is not None:
+            r = self._regions.get(tenant)
+            if r is not None:
+                return r
+        return self.config.default_region()
+
+    def route(self, gate) -> str:
+        """The region (backend entry) a new session's gate goes to: its tenant's (an operator's grant's)."""
+        grant = getattr(gate, "grant", None)
+        region = self.region_of(grant.tenant if grant is not None else getattr(gate, "tenant", None))
+        try:
+            gate.region = region  # a later token switch must stay on this backend (_open_tenant)
+        except AttributeError:  # pragma: no cover - a gate without attributes
+            pass
+        return region
+
+    def _placement_changed(self, tenant: str, region: str | None, moving: bool) -> None:
+        """Another instance (or the CLI) placed ``tenant``: new sessions go there; transaction-mode
+        sessions between transactions follow (their next transaction borrows from the new backend's
+        pool); other live sessions on the old backend end (57P01) and reconnect to the new one."""
+        if not tenant:
+            return
+        old = self.region_of(tenant)
+        if region is None:
+            self._regions.pop(tenant, None)
+        else:
+            self._regions[tenant] = region
+        new = self.region_of(tenant)
+        if new != old:
+            for gate in list(self._live.get(tenant, ())):
+                if getattr(gate, "region", None) in (None, new):
+                    continue
+                grant = getattr(gate, "grant", None)
+                if (grant.tenant if grant is not None else getattr(gate, "tenant", None)) != tenant:
+                    continue  # a token session now serving another tenant of its backend (a switch back is refused)
+                retarget = getattr(gate, "retarget", None)  # transaction mode, between transactions
+                if retarget is not None and retarget(new):
+                    gate.region = new
+                    continue
+                gate.terminate(TENANT_ENDED_SQLSTATE, f'tenant "{tenant}" was moved to region {new}: reconnect')
 
     def _lifecycle(self, tenant: str | None) -> tuple[bool, str | None]:
         """(read_only, read_only_message) for ``tenant``; raises SessionRefused if it may not connect.
@@ -195,9 +250,16 @@ class PolicyGatekeeper:
                                           "rules_file does not accept", hint="bind the user to a tenant instead")
         if user.kind is SessionKind.OPERATOR:
             return await self._open_operator(user, startup)
+        from proxy.control.self_export import open_export_session, wants_export
+
+        if wants_export(startup):  # a self-service export: audited before it opens, read-only
+            gate = self._open_tenant(user, startup, read_only=True)
+            await open_export_session(self.plane, gate, user, startup, rules=self.engine.rules,
+                                      enabled=self.config.lifecycle.self_export)
+            return gate
         return self._open_tenant(user, startup)
 
-    def _open_tenant(self, user: UserRecord, startup: StartupInfo) -> SessionGate:
+    def _open_tenant(self, user: UserRecord, startup: StartupInfo, read_only: bool = False) -> SessionGate:
         from proxy.policy.session import open_tenant_session
 
         if user.tenant is None and not user.token_tenants:
@@ -210,12 +272,21 @@ class PolicyGatekeeper:
             # the tenant's lifecycle applies (at connect and on every token switch), and the
             # session is ended like the tenant's other sessions when its status changes
             status = self._token_tenant_status(chosen)
+            here = getattr(gate, "region", None)
+            if here is not None and self.region_of(chosen) != here:
+                # a session stays on the backend it connected to (docs/scale-out.md)
+                from proxy.policy.errors import PolicyRefusal
+
+                raise PolicyRefusal("0A000", f'tenant "{chosen}" is in region {self.region_of(chosen)}, but this '
+                                    f"session is connected to the backend of region {here}: a session cannot "
+                                    "switch to a tenant on another backend; open a new connection with that "
+                                    "tenant's token")
             if gate is not None:
                 self._live.setdefault(chosen, weakref.WeakSet()).add(gate)
             return status
 
         gate = open_tenant_session(self.engine, user, startup, token_key=self.config.tokens.resolved_key(),
-                                   tenant_status=tenant_status)
+                                   tenant_status=tenant_status, read_only=read_only)
         if gate.tenant is not None:
             self._live.setdefault(gate.tenant, weakref.WeakSet()).add(gate)
         if self.plane is not None:
@@ -229,9 +300,16 @@ class PolicyGatekeeper:
         if self.plane is None:
             raise SessionRefused("28000", "operator sessions need the control plane (control.dsn) configured")
         from proxy.control.operator_gate import open_operator_session
+        from proxy.control.placement import operator_regions, residency_message
         from proxy.policy.session import TenantSessionGate
 
+        allowed = await operator_regions(self.plane, user.name)  # operator residency (None: every region)
+
         def make_inner(grant):
+            region = self.region_of(grant.tenant)
+            if allowed is not None and region not in allowed:
+                # the grant was approved before the tenant was placed elsewhere (or the account restricted)
+                raise SessionRefused("28000", residency_message(user.name, grant.tenant, region, allowed))
             read_only, message = self._lifecycle(grant.tenant)
             if grant.read_only:
                 read_only = True
@@ -239,8 +317,17 @@ class PolicyGatekeeper:
                                       "(request a write grant if you need one)")
             return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
 
-        gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner,
-                                           hold_session_lock=self.session_lock)
+        try:
+            gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner,
+                                               hold_session_lock=self.session_lock)
+        except SessionRefused as e:
+            if "operator residency" in e.message:  # refused by make_inner: into the audit chain too
+                from proxy.control import audit as A
+
+                await self.plane._audit_quietly(A.AuditRecord(
+                    A.CONNECTION_REFUSED, operator=user.name, client_addr=startup.client_addr,
+                    session_id=startup.session_id, sqlstate=e.sqlstate, detail={"message": e.message}))
+            raise
         # operator sessions follow the tenant's status like tenant sessions: a change ends them
         self._live.setdefault(gate.grant.tenant, weakref.WeakSet()).add(gate)
         return gate
@@ -254,7 +341,7 @@ async def build_gatekeeper(config: Config):
 
         return PassthroughGatekeeper(config)
     from proxy.policy.allowlist import FunctionChecker
-    from proxy.policy.catalog import CatalogManager
+    from proxy.catalog_sync import CatalogManager
     from proxy.policy.engine import PolicyEngine
     from proxy.policy.rules import load_rules
 

@@ -59,10 +59,10 @@ def switches_tenants(session) -> bool:
 def in_transaction(session) -> bool:
     """Whether the session has work open on PostgreSQL (a transaction, a statement in flight,
     extended-protocol messages without their Sync, or a connection being borrowed for one)."""
-    if not getattr(session, "relaying", False) or getattr(session, "_console", None) is not None:
+    if not getattr(session, "relaying", False) or getattr(session, "console", None) is not None:
         return False
     return (session.tx_status not in (b"I", b"\x00") or bool(session.inflight)
-            or session._attach_task is not None or bool(session._unsynced))
+            or session.attach_task is not None or session.unsynced)
 
 
 class Holds:
@@ -115,7 +115,7 @@ class Holds:
         """The sessions a hold on ``database`` / ``tenant`` (neither: everything) covers."""
         out = []
         for s in sessions:
-            if getattr(s, "_console", None) is not None:
+            if getattr(s, "console", None) is not None:
                 continue
             if database is not None and getattr(s, "database", None) != database:
                 continue
@@ -154,20 +154,17 @@ def hold_if_paused(session) -> bool:
     holds = session.server.holds
     if not holds.active or not holds.holds(session):
         return False
-    session._blocked = True
-    session._pause_client()
+    session.block()
     session.request_time = time.time()
 
     async def wait() -> None:
         try:
             await holds.wait_released(session)
         finally:
-            session._held_task = None
+            session.held_task = None
         if session.closed:
             return
-        session._blocked = False
-        session._resume_client()
-        session._process_client()
+        session.unblock()
 
-    session._held_task = session.loop.create_task(wait())
+    session.held_task = session.loop.create_task(wait())
     return True

@@ -73,8 +73,9 @@ CATALOG_REFRESHES_TOTAL = Counter("tenantgate_catalog_refreshes_total", "Catalog
 
 # ---- transaction pooling (proxy/pool.py) ------------------------------------------------
 POOL_SERVER_CONNECTIONS = Gauge(
-    "tenantgate_pool_server_connections", "Pooled backend connections by state (active: lent to a client)",
-    ["state"], multiprocess_mode="livesum",
+    "tenantgate_pool_server_connections", "Pooled backend connections by state (active: lent to a client) "
+    "and region (the backend entry, docs/scale-out.md)",
+    ["state", "region"], multiprocess_mode="livesum",
 )
 POOL_WAITING_CLIENTS = Gauge(
     "tenantgate_pool_waiting_clients", "Clients waiting for a pooled backend connection", multiprocess_mode="livesum"

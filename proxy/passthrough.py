@@ -30,6 +30,11 @@ class PassthroughGate:
     """A SessionGate that forwards everything and audits nothing."""
 
     audited = False
+    # proxy.seam.PooledGate: a tenant-kind passthrough gate may be transaction-pooled (tests' bare proxy);
+    # it keeps no settings of its own on the connection
+    pooled = False
+    tenant_epoch = 0
+    tracked_parameters: tuple[str, ...] = ()
 
     def __init__(self, kind: SessionKind = SessionKind.PASSTHROUGH, backend_setup_sql: Sequence[str] = ()):
         self.kind = kind
@@ -48,6 +53,12 @@ class PassthroughGate:
 
     async def audit_after(self, handle, outcome: Outcome) -> None:  # pragma: no cover
         pass
+
+    def backend_settings(self) -> dict[str, str]:
+        return {}
+
+    def warm_up(self, sql: str, origin: Origin):
+        return None  # nothing to analyse
 
     def on_refused(self, sql: str, refusal: Refuse) -> None:
         pass

@@ -7,11 +7,16 @@ in flight, no unsynced extended-protocol messages).  With ``pool.size``
 connections busy, further sessions queue (FIFO) for up to
 ``pool.queue_timeout_s``.
 
+Fairness between tenants (``pool.max_per_tenant``): at most that many connections are lent to
+the sessions of one tenant at a time.  A session whose tenant is at its limit queues even when a
+connection is idle, and a released connection goes to the first waiter (FIFO) whose tenant is
+below its limit, so one tenant flooding the pool leaves connections for the others.
+
 What belongs to a connection rather than to a client is tracked here too:
 the settings applied to it (:mod:`proxy.varcache`) and the server-side names
 of prepared statements it holds (the session renames each client's named
 statements to names of its own and prepares them again on connections that
-lack them; see :mod:`proxy.client_session`).
+lack them; see :mod:`proxy.session.protocol`).
 
 Upkeep (the janitor): idle connections older than ``server_idle_timeout_s``
 are closed; a connection past ``server_lifetime_s`` or holding more than
@@ -30,7 +35,7 @@ import time
 from collections import deque
 from typing import Awaitable, Callable
 
-from proxy.backend_link import BackendConnection, BackendError
+from proxy.backend_link import BackendConnection, BackendError, connect_backend
 from proxy.config import Config
 from proxy.stats_window import StatsWindow
 from proxy.metrics import (
@@ -43,8 +48,6 @@ from proxy.metrics import (
 
 log = logging.getLogger("tenantgate.pool")
 
-_ACTIVE = POOL_SERVER_CONNECTIONS.labels(state="active")
-_IDLE = POOL_SERVER_CONNECTIONS.labels(state="idle")
 #: how often the janitor publishes the pool gauges (they are not touched per transaction)
 GAUGE_EVERY_S = 1.0
 _ids = itertools.count(1)
@@ -58,7 +61,7 @@ class ServerConn:
     """One pooled backend connection and what is known about its session state."""
 
     __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
-                 "unnamed_owner", "on_lost", "binder", "generation")
+                 "unnamed_owner", "on_lost", "binder", "generation", "tenant")
 
     def __init__(self, conn: BackendConnection, pool: "BackendPool"):
         self.conn = conn
@@ -72,6 +75,7 @@ class ServerConn:
         self.unnamed_owner = None  # the session whose unnamed statement the connection holds
         self.binder = None  # proxy.backstop.BackendBinder: identity and nonce of the backstop binding
         self.generation = pool.generation  # RECONNECT: older generations are closed when they come back
+        self.tenant: str | None = None  # while lent: the tenant it counts against (pool.max_per_tenant)
         self.on_lost = lambda exc: pool._lost(self)  # while idle in the pool: PostgreSQL closed it
 
     @property
@@ -87,15 +91,18 @@ class ServerConn:
 class BackendPool:
     """The pool of one database.  ``connect()`` opens a new authenticated backend connection."""
 
-    def __init__(self, database: str, config: Config, connect: Callable[[], Awaitable[BackendConnection]]):
+    def __init__(self, database: str, config: Config, connect: Callable[[], Awaitable[BackendConnection]],
+                 region: str | None = None):
         self.database = database
+        self.region = region or config.default_region()  # the backend entry (proxy/control/placement.py)
         self.config = config
         self._connect = connect
         # idle connections, most recently released last (LIFO reuse); a dict for O(1) removal
         self.idle: dict[ServerConn, None] = {}
         self.servers: set[ServerConn] = set()
         self.connecting = 0
-        self.waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self.waiters: deque[tuple[asyncio.Future, float, str | None]] = deque()  # (future, since, tenant)
+        self.lent_by_tenant: dict[str, int] = {}  # pool.max_per_tenant: connections lent per tenant
         self.baseline: dict[str, str] | None = None  # default settings of a fresh connection
         self.probe_names: dict[tuple[str, ...], tuple[str, ...]] = {}  # interned probe name lists
         # SHOW STATS
@@ -114,9 +121,38 @@ class BackendPool:
     def size(self) -> int:
         return self.config.pool.size
 
-    def take_idle(self, prefer: ServerConn | None = None, wanted: dict[str, str] | None = None) -> ServerConn | None:
+    def _at_limit(self, tenant: str | None) -> bool:
+        limit = self.config.pool.max_per_tenant
+        return bool(limit) and tenant is not None and self.lent_by_tenant.get(tenant, 0) >= limit
+
+    def _lend(self, sc: ServerConn, tenant: str | None) -> ServerConn:
+        if tenant is not None and self.config.pool.max_per_tenant:
+            sc.tenant = tenant
+            self.lent_by_tenant[tenant] = self.lent_by_tenant.get(tenant, 0) + 1
+        return sc
+
+    def _returned(self, sc: ServerConn) -> None:
+        """A lent connection is back (released, discarded or lost): its tenant may borrow again."""
+        tenant = sc.tenant
+        if tenant is not None:
+            sc.tenant = None
+            n = self.lent_by_tenant.get(tenant, 0) - 1
+            if n > 0:
+                self.lent_by_tenant[tenant] = n
+            else:
+                self.lent_by_tenant.pop(tenant, None)
+
+    def take_idle(self, prefer: ServerConn | None = None, wanted: dict[str, str] | None = None,
+                  tenant: str | None = None) -> ServerConn | None:
         """A healthy idle connection now, or None.  Prefers ``prefer`` (the client's last one),
-        then one whose settings already match ``wanted``, then the most recently used."""
+        then one whose settings already match ``wanted``, then the most recently used.  None
+        when ``tenant`` has ``pool.max_per_tenant`` connections lent already."""
+        if self._at_limit(tenant):
+            return None
+        sc = self._take_idle(prefer, wanted)
+        return self._lend(sc, tenant) if sc is not None else None
+
+    def _take_idle(self, prefer: ServerConn | None, wanted: dict[str, str] | None) -> ServerConn | None:
         idle = self.idle
         while idle:
             pick = None
@@ -136,16 +172,23 @@ class BackendPool:
             prefer = None
         return None
 
-    async def acquire(self, timeout: float) -> ServerConn:
-        """An idle connection, a new one while below ``size``, or the next one released (FIFO)."""
-        sc = self.take_idle()
-        if sc is not None:
-            return sc
-        if len(self.servers) + self.connecting < self.size:
-            return await self._open()
+    async def acquire(self, timeout: float, tenant: str | None = None) -> ServerConn:
+        """An idle connection, a new one while below ``size``, or the next one released (FIFO
+        among the sessions whose tenant is below ``pool.max_per_tenant``)."""
+        if not self._at_limit(tenant):
+            sc = self._take_idle(None, None)
+            if sc is not None:
+                return self._lend(sc, tenant)
+            if len(self.servers) + self.connecting < self.size:
+                self._lend_pending(tenant, +1)
+                try:
+                    sc = await self._open()
+                finally:
+                    self._lend_pending(tenant, -1)
+                return self._lend(sc, tenant)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        entry = (fut, time.monotonic())
+        entry = (fut, time.monotonic(), tenant)
         self.waiters.append(entry)
         POOL_WAITING_CLIENTS.inc()
         t0 = time.perf_counter()
@@ -170,6 +213,38 @@ class BackendPool:
                 # timed out or cancelled just after a connection was handed over: pass it on
                 self.release(fut.result())
 
+    def _lend_pending(self, tenant: str | None, delta: int) -> None:
+        """A connection being opened for ``tenant`` counts against its limit already."""
+        if tenant is not None and self.config.pool.max_per_tenant:
+            n = self.lent_by_tenant.get(tenant, 0) + delta
+            if n > 0:
+                self.lent_by_tenant[tenant] = n
+            else:
+                self.lent_by_tenant.pop(tenant, None)
+
+    def _next_waiter(self) -> tuple[asyncio.Future, str | None] | None:
+        """The first waiting session whose tenant is below its limit (dropping finished ones)."""
+        waiters = self.waiters
+        while waiters and waiters[0][0].done():
+            waiters.popleft()
+        for i, (fut, _, tenant) in enumerate(waiters):
+            if not fut.done() and not self._at_limit(tenant):
+                del waiters[i]
+                return fut, tenant
+        return None
+
+    def _serve_waiters(self) -> None:
+        """Hand idle connections to waiters that may take one now (a tenant's count went down)."""
+        while self.idle and self.waiters:
+            sc = self._take_idle(None, None)
+            if sc is None:
+                return
+            nxt = self._next_waiter()
+            if nxt is None:
+                self.idle[sc] = None
+                return
+            nxt[0].set_result(self._lend(sc, nxt[1]))
+
     async def _open(self) -> ServerConn:
         self.connecting += 1
         try:
@@ -186,6 +261,7 @@ class BackendPool:
         """Give a connection back (idle, no transaction, nothing in flight)."""
         if sc.closed:
             return
+        self._returned(sc)
         sc.client = None
         sc.last_used = time.time()
         self.xact_count += 1
@@ -199,10 +275,10 @@ class BackendPool:
         p = sc.protocol
         p.detach()
         p.on_lost = sc.on_lost
-        while self.waiters:
-            fut, _ = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(sc)
+        if self.waiters:
+            nxt = self._next_waiter()
+            if nxt is not None:
+                nxt[0].set_result(self._lend(sc, nxt[1]))
                 return
         self.idle[sc] = None
 
@@ -211,25 +287,33 @@ class BackendPool:
         if sc.closed:
             return
         self._drop(sc)
+        self._serve_waiters()
         self._serve_waiter_with_new()
 
     def _serve_waiter_with_new(self) -> None:
         """A connection went away while clients wait: open a replacement for the first waiter."""
         if not self.waiters or len(self.servers) + self.connecting >= self.size:
             return
-        fut, _ = self.waiters.popleft()
+        nxt = self._next_waiter()
+        if nxt is None:
+            return
+        fut, tenant = nxt
+        self._lend_pending(tenant, +1)
 
         async def open_for_waiter():
             try:
                 sc = await self._open()
             except BaseException as e:  # hand the error to the waiter
+                self._lend_pending(tenant, -1)
                 if not fut.done():
                     fut.set_exception(e if isinstance(e, Exception) else BackendError("cancelled"))
+                self._serve_waiters()
                 return
+            self._lend_pending(tenant, -1)
             if fut.done():
                 self.release(sc)
             else:
-                fut.set_result(sc)
+                fut.set_result(self._lend(sc, tenant))
 
         asyncio.get_running_loop().create_task(open_for_waiter())
 
@@ -242,6 +326,7 @@ class BackendPool:
     def _drop(self, sc: ServerConn) -> None:
         if sc.closed:
             return
+        self._returned(sc)
         sc.closed = True
         self.servers.discard(sc)
         BACKEND_CONNECTIONS.dec()
@@ -282,7 +367,7 @@ class BackendPool:
             self._drop(sc)
         self.idle.clear()
         while self.waiters:
-            fut, _ = self.waiters.popleft()
+            fut = self.waiters.popleft()[0]
             if not fut.done():
                 fut.set_exception(BackendError("tenantgate is shutting down", "57P01"))
 
@@ -310,10 +395,18 @@ class PoolManager:
         self._janitor: asyncio.Task | None = None
         self.stats_window = StatsWindow()  # SHOW STATS averages: the last 60 s
 
-    def get(self, database: str) -> BackendPool:
-        pool = self.pools.get(database)
+    def get(self, database: str, region: str | None = None) -> BackendPool:
+        """The pool of ``database`` on ``region``'s backend (None: the default region).  Pools of the
+        default region are keyed by the database name alone, others by ``database@region``."""
+        key = database if region is None or region == self.config.default_region() else f"{database}@{region}"
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[database] = BackendPool(database, self.config, lambda: self._connect(database))
+            if key == database:
+                connect = lambda: self._connect(database)  # noqa: E731
+            else:
+                backend = self.config.backend_of(region)
+                connect = lambda: connect_backend(backend, database, {})  # noqa: E731
+            pool = self.pools[key] = BackendPool(database, self.config, connect, region)
             if self._janitor is None:
                 self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
         return pool
@@ -344,10 +437,14 @@ class PoolManager:
 
     def publish(self) -> None:
         """Set the pool gauges (lent and idle connections) from the pools' state."""
-        idle = sum(len(p.idle) for p in self.pools.values())
-        total = sum(len(p.servers) for p in self.pools.values())
-        _IDLE.set(idle)
-        _ACTIVE.set(total - idle)
+        by_region: dict[str, list[int]] = {r: [0, 0] for r in self.config.region_names()}
+        for p in self.pools.values():
+            counts = by_region.setdefault(p.region, [0, 0])
+            counts[0] += len(p.idle)
+            counts[1] += len(p.servers)
+        for region, (idle, total) in by_region.items():
+            POOL_SERVER_CONNECTIONS.labels(state="idle", region=region).set(idle)
+            POOL_SERVER_CONNECTIONS.labels(state="active", region=region).set(total - idle)
 
     def close(self) -> None:
         if self._janitor is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
 class Origin(enum.Enum):
@@ -217,7 +217,36 @@ class SessionGate(Protocol):
         Used to end operator sessions on grant expiry or revocation.
         """
 
+    def warm_up(self, sql: str, origin: Origin) -> tuple[Callable[[], Any], Callable[[Any], None]] | None:
+        """For a long statement whose analysis is cold: ``(compute, adopt)`` to run the analysis
+        in a forked child and adopt its result, or None to analyse it in a worker thread."""
+
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BackstopBound(Protocol):
+    """A gate whose backend connections are bound to a tenant at the PostgreSQL backstop
+    (proxy/backstop.py).  The session binds each connection before anything else runs."""
+
+    # the session's hook for a tenant switch: (tenant, mode, local) -> the bind call to send, or
+    # None when the proxy rebinds by itself (transaction pooling: at the settings read-back)
+    backstop_bind: Callable[[str | None, str, bool], str | None] | None
+
+    def backstop_binding(self) -> tuple[str | None, str]:
+        """(tenant or None, mode) the session's connection must be bound to now."""
+
+
+class PooledGate(SessionGate, Protocol):
+    """What transaction pooling (proxy/session/pooled.py, settings.py) needs of a tenant gate:
+    the settings that must follow the client from one borrowed connection to the next."""
+
+    pooled: bool  # set by the session: RESET ALL / DISCARD ALL are followed by a settings read-back
+    tenant_epoch: int  # changes whenever the session's tenant changes (a token switch)
+    tracked_parameters: tuple[str, ...]  # the client-settable parameters read back after a SET
+
+    def backend_settings(self) -> dict[str, str]:
+        """Settings the proxy itself keeps on the connection (the tenant GUC)."""
 
 
 class Gatekeeper(Protocol):

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from proxy.backend_link import connect_backend
 from proxy.cancel import CancelRegistry
-from proxy.config import Config, ConfigError, load_config, check_rules_file
+from proxy.config import Config, load_config, check_rules_file
 from proxy.metrics import CONFIG_RELOADS_TOTAL
 from proxy.holds import Holds
 from proxy.pool import PoolManager
 from proxy.seam import Gatekeeper
 from proxy.tenant_counters import TenantCounters, tenant_snapshot
+from proxy.session.protocol import ClientSession
 
 log = logging.getLogger("tenantgate.server")
 
@@ -97,8 +98,6 @@ class ProxyServer:
     # -------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        from proxy.client_session import ClientSession
-
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientSession(self), self.config.listen.host, self.config.listen.port,
@@ -120,7 +119,7 @@ class ProxyServer:
             for s in list(self.sessions):
                 s.idle_ticks += 1
                 if s.relaying and s.idle and s.idle_ticks > limit:
-                    s._fatal("57P05", f"terminating connection due to idle timeout "
+                    s.fatal("57P05", f"terminating connection due to idle timeout "
                                       f"(pool.client_idle_timeout_s = {limit:g} s)")
 
     @property
@@ -196,7 +195,7 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):
-            if getattr(s, "_held_task", None) is not None:  # held by PAUSE: between transactions
+            if getattr(s, "held_task", None) is not None:  # held by PAUSE: between transactions
                 s._drain_close()
             else:
                 s.drain()
@@ -205,7 +204,7 @@ class ProxyServer:
         while self.sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
-            s._fatal("57P01", "terminating connection because tenantgate is shutting down")
+            s.fatal("57P01", "terminating connection because tenantgate is shutting down")
         await self.close()
 
     async def close(self) -> None:
@@ -214,7 +213,7 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):
-            s._fatal("57P01", "terminating connection because tenantgate is shutting down")
+            s.fatal("57P01", "terminating connection because tenantgate is shutting down")
         self.pools.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -259,7 +258,7 @@ class ProxyServer:
         for s in list(self.sessions):
             if s.session_id == session_id and not s.closed:
                 log.info("KILL_CLIENT: ending session %s (user %s)", session_id, s.user)
-                s._fatal("08P01", "admin forced disconnect",
+                s.fatal("08P01", "admin forced disconnect",
                          detail="the session was ended with KILL_CLIENT in the tenantgate admin console")
                 return True
         return False

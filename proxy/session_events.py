@@ -1,6 +1,6 @@
 """What the proxy records about client sessions: connection and refusal metrics and log lines.
 
-:mod:`proxy.client_session` calls three functions here, so the relay itself
+:mod:`proxy.session.protocol` calls three functions here, so the relay itself
 stays free of label lookups and formatting:
 
 * :func:`note_connection` once per connection attempt (accepted, refused,

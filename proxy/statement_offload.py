@@ -68,10 +68,6 @@ async def analyse(check: Callable[[], Any], budget_s: float) -> Any:
         return Refuse("XX000", "internal error in tenantgate while checking the statement")
 
 
-def too_long(n: int, limit: int) -> Refuse:
-    return Refuse("54000", f"statement too long: {n} bytes, tenantgate accepts at most {limit}",
-                  hint="raise limits.max_statement_bytes in tenantgate's config, or send bulk data with COPY",
-                  reason="other")
 
 
 class Computed:

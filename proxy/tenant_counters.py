@@ -32,7 +32,7 @@ def tenant_snapshot(server) -> list[dict]:
     counters: TenantCounters = server.tenant_counters
     sessions: dict[str, int] = {}
     for s in list(server.sessions):
-        if not s.relaying or s._console is not None:
+        if not s.relaying or s.console is not None:
             continue
         tenant = session_tenant(s)
         if tenant is not None:

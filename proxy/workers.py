@@ -104,7 +104,7 @@ async def _send_cancel_to_worker(path: str, pid: int, secret: int) -> None:
 
 async def _worker_serve(config: Config, config_path: str, index: int, count: int, runtime_dir: str) -> None:
     from proxy.cancel import CancelRegistry
-    from proxy.commands.serve import build_gatekeeper
+    from proxy.gatekeeper import build_gatekeeper
     from proxy.server import ProxyServer, freeze_startup_heap
 
     loop = asyncio.get_running_loop()
@@ -116,9 +116,7 @@ async def _worker_serve(config: Config, config_path: str, index: int, count: int
         task.add_done_callback(tasks.discard)
 
     registry = CancelRegistry(index, count, forward)
-    gatekeeper = build_gatekeeper(config)
-    if inspect.isawaitable(gatekeeper):
-        gatekeeper = await gatekeeper
+    gatekeeper = await build_gatekeeper(config)
     server = ProxyServer(config, gatekeeper, config_path=config_path, cancels=registry, reuse_port=True)
     server.supervisor_pid = os.getppid()  # the admin console's RELOAD / SHUTDOWN reach every worker through it
     await server.start()

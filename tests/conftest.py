@@ -52,11 +52,11 @@ def make_db(pg):
 
 
 # One `tenantgate demo` for the whole session (end-to-end tests use it).
-from demo_support import demo  # noqa: E402,F401
+from support.demo import demo  # noqa: E402,F401
 
 import logging  # noqa: E402
 
-import crash_watch  # noqa: E402
+from support import crash_watch  # noqa: E402
 
 logging.getLogger().addHandler(crash_watch.TracebackRecorder())
 

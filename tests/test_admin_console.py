@@ -24,16 +24,16 @@ from proxy.admin_console import (
     AdminConsole,
     config_items,
     is_secret_key,
-    split_statements,
 )
 from proxy.config import Config
 from proxy.gatekeeper import PolicyGatekeeper
 from proxy.passthrough import PassthroughGatekeeper
-from proxy.seam import SessionKind, SessionRefused, StartupInfo, UserRecord
+from proxy.policy.lexer import statement_texts as split_statements
+from proxy.seam import SessionKind, SessionRefused, SqlStateError, StartupInfo, UserRecord
 from proxy.users import ConfigUserDirectory
 from proxy.wire import messages as m
 
-from proxy_harness import proxy_factory, verifier_for  # noqa: F401  (pytest fixture)
+from support.proxy_harness import proxy_factory, verifier_for  # noqa: F401  (pytest fixture)
 
 T0 = 1_764_000_000.0  # a fixed "now" (2025-11-24 16:00:00 UTC)
 
@@ -171,12 +171,12 @@ def test_show_pools_uses_pgbouncer_columns():
     assert [t for t, _ in msgs] == [b"T", b"D", b"D", b"C", b"Z"]
     cols = row_description(msgs[0][1])
     assert [n for n, _ in cols] == ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle",
-                                    "sv_used", "sv_login", "maxwait", "maxwait_us", "pool_mode"]
+                                    "sv_used", "sv_login", "maxwait", "maxwait_us", "pool_mode", "region"]
     assert dict(cols)["database"] == TEXT_OID and dict(cols)["cl_active"] == INT8_OID
     rows = results(msgs)[0][1]
     assert rows[0] == {"database": "appdb", "user": "tg_backend", "cl_active": "3", "cl_waiting": "1",
                        "sv_active": "2", "sv_idle": "5", "sv_used": "0", "sv_login": "1", "maxwait": "2",
-                       "maxwait_us": "500000", "pool_mode": "transaction"}
+                       "maxwait_us": "500000", "pool_mode": "transaction", "region": ""}
     assert rows[1]["pool_mode"] == "session"
     assert m.command_tag(msgs[-2][1]) == "SHOW"
 
@@ -189,7 +189,7 @@ def test_show_clients_and_servers():
                      "port": "50123", "connect_time": "2025-11-24 15:59:00 UTC",
                      "request_time": "2025-11-24 15:59:59 UTC", "wait": "1", "wait_us": "250000",
                      "id": "c0ffee", "tls": "TLS", "application_name": "psql", "prepared_statements": "2",
-                     "kind": "tenant", "pool_mode": "transaction"}]
+                     "kind": "tenant", "pool_mode": "transaction", "region": ""}]
     (cols, rows), = results(c.query("Show Servers"))
     assert [r["state"] for r in rows] == ["active", "idle"]
     assert rows[0]["link"] == "c0ffee" and rows[1]["link"] == ""
@@ -332,6 +332,9 @@ def test_empty_and_malformed_queries():
     assert [t for t, _ in c.query("  ; -- nothing\n")] == [b"I", b"Z"]
     keep, msgs = c.send(b"Q", b"SHOW POOLS \xff\x00")
     assert keep and errors(msgs)[0]["C"] == "22021" and msgs[-1] == (b"Z", b"I")
+    msgs = c.query("PAUSE 'unterminated; SHOW POOLS")  # PostgreSQL's scanner rejects it: nothing runs
+    assert [t for t, _ in msgs] == [b"E", b"Z"] and errors(msgs)[0]["C"] == "42601"
+    assert results(c.query("SHOW LISTS"))
     keep, msgs = c.send(b"Q", b"SHOW POOLS")  # not zero-terminated
     assert keep and errors(msgs)[0]["C"] == "08P01" and msgs[-1] == (b"Z", b"I")
 
@@ -393,9 +396,14 @@ def test_a_failing_snapshot_is_an_error_not_a_crash():
 
 
 def test_split_statements():
+    """The console splits with PostgreSQL's scanner (proxy.policy.lexer.statement_texts)."""
     assert split_statements("SHOW POOLS") == ["SHOW POOLS"]
     assert split_statements("a; 'x;y'; \"q;\" ; /* c; /* n; */ ; */ b --z;\n") == ["a", "'x;y'", '"q;"', "b"]
     assert split_statements(";;  ;") == []
+    assert split_statements("PAUSE TENANT acme-corp;SHOW/**/POOLS") == ["PAUSE TENANT acme-corp", "SHOW POOLS"]
+    with pytest.raises(SqlStateError) as e:
+        split_statements("PAUSE 'unterminated")
+    assert e.value.sqlstate == "42601"
 
 
 # --------------------------------------------------------------------------- who may connect
@@ -507,8 +515,9 @@ def test_psql_reads_the_console():
         listener.close()
     assert "WARNING" not in r.stderr, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "database,user,cl_active,cl_waiting,sv_active,sv_idle,sv_used,sv_login,maxwait,maxwait_us,pool_mode"
-    assert lines[1] == "appdb,tg_backend,3,1,2,5,0,1,2,500000,transaction"
+    assert lines[0] == ("database,user,cl_active,cl_waiting,sv_active,sv_idle,sv_used,sv_login,maxwait,maxwait_us,"
+                        "pool_mode,region")
+    assert lines[1] == "appdb,tg_backend,3,1,2,5,0,1,2,500000,transaction,"
     assert "NOTICE:  Console usage" in r.stderr
     assert "ERROR:  SUSPEND is not supported by the tenantgate admin console" in r.stderr
     assert any(l.startswith("appdb,100,250,10000,40000,500000,") for l in lines)
@@ -547,7 +556,7 @@ def _psql_rows(proxy, command: str, user: str = "ops", password: str = "ops-pw")
 
 
 def _startup_error(proxy, user: str, password: str, database: str) -> dict[str, str]:
-    from proxy_harness import RawClient
+    from support.proxy_harness import RawClient
 
     c = RawClient(proxy.host, proxy.port)
     try:
@@ -573,7 +582,7 @@ class _TenantPassthroughGatekeeper(PassthroughGatekeeper):
         return gate
 
 
-def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):
+def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):  # noqa: F811
     import psycopg
 
     db, _ = make_db("admincon")
@@ -623,7 +632,7 @@ def test_end_to_end_with_psql_through_tenantgate(proxy_factory, make_db, pg):
     assert err["C"] == "28P01"
 
 
-def test_reload_failure_is_f0000_and_the_old_config_stays(proxy_factory, make_db):
+def test_reload_failure_is_f0000_and_the_old_config_stays(proxy_factory, make_db):  # noqa: F811
     """RELOAD as PgBouncer answers a failed reload: F0000; here the proxy has no config file."""
     import psycopg
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from admin_support import Background, until
-from e2e_helpers import admin_execute, admin_rows, fresh_ids
+from support.admin import Background, until
+from support.e2e import admin_execute, admin_rows, fresh_ids
 
 # PgBouncer's SQLSTATE for every admin console error
 ADMIN_ERROR = "08P01"
@@ -80,7 +80,7 @@ def test_pause_tenant_holds_that_tenant_only_and_waits_for_its_transaction(demo)
 
 def test_pause_tenant_also_holds_sessions_that_pick_their_tenant_with_a_token(demo):
     """A token session could switch to the paused tenant inside its next statement: held too."""
-    from e2e_helpers import pool_dsn, token
+    from support.e2e import pool_dsn, token
 
     with console(demo) as con, psycopg.connect(pool_dsn(demo), autocommit=True,
                                                application_name="pause-token") as pooled:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from admin_support import Background, until
-from pool_support import ADMIN_PASSWORD, ADMIN_USER, serve_pooled
+from support.admin import Background, until
+from support.pool import ADMIN_PASSWORD, ADMIN_USER, serve_pooled
 
 
 def _console(px) -> psycopg.Connection:

@@ -1,6 +1,6 @@
 """Adversarial suite (issue 3): hand-written tenant-escape attempts must fail.
 
-The corpus is tests/data/adversarial.yaml; the machinery is tests/adversarial.py.
+The corpus is tests/data/adversarial.yaml; the machinery is tests/support/adversarial.py.
 Each attempt, made as tenant A, must be refused by the policy engine, or,
 when what the engine forwards runs on a real database as a role WITHOUT
 row-level security, show no other tenant's data (marker values of tenants B
@@ -19,7 +19,7 @@ import collections
 import pytest
 import yaml
 
-from adversarial import (
+from support.adversarial import (
     BACKEND_PASSWORD,
     BACKEND_ROLE,
     CORPUS_PATH,
@@ -29,7 +29,7 @@ from adversarial import (
     run_corpus_against_dsn,
     run_corpus_with_engine,
 )
-from rewrite_oracle import StatementRunner, build_engine
+from support.rewrite_oracle import StatementRunner, build_engine
 
 MIN_ATTEMPTS = 150
 
@@ -148,7 +148,7 @@ def test_end_to_end_runner_flags_a_proxy_without_policy(pg, adv_db, oracle_runne
 
     The lead hooks the same function up to a tenant session of the real policy.
     """
-    from proxy_harness import make_config, start_proxy
+    from support.proxy_harness import make_config, start_proxy
 
     name, dsn, _ = adv_db
     config = make_config(pg, name, {"h4_app": "h4-app-pw"}, backend_user=BACKEND_ROLE,
@@ -171,9 +171,9 @@ def test_adversarial_corpus_through_tenantgate(pg, adv_db, oracle_runner, tmp_pa
     extended protocol (every statement a Parse/Bind/Execute).  The backend role has BYPASSRLS,
     so only tenantgate separates the tenants."""
     from proxy.gatekeeper import build_gatekeeper  # no skip: a broken import fails
-    from proxy_harness import make_config, start_proxy
+    from support.proxy_harness import make_config, start_proxy
 
-    import rewrite_schema
+    from support import rewrite_schema
 
     name, dsn, _ = adv_db
     rules_file = tmp_path / "rules.yaml"

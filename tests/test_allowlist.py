@@ -17,9 +17,9 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from proxy.policy.allowlist import (
+from proxy.policy.allowlist import FunctionChecker
+from proxy.policy.allowlist_rules import (
     AllowlistError,
-    FunctionChecker,
     load_catalog_rules,
     load_function_allowlist,
     typed_function_names,
@@ -477,6 +477,6 @@ def test_from_rules_uses_the_rules_allowlist_file_and_safe_functions(tmp_path):
 
 
 def default_functions_yaml() -> Path:
-    from proxy.policy.allowlist import default_rules_dir
+    from proxy.policy.allowlist_rules import default_rules_dir
 
     return default_rules_dir() / "functions.yaml"

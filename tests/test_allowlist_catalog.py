@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from proxy.policy.allowlist import FunctionChecker, default_rules_dir
+from proxy.policy.allowlist import FunctionChecker
+from proxy.policy.allowlist_rules import default_rules_dir
 from proxy.policy.errors import PolicyRefusal
 
 EXTENSIONS = ["dblink", "adminpack", "pg_stat_statements", "file_fdw", "postgres_fdw", "pg_buffercache"]

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import RawClient, errors, fresh_ids
-from operator_helpers import CONTROL, Admin, demo_tenantgate, pg_options
+from support.e2e import RawClient, errors, fresh_ids
+from support.operators import CONTROL, Admin, demo_tenantgate, pg_options
 from proxy.wire import messages as m
 
 

@@ -24,7 +24,7 @@ from proxy.config import AuditConfig
 from proxy.control import audit as A
 from proxy.control.audit import AuditRecord
 
-from control_support import OWNER, SCHEMA, control_env
+from support.control import OWNER, SCHEMA, control_env
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = f"{SCHEMA}.audit_log"

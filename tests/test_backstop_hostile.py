@@ -22,7 +22,7 @@ import pytest
 
 from proxy import backstop
 from proxy.demo import DEMO_DB, DemoState, ensure_cluster, initialize
-from proxy.policy.tenantvalue import TENANT_GUC
+from proxy.policy.names import TENANT_GUC
 
 GLOBEX_ROWS = {"customers": 2, "orders": 2, "order_items": 2}
 ACME_ROWS = {"customers": 2, "orders": 3, "order_items": 4}
@@ -446,7 +446,7 @@ async def test_set_local_binding_ends_with_its_transaction(demo_db):
 async def test_proxy_refuses_a_tenant_table_without_the_backstop(demo_db):
     """The catalog snapshot reads each tenant table's RLS state; a table lacking the backstop is
     denied (42501 with the reason) unless the rules declare it backstop_off with a reason."""
-    from proxy.policy.catalog import load_snapshot
+    from proxy.catalog_sync import load_snapshot
     from proxy.policy.rules import Rules, RulesError  # noqa: F401
 
     rules = Rules()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import compare, idle, latency, profile, run, scram_client, stats, targets, workloads  # noqa: F401
+from bench import compare, idle, latency, profile, run, scram_client, stats, targets, verdicts, workloads  # noqa: F401
 from bench.targets import DIRECT, PGBOUNCER, TENANTGATE
 
 
@@ -62,9 +62,13 @@ def _results(tg_tps: float, added_p50: float, rss: float, backends: int, hit: fl
 
 def test_report_judges_targets():
     good = "\n".join(compare.report(_results(66.0, 90.0, 120.0, 20, 4.0)))
-    assert good.count("**PASS**") == 4 and "MISS" not in good
-    assert "| pgbench -S, 16 clients, -M simple | 100 | 60 | 66 | 0.66x | 1.10x | 0.60x | - / - |" in good
-    bad = compare.targets(_results(30.0, 200.0, 180.0, 25, 12.0))
+    # the issue-8 targets, one line each
+    assert good.count("- **PASS**") == 4 and "- **MISS**" not in good
+    # the issue-17 table judges the same figures against its own (stricter) targets
+    assert "| tenantgate / PgBouncer, 16 clients | 0.47x | >= 0.8x | 1.10x | **PASS** |" in good
+    assert "| added latency at 1 client, p50 | 65 µs | <= 40 µs | 90 µs | **MISS** |" in good
+    assert "| pgbench -S, 16 clients, -M simple | 100 | 60 | - | 66 | 0.66x | 1.10x | - | 0.60x | - / - / - |" in good
+    bad = verdicts.issue8(_results(30.0, 200.0, 180.0, 25, 12.0))
     assert [line.split("**")[1] for line in bad] == ["MISS"] * 4
     assert "short by 50%" in bad[0] and "50 µs over" in bad[1] and "30.0 MB over" in bad[2]
 

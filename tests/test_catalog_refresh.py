@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from e2e_helpers import admin_execute
+from support.e2e import admin_execute
 
 
 def _migrate(demo, name: str) -> None:
@@ -97,7 +97,8 @@ def test_a_relation_that_does_not_exist_is_still_42p01_and_the_session_goes_on(d
 
 async def test_the_bootstraps_ddl_event_trigger_makes_tenantgate_refresh(demo):
     """bootstrap.sql section 7: DDL NOTIFYs tenantgate_catalog; a listening CatalogManager reloads."""
-    from proxy.policy.catalog import CatalogManager, CatalogSnapshot
+    from proxy.catalog_sync import CatalogManager
+    from proxy.policy.catalog import CatalogSnapshot
 
     loads = []
     snap = CatalogSnapshot(relations={}, search_path=("public",), version=1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control_support import add_people, control_env
+from support.control import add_people, control_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

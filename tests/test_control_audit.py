@@ -13,7 +13,7 @@ from proxy.control import audit as A
 from proxy.control.audit import AuditRecord, AuditWriteError
 from proxy.seam import Outcome
 
-from control_support import OWNER, control_env, write_signing_key
+from support.control import OWNER, control_env, write_signing_key
 
 
 async def _plane_with_records(pg, make_db, n: int = 10, audit: AuditConfig | None = None):

@@ -6,13 +6,13 @@ import asyncpg
 import pytest
 
 from proxy.control.operator_gate import open_operator_session
-from proxy.policy.catalog import CatalogManager
-from proxy.policy.demo import demo_rules, demo_schema_sql
+from proxy.catalog_sync import CatalogManager
+from support.demo_policy import demo_rules, demo_schema_sql
 from proxy.policy.engine import PolicyEngine
 from proxy.policy.session import TenantSessionGate
 from proxy.seam import Forward, Origin, Outcome, Refuse, SessionKind, StartupInfo, UserRecord
 
-from control_support import actor, add_people, control_env
+from support.control import actor, add_people, control_env
 
 
 @pytest.fixture(scope="module")

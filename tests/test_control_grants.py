@@ -10,10 +10,10 @@ import pytest
 
 from proxy.config import GrantsConfig
 from proxy.control import audit as A
-from proxy.control.plane import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from proxy.control.model import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from proxy.seam import SessionRefused
 
-from control_support import actor, add_people, control_env
+from support.control import actor, add_people, control_env
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from proxy.control.operator_gate import StatementNote, open_operator_session
 from proxy.policy.errors import PolicyRefusal
 from proxy.seam import Forward, Origin, Outcome, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
 
-from control_support import OWNER, actor, add_people, control_env
+from support.control import OWNER, actor, add_people, control_env
 
 
 @dataclass

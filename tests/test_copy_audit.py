@@ -6,7 +6,7 @@ import base64
 import hashlib
 
 from proxy.config import AuditConfig
-from proxy.copy_audit import CopyDigest
+from proxy.session.copy_digest import CopyDigest
 
 
 def test_digest_by_default():

@@ -16,9 +16,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from e2e_helpers import admin_execute, admin_rows
+from support.e2e import admin_execute, admin_rows
 from proxy.policy.copy_fill import CopyFill
-from proxy.policy.piece import CopyInSpec
+from proxy.policy.statement_result import CopyInSpec
 
 LO, HI = 993000, 993999
 

@@ -34,6 +34,7 @@ import yaml
 from proxy.bootstrap import render_hba
 from proxy.cli import build_parser
 from proxy.config import Config, load_config
+from support.promql import exported_metric_names, promql_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -55,42 +56,6 @@ def parses_as_tenantgate_command(argv: list[str]) -> None:
 
 
 # --- metric names ---------------------------------------------------------------------------
-
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-                "offset", "bool", "inf", "nan"}
-
-
-def exported_metric_names() -> set[str]:
-    """Every series name tenantgate's process exports (from the real registry)."""
-    import proxy.metrics  # noqa: F401 - registers the metrics
-    from prometheus_client import REGISTRY, generate_latest
-
-    names = {"up"}
-    for line in generate_latest(REGISTRY).decode().splitlines():
-        if not line.startswith("# TYPE "):
-            continue
-        _, _, name, kind = line.split()
-        if name.endswith("_created"):
-            continue
-        names.add(name)
-        if kind == "histogram":
-            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-    return names
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}", " ", expr)
-    expr = re.sub(r"\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    expr = re.sub(r"\$\w+", " ", expr)
-    names = set()
-    for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        if expr[m.end():].lstrip().startswith("(") or m.group(0).lower() in PROMQL_WORDS:
-            continue
-        names.add(m.group(0))
-    return names
-
 
 def test_promql_name_extraction():
     expr = ('histogram_quantile(0.99, sum by (instance, le) (rate(tenantgate_query_duration_seconds_bucket'

@@ -24,7 +24,7 @@ import pytest
 
 from proxy.backstop import IDENTITY_SQL, BackendBinder
 
-from deploy_support import (
+from support.deploy import (
     BACKSTOP_KEY,
     APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, Relay, make_hardened_cluster, socket_admin_dsn,
 )

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from deploy_support import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, hardened_cluster_with_relay, socket_admin_dsn
+from support.deploy import BACKSTOP_KEY, APP_PASSWORD, CONTROL_PASSWORD, DEMO_SCHEMA, hardened_cluster_with_relay, socket_admin_dsn
 from proxy.bootstrap import apply_bootstrap, install_hba, scram_verifier
 from proxy.doctor import diagnose
 

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from deploy_support import (
+from support.deploy import (
     APP_PASSWORD, BACKSTOP_KEY, CONTROL_PASSWORD, DEMO_SCHEMA, hardened_cluster_with_relay, socket_admin_dsn,
 )
 from proxy.bootstrap import apply_bootstrap

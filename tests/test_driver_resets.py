@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from e2e_helpers import pool_dsn, token
+from support.e2e import pool_dsn, token
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
@@ -175,7 +175,8 @@ def test_pgoptions_through_psql(demo):
 
 
 @pytest.mark.parametrize("how", ["startup", "options"])
-@pytest.mark.parametrize("name,value", [("search_path", "public"), ("role", "postgres"),
+@pytest.mark.parametrize("name,value", [("search_path", "tenantgate_control,public"), ("search_path", "pg_temp"),
+                                        ("role", "postgres"),
                                         ("row_security", "off"), ("tenantgate_tenant_id", "globex"),
                                         ("session_authorization", "postgres"), ("log_statement", "all")])
 async def test_a_setting_a_tenant_may_not_set_refuses_the_connection_naming_it(demo, how, name, value):
@@ -185,6 +186,33 @@ async def test_a_setting_a_tenant_may_not_set_refuses_the_connection_naming_it(d
         await conn.close()
     assert e.value.sqlstate == "42501"
     assert f'"{name}"' in str(e.value)
+
+
+@pytest.mark.parametrize("how", ["startup", "options"])
+@pytest.mark.parametrize("value", ["public", '"public"', " PUBLIC "])
+async def test_a_search_path_naming_tenantgates_own_path_is_accepted_and_changes_nothing(demo, how, value):
+    """pgjdbc's currentSchema=public sends search_path=public at connect time: it is the path every
+    statement is resolved with already, so it is accepted; the tenant stays bound."""
+    kw = {"server_settings": {"search_path": value}} if how == "startup" else \
+        {"server_settings": {"options": f"-c search_path={value.strip().replace(' ', '')}"}}
+    conn = await asyncpg.connect(demo.app("acme"), **kw)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM customers WHERE tenant_id <> 'acme'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM customers") > 0
+    finally:
+        await conn.close()
+
+
+def test_same_search_path_reads_the_value_as_postgresql_does():
+    from proxy.policy.startup_settings import same_search_path
+
+    assert same_search_path("public", ["public"]) and same_search_path('"public"', ["public"])
+    assert same_search_path(" Public ", ["public"]) and same_search_path("a, b", ["a", "b"])
+    assert not same_search_path('"Public"', ["public"])  # quoted: case kept, another schema
+    assert not same_search_path("public, tenantgate_control", ["public"])
+    assert not same_search_path("", ["public"]) and not same_search_path('pu"blic', ["public"])
+    # only ASCII letters fold, as in PostgreSQL: the Kelvin sign is not "k"
+    assert same_search_path("KIOSK", ["kiosk"]) and not same_search_path("\u212aiosk", ["kiosk"])
 
 
 async def test_an_unsafe_client_encoding_at_connect_time_is_refused(demo):

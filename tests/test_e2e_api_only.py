@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from e2e_helpers import RawClient, assert_refused_by_tenantgate, data_rows, errors
+from support.e2e import RawClient, assert_refused_by_tenantgate, data_rows, errors
 
 REFUSED = {
     # server files and programs

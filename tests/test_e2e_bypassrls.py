@@ -14,9 +14,8 @@ import psycopg
 import pytest
 import yaml
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import assert_refused_by_tenantgate, token
-from pool_support import serve_pooled
+from support.e2e import assert_refused_by_tenantgate, token
+from support.pool import serve_pooled
 
 BYPASS_ROLE, BYPASS_PW = "tg_e2e_bypassrls", "tg-e2e-bypassrls-pw"
 TABLES = ("customers", "orders", "order_items")

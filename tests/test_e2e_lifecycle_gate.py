@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import yaml
 
-from e2e_helpers import RawClient, RawServerError, admin_execute, admin_rows, data_rows, fresh_ids, pool_dsn, token
+from support.e2e import RawClient, RawServerError, admin_execute, admin_rows, data_rows, fresh_ids, pool_dsn, token
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 

@@ -3,7 +3,7 @@
 Everything runs against ``tenantgate demo`` (the session-wide ``demo``
 fixture): the CLI as a subprocess (``--as NAME --password-stdin``), psql as
 a subprocess (one-shot or kept open through a pipe, see
-:class:`operator_helpers.LivePsql`), and the backend superuser to look at
+:class:`support.operators.LivePsql`), and the backend superuser to look at
 rows and the control schema directly.
 
 Accounts: alice (operator), bob (approver).  Every test revokes its own
@@ -18,9 +18,6 @@ import json
 import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 
@@ -31,9 +28,10 @@ import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
-from operator_helpers import CONTROL, ROOT, Admin, LivePsql, Tenantgate, demo_tenantgate, conninfo, pg_options, psql_once
+from support.operators import CONTROL, Admin, LivePsql, Tenantgate, demo_tenantgate, conninfo, pg_options, psql_once
 from proxy.pgcluster import free_port
-from proxy_harness import wait_until
+from support.proxy_harness import wait_until
+from support.serve import serve
 
 # Issue 5: live sessions end within 2 seconds of revocation/expiry (the product's target, printed
 # with every measurement).  The assertions allow TENANTGATE_TEST_SLACK_S more (default 3 s): a test
@@ -321,24 +319,8 @@ def second_instance(demo, tmp_path):  # noqa: F811
         cfg["metrics"]["port"] = None
     path = tmp_path / "tenantgate-2.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "serve-2.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 60
-        while "listening on" not in log.read_text():
-            assert proc.poll() is None, f"second instance exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"second instance did not start:\n{log.read_text()}"
-            time.sleep(0.1)
+    with serve(path, log_path=tmp_path / "serve-2.log"):
         yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_revoke_ends_a_session_held_on_another_instance(demo, tg, admin, second_instance):  # noqa: F811

@@ -9,7 +9,7 @@ relationship loading, bulk insert), psql (``\\d``, ``\\d+``, ``\\dt``, ``\\x``,
 Every test checks what a user sees: the rows returned (only the session's tenant),
 errors with their exact SQLSTATE, and the other tenant's rows untouched (compared
 before/after through ``demo.admin``, the direct superuser DSN).  Rows a test inserts
-use ids from :func:`e2e_helpers.fresh_ids` and are removed again.
+use ids from :func:`support.e2e.fresh_ids` and are removed again.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sqlalchemy import (DateTime, FetchedValue, ForeignKeyConstraint, MetaData, 
                         inspect, select, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, joinedload, mapped_column, relationship, selectinload
 
-from e2e_helpers import RawClient, RawServerError, admin_execute, admin_rows, fresh_ids, pool_dsn, token
+from support.e2e import RawClient, RawServerError, admin_execute, admin_rows, fresh_ids, pool_dsn, token
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
@@ -205,7 +205,7 @@ async def test_asyncpg_copy_records_with_a_foreign_tenant_row_commits_nothing(de
         with pytest.raises(asyncpg.PostgresError) as e:
             await conn.copy_records_to_table("customers", records=[
                 ("acme", ids[0], "ok", None), ("globex", ids[1], "smuggled", None), ("acme", ids[2], "ok", None)])
-        assert e.value.sqlstate == "57014", (e.value.sqlstate, str(e.value))
+        assert e.value.sqlstate == "42501", (e.value.sqlstate, str(e.value))  # as an INSERT of that row
         assert "not the session's tenant" in str(e.value)
         assert await conn.fetchval("SELECT 1") == 1
     finally:
@@ -461,7 +461,7 @@ def test_psycopg_copy_from_with_a_foreign_tenant_row_commits_nothing(demo):
                 with conn.cursor() as cur:
                     with cur.copy("COPY customers (tenant_id, customer_id, name) FROM STDIN (FORMAT csv)") as cp:
                         cp.write(f"globex,{ids[0]},fine\nacme,{ids[1]},smuggled\n".encode())
-            assert e.value.sqlstate == "57014", (e.value.sqlstate, str(e.value))
+            assert e.value.sqlstate == "42501", (e.value.sqlstate, str(e.value))  # as an INSERT of that row
             assert "not the session's tenant" in str(e.value)
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:

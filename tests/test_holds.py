@@ -19,7 +19,7 @@ class Gate:
 
 def session(tenant="acme", database="app", tokens=False, tx=b"I", inflight=(), console=None):
     return SimpleNamespace(gate=Gate(tenant, tokens), database=database, relaying=True, tx_status=tx,
-                           inflight=list(inflight), _attach_task=None, _unsynced=False, _console=console,
+                           inflight=list(inflight), attach_task=None, unsynced=False, console=console,
                            closed=False)
 
 

@@ -15,10 +15,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
 from proxy.policy.allowlist import FunctionChecker
-from proxy.policy.demo import demo_engine
-from proxy.policy.engine import PolicyContext
+from support.demo_policy import demo_engine
+from proxy.policy.context import PolicyContext
 from proxy.seam import Forward, Origin, Refuse
 
 ACME = PolicyContext(tenant="acme")

@@ -4,7 +4,7 @@ Every soup tenantgate forwards must read the same to tenantgate and to PostgreSQ
 judge compares tenantgate's sqlglot tree with PostgreSQL's own parse tree (pglast) for every
 case, and every forwarded single SELECT of literals is executed on a real PostgreSQL 15 whose
 column count and values must be what tenantgate's tree said.  The generator and judges are in
-tests/lexer_fuzz.py; ``make fuzz-lexer`` runs 1,000,000 cases with the same generator.
+tests/support/lexer_fuzz.py; ``make fuzz-lexer`` runs 1,000,000 cases with the same generator.
 
 ``TENANTGATE_LEXER_FUZZ_CASES`` changes the number of hypothesis examples.
 """
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lexer_fuzz import Judge, compare_views, pglast_view, run_in_postgres, soup, sqlglot_view
+from support.lexer_fuzz import Judge, compare_views, pglast_view, run_in_postgres, soup, sqlglot_view
 
 CASES = int(os.environ.get("TENANTGATE_LEXER_FUZZ_CASES", "5000"))
 

@@ -8,87 +8,25 @@ purge-expired as the service identity, and the audit chain still verifying.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-import asyncpg
 import pytest
-import yaml
 
-from lifecycle_fixtures import SCHEMA_SQL, data_sql, tenant_rows
-from proxy.control.plane import Actor, ControlPlane
+from support.lifecycle_cli import PASSWORDS, T, _keys, audit_records, cli, grant, lifecycle_config, lifecycle_database
+from support.lifecycle_fixtures import tenant_rows
 from proxy.lifecycle.purge import check_receipt, purge_tenant
 from proxy.lifecycle.tables import discover
-
-REPO = Path(__file__).resolve().parent.parent
-T = "o'neil"
-PASSWORDS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "carol": "carol-pw-3"}
-
 
 @pytest.fixture
 async def env(make_db, tmp_path):
     _, dsn = make_db("lccli")
-    conn = await asyncpg.connect(dsn)
-    await conn.execute(SCHEMA_SQL)
-    for t, n in (("acme", 6), (T, 8), ("globex", 5)):
-        await conn.execute(data_sql(t, n))
-    plane = ControlPlane(dsn)
-    await plane.start(install=True)
-    admin = plane.platform_admin()
-    await plane.add_operator(admin, "alice", PASSWORDS["alice"], ["operator"])
-    await plane.add_operator(admin, "bob", PASSWORDS["bob"], ["approver"])
-    await plane.add_operator(admin, "carol", PASSWORDS["carol"], ["approver"])
+    conn, plane, admin = await lifecycle_database(dsn, {"acme": 6, T: 8, "globex": 5}, passwords=PASSWORDS)
     for t in ("acme", T, "globex", "newco"):
         await plane.register_tenant(t)
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"tenant_column": "tenant_id", "schemas": ["public"]}))
-    cfg = tmp_path / "tenantgate.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "rules_file": "rules.yaml",
-        "control": {"dsn": dsn},
-        "lifecycle": {"data_dsn": dsn, "purge_batch_rows": 7, "retention_days": 90, "service_name": "retention-bot"},
-        "audit": {"signing_key_file": str(_signing_key(tmp_path))},
-    }))
+    cfg = lifecycle_config(tmp_path, dsn, {"purge_batch_rows": 7, "retention_days": 90, "service_name": "retention-bot"})
     yield {"dsn": dsn, "conn": conn, "plane": plane, "cfg": str(cfg), "tmp": tmp_path}
     await plane.close()
     await conn.close()
-
-
-def _signing_key(d):
-    from proxy.control.signing import new_signing_key_pem
-
-    priv, pub = new_signing_key_pem()
-    (d / "audit.key").write_bytes(priv)
-    (d / "audit.key.pub").write_bytes(pub)
-    return d / "audit.key"
-
-
-def _keys(env) -> dict:
-    from proxy.control.signing import keys_from_files
-
-    return keys_from_files([env["tmp"] / "audit.key.pub"])
-
-
-def cli(env, *args, who: str | None = None, password: str | None = None):
-    argv = [sys.executable, "-m", "proxy.cli", "tenant", args[0], "--config", env["cfg"], *args[1:]]
-    stdin = None
-    if who:
-        argv += ["--as", who, "--password-stdin"]
-        stdin = (password if password is not None else PASSWORDS[who]) + "\n"
-    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, cwd=REPO, timeout=60)
-    return p.returncode, p.stdout, p.stderr
-
-
-async def grant(plane, who: str, tenant: str, access: str, approver: str = "bob") -> int:
-    g = await plane.request_grant(Actor(who, frozenset({"operator"})), tenant, access, "1h", "TICKET-1: lifecycle")
-    await plane.approve_grant(Actor(approver, frozenset({"approver"})), g.id)
-    return g.id
-
-
-async def audit_records(conn, type_prefix: str) -> list:
-    return await conn.fetch(
-        "SELECT * FROM tenantgate_control.audit_log WHERE type LIKE $1 ORDER BY seq", type_prefix + "%")
 
 
 async def test_export_needs_authentication_and_a_read_grant(env):
@@ -187,6 +125,13 @@ async def test_purge_expired_runs_as_service_identity(env):
     await plane.set_tenant_status("acme", "offboarded", retention_end=past)
     await plane.set_tenant_status("globex", "offboarded")  # retention still running
     before_globex = await tenant_rows(conn, "globex")
+    # acme's final retention notice was delivered (purge-expired waits for it; tests/test_retention_notices.py)
+    from proxy.config import NoticesConfig
+    from proxy.control.notices import schedule
+
+    await schedule(plane, await plane.get_tenant("acme"), NoticesConfig())
+    await conn.execute("UPDATE tenantgate_control.retention_notices SET state = 'delivered', delivered_at = now() "
+                       "WHERE tenant = 'acme' AND final")
     rc, stdout, err = cli(env, "purge-expired")
     assert rc == 0, err
     receipts = [json.loads(line) for line in stdout.splitlines() if line.strip()]

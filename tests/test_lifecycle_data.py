@@ -1,6 +1,6 @@
 """Tenant export, verify, purge and import (proxy.lifecycle) against a real PostgreSQL.
 
-The schema (tests/lifecycle_fixtures.py) has composite FKs, a self-referencing
+The schema (tests/support/lifecycle_fixtures.py) has composite FKs, a self-referencing
 FK with a self-pointing row and a two-row cycle, a two-table FK cycle, a shared
 table, NULLs, unicode, bytea, jsonb, arrays, timestamps, a generated and an
 identity column.  The tenant under test has a quote in its id.
@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import zstandard
 
-from lifecycle_fixtures import SCHEMA_SQL, TENANT_TABLES, data_sql, table_key, tenant_rows
+from support.lifecycle_fixtures import SCHEMA_SQL, TENANT_TABLES, data_sql, table_key, tenant_rows
 from proxy.lifecycle.export import export_tenant, verify_export
 from proxy.lifecycle.importer import import_tenant
 from proxy.lifecycle.purge import PurgeOptions, check_receipt, purge_tenant
@@ -83,7 +83,7 @@ async def test_export_purge_import_round_trip(db, tmp_path, kind, fmt):
     assert verify_export(out) == manifest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
-    from proxy.control.signing import Signer, key_id_of, load_private_key, new_signing_key_pem
+    from proxy.signing import Signer, key_id_of, load_private_key, new_signing_key_pem
 
     key = load_private_key(new_signing_key_pem()[0])
     signer = Signer(key, key_id_of(key.public_key()))

@@ -16,15 +16,14 @@ import time
 import psycopg
 import pytest
 
-from demo_support import demo  # noqa: F401 - session fixture
-from observability_support import json_log_lines, obs_served  # noqa: F401 - session fixture
-from proxy_harness import wait_until
+from support.observability import json_log_lines, obs_served  # noqa: F401 - session fixture
+from support.proxy_harness import wait_until
 
 SECRET_PARAM = "s3cr3t-param-value-never-logged"
 
 
 @pytest.fixture
-def served(obs_served):
+def served(obs_served):  # noqa: F811
     return obs_served
 
 
@@ -67,7 +66,7 @@ def test_counters_move_by_exactly_the_traffic(served, demo):  # noqa: F811
             forwarded += 1
         conn.execute("SELECT %s::text AS v, count(*) FROM orders", (SECRET_PARAM,)).fetchone()
         forwarded += 1
-        for reason, sql in REFUSALS:
+        for _reason, sql in REFUSALS:
             with pytest.raises(psycopg.Error):
                 conn.execute(sql)
         # refused in the extended protocol, with a bound parameter that must never be logged
@@ -99,7 +98,7 @@ def test_counters_move_by_exactly_the_traffic(served, demo):  # noqa: F811
     assert delta("tenantgate_client_connection_attempts_total", kind="unauthenticated", outcome="auth_failed") == 1
     assert delta("tenantgate_tenant_statements_total", tenant="acme") == forwarded
     # every round trip to PostgreSQL ends in ReadyForQuery: the forwarded statements plus the Sync of
-    # the refused extended-protocol statement (its marker still goes to PostgreSQL, see client_session)
+    # the refused extended-protocol statement (its marker still goes to PostgreSQL, see proxy/session/relay.py)
     assert delta("tenantgate_query_duration_seconds_count") == forwarded + 1
     assert delta("tenantgate_bytes_total", direction="client_to_server") > 0
     assert after.value("tenantgate_rewrite_cache_entries") >= 1

@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo_support import demo  # noqa: F401 - session fixture
-from observability_support import obs_served  # noqa: F401 - session fixture
+from support.observability import obs_served  # noqa: F401 - session fixture
 from proxy.pgcluster import free_port
-from test_deploy_files import promql_metric_names
+from support.promql import promql_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -113,7 +112,7 @@ def test_promql_names_extraction():
                         'and on (instance) time() - b') == {"a_bucket", "b"}
 
 
-def test_every_dashboard_and_alert_metric_is_in_a_real_scrape(obs_served):
+def test_every_dashboard_and_alert_metric_is_in_a_real_scrape(obs_served):  # noqa: F811
     from prometheus_client.parser import text_string_to_metric_families
 
     scrape = obs_served.scrape()
@@ -142,7 +141,7 @@ def _api(port: int, query: str) -> list:
     return doc["data"]["result"]
 
 
-def test_real_prometheus_scrapes_tenantgate_and_evaluates_the_rules(obs_served, tmp_path):
+def test_real_prometheus_scrapes_tenantgate_and_evaluates_the_rules(obs_served, tmp_path):  # noqa: F811
     _, prometheus = prometheus_binaries()
     port = free_port()
     shutil.copy(ALERTS, tmp_path / "alerts.yml")

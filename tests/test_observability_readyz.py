@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from observability_support import start_serve
+from support.observability import start_serve
 from proxy.pgcluster import make_cluster
-from proxy_harness import verifier_for
+from support.proxy_harness import verifier_for
 
 
 def _wait_for(served, want: int, timeout: float = 20) -> dict:
@@ -64,7 +64,7 @@ def test_readyz_turns_unready_when_the_backend_stops_and_ready_when_it_returns(o
 
 
 def test_worker_supervisor_serves_health_readiness_and_summed_metrics(pg, make_db, tmp_path):
-    from proxy_harness import BACKEND_PASSWORD, BACKEND_ROLE, ensure_backend_role
+    from support.proxy_harness import BACKEND_PASSWORD, BACKEND_ROLE, ensure_backend_role
 
     db, _ = make_db("obsworkers")
     ensure_backend_role(pg, db)

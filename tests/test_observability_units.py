@@ -117,7 +117,7 @@ def test_logged_statement_literals_are_redacted():
 @pytest.fixture(scope="module")
 def engine():
     from proxy.policy.allowlist import FunctionChecker
-    from proxy.policy.demo import demo_engine
+    from support.demo_policy import demo_engine
 
     return demo_engine(FunctionChecker.default())
 
@@ -141,7 +141,7 @@ def engine():
     ("INSERT INTO orders (tenant_id, order_id, customer_id) VALUES ('globex', 1, 1)", "tenant"),
 ])
 def test_policy_refusals_carry_their_reason(engine, sql, reason):
-    from proxy.policy.engine import PolicyContext
+    from proxy.policy.context import PolicyContext
     from proxy.seam import Origin
 
     d = engine.check(sql, PolicyContext(tenant="acme"), Origin.SIMPLE)
@@ -150,7 +150,7 @@ def test_policy_refusals_carry_their_reason(engine, sql, reason):
 
 
 def test_read_only_and_missing_tenant_reasons(engine):
-    from proxy.policy.engine import PolicyContext
+    from proxy.policy.context import PolicyContext
     from proxy.seam import Origin
 
     d = engine.check("DELETE FROM orders", PolicyContext(tenant="acme", read_only=True), Origin.SIMPLE)

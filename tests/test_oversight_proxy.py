@@ -26,7 +26,7 @@ import pyotp
 import pytest
 import yaml
 
-from e2e_helpers import RawClient, RawServerError, admin_execute, errors
+from support.e2e import RawClient, RawServerError, admin_execute, errors
 
 TABLES = ("order_items", "orders", "customers")
 

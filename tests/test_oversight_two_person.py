@@ -25,7 +25,7 @@ import pyotp
 import pytest
 import yaml
 
-from control_support import control_env
+from support.control import control_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

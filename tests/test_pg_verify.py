@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from proxy.policy import pipeline
-from proxy.policy.demo import demo_engine, demo_rules, demo_snapshot
-from proxy.policy.engine import PolicyContext
+from support.demo_policy import demo_engine, demo_rules, demo_snapshot
+from proxy.policy.context import PolicyContext
 from proxy.policy.errors import PolicyRefusal
-from proxy.policy.inject import TENANT, Injection
+from proxy.policy.edits import TENANT, Injection
 from proxy.policy.pg_verify import MARKER, marker_offsets, pg_verify
 from proxy.seam import Forward, Origin, Refuse
 

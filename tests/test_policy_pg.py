@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from proxy.policy.catalog import CatalogManager
-from proxy.policy.demo import demo_rules, demo_schema_sql
-from proxy.policy.engine import PolicyContext, PolicyEngine
+from proxy.catalog_sync import CatalogManager
+from support.demo_policy import demo_rules, demo_schema_sql
+from proxy.policy.context import PolicyContext
+from proxy.policy.engine import PolicyEngine
 from proxy.seam import Forward, Origin, Refuse
 
 ACME = PolicyContext(tenant="acme")

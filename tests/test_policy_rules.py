@@ -7,8 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
-from proxy.policy.catalog import CatalogManager, CatalogSnapshot, RelationRow
-from proxy.policy.demo import RULES_PATH, demo_rules
+from proxy.catalog_sync import CatalogManager
+from proxy.policy.catalog import CatalogSnapshot, RelationRow
+from support.demo_policy import RULES_PATH, demo_rules
 from proxy.policy.rules import Rules, RulesError, load_rules, rules_json_schema
 
 

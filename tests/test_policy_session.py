@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from proxy.policy.demo import demo_engine
+from support.demo_policy import demo_engine
 from proxy.policy.session import TenantSessionGate, make_token, open_tenant_session, verify_token
 from proxy.seam import Forward, Origin, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
 
@@ -189,7 +189,7 @@ def test_copy_in_check_reads_the_tenant_at_copy_time(engine):
 
 def test_clients_cannot_move_the_tenant_guc():
     from proxy.policy.allowlist import FunctionChecker
-    from proxy.policy.demo import demo_rules
+    from support.demo_policy import demo_rules
 
     gate = _token_gate(demo_engine(FunctionChecker.from_rules(demo_rules())))
     for sql in ["SET tenantgate.tenant_id = 'acme'", "SET LOCAL tenantgate.tenant_id = 'acme'",

@@ -9,8 +9,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from pool_support import serve_pooled
+from support.pool import serve_pooled
 
 POOL = {"mode": "transaction", "size": 2, "queue_timeout_s": 5, "client_idle_timeout_s": 1.0}
 

@@ -15,10 +15,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import RawClient, data_rows, errors, token
-from pool_support import serve_pooled
-from proxy_harness import wait_until, wait_until_query_active
+from support.e2e import RawClient, data_rows, errors, token
+from support.pool import serve_pooled
+from support.proxy_harness import wait_until, wait_until_query_active
 from proxy.wire import messages as m
 
 POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 2}
@@ -40,7 +39,7 @@ async def test_interleaved_transactions_each_see_only_their_tenant(px):
     b = await psycopg.AsyncConnection.connect(px.dsn("globex"), autocommit=True)
     try:
         pids = set()
-        for i in range(4):
+        for _ in range(4):
             async with a.transaction():
                 assert await _tenant_rows(a) == {"acme"}
                 assert await a.fetchval("SELECT current_setting('tenantgate.tenant_id')") == "acme"
@@ -485,7 +484,7 @@ def test_unnamed_statement_of_another_client_is_never_executed(px):
 
 
 def test_client_vanishing_mid_transaction_rolls_back_and_frees_the_connection(px, demo):  # noqa: F811
-    from e2e_helpers import fresh_ids
+    from support.e2e import fresh_ids
 
     (cid,) = fresh_ids(1)
     a = RawClient(px.dsn("acme"))
@@ -549,9 +548,10 @@ async def test_prepared_statements_survive_moving_to_a_new_backend_connection(px
         assert await (await p.execute(q, [1], prepare=True)).fetchone() == (201, "globex")
         raw.send(m.encode_parse("kept", "SELECT $1::text || '@' || min(tenant_id) FROM customers"), m.SYNC)
         assert not errors(raw.until_ready())
-        pids = {await a.fetchval("SELECT pg_backend_pid()")}
-        for round_ in range(2):
-            await _terminate_pooled_backend(admin, next(iter(pids)) if round_ == 0 else pid)
+        pid = await a.fetchval("SELECT pg_backend_pid()")
+        pids = {pid}
+        for _ in range(2):
+            await _terminate_pooled_backend(admin, pid)
             assert tuple(await stmt.fetchrow(2)) == (102, "acme")
             assert await (await p.execute(q, [2], prepare=True)).fetchone() == (202, "globex")
             raw.send(_bind("kept", [b"r"]), m.encode_execute(""), m.SYNC)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from pool_support import serve_pooled
+from support.pool import serve_pooled
 
 POOL = {"mode": "session", "databases": {"app": "transaction"}, "size": 1, "queue_timeout_s": 2}
 
@@ -64,7 +63,7 @@ async def test_session_mode_user_keeps_its_own_connection_beside_the_pool(px):
 
 
 async def test_session_mode_client_vanishing_in_a_transaction_commits_nothing(px, demo):  # noqa: F811
-    from e2e_helpers import fresh_ids
+    from support.e2e import fresh_ids
 
     (cid,) = fresh_ids(1)
     admin = await asyncpg.connect(demo.admin)
@@ -86,3 +85,35 @@ async def test_session_mode_client_vanishing_in_a_transaction_commits_nothing(px
     finally:
         await admin.execute("DELETE FROM customers WHERE customer_id = $1", cid)
         await admin.close()
+
+
+@pytest.mark.parametrize("tenant", ["globex", "acme"])  # globex: session mode, acme: transaction mode
+def test_a_cancel_sent_while_nothing_runs_never_cancels_the_next_statement(px, tenant):
+    """PostgreSQL ignores a cancel for an idle backend.  tenantgate delivers cancels after closing
+    the cancel connection, so a late cancel must not hit the client's next statement."""
+    import psycopg
+
+    with psycopg.connect(px.dsn(tenant), autocommit=True) as conn:
+        cancelled = 0
+        for _ in range(60):
+            conn.cancel()
+            try:
+                conn.execute("SELECT pg_sleep(0.005)")
+            except psycopg.errors.QueryCanceled:
+                cancelled += 1
+        assert cancelled == 0
+        assert conn.execute("SELECT count(*) FROM customers WHERE tenant_id <> %s", [tenant]).fetchone() == (0,)
+
+
+def test_a_cancel_still_stops_a_running_statement_in_session_mode(px):
+    import threading
+
+    import psycopg
+
+    with psycopg.connect(px.dsn("globex"), autocommit=True) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        timer.join()
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -2,7 +2,7 @@
 
 One ``tenantgate serve`` (one worker, ``pool: {mode: transaction, size: 10}``) in
 front of the demo's database.  2,000 client sessions are open at the same time:
-most are a light protocol client (tests/pool_support.AsyncClient, SCRAM with a cached
+most are a light protocol client (tests/support/pool.AsyncClient, SCRAM with a cached
 salted password), some are asyncpg.  Every client runs simple queries, extended-protocol
 queries and multi-statement transactions whose answers are unique to that client
 (a number, its tenant, a random tag); every answer is checked against what that client
@@ -18,9 +18,8 @@ import os
 import asyncpg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import token
-from pool_support import APP_USERS, AsyncClient, local_ports_towards, raise_nofile, serve_pooled
+from support.e2e import token
+from support.pool import APP_USERS, AsyncClient, local_ports_towards, raise_nofile, serve_pooled
 
 CLIENTS = 2000
 ASYNCPG_CLIENTS = 100

@@ -15,8 +15,7 @@ import time
 import asyncpg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from pool_support import local_ports_towards, serve_pooled
+from support.pool import local_ports_towards, serve_pooled
 
 POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 5, "server_idle_timeout_s": 1.5,
         "max_prepared_per_server": 3}

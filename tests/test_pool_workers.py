@@ -22,9 +22,8 @@ import time
 import asyncpg
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import fresh_ids
-from pool_support import serve_pooled
+from support.e2e import fresh_ids
+from support.pool import serve_pooled
 
 WORKERS = 2
 
@@ -130,7 +129,6 @@ async def test_killed_worker_mid_transaction_leaves_no_damage(px, demo):  # noqa
                 break
             assert time.monotonic() < deadline, f"worker not restarted: {now}"
             await asyncio.sleep(0.1)
-        t_restart = time.monotonic()
         fresh = await _clients_on_both_workers(px, per_worker=2)
         for conns in fresh.values():
             for c in conns:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import RawClient, admin_rows, errors, fresh_ids
-from operator_helpers import CONTROL, Admin, demo_tenantgate, pg_options
-from pool_support import serve_pooled
+from support.e2e import RawClient, admin_rows, errors, fresh_ids
+from support.operators import CONTROL, Admin, demo_tenantgate, pg_options
+from support.pool import serve_pooled
 from proxy.wire import messages as m
 
 #: a message PostgreSQL itself fails on (the proxy forwards it in every mode): 34000

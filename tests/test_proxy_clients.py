@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy_harness import ensure_backend_role, make_config, start_proxy, wait_until_query_active
+from support.proxy_harness import ensure_backend_role, make_config, start_proxy, wait_until_query_active
 
 PW = "app-pw"
 

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.pgcluster import make_cluster
 from proxy.wire import messages as m
-from proxy_harness import (RawClient, ensure_backend_role, errors_in, make_config, start_proxy,
+from support.proxy_harness import (RawClient, ensure_backend_role, errors_in, make_config, start_proxy,
                            wait_until_query_active)
 
 PW = "app-pw"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.wire import messages as m
-from proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
+from support.proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
 
 PW = "app-pw"
 

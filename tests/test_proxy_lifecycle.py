@@ -15,7 +15,8 @@ import yaml
 
 from proxy.scram import ScramClientExchange, ScramError, ScramServerExchange, parse_verifier
 from proxy.wire import messages as m
-from proxy_harness import (
+from support.serve import serve
+from support.proxy_harness import (
     BACKEND_PASSWORD,
     BACKEND_ROLE,
     RawClient,
@@ -112,16 +113,12 @@ def test_serve_command_sighup_and_sigterm(pg, db, tmp_path):
 
     write({"app": "pw"})
     env = dict(os.environ, TG_TEST_BACKEND_PW=BACKEND_PASSWORD)
-    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(cfg_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    with serve(cfg_path, env=env) as proxy:
         dsn = f"postgresql://app:pw@127.0.0.1:{port}/{db}?sslmode=disable"
         kept = psycopg.connect(dsn)
         kept.execute("SELECT 1")
         write({"app": "pw", "second": "pw2"})
-        proc.send_signal(signal.SIGHUP)
+        proxy.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -133,12 +130,7 @@ def test_serve_command_sighup_and_sigterm(pg, db, tmp_path):
                 time.sleep(0.2)
         assert kept.execute("SELECT 2").fetchone() == (2,)  # not dropped by the reload
         kept.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert proxy.stop() == 0  # SIGTERM: drained and exited cleanly
 
 
 def test_serve_rejects_bad_config(tmp_path):

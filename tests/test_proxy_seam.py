@@ -13,7 +13,7 @@ import pytest
 from proxy.seam import Forward, Origin, Refuse, SessionKind, SessionRefused
 from proxy.users import ConfigUserDirectory
 from proxy.wire import messages as m
-from proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
+from support.proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
 
 PW = "pw"
 

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.pgcluster import make_cluster
 from proxy.wire import messages as m
-from proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
+from support.proxy_harness import RawClient, ensure_backend_role, errors_in, make_config, start_proxy
 
 PW = "app-pw"
 

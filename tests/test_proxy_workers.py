@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from proxy.pgcluster import free_port
-from proxy_harness import BACKEND_PASSWORD, BACKEND_ROLE, ensure_backend_role, verifier_for
+from support.proxy_harness import BACKEND_PASSWORD, BACKEND_ROLE, ensure_backend_role, verifier_for
+from support.serve import serve
 
 PY = sys.executable
 
@@ -66,23 +67,9 @@ def served(pg, make_db, tmp_path_factory):
 
     write({"app": "pw"})
     env = dict(os.environ, TG_TEST_BACKEND_PW=BACKEND_PASSWORD)
-    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(cfg_path), "--workers", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        pytest.fail(f"serve --workers 2 did not start: {line!r} {proc.stderr.read()}")
-    assert "2 workers" in line
-    try:
-        yield Served(proc, port, metrics_port, cfg_path, write, db)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve(cfg_path, "--workers", "2", env=env) as proxy:
+        assert "2 workers" in proxy.banner
+        yield Served(proxy.proc, port, metrics_port, cfg_path, write, db)
 
 
 def _wait_active(admin, marker: str) -> None:
@@ -109,7 +96,7 @@ def test_cancel_reaches_the_session_whichever_worker_receives_it(pg, served):
             outcome: dict = {}
             marker = f"cancel_probe_{i}_{os.getpid()}"
 
-            def run():
+            def run(conn=conn, marker=marker, outcome=outcome):  # joined in this iteration
                 try:
                     conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
                     outcome["error"] = None

@@ -14,7 +14,7 @@ import time
 import psycopg
 import pytest
 
-from e2e_helpers import fresh_ids
+from support.e2e import fresh_ids
 
 
 def _running(demo, marker: str) -> bool:

@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 import zstandard
 
-from lifecycle_fixtures import SCHEMA_SQL, data_sql
-from proxy.control.signing import Signer, key_id_of, load_private_key, new_signing_key_pem, sign_document
+from support.lifecycle_fixtures import SCHEMA_SQL, data_sql
+from proxy.signing import Signer, key_id_of, load_private_key, new_signing_key_pem, sign_document
 from proxy.lifecycle.archive import ReadLimits, verify_export
 from proxy.lifecycle.export import export_tenant
 from proxy.lifecycle.purge import PurgeOptions, check_receipt, purge_tenant

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import RawClient, admin_rows, fresh_ids
-from operator_helpers import demo_tenantgate, pg_options
-from pool_support import serve_pooled
+from support.e2e import RawClient, admin_rows, fresh_ids
+from support.operators import demo_tenantgate, pg_options
+from support.pool import serve_pooled
 from proxy.wire import messages as m
 
 REFUSED = "SELECT pg_read_file('/etc/passwd')"  # refused by tenantgate (42501)
@@ -135,7 +134,7 @@ def test_refusal_outside_a_transaction_keeps_the_session_usable(client):
 def test_audit_write_failure_inside_a_transaction_aborts_it(demo, write_grant, protocol):  # noqa: F811
     """Audit before action: a statement whose audit record cannot be written is refused (58000),
     and, like any error, aborts the operator's transaction: the earlier INSERT is not committed."""
-    from operator_helpers import CONTROL, Admin
+    from support.operators import CONTROL, Admin
 
     admin = Admin(demo.admin)
     a, b = fresh_ids(2)

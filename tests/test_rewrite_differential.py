@@ -41,8 +41,8 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-import rewrite_schema
-from rewrite_oracle import (
+from support import rewrite_schema
+from support.rewrite_oracle import (
     EngineRewriter,
     IdentityRewriter,
     StatementRunner,
@@ -54,8 +54,8 @@ from rewrite_oracle import (
     compare,
     run_case,
 )
-from rewrite_modes import SECOND_TENANT, CrossTenantRewriter, ParamRewriter, parametrize
-from sqlgen import generate, statements
+from support.rewrite_modes import SECOND_TENANT, CrossTenantRewriter, ParamRewriter, parametrize
+from support.sqlgen import generate, statements
 
 FUZZ_EXAMPLES = int(os.environ.get("TENANTGATE_FUZZ_EXAMPLES", "20000"))
 # How the cases are spread over the modes of rewrite_modes (fractions of FUZZ_EXAMPLES).

@@ -18,9 +18,9 @@ import os
 import psycopg
 import pytest
 
-import rewrite_schema
-from rewrite_oracle import EngineRewriter, StatementRunner, Tally, build_engine, run_case
-from sqlgen_families import CASE_SETUP, FAMILIES, FAMILY_RULES, FAMILY_SCHEMA_SQL, family_case
+from support import rewrite_schema
+from support.rewrite_oracle import EngineRewriter, StatementRunner, Tally, build_engine, run_case
+from support.sqlgen_families import CASE_SETUP, FAMILIES, FAMILY_RULES, FAMILY_SCHEMA_SQL, family_case
 
 EXAMPLES = int(os.environ.get("TENANTGATE_FAMILY_EXAMPLES",
                               max(40, int(os.environ.get("TENANTGATE_FUZZ_EXAMPLES", "0")) // 200)))
@@ -65,7 +65,7 @@ def _params(name):
 
 @pytest.mark.parametrize("family", [_params(n) for n in FAMILIES])
 def test_family_equals_rls(fam_runner, fam_engine, family):
-    from rewrite_modes import ParamRewriter
+    from support.rewrite_modes import ParamRewriter
 
     tally = Tally()
     for seed in range(EXAMPLES):
@@ -88,7 +88,7 @@ def test_family_equals_rls(fam_runner, fam_engine, family):
 
 def test_family_harness_flags_missing_filters(fam_runner):
     """Forwarding the families unchanged is caught (a family the harness cannot fail proves nothing)."""
-    from rewrite_oracle import IdentityRewriter
+    from support.rewrite_oracle import IdentityRewriter
 
     blind = []
     for family in FAMILIES:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from demo_support import demo  # noqa: F401
-from pool_support import serve_pooled
+from support.pool import serve_pooled
 
 ROOT = Path(__file__).resolve().parent.parent
 

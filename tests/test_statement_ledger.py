@@ -1,5 +1,5 @@
 """The statement ledger without sockets: PostgreSQL's replies, not the messages sent, decide
-which statement and portal sit behind a name (proxy/statement_ledger.py).
+which statement and portal sit behind a name (proxy/session/ledger.py).
 
 Segments are numbered as the session numbers them: the n-th Sync (or simple Query) ends segment n.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.statement_ledger import LedgerError, StatementLedger, Wait
+from proxy.session.ledger import LedgerError, StatementLedger, Wait
 
 PC, BC, CC = ord("1"), ord("2"), ord("3")
 

@@ -18,9 +18,8 @@ import time
 
 import pytest
 
-from demo_support import demo  # noqa: F401  (session fixture)
-from e2e_helpers import RawClient, errors
-from pool_support import serve_pooled
+from support.e2e import RawClient, errors
+from support.pool import serve_pooled
 from proxy.wire import messages as m
 
 MAX_STATEMENT = 256 * 1024

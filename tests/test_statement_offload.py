@@ -7,7 +7,8 @@ import os
 import time
 
 from proxy.seam import Refuse
-from proxy.statement_offload import Computed, analyse, run_forked, too_long
+from proxy.session.relay import too_long
+from proxy.statement_offload import Computed, analyse, run_forked
 
 
 def test_the_result_comes_back_from_the_child():

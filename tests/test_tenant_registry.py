@@ -21,34 +21,19 @@ import asyncpg
 import pytest
 import yaml
 
-from lifecycle_fixtures import SCHEMA_SQL, data_sql, tenant_rows
-from proxy.control.plane import Actor, ControlPlane, InvalidRequest
+from support.lifecycle_fixtures import tenant_rows
+from support.lifecycle_cli import lifecycle_config, lifecycle_database
+from proxy.control.model import Actor, InvalidRequest
 from proxy.seam import SessionRefused
-from test_lifecycle_cli import PASSWORDS, REPO, T, _signing_key, audit_records, cli, grant
+from support.lifecycle_cli import PASSWORDS, REPO, T, audit_records, cli, grant
 
 
 @pytest.fixture
 async def fresh(make_db, tmp_path):
     """Data for three tenants; operators; NO tenant registered (as in a new deployment)."""
     _, dsn = make_db("tnreg")
-    conn = await asyncpg.connect(dsn)
-    await conn.execute(SCHEMA_SQL)
-    for t, n in (("acme", 6), (T, 8), ("globex", 5)):
-        await conn.execute(data_sql(t, n))
-    plane = ControlPlane(dsn)
-    await plane.start(install=True)
-    admin = plane.platform_admin()
-    await plane.add_operator(admin, "alice", PASSWORDS["alice"], ["operator"])
-    await plane.add_operator(admin, "bob", PASSWORDS["bob"], ["approver"])
-    await plane.add_operator(admin, "carol", PASSWORDS["carol"], ["approver"])
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"tenant_column": "tenant_id", "schemas": ["public"]}))
-    cfg = tmp_path / "tenantgate.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "rules_file": "rules.yaml",
-        "control": {"dsn": dsn},
-        "lifecycle": {"data_dsn": dsn, "purge_batch_rows": 7, "retention_days": 90},
-        "audit": {"signing_key_file": str(_signing_key(tmp_path))},
-    }))
+    conn, plane, admin = await lifecycle_database(dsn, {"acme": 6, T: 8, "globex": 5}, passwords=PASSWORDS)
+    cfg = lifecycle_config(tmp_path, dsn, {"purge_batch_rows": 7, "retention_days": 90})
     yield {"dsn": dsn, "conn": conn, "plane": plane, "cfg": str(cfg), "tmp": tmp_path}
     await plane.close()
     await conn.close()
@@ -171,7 +156,7 @@ async def test_a_pending_grant_says_ask_an_approver(fresh):
 
 async def test_discovery_with_an_integer_tenant_column(make_db):
     """A tenant id that does not cast to the column's type is simply not in the data (no error, nothing hidden)."""
-    from proxy.control.tenants import tenant_in_data, tenant_values
+    from proxy.control.tenant_discovery import tenant_in_data, tenant_values
     from proxy.lifecycle.tables import discover
 
     _, dsn = make_db("tnint")

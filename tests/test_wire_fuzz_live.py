@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from proxy.wire import messages as m
-from proxy_harness import RawClient, ensure_backend_role, make_config, start_proxy, wait_until
+from support.proxy_harness import RawClient, ensure_backend_role, make_config, start_proxy, wait_until
 
 PW = "fuzz-pw"
 STREAMS = int(os.environ.get("TENANTGATE_WIRE_FUZZ_LIVE", "150"))

@@ -1,10 +1,12 @@
-"""`tenantgate audit verify|export|checkpoint|keygen`: the tamper-evident audit trail.
+"""`tenantgate audit verify|export|checkpoint|keygen|sample|attest`: the tamper-evident audit trail.
 
     tenantgate audit verify --config tenantgate.yaml        # exit 1 and names the first problem
     tenantgate audit verify --witness /mnt/witness/audit-witness.jsonl
     tenantgate audit export --since 2026-11-01T00:00Z > audit.jsonl
     tenantgate audit export --since-seq 1200 --out siem.jsonl
     tenantgate audit keygen --out /etc/tenantgate/audit.key # Ed25519; set audit.signing_key_file
+    tenantgate audit sample --grants 5 --seed 2026-Q4        # grants with their statements, to review
+    tenantgate audit attest --grant 7 --verdict legitimate --note "matches TICKET-123" --as carol
 
 verify re-walks the hash chain and checks the Ed25519 signatures of the
 checkpoints (with the key from audit.signing_key_file/_env, or
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from proxy.textsafe import safe_text
 
-from .control_common import EXIT_FAIL, EXIT_OK, UsageError, add_config_arg, control_plane, emit, load, run
+from .control_common import (EXIT_FAIL, EXIT_OK, UsageError, add_actor_args, add_config_arg, authenticate,
+                             control_plane, emit, load, run)
 
 
 def register(sub):
@@ -55,13 +58,30 @@ def register(sub):
     add_config_arg(c)
     c.set_defaults(func=lambda args: run(args, _checkpoint))
 
+    sm = ops.add_parser("sample", help="draw a reproducible random sample of grants with their statements, to review")
+    sm.add_argument("--grants", type=int, required=True, metavar="N", help="how many grants to draw")
+    sm.add_argument("--seed", required=True, metavar="S", help="the same seed draws the same sample")
+    sm.add_argument("--max-grant-id", type=int, metavar="ID",
+                    help="draw among grants up to this id (default: the newest; printed, to reproduce the draw)")
+    add_config_arg(sm)
+    add_actor_args(sm, required=False)
+    sm.set_defaults(func=lambda args: run(args, _sample))
+
+    at = ops.add_parser("attest", help="record your review verdict on a grant (approver; not your own grant)")
+    at.add_argument("--grant", type=int, required=True, metavar="ID")
+    at.add_argument("--verdict", required=True, choices=["legitimate", "concern"])
+    at.add_argument("--note", help="what you checked, or what is wrong (required with concern)")
+    add_config_arg(at)
+    add_actor_args(at)
+    at.set_defaults(func=lambda args: run(args, _attest))
+
     k = ops.add_parser("keygen", help="create an Ed25519 signing key (PEM) and its public key (.pub)")
     k.add_argument("--out", required=True, help="private key file to create (mode 0600); public key: OUT.pub")
     k.set_defaults(func=_keygen)
 
 
 async def _verify(args) -> int:
-    from proxy.control.signing import keys_from_files, verify_keys_from_config
+    from proxy.signing import keys_from_files, verify_keys_from_config
     from proxy.control.witness import WitnessError, read_witness
 
     cfg = load(args)
@@ -140,6 +160,46 @@ async def _checkpoint(args) -> int:
     if seq is None:
         raise UsageError("no signing key configured (audit.signing_key_file or audit.signing_key_env)")
     emit(args, {"checkpoint_seq": seq}, f"signed checkpoint at record {seq}")
+    return EXIT_OK
+
+
+async def _sample(args) -> int:
+    import json
+
+    from proxy.control.sampling import sample_grants
+
+    async with control_plane(args) as plane:
+        actor = await authenticate(plane, args) if args.actor else None
+        doc = await sample_grants(plane, args.grants, args.seed, max_grant_id=args.max_grant_id,
+                                  drawn_by=actor.name if actor else None)
+
+    def human() -> str:
+        lines = [f"{len(doc['grant_ids'])} of {doc['population']} approved grants (ids <= {doc['max_grant_id']}), "
+                 f"seed {safe_text(doc['seed'])}: {', '.join(map(str, doc['grant_ids'])) or '-'}",
+                 f"reproduce: {safe_text(doc['reproduce'])}"]
+        for g in doc["grants"]:
+            lines.append(f"\ngrant {g['id']}: {g['access']} on {safe_text(g['tenant'])} by {safe_text(g['requester'])}, "
+                         f"{g['state']}; reason: {safe_text(g['reason'])}; approved by "
+                         + ", ".join(safe_text(a["approver"]) for a in g["approvals"] if a["decision"] == "approve"))
+            for r in g["records"]:
+                what = r.get("original_sql") or json.dumps(r.get("detail"), ensure_ascii=False, default=str)
+                outcome = f" [{r['sqlstate']}]" if r.get("sqlstate") else ""
+                lines.append(f"  #{r['seq']} {r['at'][:19]} {r['type']}{outcome}: {safe_text(what)}")
+            lines.append(f"  attest: tenantgate audit attest --grant {g['id']} --verdict legitimate|concern --note ...")
+        return "\n".join(lines)
+
+    emit(args, doc, human)
+    return EXIT_OK
+
+
+async def _attest(args) -> int:
+    from proxy.control.sampling import attest
+
+    async with control_plane(args) as plane:
+        actor = await authenticate(plane, args)
+        doc = await attest(plane, actor, args.grant, args.verdict, args.note)
+    emit(args, doc, f"grant {doc['grant_id']}: {doc['verdict']} (reviewed through audit record "
+                    f"{doc['reviewed_through_seq']}), recorded in the audit chain")
     return EXIT_OK
 
 

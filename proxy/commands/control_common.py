@@ -109,7 +109,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 def run(args, fn: Callable[[Any], Awaitable[int | None]]) -> int:
     """Run an async command body and map errors to messages and exit codes."""
     from proxy.control.audit import AuditWriteError
-    from proxy.control.plane import ControlError
+    from proxy.control.model import ControlError
 
     try:
         return int(asyncio.run(fn(args)) or EXIT_OK)

@@ -12,6 +12,8 @@ def register(sub):
                         "auto (default): a free port, the same one as last time when it is free; off: none")
     p.add_argument("--pool-mode", choices=("session", "transaction"), default="transaction",
                    help="how application sessions share PostgreSQL connections (operators always use session)")
+    p.add_argument("--regions", metavar="A,B", help="one embedded PostgreSQL per region (wal_level=logical); "
+                                                   "acme is placed in the first region, globex in the second")
     p.set_defaults(func=run)
 
 
@@ -28,8 +30,10 @@ def _metrics_port(value: str) -> str | int:
 def run(args) -> int:
     import asyncio
 
-    from proxy.demo import run_demo
+    from proxy.demo import parse_regions, run_demo
     from proxy.server import install_uvloop
 
+    regions = parse_regions(args.regions)
     install_uvloop()
-    return asyncio.run(run_demo(Path(args.state_dir), args.listen, args.metrics_port, pool_mode=args.pool_mode))
+    return asyncio.run(run_demo(Path(args.state_dir), args.listen, args.metrics_port, pool_mode=args.pool_mode,
+                                regions=regions))

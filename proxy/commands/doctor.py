@@ -22,7 +22,9 @@ def register(sub):
     )
     p.add_argument("--backend", metavar="DSN", help="DSN of tenantgate's backend role (e.g. tenantgate_app)")
     p.add_argument("--config", metavar="FILE", help="take the backend DSN from tenantgate's config (backend.*)")
-    p.add_argument("--admin-dsn", metavar="DSN", help="superuser DSN: also check pg_hba.conf rules and password storage")
+    p.add_argument("--admin-dsn", metavar="[REGION=]DSN", action="append",
+                   help="superuser DSN: also check pg_hba.conf rules and password storage (with regions in the "
+                        "config: REGION=postgresql://... for that region's server; repeatable)")
     p.add_argument("--tenant-column", default="tenant_id", help="the tenant column (default: tenant_id)")
     p.add_argument("--schema", action="append", dest="schemas", metavar="SCHEMA",
                    help="application schema to check (repeatable; default: public)")
@@ -40,6 +42,14 @@ def _dsn_from_config(path: str) -> tuple[str, str, bytes | None]:
 
 
 def run(args) -> int:
+    if args.backend is None and args.config:  # every region's backend when the config has regions:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"tenantgate doctor: {e}", file=sys.stderr)
+            return 2
+        if cfg.regions:
+            return _run_regions(args, cfg)
     control_schema = args.control_schema
     backend = args.backend
     backstop_key = None
@@ -56,12 +66,29 @@ def run(args) -> int:
     report = asyncio.run(
         diagnose(
             backend,
-            admin_dsn=args.admin_dsn,
+            admin_dsn=args.admin_dsn[-1] if args.admin_dsn else None,
             tenant_column=args.tenant_column,
             schemas=args.schemas or ["public"],
             control_schema=control_schema or "tenantgate_control",
             backstop_key=backstop_key,
         )
     )
+    print(report.to_json() if args.json else report.to_text())
+    return 0 if report.ok else 1
+
+
+def _run_regions(args, cfg) -> int:
+    from proxy.doctor_regions import diagnose_regions, split_admin_dsns
+
+    try:
+        for region in cfg.region_names():
+            if not cfg.backend_of(region).database:
+                raise ConfigError(f"{args.config}: regions.{region}.database is not set")
+    except ConfigError as e:
+        print(f"tenantgate doctor: {e}", file=sys.stderr)
+        return 2
+    report = asyncio.run(diagnose_regions(
+        cfg, admin_dsns=split_admin_dsns(args.admin_dsn, cfg.region_names()), tenant_column=args.tenant_column,
+        schemas=args.schemas or ["public"], control_schema=args.control_schema))
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.ok else 1

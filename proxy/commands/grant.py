@@ -112,6 +112,18 @@ def _describe(g) -> str:
 async def _request(args) -> int:
     async with control_plane(args) as plane:
         actor = await authenticate(plane, args)
+        from proxy.control.placement import check_residency
+
+        from .control_common import load
+
+        cfg = load(args)
+        # operator residency: a tenant in a region the account may not reach is refused here (audited)
+        await check_residency(plane, cfg, actor.name, args.tenant, audit=True)
+        if cfg.regions:  # an unregistered tenant is looked up in the data of its own region
+            from proxy.control.placement import tenant_config
+            from proxy.control.tenant_discovery import data_probe
+
+            plane.tenant_probe = data_probe(await tenant_config(plane, cfg, args.tenant))
         g = await plane.request_grant(actor, args.tenant, args.access, args.duration, args.reason)
         emit(args, g.to_json(), lambda: _describe(g) + f"\nAsk an approver: tenantgate grant approve {g.id}")
     return EXIT_OK

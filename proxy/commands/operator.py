@@ -25,6 +25,8 @@ of standard input is that approver's password)::
     tenantgate operator enable bob --as alice         # request
     tenantgate operator disable|remove bob --as alice # immediate (takes access away)
     tenantgate operator unlock bob --as alice         # lift a lockout after failed logins
+    tenantgate operator regions bob --regions cn-east --as alice  # residency: grants only for
+                                                      # tenants placed in cn-east ('all': any region)
     tenantgate operator requests [--state pending]    # change requests (accounts and grant policy)
 
 Your own credentials: ``operator passwd --as bob`` (old password on the first
@@ -59,9 +61,18 @@ def register(sub):
     a.add_argument("--role", action="append", choices=["operator", "approver"],
                    help="role (repeatable; default: operator)")
     a.add_argument("--reason")
+    a.add_argument("--regions", metavar="A,B", help="regions whose tenants the account may be granted "
+                                                   "(bootstrap only; later: operator regions)")
     add_config_arg(a)
     add_actor_args(a, required=False)
     a.set_defaults(func=lambda args: run(args, _add))
+
+    rg = ops.add_parser("regions", help="set the regions whose tenants an account may be granted (approver)")
+    rg.add_argument("name")
+    rg.add_argument("--regions", required=True, metavar="A,B", help="comma-separated regions, or 'all'")
+    add_config_arg(rg)
+    add_actor_args(rg)
+    rg.set_defaults(func=lambda args: run(args, _regions))
 
     for name, helptext in (("roles", "request new roles for an account"),
                            ("reset", "request a credential reset (the person enrols again with a token)"),
@@ -134,6 +145,11 @@ async def _add(args) -> int:
 
     async with control_plane(args, install=True) as plane:
         if args.actor:
+            if args.regions:
+                from .control_common import UsageError
+
+                raise UsageError("--regions: set them once the account exists (tenantgate operator regions NAME "
+                                 "--regions A,B --as APPROVER)")
             actor = await authenticate(plane, args)
             req = await request_change(plane, actor, "account.create", args.name,
                                        {"roles": args.role or ["operator"]}, args.reason)
@@ -142,7 +158,29 @@ async def _add(args) -> int:
         actor = plane.platform_admin()  # bootstrap by the control DSN holder (refused once 2 approvers exist)
         password = read_secret(args, f"new password for {args.name}: ", confirm=True)
         op = await plane.add_operator(actor, args.name, password, args.role or ["operator"])
+        if args.regions:
+            from proxy.control.placement import set_operator_regions
+
+            await set_operator_regions(plane, actor, args.name, _region_list(args.regions))
         emit(args, op.to_json(), f"added {op.name} ({', '.join(sorted(op.roles))}) [bootstrap]")
+    return EXIT_OK
+
+
+def _region_list(text: str) -> list[str] | None:
+    if text.strip() == "all":
+        return None
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+async def _regions(args) -> int:
+    """Operator residency (proxy/control/placement.py): grant requests for tenants elsewhere are refused."""
+    from proxy.control.placement import operator_regions, set_operator_regions
+
+    async with control_plane(args) as plane:
+        actor = await authenticate(plane, args)
+        await set_operator_regions(plane, actor, args.name, _region_list(args.regions))
+        now = await operator_regions(plane, args.name)
+        emit(args, {"name": args.name, "regions": now}, f"{args.name}: regions {', '.join(now) if now is not None else 'all'}")
     return EXIT_OK
 
 
@@ -219,12 +257,16 @@ async def _single(args, what: str) -> int:
 
 
 async def _list(args) -> int:
+    from proxy.control.placement import all_operator_regions
+
     async with control_plane(args) as plane:
         ops = await plane.list_operators()
-        emit(args, [o.to_json() for o in ops], lambda: table(
-            ["name", "roles", "totp", "enabled", "created"],
+        regions = await all_operator_regions(plane)
+        emit(args, [dict(o.to_json(), regions=regions.get(o.name)) for o in ops], lambda: table(
+            ["name", "roles", "totp", "enabled", "created", "regions"],
             [[o.name, ",".join(sorted(o.roles)), "yes" if o.totp_enrolled else "no",
-              "yes" if o.enabled else "no", o.created_at.strftime("%Y-%m-%d %H:%M")] for o in ops]))
+              "yes" if o.enabled else "no", o.created_at.strftime("%Y-%m-%d %H:%M"),
+              ",".join(regions.get(o.name) or []) if regions.get(o.name) is not None else "all"] for o in ops]))
     return EXIT_OK
 
 

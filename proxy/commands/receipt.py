@@ -5,7 +5,8 @@
     tenantgate receipt verify manifest.json --config tenantgate.yaml    # keys from audit.*
 
 FILE is a deletion receipt (the JSON `tenant purge` prints and the audit
-chain keeps), an export manifest, or a whole export (directory or .tar.zst:
+chain keeps), a demand record (`demand register` prints it; --public-key is
+the same as --key), an export manifest, or a whole export (directory or .tar.zst:
 then every file's checksum and row count is checked as well).  The check is
 the Ed25519 signature by tenantgate's audit key, so it needs only the public
 key (`audit keygen` writes KEY.pub): a made-up or altered receipt fails.
@@ -26,7 +27,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def add_key_args(p, *, optional_flag: str = "--no-signature") -> None:
-    p.add_argument("--key", action="append", default=[], metavar="PUB",
+    p.add_argument("--key", "--public-key", dest="key", action="append", default=[], metavar="PUB",
                    help="Ed25519 public key (PEM) of tenantgate's audit key (repeatable)")
     p.add_argument(optional_flag, dest="no_signature", action="store_true",
                    help="skip the signature check (checksums only: proves nothing about who made it)")
@@ -39,7 +40,7 @@ class KeyUsageError(Exception):
 def public_keys(args, cfg=None) -> dict | None:
     """The keys to check signatures with: --key files plus the config's audit keys.  None with
     --no-signature; an error when there is none."""
-    from proxy.control.signing import keys_from_files, verify_keys_from_config
+    from proxy.signing import keys_from_files, verify_keys_from_config
 
     if getattr(args, "no_signature", False):
         return None
@@ -82,7 +83,7 @@ def register(sub):
 
 def _verify(args) -> int:
     from proxy.config import ConfigError
-    from proxy.control.signing import SignatureError
+    from proxy.signing import SignatureError
     from proxy.lifecycle.archive import MANIFEST_NAME, verify_export
     from proxy.lifecycle.attest import Attestation, read_document, verify_document
     from proxy.lifecycle.tables import LifecycleError

@@ -16,41 +16,15 @@ import inspect
 import logging
 import sys
 
+from proxy.admin_http import start_metrics_endpoint
 from proxy.config import Config, ConfigError, check_rules_file, load_config
 
 
-def build_gatekeeper(config: Config):
-    """The Gatekeeper `serve` uses: ``proxy.gatekeeper.build_gatekeeper`` (the policy
-    engine when ``rules_file`` is set, else pass-through for ``passthrough: true`` users).
-    May return an awaitable."""
-    from proxy.gatekeeper import build_gatekeeper as build
-
-    return build(config)
-
-
-async def start_metrics_endpoint(config: Config, server=None, gatekeeper=None):
-    """Serve /metrics, /healthz and /readyz on ``metrics.host:metrics.port`` (unless the port is
-    null) in the running event loop (:mod:`proxy.admin_http`); returns the AdminHttpServer or None.
-    ``server`` (a ProxyServer) lets readiness follow config reloads."""
-    from proxy.session_events import TENANT_LABELS
-
-    TENANT_LABELS.configure(config.metrics.tenant_labels, config.metrics.tenant_top_n)
-    if config.metrics.port is None:
-        return None
-    from proxy.admin_http import start_admin_server
-    from proxy.readiness import Readiness
-
-    current = (lambda: server.config) if server is not None else (lambda: config)
-    return await start_admin_server(config.metrics.host, config.metrics.port,
-                                    readiness=Readiness(current, gatekeeper))
-
-
 async def _serve(config: Config, config_path: str) -> None:
+    from proxy.gatekeeper import build_gatekeeper  # the policy engine when rules_file is set
     from proxy.server import ProxyServer, freeze_startup_heap
 
-    gatekeeper = build_gatekeeper(config)
-    if inspect.isawaitable(gatekeeper):
-        gatekeeper = await gatekeeper
+    gatekeeper = await build_gatekeeper(config)
     server = ProxyServer(config, gatekeeper, config_path=config_path)
     await server.start()
     admin = await start_metrics_endpoint(config, server, gatekeeper)

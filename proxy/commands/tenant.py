@@ -1,4 +1,5 @@
-"""`tenantgate tenant …`: list, register, export, verify-export, import, offboard, restore, purge, purge-expired.
+"""`tenantgate tenant …`: list, place, register, export, verify-export, import, offboard, restore, purge, purge-expired,
+backup, restore-backup, backup-keygen (proxy/commands/tenant_backup.py).
 
 The data path is :mod:`proxy.lifecycle` (export, import, purge over the
 ``lifecycle.data_dsn`` role); who may act and the audit chain are the control
@@ -10,7 +11,7 @@ plane's (:class:`proxy.control.plane.ControlPlane`):
   purge an approved write grant (``--grant ID`` to choose one);
 * offboard, restore and register need the approver role;
 * a tenant is known when registered or found in the tenant tables (then it is
-  registered on first use, audited: :mod:`proxy.control.tenants`); ``list``
+  registered on first use, audited: :mod:`proxy.control.tenant_discovery`); ``list``
   shows both;
 * ``import --reactivate`` brings a purged tenant back from its export
   (:mod:`proxy.commands.tenant_import`);
@@ -27,218 +28,129 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import os
 import sys
 import time
-from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 from proxy.commands.receipt import add_key_args
-from proxy.control.signing import signer_from_config
-from proxy.textsafe import safe_text
-from proxy.config import Config, ConfigError, load_config
-from proxy.lifecycle.tables import (
-    INVALID_AUTHORIZATION,
-    INSUFFICIENT_PRIVILEGE,
-    OBJECT_NOT_IN_STATE,
-    UNDEFINED_OBJECT,
-    LifecycleError,
-    discover,
+from proxy.commands.tenant_backup import key_destroyer, register as register_backup
+from proxy.commands.tenant_move import register as register_move
+from proxy.commands.tenant_context import (
+    DONE,
+    EXPORT,
+    FAILED,
+    PURGE_RECEIPT,
+    PURGE_STARTED,
+    _context,
+    _control_error,
+    _Ctx,
+    _data,
+    _format_error,
+    _iso,
+    _pending,
+    _print_json,
+    _schema,
+    metrics,
 )
-
-
-
-class _NoopMetric:
-    def labels(self, *a, **k):
-        return self
-
-    def inc(self, *a, **k):
-        pass
-
-    def observe(self, *a, **k):
-        pass
-
-
-class _Metrics:
-    """proxy.metrics' lifecycle counters; no-ops when the module cannot be imported."""
-
-    def __init__(self):
-        try:
-            from proxy import metrics as m
-
-            self.TENANT_EXPORTS_TOTAL = m.TENANT_EXPORTS_TOTAL
-            self.TENANT_PURGES_TOTAL = m.TENANT_PURGES_TOTAL
-            self.TENANT_PURGED_ROWS_TOTAL = m.TENANT_PURGED_ROWS_TOTAL
-            self.TENANT_EXPORTED_ROWS_TOTAL = m.TENANT_EXPORTED_ROWS_TOTAL
-            self.TENANT_EXPORT_SECONDS = m.TENANT_EXPORT_SECONDS
-            self.TENANT_PURGE_SECONDS = m.TENANT_PURGE_SECONDS
-        except Exception:  # e.g. a registry clash while the project is assembled: counting must not block purges
-            self.TENANT_EXPORTS_TOTAL = self.TENANT_PURGES_TOTAL = self.TENANT_PURGED_ROWS_TOTAL = _NoopMetric()
-            self.TENANT_EXPORTED_ROWS_TOTAL = self.TENANT_EXPORT_SECONDS = self.TENANT_PURGE_SECONDS = _NoopMetric()
-
-
-metrics = _Metrics()
-
-# audit record types written by this command
-EXPORT = "tenant.export"
-IMPORT = "tenant.import"
-PURGE_STARTED = "tenant.purge.started"
-PURGE_RECEIPT = "tenant.purge"  # detail = the deletion receipt
-DONE = ".done"
-FAILED = ".failed"
-REFUSED = "tenant.refused"
-
-
-# --------------------------------------------------------------------------- helpers
-from proxy.control.tenants import data_dsn as _data_dsn  # noqa: E402,F401 (kept for callers)
-from proxy.control.tenants import tenant_schema as _schema  # noqa: E402
-
-
-def _control_error(e: Exception) -> LifecycleError:
-    from proxy.control import plane as P
-
-    code = {
-        P.AuthenticationFailed: "28P01",
-        P.PermissionDenied: INSUFFICIENT_PRIVILEGE,
-        P.NotFound: UNDEFINED_OBJECT,
-        P.InvalidRequest: "22023",
-    }.get(type(e), "XX000")
-    return LifecycleError(code, str(e))
-
-
-class _Ctx:
-    def __init__(self, args, cfg: Config, plane):
-        self.args = args
-        self.cfg = cfg
-        self.plane = plane
-        self.actor = None
-
-    async def audit(self, type_: str, **kw) -> int:
-        from proxy.control.audit import AuditRecord
-
-        return await self.plane.append(AuditRecord(type_, operator=self.actor.name if self.actor else kw.pop("operator", None), **kw))
-
-    async def refuse(self, err: LifecycleError, tenant: str | None, action: str, name: str | None = None) -> LifecycleError:
-        """Record a refused action in the audit chain (best effort), return the error to raise."""
-        try:
-            from proxy.control.audit import AuditRecord
-
-            await self.plane.append(AuditRecord(
-                REFUSED, operator=self.actor.name if self.actor else name, tenant=tenant, sqlstate=err.sqlstate,
-                detail={"action": action, "message": err.message}))
-        except Exception:
-            pass
-        return err
-
-    async def authenticate(self, action: str, tenant: str | None):
-        from proxy.control.plane import ControlError
-
-        name = self.args.as_
-        if not name:
-            raise await self.refuse(LifecycleError(INVALID_AUTHORIZATION, f"{action} needs the acting person: --as NAME"), tenant, action)
-        if self.args.password_stdin:
-            password = sys.stdin.readline().rstrip("\n")
-        elif sys.stdin.isatty():
-            password = getpass.getpass(f"Password for {name}: ")
-        else:
-            raise LifecycleError(INVALID_AUTHORIZATION, "no terminal for the password prompt: use --password-stdin")
-        try:
-            self.actor = await self.plane.authenticate_actor(name, password, self.args.totp)
-        except ControlError as e:  # the plane audits failed authentications itself
-            raise _control_error(e)
-        return self.actor
-
-    async def tenant(self, name: str, action: str):
-        """The registered tenant; one found in the data is registered first (audited), else 42704."""
-        from proxy.control.tenants import data_connection, tenant_in_data, unknown_tenant_message
-
-        t = await self.plane.get_tenant(name)
-        if t is not None:
-            return t
-        async with data_connection(self.cfg) as conn:
-            found = await tenant_in_data(conn, await _schema(self.cfg, conn), name)
-        if not found:
-            msg, hint = unknown_tenant_message(name, found)
-            raise await self.refuse(LifecycleError(UNDEFINED_OBJECT, msg, hint=hint), name, action)
-        return await self.plane.register_tenant(name, self.actor, source="discovered")
-
-    async def grant(self, tenant: str, access: str, action: str):
-        from proxy.control.plane import ControlError
-
-        try:
-            return await self.plane.active_grant_for(self.actor, tenant, access, self.args.grant)
-        except ControlError as e:
-            raise await self.refuse(_control_error(e), tenant, action)
-
-    async def require_approver(self, tenant: str, action: str) -> None:
-        if not self.actor.is_approver:
-            raise await self.refuse(
-                LifecycleError(INSUFFICIENT_PRIVILEGE, f"{self.actor.name} may not {action} tenants (needs the approver role)"),
-                tenant, action)
-
-
-@asynccontextmanager
-async def _context(args):
-    from proxy.control.plane import ControlPlane
-
-    cfg = load_config(args.config)
-    plane = ControlPlane.from_config(cfg, pool_max_size=2)
-    await plane.start()
-    try:
-        yield _Ctx(args, cfg, plane)
-    finally:
-        await plane.close()
-
-
-def _data(cfg: Config):
-    from proxy.control.tenants import data_connection
-
-    return data_connection(cfg)
-
-
-def _print_json(doc) -> None:
-    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
-
-
-def _iso(d: datetime | None) -> str:
-    return d.astimezone(timezone.utc).isoformat(timespec="seconds") if d else "-"
+from proxy.config import ConfigError
+from proxy.signing import signer_from_config
+from proxy.lifecycle.tables import OBJECT_NOT_IN_STATE, LifecycleError
+from proxy.textsafe import safe_text
 
 
 # --------------------------------------------------------------------------- actions
 async def _list(args) -> int:
-    """Registered tenants, plus the tenant values found in the tenant tables (``source: discovered``)."""
-    from proxy.control.tenants import tenant_values
+    """Registered tenants, plus the tenant values found in the tenant tables (``source: discovered``),
+    with the region each is placed in (proxy/control/placement.py)."""
+    from proxy.control.placement import config_for_region, list_placements
+    from proxy.control.tenant_discovery import tenant_values
 
     async with _context(args) as ctx:
         tenants = await ctx.plane.list_tenants()
-        found, note = None, None
-        try:
-            async with _data(ctx.cfg) as conn:
-                found = await tenant_values(conn, await _schema(ctx.cfg, conn))
-            if found is None:
-                note = "the lifecycle.data_dsn role cannot see every row (it needs BYPASSRLS)"
-        except ConfigError as e:
-            note = str(e)  # no data DSN configured: the registry only
-        except Exception as e:  # the data database is unreachable or refuses: still list the registry
-            if not (isinstance(e, (OSError, LifecycleError)) or getattr(e, "sqlstate", None)):
-                raise
-            note = _format_error(e)
+        placed = {p.tenant: p for p in await list_placements(ctx.plane)}
+        found, notes = set(), []
+        for region in ctx.cfg.region_names():
+            note = None
+            try:
+                async with _data(config_for_region(ctx.cfg, region)) as conn:
+                    values = await tenant_values(conn, await _schema(ctx.cfg, conn))
+                if values is None:
+                    note = "the lifecycle.data_dsn role cannot see every row (it needs BYPASSRLS)"
+                found.update(values or ())
+            except ConfigError as e:
+                note = str(e)  # no data DSN configured: the registry only
+            except Exception as e:  # the data database is unreachable or refuses: still list the registry
+                if not (isinstance(e, (OSError, LifecycleError)) or getattr(e, "sqlstate", None)):
+                    raise
+                note = _format_error(e)
+            if note:
+                notes.append(note if not ctx.cfg.regions else f"region {region}: {note}")
     registered = {t.name for t in tenants}
     docs = [dict(t.to_json(), source="registered") for t in tenants]
-    docs += [{"name": v, "status": "active", "source": "discovered"} for v in found or () if v not in registered]
+    docs += [{"name": v, "status": "active", "source": "discovered"} for v in sorted(found) if v not in registered]
+    for d in docs:
+        p = placed.get(d["name"])
+        d["region"] = p.region if p else ctx.cfg.default_region()
+        d["moving"] = bool(p and p.moving)
     docs.sort(key=lambda d: d["name"])
-    if note:
+    for note in notes:
         print(f"(tenant values in the data not listed: {note})", file=sys.stderr)
     if args.json:
         _print_json(docs)
         return 0
-    print(f"{'tenant':<24} {'status':<11} {'source':<11} {'retention_end':<26} purged_at")
+    print(f"{'tenant':<24} {'status':<11} {'source':<11} {'region':<14} {'retention_end':<26} purged_at")
     for d in docs:
-        print(f"{safe_text(d['name']):<24} {d['status']:<11} {d['source']:<11} "
+        region = d["region"] + (" (moving)" if d["moving"] else "")
+        print(f"{safe_text(d['name']):<24} {d['status']:<11} {d['source']:<11} {safe_text(region):<14} "
               f"{d.get('retention_end') or '-':<26} {d.get('purged_at') or '-'}")
     return 0
+
+
+async def _place(args) -> int:
+    """Record the region a tenant's data lives in (approver, audited).  Refused when the tenant has rows
+    on its current server and the region changes: moving rows is `tenant move`."""
+    from proxy.control.placement import check_region, get_placement, region_of, set_placement
+    from proxy.control.tenant_discovery import tenant_in_data
+    from proxy.lifecycle.tables import OBJECT_NOT_IN_STATE as _STATE
+    from proxy.policy.rules import load_rules
+
+    async with _context(args) as ctx:
+        await ctx.authenticate("place", args.tenant)
+        await ctx.require_approver(args.tenant, "place")
+        rules = load_rules(ctx.cfg.rules_file) if ctx.cfg.rules_file else None
+        try:
+            check_region(ctx.cfg, rules, args.tenant, args.region)
+        except Exception as e:
+            raise await ctx.refuse(_control_error(e), args.tenant, "place")
+        current = region_of(ctx.cfg, await get_placement(ctx.plane, args.tenant))
+        if current != args.region and not args.force:
+            ctx.cfg = await _tenant_cfg(ctx, args.tenant)
+            try:
+                async with _data(ctx.cfg) as conn:
+                    has_rows = await tenant_in_data(conn, await _schema(ctx.cfg, conn), args.tenant)
+            except ConfigError:
+                has_rows = None
+            if has_rows is not False:
+                why = ("has rows" if has_rows else "may have rows (they could not be looked up)")
+                raise await ctx.refuse(LifecycleError(
+                    _STATE, f'tenant "{args.tenant}" {why} in region {current}: placing it in {args.region} '
+                    "would leave them behind",
+                    hint=f"move it instead: tenantgate tenant move {args.tenant} --to {args.region} "
+                         "(or --force when the rows are to stay unreachable)"), args.tenant, "place")
+        p = await set_placement(ctx.plane, ctx.actor, args.tenant, args.region,
+                                reason=args.reason or f"tenant place --region {args.region}"
+                                + (" --force" if args.force else ""))
+        _print_json(p.to_json())
+    return 0
+
+
+async def _tenant_cfg(ctx, tenant: str):
+    """The config whose backend and lifecycle.data_dsn are those of the tenant's region."""
+    from proxy.control.placement import tenant_config
+
+    return await tenant_config(ctx.plane, ctx.cfg, tenant)
 
 
 async def _register(args) -> int:
@@ -255,6 +167,7 @@ async def _export(args) -> int:
 
     async with _context(args) as ctx:
         await ctx.authenticate("export", args.tenant)
+        ctx.cfg = await _tenant_cfg(ctx, args.tenant)  # the tenant's region's server
         t = await ctx.tenant(args.tenant, "export")
         if t.status == "purged":
             raise await ctx.refuse(LifecycleError(OBJECT_NOT_IN_STATE, f'tenant "{t.name}" has been purged: nothing to export'), t.name, "export")
@@ -310,11 +223,16 @@ async def _offboard(args) -> int:
     async with _context(args) as ctx:
         await ctx.authenticate("offboard", args.tenant)
         await ctx.require_approver(args.tenant, "offboard")
+        ctx.cfg = await _tenant_cfg(ctx, args.tenant)  # the tenant's region's server
         t = await ctx.tenant(args.tenant, "offboard")
         if t.status != "active":
             raise await ctx.refuse(LifecycleError(OBJECT_NOT_IN_STATE, f'tenant "{t.name}" is {t.status}, not active'), t.name, "offboard")
         t = await ctx.plane.set_tenant_status(t.name, "offboarded", actor=ctx.actor)
-        _print_json(t.to_json())
+        from proxy.control.notices import schedule
+
+        notices = await schedule(ctx.plane, t, ctx.cfg.lifecycle.notices)  # sent by `tenantgate notices send`
+        _print_json(dict(t.to_json(), notices=[{"kind": n.kind, "due_at": n.due_at.isoformat(), "final": n.final}
+                                              for n in notices]))
     return 0
 
 
@@ -353,7 +271,7 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
 
     opts = PurgeOptions(batch_rows=ctx.cfg.lifecycle.purge_batch_rows, journal_schema=ctx.cfg.lifecycle.journal_schema,
                         operator=operator, grant_id=None if grant_id is None else str(grant_id),
-                        signer=signer_from_config(ctx.cfg.audit))
+                        signer=signer_from_config(ctx.cfg.audit), destroy_keys=key_destroyer(ctx, tenant, operator))
     t0 = time.monotonic()
     try:
         async with _data(ctx.cfg) as conn:
@@ -374,16 +292,10 @@ async def _run_purge(ctx: _Ctx, tenant: str, *, operator: str, grant_id: int | N
     return receipt
 
 
-async def _pending(cfg: Config) -> list[str]:
-    from proxy.lifecycle.purge import pending_purges
-
-    async with _data(cfg) as conn:
-        return await pending_purges(conn, cfg.lifecycle.journal_schema)
-
-
 async def _purge(args) -> int:
     async with _context(args) as ctx:
         await ctx.authenticate("purge", args.tenant)
+        ctx.cfg = await _tenant_cfg(ctx, args.tenant)  # the tenant's region's server
         t = await ctx.tenant(args.tenant, "purge")
         now = datetime.now(timezone.utc)
         resuming = t.name in await _pending(ctx.cfg)
@@ -415,18 +327,36 @@ async def _purge(args) -> int:
 
 async def _purge_expired(args) -> int:
     failures = 0
-    from proxy.control.plane import Actor
+    from proxy.commands.tenant_notices import final_notice_ok
+    from proxy.control.model import Actor
 
     async with _context(args) as ctx:
         service = ctx.cfg.lifecycle.service_name
         ctx.actor = Actor(service, frozenset())  # names the service in the audit records; it holds no roles
         now = datetime.now(timezone.utc)
-        pending = set(await _pending(ctx.cfg))
+        from proxy.control.placement import config_for_region
+
+        base_cfg = ctx.cfg
+        pending = set()
+        for region in base_cfg.region_names():  # purges under way on any region's server
+            pending.update(await _pending(config_for_region(base_cfg, region)))
         due = [t for t in await ctx.plane.list_tenants()
                if (t.status == "offboarded" and t.retention_end is not None and t.retention_end <= now)
                or (t.name in pending and t.status != "active")]
+        forced = set(args.force_undelivered or ())
+        approver = None
+        if forced:  # only an approver may purge without a delivered final notice
+            approver = await ctx.authenticate("purge without a delivered final notice", None)
+            await ctx.require_approver(None, "force the purge of")
+            ctx.actor = Actor(service, frozenset())
         for t in due:
+            if (t.status == "offboarded" and t.purge_started_at is None
+                    and not await final_notice_ok(ctx, t, forced, approver)):
+                failures += 1
+                continue
             try:
+                ctx.cfg = base_cfg
+                ctx.cfg = await _tenant_cfg(ctx, t.name)
                 receipt = await _run_purge(ctx, t.name, operator=service, grant_id=None,
                                            mode="resume" if t.status == "purged" else "retention ended")
                 print(json.dumps(receipt, ensure_ascii=False))
@@ -434,15 +364,6 @@ async def _purge_expired(args) -> int:
                 failures += 1
                 print(_format_error(e), file=sys.stderr)
     return 1 if failures else 0
-
-
-def _format_error(e: BaseException) -> str:
-    if isinstance(e, LifecycleError):
-        return str(e)
-    sqlstate = getattr(e, "sqlstate", None)
-    if sqlstate:
-        return f"ERROR:  {e} (SQLSTATE {sqlstate})"
-    return f"ERROR:  {e}"
 
 
 # --------------------------------------------------------------------------- argparse
@@ -457,7 +378,7 @@ def _run_loop(coro):
 
 def _runner(coro_fn):
     def run(args) -> int:
-        from proxy.control.plane import ControlError
+        from proxy.control.model import ControlError
 
         try:
             return _run_loop(coro_fn(args))
@@ -501,6 +422,12 @@ def register(sub):
 
     sp = add("list", _list, "tenants and their lifecycle status", [common])
     sp.add_argument("--json", action="store_true")
+    sp = add("place", _place, "set the region a tenant's data lives in (approver; rows move with `tenant move`)",
+             [common, actor])
+    sp.add_argument("tenant")
+    sp.add_argument("--region", required=True)
+    sp.add_argument("--reason", help="why (recorded in the audit chain)")
+    sp.add_argument("--force", action="store_true", help="place it although it has rows in its current region")
     sp = add("register", _register, "register a tenant as active (approver)", [common, actor])
     sp.add_argument("tenant")
     sp = add("export", _export, "export a tenant's rows (read grant)", [common, actor, granted])
@@ -526,4 +453,14 @@ def register(sub):
     sp.add_argument("tenant")
     sp.add_argument("--now", action="store_true", help="purge before the retention period ends")
     sp.add_argument("--confirm", metavar="TENANT", help="with --now: the tenant id again")
-    add("purge-expired", _purge_expired, "purge every tenant whose retention ended (service identity)", [common])
+    sp = add("purge-expired", _purge_expired, "purge every tenant whose retention ended and whose final notice "
+             "was delivered (service identity)", [common, actor])
+    sp.add_argument("--force-undelivered", action="append", metavar="TENANT",
+                    help="purge TENANT although its final notice was not delivered (approver, with --as)")
+    from proxy.commands.tenant_notices import contact
+
+    sp = add("contact", contact, "show, or set (approver), where a tenant's retention notices go", [common, actor])
+    sp.add_argument("tenant")
+    sp.add_argument("--webhook", metavar="URL", help="HTTP(S) URL that receives the signed notices (JSON POST)")
+    register_backup(tsub, add, common, actor, granted)  # backup, restore-backup, backup-keygen
+    register_move(add, common, actor)  # move (proxy/commands/tenant_move.py)

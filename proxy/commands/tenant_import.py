@@ -20,19 +20,21 @@ import os
 import time
 
 from proxy.commands.receipt import read_limits
-from proxy.control.signing import verify_keys_from_config
+from proxy.signing import verify_keys_from_config
 from proxy.lifecycle.tables import OBJECT_NOT_IN_STATE, LifecycleError
 
 IMPORT = "tenant.import"
 
 
 async def run_import(args) -> int:
-    from proxy.commands.tenant import DONE, FAILED, _context, _data, _pending, _print_json, _schema
-    from proxy.control.tenants import reactivate_purged
+    from proxy.commands.tenant_context import DONE, FAILED, _context, _data, _pending, _print_json, _schema
     from proxy.lifecycle.importer import import_tenant
 
     async with _context(args) as ctx:
         await ctx.authenticate("import", args.tenant)
+        from proxy.control.placement import tenant_config
+
+        ctx.cfg = await tenant_config(ctx.plane, ctx.cfg, args.tenant)  # the server of the tenant's region
         t = await ctx.tenant(args.tenant, "import")
         reactivate = t.status == "purged"
         if t.status == "offboarded":
@@ -63,8 +65,8 @@ async def run_import(args) -> int:
                 result = await import_tenant(conn, schema, t.name, args.path, limits=read_limits(ctx.cfg),
                                              keys=verify_keys_from_config(ctx.cfg.audit) or None)
             if reactivate:
-                t = await reactivate_purged(ctx.plane, t.name, actor=ctx.actor, grant_id=g.id,
-                                            detail={"import_seq": seq, "rows": result["total_rows"]})
+                t = await ctx.plane.reactivate_purged(t.name, actor=ctx.actor, grant_id=g.id,
+                                                      detail={"import_seq": seq, "rows": result["total_rows"]})
         except Exception as e:
             await ctx.audit(IMPORT + FAILED, grant_id=g.id, tenant=t.name, ref_seq=seq,
                             sqlstate=getattr(e, "sqlstate", "XX000"), detail={"message": str(getattr(e, "message", e))})

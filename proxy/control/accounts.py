@@ -50,8 +50,10 @@ from . import audit as A
 from .credentials import make_verifier, new_totp_secret, totp_uri
 from .grant_policy import GrantPolicy, PolicyError, parse_settings, read_policy, write_policy
 
+from .model import ROLES, Actor, AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+
 if TYPE_CHECKING:
-    from .plane import Actor, ControlPlane
+    from .plane import ControlPlane
 
 BOOTSTRAP_APPROVERS = 2
 KINDS = ("account.create", "account.roles", "account.reset", "account.enable", "policy.set")
@@ -101,8 +103,6 @@ def token_hash(token: str) -> str:
 
 
 def _errors():
-    from .plane import InvalidRequest, NotFound, PermissionDenied
-
     return InvalidRequest, NotFound, PermissionDenied
 
 
@@ -195,7 +195,6 @@ def _settings(settings: dict) -> dict[str, int]:
 
 async def request_change(plane: "ControlPlane", actor: "Actor", kind: str, account: str | None = None,
                          payload: dict | None = None, reason: str | None = None) -> ChangeRequest:
-    from .plane import ROLES
 
     InvalidRequest, NotFound, PermissionDenied = _errors()
     if kind not in KINDS:
@@ -339,7 +338,6 @@ async def _apply(plane, conn, req: ChangeRequest, actor: "Actor", policy: GrantP
 
 async def enrol(plane: "ControlPlane", token: str, password: str) -> tuple[str, str, str]:
     """The person sets their own password and gets their own TOTP secret: (name, secret, otpauth URI)."""
-    from .plane import AuthenticationFailed
 
     if not password:
         InvalidRequest, _, _ = _errors()

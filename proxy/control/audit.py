@@ -67,7 +67,7 @@ from proxy import metrics
 from proxy.textsafe import json_line_safe
 
 from .checkpoints import checkpoint_message, due_seqs, insert_checkpoints  # noqa: F401  (re-exported)
-from .signing import (  # noqa: F401  (re-exported: the audit key's API)
+from proxy.signing import (  # noqa: F401  (re-exported: the audit key's API)
     Signer,
     key_id_of,
     load_private_key,
@@ -485,7 +485,3 @@ async def export_records(
                 break
             for row in batch:
                 yield json_line_safe(json.dumps(row_to_json(row), sort_keys=True, ensure_ascii=False))
-
-
-# Verification lives in its own module; re-exported here (it imports this one).
-from .audit_verify import Coverage, Problem, VerifyReport, verify_chain  # noqa: E402,F401

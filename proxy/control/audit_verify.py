@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .audit import GENESIS_HASH, _q, record_from_row, record_hash
 from .checkpoints import checkpoint_message
-from .signing import verify_signature
+from proxy.signing import verify_signature
 from .witness import WitnessEntry
 
 

@@ -30,7 +30,7 @@ import json
 from datetime import datetime, timezone
 from typing import Sequence
 
-from .signing import Signer
+from proxy.signing import Signer
 from .witness import WitnessEntry
 
 

@@ -64,7 +64,8 @@ from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionGate, 
 from . import audit as A
 from proxy.lifecycle.purge import sessions_lock_name
 
-from .plane import AUTH_FAILED_SQLSTATE, ActiveGrant, ControlPlane
+from .model import AUTH_FAILED_SQLSTATE, ActiveGrant
+from .plane import ControlPlane
 
 log = logging.getLogger("tenantgate.operator")
 
@@ -91,6 +92,9 @@ class StatementNote:
 class OperatorSessionGate:
     kind = SessionKind.OPERATOR
     audited = True
+    # proxy.seam.BackstopBound: the session sets it, but an operator session never switches tenants
+    # (its grant's tenant is bound when the connection opens), so it is never called
+    backstop_bind = None
 
     def __init__(self, plane: ControlPlane, inner: SessionGate, grant: ActiveGrant, startup: StartupInfo, *,
                  hold_session_lock: bool = False,

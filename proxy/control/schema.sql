@@ -257,3 +257,166 @@ CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON @schema@.audit_c
 DROP TRIGGER IF EXISTS audit_head_no_truncate ON @schema@.audit_head;
 CREATE TRIGGER audit_head_no_truncate BEFORE DELETE OR TRUNCATE ON @schema@.audit_head
     FOR EACH STATEMENT EXECUTE FUNCTION @schema@.audit_append_only();
+
+-- ---------------------------------------------------------------- retention notices (issue 18, part 1)
+-- Where a tenant's retention notices go (`tenantgate tenant contact`, approver).
+CREATE TABLE IF NOT EXISTS @schema@.tenant_contacts (
+    tenant      text PRIMARY KEY,
+    webhook_url text NOT NULL CHECK (webhook_url ~ '^https?://'),
+    updated_by  text NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per notice of one offboarding (retention_end tells offboardings apart):
+-- scheduled when the tenant is offboarded (and by `notices send` if missing),
+-- sent once by `tenantgate notices send` (rows claimed FOR UPDATE SKIP LOCKED).
+CREATE TABLE IF NOT EXISTS @schema@.retention_notices (
+    tenant          text NOT NULL,
+    retention_end   timestamptz NOT NULL,
+    kind            text NOT NULL,            -- 'offboarded' or 'days_before:N'
+    due_at          timestamptz NOT NULL,
+    final           boolean NOT NULL DEFAULT false,
+    state           text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed', 'cancelled')),
+    attempts        integer NOT NULL DEFAULT 0,
+    last_error      text,
+    last_attempt_at timestamptz,
+    delivered_at    timestamptz,
+    PRIMARY KEY (tenant, retention_end, kind)
+);
+CREATE INDEX IF NOT EXISTS retention_notices_due ON @schema@.retention_notices (due_at) WHERE state = 'pending';
+REVOKE ALL ON @schema@.tenant_contacts, @schema@.retention_notices FROM PUBLIC;
+-- ---------------------------------------------------------------- tenant rights (issue 18, part 2)
+-- Per-tenant data keys of tenantgate backups (proxy/lifecycle/keys.py).  The key
+-- is stored only WRAPPED (AES key wrap, RFC 3394) by the master key, which is
+-- not in the database (lifecycle.backup_master_key_file/_env).  A purge sets
+-- wrapped_key to NULL: every backup encrypted with that key becomes unreadable.
+CREATE TABLE IF NOT EXISTS @schema@.tenant_keys (
+    key_id        text PRIMARY KEY,
+    tenant        text NOT NULL,
+    wrapped_key   bytea,                      -- NULL once destroyed
+    master_key_id text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    destroyed_at  timestamptz,
+    destroyed_by  text,
+    CHECK ((wrapped_key IS NULL) = (destroyed_at IS NOT NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tenant_keys_live ON @schema@.tenant_keys (tenant) WHERE destroyed_at IS NULL;
+-- a destroyed key stays destroyed
+CREATE OR REPLACE FUNCTION @schema@.tenant_keys_no_resurrect() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.destroyed_at IS NOT NULL THEN
+        RAISE EXCEPTION 'tenant data key % was destroyed and cannot be changed', OLD.key_id
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS tenant_keys_no_resurrect ON @schema@.tenant_keys;
+CREATE TRIGGER tenant_keys_no_resurrect BEFORE UPDATE ON @schema@.tenant_keys
+    FOR EACH ROW EXECUTE FUNCTION @schema@.tenant_keys_no_resurrect();
+
+-- Third-party demands (proxy/control/demands.py): a request by an authority for
+-- one tenant's data, the disclosure grants bound to it, and the tenant notices.
+CREATE TABLE IF NOT EXISTS @schema@.demands (
+    id            bigserial PRIMARY KEY,
+    tenant        text NOT NULL,
+    authority     text NOT NULL CHECK (length(btrim(authority)) > 0),
+    reference     text NOT NULL CHECK (length(btrim(reference)) > 0),
+    gag_until     timestamptz,
+    registered_by text NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    record        jsonb                       -- the signed demand record
+);
+CREATE TABLE IF NOT EXISTS @schema@.disclosure_grants (
+    id                 bigserial PRIMARY KEY,
+    demand_id          bigint NOT NULL REFERENCES @schema@.demands (id),
+    tenant             text NOT NULL,
+    requester          text NOT NULL,
+    reason             text NOT NULL CHECK (length(btrim(reason)) > 0),
+    duration_s         integer NOT NULL CHECK (duration_s > 0),
+    approvals_required integer NOT NULL CHECK (approvals_required >= 2),
+    state              text NOT NULL DEFAULT 'pending'
+                       CHECK (state IN ('pending', 'approved', 'denied', 'expired', 'used')),
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    pending_until      timestamptz NOT NULL,
+    approved_at        timestamptz,
+    expires_at         timestamptz,
+    ended_at           timestamptz
+);
+CREATE TABLE IF NOT EXISTS @schema@.disclosure_approvals (
+    grant_id   bigint NOT NULL REFERENCES @schema@.disclosure_grants (id),
+    approver   text NOT NULL,
+    decision   text NOT NULL CHECK (decision IN ('approve', 'deny')),
+    comment    text,
+    decided_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (grant_id, approver)
+);
+CREATE TABLE IF NOT EXISTS @schema@.demand_notices (
+    id          bigserial PRIMARY KEY,
+    demand_id   bigint NOT NULL REFERENCES @schema@.demands (id),
+    tenant      text NOT NULL,
+    due_at      timestamptz NOT NULL,          -- registration, or the end of the gag
+    state       text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent')),
+    attempts    integer NOT NULL DEFAULT 0,
+    last_error  text,
+    sent_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS demand_notices_due ON @schema@.demand_notices (due_at) WHERE state = 'pending';
+-- (no schema_version row of its own: these tables are created on first use too,
+-- proxy.control.demands.ensure_schema, and other sections may claim version 3)
+-- ---------------------------------------------------------------- tenant placement (issue 19, part 1)
+-- Where each tenant's data lives (proxy/control/placement.py, docs/scale-out.md): a region, which
+-- names a backend entry of the config (regions: {name: backend}).  A tenant without a row is in
+-- the config's placement.default_region.  `moving` is set while `tenant move` copies the tenant.
+CREATE TABLE IF NOT EXISTS @schema@.placements (
+    tenant      text PRIMARY KEY,
+    region      text NOT NULL CHECK (region ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
+    moving      boolean NOT NULL DEFAULT false,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    updated_by  text NOT NULL
+);
+REVOKE ALL ON @schema@.placements FROM PUBLIC;
+-- Operator residency: the regions whose tenants an account may be granted (NULL: every region).
+ALTER TABLE @schema@.operators ADD COLUMN IF NOT EXISTS regions text[];
+
+-- Every instance learns a placement change (kind 'placement') and re-routes new sessions.
+CREATE OR REPLACE FUNCTION @schema@.notify_placement() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+    PERFORM pg_notify('@channel@', json_build_object(
+        'kind', 'placement', 'tenant', r.tenant,
+        'region', CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE r.region END,
+        'moving', CASE WHEN TG_OP = 'DELETE' THEN false ELSE r.moving END)::text);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS placements_notify ON @schema@.placements;
+CREATE TRIGGER placements_notify AFTER INSERT OR UPDATE OR DELETE ON @schema@.placements
+    FOR EACH ROW EXECUTE FUNCTION @schema@.notify_placement();
+
+-- Online tenant moves (proxy/lifecycle/move.py, `tenantgate tenant move`): one row per move, the
+-- step it reached, so a killed move can be resumed or rolled back (--resume / --abort).  The
+-- publication (on the source) and the subscription (on the target) are named after the move.
+CREATE TABLE IF NOT EXISTS @schema@.tenant_moves (
+    id            bigserial PRIMARY KEY,
+    tenant        text NOT NULL,
+    source_region text NOT NULL,
+    target_region text NOT NULL CHECK (target_region <> source_region),
+    step          text NOT NULL DEFAULT 'requested'
+                  CHECK (step IN ('requested', 'approved', 'checked', 'copying', 'synced', 'cutover',
+                                  'flipped', 'cleaned', 'done', 'aborting', 'aborted')),
+    publication   text NOT NULL,
+    subscription  text NOT NULL,
+    requested_by  text NOT NULL,
+    approved_by   text CHECK (approved_by IS NULL OR approved_by <> requested_by),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    flipped_at    timestamptz,
+    finished_at   timestamptz,
+    error         text,
+    detail        jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+-- at most one unfinished move per tenant
+CREATE UNIQUE INDEX IF NOT EXISTS tenant_moves_open ON @schema@.tenant_moves (tenant)
+    WHERE step NOT IN ('done', 'aborted');

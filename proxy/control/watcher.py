@@ -59,6 +59,7 @@ class Subscription:
     on_grant_ended: Callable[[int, str], Any] | None
     on_tenant_changed: Callable[[str, str], Any] | None
     watcher: "Watcher"
+    on_placement_changed: Callable[[str, str | None, bool], Any] | None = None  # (tenant, region, moving)
 
     def close(self) -> None:
         self.watcher._subs.pop(self.id, None)
@@ -100,8 +101,8 @@ class Watcher:
             self._end(grant_id, "expired")
         return w
 
-    def subscribe(self, on_grant_ended=None, on_tenant_changed=None) -> Subscription:
-        sub = Subscription(next(self._ids), on_grant_ended, on_tenant_changed, self)
+    def subscribe(self, on_grant_ended=None, on_tenant_changed=None, on_placement_changed=None) -> Subscription:
+        sub = Subscription(next(self._ids), on_grant_ended, on_tenant_changed, self, on_placement_changed)
         self._subs[sub.id] = sub
         return sub
 
@@ -122,6 +123,11 @@ class Watcher:
             for sub in list(self._subs.values()):
                 if sub.on_tenant_changed is not None:
                     self._call(sub.on_tenant_changed, msg.get("name"), msg.get("status"))
+        elif msg.get("kind") == "placement":  # proxy/control/placement.py
+            for sub in list(self._subs.values()):
+                if sub.on_placement_changed is not None:
+                    self._call(sub.on_placement_changed, msg.get("tenant"), msg.get("region"),
+                               bool(msg.get("moving")))
 
     def _end(self, grant_id: int, reason: str) -> None:
         for w in list(self._watches.values()):

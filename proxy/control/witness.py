@@ -20,7 +20,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Iterable
 
 log = logging.getLogger("tenantgate.audit")
@@ -82,11 +81,3 @@ def read_witness(path: str) -> list[WitnessEntry]:
                 raise WitnessError(f"witness file {path}, line {n}: not a checkpoint entry")
             out.append(entry)
     return out
-
-
-def entry_from_checkpoint(seq: int, record_hash: str, signed_at: datetime | str, key_id: str,
-                          signature: str) -> WitnessEntry:
-    from .checkpoints import iso
-
-    return WitnessEntry(seq, record_hash, signed_at if isinstance(signed_at, str) else iso(signed_at),
-                        key_id, signature)

@@ -7,7 +7,9 @@ One module per job (the CLI is ``proxy/commands/tenant.py``; see docs/lifecycle.
 * :mod:`proxy.lifecycle.importer` — load an export into an empty tenant in one transaction;
 * :mod:`proxy.lifecycle.purge`    — batched, resumable, verified purge and its receipt;
 * :mod:`proxy.lifecycle.status`   — what offboarded / purged mean for sessions (for the gate);
-* :mod:`proxy.lifecycle.progress` — the tiny terminal-only progress line.
+* :mod:`proxy.lifecycle.progress` — the tiny terminal-only progress line;
+* :mod:`proxy.lifecycle.self_export` — the tenant's own export through tenantgate (client side);
+* :mod:`proxy.lifecycle.webhook`  — signed webhook delivery with retries (retention notices).
 
 All of it takes plain inputs (an asyncpg connection, the tenant column, the
 tables), so it does not depend on the control plane.

@@ -405,14 +405,17 @@ def check_manifest_signature(manifest: dict, keys: dict | None, where) -> None:
     """The manifest's Ed25519 signature (proxy.lifecycle.attest), when ``keys`` is given."""
     if keys is None:
         return
-    from proxy.control.signing import SignatureError
+    from proxy.signing import SignatureError
     from proxy.lifecycle.attest import verify_document
 
     try:
         verify_document(manifest, keys)
     except SignatureError as e:
-        raise LifecycleError(DATA_CORRUPTED, f'export "{where}": {e}',
-                             hint="only an export whose manifest carries tenantgate's signature can be trusted")
+        hint = "only an export whose manifest carries tenantgate's signature can be trusted"
+        if manifest.get("exported_by") == "tenant" and "signature" not in manifest:
+            hint = ("a self-service export (tenantgate export --dsn) is not signed: check its checksums with "
+                    "--no-signature; the audit chain holds its manifest's SHA-256")
+        raise LifecycleError(DATA_CORRUPTED, f'export "{where}": {e}', hint=hint)
 
 
 def verify_export(path: str | os.PathLike, *, keys: dict | None = None, limits: ReadLimits | None = None) -> dict:

@@ -1,8 +1,8 @@
-"""Signed deletion receipts and export manifests, verified offline: one implementation for both.
+"""Signed deletion receipts, export manifests and demand records, verified offline: one implementation.
 
 tenantgate vouches for two documents a tenant's admins keep: the *deletion
 receipt* of a purge and the *manifest* of an export.  Both are signed with
-the audit key (Ed25519, ``audit.signing_key_file``; :mod:`proxy.control.signing`)
+the audit key (Ed25519, ``audit.signing_key_file``; :mod:`proxy.signing`)
 when they are made, as a ``signature`` object over the canonical JSON of the
 rest of the document.  A checksum alone proves nothing: anyone can write a
 receipt and compute its SHA-256.
@@ -12,6 +12,8 @@ writes it as ``KEY.pub``): ``tenantgate receipt verify FILE --key KEY.pub``
 for a receipt, a ``manifest.json``, or a whole export (directory or
 ``.tar.zst``), and ``tenantgate tenant verify-export`` checks the manifest
 signature before the files.  :func:`verify_document` is the one check both use.
+Demand records (:mod:`proxy.control.demands`) are signed the same way and
+checked by the same ``receipt verify``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.control.signing import SIGNATURE_FIELD, SignatureError, Signer, check_document, sign_document
+from proxy.signing import SIGNATURE_FIELD, SignatureError, Signer, check_document, sign_document
 
 RECEIPT_TYPE = "tenant_deletion_receipt"
+DEMAND_TYPE = "tenant_demand_record"  # proxy.control.demands
 MANIFEST_FORMAT = "tenantgate-tenant-export"
 MAX_DOCUMENT_BYTES = 16 << 20  # a receipt or manifest larger than this is not one of ours
 
@@ -40,6 +43,10 @@ class Attestation:
             return (f'deletion receipt OK: tenant "{d.get("tenant")}", {d.get("total_rows")} rows deleted, '
                     f'finished {d.get("finished_at")}, remaining rows verified {d.get("verified_remaining_rows")}; '
                     f"signed with key {self.key_id}")
+        if self.kind == "demand":
+            return (f'demand record OK: demand {d.get("demand_id")} for tenant "{d.get("tenant")}" by '
+                    f'{d.get("authority")} (ref {d.get("reference")}), registered {d.get("registered_at")} by '
+                    f'{d.get("registered_by")}, gag until {d.get("gag_until") or "-"}; signed with key {self.key_id}')
         return (f'export manifest OK: tenant "{d.get("tenant")}", {d.get("total_rows")} rows in '
                 f'{len(d.get("tables") or [])} tables, snapshot {d.get("snapshot_time")}; signed with key {self.key_id}')
 
@@ -54,7 +61,9 @@ def kind_of(doc: Any) -> str:
         return "receipt"
     if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT:
         return "manifest"
-    raise SignatureError("not a tenantgate deletion receipt or export manifest")
+    if isinstance(doc, dict) and doc.get("type") == DEMAND_TYPE:
+        return "demand"
+    raise SignatureError("not a tenantgate deletion receipt, export manifest or demand record")
 
 
 def sign(doc: dict, signer: Signer | None) -> dict:
@@ -67,7 +76,7 @@ def verify_document(doc: Any, keys: dict) -> Attestation:
 
     Raises :class:`SignatureError` with a message naming what is wrong."""
     kind = kind_of(doc)
-    what = "deletion receipt" if kind == "receipt" else "export manifest"
+    what = {"receipt": "deletion receipt", "manifest": "export manifest", "demand": "demand record"}[kind]
     if kind == "receipt" and doc.get("receipt_sha256") != _receipt_sha256(doc):
         raise SignatureError(f"the {what} was altered: receipt_sha256 does not match its contents")
     key_id = check_document(doc, keys, what)

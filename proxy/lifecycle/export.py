@@ -200,10 +200,19 @@ async def export_tenant(
     data_format: str = "csv",
     progress: Progress | None = None,
     signer=None,
+    through_proxy: bool = False,
+    manifest_extra: dict | None = None,
+    disclosure: dict | None = None,
 ) -> dict:
     """Export ``tenant`` to ``out`` (a directory, or a file ending in ``.tar.zst``).
 
-    ``conn`` is an asyncpg connection allowed to read the tenant tables.
+    ``conn`` is an asyncpg connection allowed to read the tenant tables: the
+    ``lifecycle.data_dsn`` role, or (``through_proxy``) a tenant's own session
+    through tenantgate, where the tenant policy filters every COPY and row-level
+    security is the proxy's business (:mod:`proxy.lifecycle.self_export`).
+    ``manifest_extra`` adds keys to the manifest (never replaces one).
+    ``disclosure``: the third-party demand and disclosure grant this export is made
+    under (proxy.control.demands); kept in the signed manifest.
     Returns the manifest (also written as ``manifest.json``), signed with
     ``signer`` (the audit key, see :mod:`proxy.lifecycle.attest`) when given.
     """
@@ -228,9 +237,12 @@ async def export_tenant(
                 "SELECT clock_timestamp() AS t, pg_current_snapshot()::text AS snapshot, "
                 "current_setting('server_version') AS server_version"
             )
-            await scope_session(conn, schema, tenant, local=True)  # RLS must not hide rows
+            if not through_proxy:
+                await scope_session(conn, schema, tenant, local=True)  # RLS must not hide rows
             # The table definitions the manifest describes must be those of this snapshot.
             seen = await discover(conn, schema.tenant_column, tables=[(t.schema, t.name) for t in schema.tables.values()])
+            if through_proxy:  # the session's tenant is the proxy's: a different one is a misuse, not an export
+                await _check_proxy_tenant(conn, tenant)
             if seen.schema_version() != schema.schema_version():
                 raise LifecycleError(
                     OBJECT_NOT_IN_STATE, "the tenant tables changed while the export was starting", hint="run it again"
@@ -297,6 +309,10 @@ async def export_tenant(
             "total_rows": sum(t["rows"] for t in tables_doc),
             "complete": True,
         }
+        for k, v in (manifest_extra or {}).items():
+            manifest.setdefault(k, v)
+        if disclosure is not None:
+            manifest["disclosure"] = disclosure
         manifest = attest.sign(manifest, signer)
         sink.finish(json.dumps(manifest, indent=2, ensure_ascii=False).encode() + b"\n")
     except BaseException as e:
@@ -314,6 +330,14 @@ async def export_tenant(
             ) from e
         raise
     return manifest
+
+
+async def _check_proxy_tenant(conn, tenant: str) -> None:
+    """Through tenantgate the tenant GUC is the proxy's binding; it must name the tenant exported."""
+    bound = await conn.fetchval("SELECT current_setting('tenantgate.tenant_id', true)")
+    if bound != tenant:
+        raise LifecycleError(OBJECT_NOT_IN_STATE, f'the session is bound to tenant "{bound}", not "{tenant}"',
+                             hint="connect through tenantgate with the tenant's own credential")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -36,9 +36,9 @@ from proxy.lifecycle.tables import (
     LifecycleError,
     TenantSchema,
     TenantTable,
-    quote_ident,
     scope_session,
 )
+from proxy.policy.names import quote_ident
 
 
 def _check_compatible(manifest: dict, schema: TenantSchema, tenant: str, path: Path) -> None:

@@ -42,6 +42,10 @@ so other tenants' queries never wait long on it.
   concurrent purge of the same tenant fail at once (55P03).
 * **Verification**: at the end, one snapshot checks that zero rows of the
   tenant remain in every tenant table; otherwise it fails.
+* **Crypto-shredding**: once verified, ``PurgeOptions.destroy_keys`` (the CLI
+  passes :func:`proxy.lifecycle.keys.destroy_tenant_keys`) destroys the
+  tenant's backup data keys; the receipt lists them (``backup_keys_destroyed``),
+  so every backup tenantgate made of the tenant is unreadable from then on.
 
 The receipt (tenant, per-table counts, start, end, operator, grant, schema
 version, and ``receipt_sha256``: the SHA-256 of the receipt's canonical JSON
@@ -63,6 +67,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import proxy
+from proxy.policy.names import TENANT_GUC, quote_ident
 from proxy.lifecycle.tables import (
     FK_VIOLATION,
     INSUFFICIENT_PRIVILEGE,
@@ -70,8 +75,6 @@ from proxy.lifecycle.tables import (
     LifecycleError,
     TenantSchema,
     TenantTable,
-    quote_ident,
-    TENANT_GUC,
     scope_session,
 )
 
@@ -112,7 +115,10 @@ class PurgeOptions:
     sessions_wait_s: float = 30.0  # how long to wait for the tenant's operator sessions to end
     # test hook: awaited after the first external-reference check, before any delete transaction
     after_check: Callable[[], Awaitable[None]] | None = None
-    signer: object | None = None  # proxy.control.signing.Signer: the receipt is signed with the audit key
+    signer: object | None = None  # proxy.signing.Signer: the receipt is signed with the audit key
+    # Awaited once every row is verified gone, before the receipt is sealed: destroys the tenant's backup
+    # data keys (proxy.lifecycle.keys.destroy_tenant_keys) and returns them; the receipt lists them.
+    destroy_keys: Callable[[], Awaitable[list[dict]]] | None = None
 
 
 def sessions_lock_name(tenant: str) -> str:
@@ -439,24 +445,31 @@ async def _purge(conn, schema, tenant, options, record_receipt, on_batch) -> dic
             hint="rows were added while purging; run the purge again",
         )
     totals = await journal.totals()
+    destroyed = await options.destroy_keys() if options.destroy_keys is not None else None
     finished = await conn.fetchval("SELECT clock_timestamp()")
-    receipt = seal_receipt(
-        {
-            "type": "tenant_deletion_receipt",
-            "tenant": tenant,
-            "tenant_column": schema.tenant_column,
-            "tables": {k: int(totals.get(k, 0)) for k in schema.purge_order()},
-            "total_rows": int(sum(totals.values())),
-            "started_at": started.astimezone(timezone.utc).isoformat(),
-            "finished_at": finished.astimezone(timezone.utc).isoformat(),
-            "operator": options.operator,
-            "grant_id": options.grant_id,
-            "verified_remaining_rows": 0,
-            "schema_version": schema.schema_version(),
-            "tenantgate_version": proxy.__version__,
-            "not_reached": ["backups", "WAL archives", "replicas until they replay the deletes", "exports already taken"],
-        }
-    )
+    not_reached = ["backups taken outside tenantgate", "WAL archives", "replicas until they replay the deletes",
+                   "exports already taken"]
+    if destroyed is None:
+        not_reached[0] = "backups"
+    doc = {
+        "type": "tenant_deletion_receipt",
+        "tenant": tenant,
+        "tenant_column": schema.tenant_column,
+        "tables": {k: int(totals.get(k, 0)) for k in schema.purge_order()},
+        "total_rows": int(sum(totals.values())),
+        "started_at": started.astimezone(timezone.utc).isoformat(),
+        "finished_at": finished.astimezone(timezone.utc).isoformat(),
+        "operator": options.operator,
+        "grant_id": options.grant_id,
+        "verified_remaining_rows": 0,
+        "schema_version": schema.schema_version(),
+        "tenantgate_version": proxy.__version__,
+        "not_reached": not_reached,
+    }
+    if destroyed is not None:
+        # crypto-shredding: every tenantgate backup of the tenant was encrypted with one of these keys
+        doc["backup_keys_destroyed"] = destroyed
+    receipt = seal_receipt(doc)
     if options.signer is not None:
         from proxy.lifecycle.attest import sign
 

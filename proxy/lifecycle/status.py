@@ -10,7 +10,7 @@
 * ``active`` (or unknown to the control plane): no restriction from here.
 
 Takes anything with ``name``, ``status`` and ``retention_end`` attributes
-(e.g. :class:`proxy.control.plane.Tenant`), or None.
+(e.g. :class:`proxy.control.model.Tenant`), or None.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from proxy.policy.names import TENANT_GUC, quote_ident
 from proxy.seam import SqlStateError
 
 
@@ -56,13 +57,6 @@ FK_VIOLATION = "23503"
 CHECK_VIOLATION = "23514"  # a row whose tenant column is not the target tenant
 INSUFFICIENT_PRIVILEGE = "42501"
 INVALID_AUTHORIZATION = "28000"
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier exactly as PostgreSQL's quote_ident would when in doubt (always quotes)."""
-    if "\x00" in name:
-        raise LifecycleError(INVALID_PARAMETER, "identifier contains a NUL character")
-    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_literal(value: str) -> str:
@@ -284,7 +278,7 @@ SELECT con.conname AS name,
              JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.i)::text[] AS child_columns,
        ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(attnum, i)
              JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.i)::text[] AS parent_columns,
-       con.condeferrable AS deferrable
+       con.condeferrable AS is_deferrable
 FROM pg_constraint con
 JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
 JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
@@ -355,7 +349,7 @@ async def discover(
             f"{f['parent_schema']}.{f['parent_name']}",
             tuple(f["child_columns"]),
             tuple(f["parent_columns"]),
-            f["deferrable"],
+            f["is_deferrable"],
         )
         if fk.parent in tenant_tables:
             (fks if fk.child in tenant_tables else blockers).append(fk)
@@ -363,7 +357,6 @@ async def discover(
 
 
 # --------------------------------------------------------------------------- session scoping
-TENANT_GUC = "tenantgate.tenant_id"
 TENANTGATE_POLICIES = ("tenantgate_tenant_access", "tenantgate_tenant_isolation", "tenantgate_tenant_update",
                        "tenantgate_tenant_delete")
 

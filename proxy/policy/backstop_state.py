@@ -13,7 +13,7 @@ The backstop (deploy/postgres/bootstrap.sql, proxy/backstop.py) is in place on a
   (nothing beside tenantgate's policies widens or muddles access).
 
 :func:`judge` returns ``None`` when all of this holds, else the first reason it does not.  The
-catalog snapshot (proxy/policy/catalog.py) reads the inputs with :data:`POLICY_SQL`, and so does
+catalog loader (proxy/catalog_sync.py) reads the inputs with :data:`POLICY_SQL`, and so does
 ``tenantgate doctor``.
 """
 

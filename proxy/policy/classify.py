@@ -1,7 +1,7 @@
 """Pass 2: which statement kinds a tenant session may run, and their class.
 
 Allowed (parsed by sqlglot): SELECT (incl. VALUES, TABLE, set operations, WITH, FOR
-UPDATE/SHARE), INSERT, UPDATE, DELETE, MERGE.  Allowed (parsed by commands.py): see that module.
+UPDATE/SHARE), INSERT, UPDATE, DELETE, MERGE.  Allowed (parsed by utility_statements.py): see that module.
 Everything else is refused with 42501 naming the statement (DDL, GRANT, LISTEN/NOTIFY, DO,
 CALL, VACUUM, LOCK, SELECT INTO, ...), or 0A000 when the proxy does not support it.
 

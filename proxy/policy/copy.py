@@ -19,9 +19,10 @@ import struct
 from sqlglot.tokens import Token, TokenType
 
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
-from proxy.policy.inject import TENANT, Edit
-from proxy.policy.piece import CopyInSpec, Piece
-from proxy.policy.resolve import fold_identifier, quote_ident, truncate_identifier, UnknownRelation
+from proxy.policy.edits import TENANT, Edit
+from proxy.policy.statement_result import CopyInSpec, Piece
+from proxy.policy.names import quote_ident
+from proxy.policy.resolve import fold_identifier, truncate_identifier, UnknownRelation
 from proxy.policy.tenantvalue import binary_matches, text_matches
 
 
@@ -608,11 +609,3 @@ def binary_tuple(buf, p: int, nf: int, want: int = -1) -> tuple[int, bytes | Non
         elif ln == 0 and k == want:
             value = b""
     return p, value
-
-def copy_in_check(spec: CopyInSpec, tenant: str | None, type_: str):
-    """The data-stream check of one COPY FROM STDIN: check the tenant column, or add it."""
-    if spec.fill:
-        from proxy.policy.copy_fill import CopyFill
-
-        return CopyFill(spec, tenant, type_)
-    return TenantCopyInCheck(spec, tenant, type_)

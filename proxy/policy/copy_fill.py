@@ -28,7 +28,7 @@ import struct
 import uuid
 
 from proxy.policy.copy import TenantCopyInCheck, _split_text, binary_header_end, binary_tuple, csv_records, text_lines
-from proxy.policy.piece import CopyInSpec
+from proxy.policy.statement_result import CopyInSpec
 
 #: a row (text line, CSV record or binary tuple) longer than this ends the COPY (54000)
 MAX_ROW_BYTES = 64 * 1024 * 1024
@@ -178,3 +178,10 @@ class CopyFill(TenantCopyInCheck):
             pos = end
         del buf[:pos]
         return self._too_long()
+
+
+def copy_in_check(spec: CopyInSpec, tenant: str | None, type_: str):
+    """The data-stream check of one COPY FROM STDIN: check the tenant column, or add it."""
+    if spec.fill:
+        return CopyFill(spec, tenant, type_)
+    return TenantCopyInCheck(spec, tenant, type_)

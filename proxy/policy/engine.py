@@ -7,7 +7,7 @@ Pure Python, no sockets, no I/O.  The passes, one module each, run in order:
                                  the text must parse with PostgreSQL's grammar (lexer.statement_count)
     parse.parse_tokens        -> sqlglot tree with token positions; sqlglot's tokens are cross-checked
                                  against PostgreSQL's (crosscheck.py), exp.Command/parse errors refused
-    commands.command_piece    -> SET/SHOW/RESET, transactions, PREPARE/EXECUTE/DEALLOCATE, EXPLAIN,
+    utility_statements.command_piece    -> SET/SHOW/RESET, transactions, PREPARE/EXECUTE/DEALLOCATE, EXPLAIN,
                                  DECLARE/FETCH/CLOSE, COPY (copy.py): the proxy's own small parser
     classify.classify         -> statement kind (read/write), refuses DDL and everything else
     resolve.resolve_table     -> every relation resolved as PostgreSQL would (search_path, case
@@ -43,55 +43,17 @@ and Bind/COPY checks read the tenant at Bind/COPY time, so prepared statements f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
 
+from proxy.policy.context import Analysis, FunctionCheckerLike, PolicyContext
 from proxy.policy.errors import (
     FEATURE_NOT_SUPPORTED,
     PolicyRefusal,
 )
+from proxy.policy.pipeline import Pipeline
 from proxy.policy.rules import Rules
 from proxy.seam import Forward, Origin, Refuse
 
 log = logging.getLogger(__name__)
-
-DEFAULT_READ_ONLY_MESSAGE = "cannot execute a write statement in a read-only tenant session"
-
-
-class FunctionCheckerLike(Protocol):
-    def check(self, tree: Any) -> None: ...
-
-
-@dataclass(frozen=True)
-class PolicyContext:
-    tenant: str | None
-    read_only: bool = False
-    read_only_message: str = DEFAULT_READ_ONLY_MESSAGE
-    prepared_names: frozenset[str] = frozenset()
-    # Sessions whose tenant can change (tenant tokens): the session's tenant right now.  Given,
-    # statements that outlive one execution reference the backend GUC and checks read it late.
-    tenant_source: Callable[[], str | None] | None = None
-
-
-@dataclass(frozen=True)
-class Effects:
-    """Session-state changes the gate applies when the statement is forwarded."""
-
-    prepared: tuple[str, ...] = ()  # PREPARE name
-    deallocated: tuple[str, ...] = ()  # DEALLOCATE name
-    deallocate_all: bool = False
-    tenant_token: tuple[str, bool] | None = None  # (token, is_local) from SET tenantgate.tenant
-    executed: tuple[str, ...] = ()  # EXECUTE name (PREPAREd earlier): the gate classes it as that statement
-
-
-@dataclass(frozen=True)
-class Analysis:
-    decision: Forward | Refuse
-    effects: Effects = Effects()
-    cached: bool = False
-
-
-from proxy.policy.pipeline import Pipeline  # noqa: E402  (after the dataclasses it uses)
 
 
 class PolicyEngine:
@@ -136,7 +98,7 @@ class PolicyEngine:
         import dataclasses
 
         pipeline = self._pipeline
-        key = (sql, origin, pipeline.catalog_manager.snapshot.version)
+        key = (*pipeline.key(sql, origin), pipeline.catalog_manager.snapshot.version)
 
         def compute():
             tpl = pipeline.build(sql, origin)

@@ -11,7 +11,7 @@ followed by the alias ``x1F``).
 pglast 5.x embeds libpg_query 15, the grammar of the backend (see docs/security.md, "Two
 opinions").  It scans with libpg_query's defaults, which are the settings the proxy keeps
 every session on: ``standard_conforming_strings = on`` and ``backslash_quote =
-safe_encoding`` (clients cannot change either, see commands.SAFE_PARAMETERS) and a UTF-8
+safe_encoding`` (clients cannot change either, see utility_statements.SAFE_PARAMETERS) and a UTF-8
 client encoding (other encodings are refused).
 
 Entry points:
@@ -156,6 +156,21 @@ def split_statements(sql: str) -> list[tuple[int, int]]:
     if first is not None:
         spans.append((first, last))
     return spans
+
+
+def statement_texts(sql: str) -> list[str]:
+    """The statements of ``sql`` as text (split by :func:`split_statements`), each comment replaced
+    by a space, stripped; for parsers of command words such as the admin console's."""
+    out: list[str] = []
+    for start, end in split_statements(sql):
+        parts, pos = [], start
+        for t in tokens_in(sql, start, end, comments=True):
+            if t.name in COMMENTS:
+                parts += [sql[pos:t.start], " "]
+                pos = t.end
+        parts.append(sql[pos:end])
+        out.append("".join(parts).strip())
+    return out
 
 
 def token_at(sql: str, start: int) -> PgToken | None:

@@ -10,7 +10,7 @@ before the parser sees it.
 
 Statement kinds sqlglot does not model (SET, SHOW, EXPLAIN, PREPARE, COPY, ...)
 are not handed to sqlglot at all: they are recognised by their first keyword
-and parsed by :mod:`proxy.policy.commands`.  For everything else a parse
+and parsed by :mod:`proxy.policy.utility_statements`.  For everything else a parse
 error, an ``exp.Command`` fallback, or unconsumed tokens is a refusal (0A000)
 that names the construct.
 
@@ -31,7 +31,7 @@ from proxy.policy.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, PolicyRefus
 
 DIALECT = Postgres()
 
-# First keywords of statements the proxy parses itself (commands.py).
+# First keywords of statements the proxy parses itself (utility_statements.py).
 COMMAND_KEYWORDS = frozenset(
     {
         "SET", "RESET", "SHOW", "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT",
@@ -49,7 +49,7 @@ class Statement:
     end: int  # one past its last token
     tokens: list[Token]
     keyword: str  # upper-cased first word
-    tree: exp.Expression | None = None  # None for commands.py kinds
+    tree: exp.Expression | None = None  # None for utility_statements.py kinds
 
     def text(self, sql: str) -> str:
         return sql[self.start : self.end]

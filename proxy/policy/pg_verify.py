@@ -45,6 +45,7 @@ import json
 from pglast.parser import ParseError, parse_sql_json
 
 from proxy.policy.catalog import CatalogSnapshot, Relation
+from proxy.policy.join_plan import nullable_side, on_filters
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
 from proxy.policy.rules import Rules
 
@@ -237,7 +238,7 @@ class _Verifier:
         jt = join.get("jointype")
         if jt not in ("JOIN_INNER", "JOIN_LEFT", "JOIN_RIGHT", "JOIN_FULL"):
             raise _fail(f"join type {jt}")
-        return jt == "JOIN_FULL" or (jt == "JOIN_LEFT" and side == "r") or (jt == "JOIN_RIGHT" and side == "l")
+        return nullable_side(jt[5:], side)
 
     def clean_below(self, path: list, k: int) -> bool:
         """Between the relation and path[k] (exclusive): never nullable, never behind a join alias."""
@@ -254,7 +255,7 @@ class _Verifier:
             if not self.clean_below(path, k) or not self.has_pred(join.get("quals"), ref):
                 continue
             jt = join.get("jointype")
-            if jt == "JOIN_INNER" or (jt == "JOIN_LEFT" and side == "r") or (jt == "JOIN_RIGHT" and side == "l"):
+            if jt in ("JOIN_INNER", "JOIN_LEFT", "JOIN_RIGHT") and on_filters(jt[5:], side):
                 return True
             if jt == "JOIN_FULL" and e.rel.column_not_null(self.col) and where is not None:
                 above = all(not self.nullable(j, s) and not j.get("alias") for j, s in path[:k])
@@ -471,7 +472,7 @@ class _Verifier:
                             INSUFFICIENT_PRIVILEGE,
                             f"{what} on {rel.qualified} is not allowed in a tenant session: row locks on shared "
                             "tables would block other tenants",
-                            hint=f"lock only tenant tables (FOR UPDATE OF <tenant table alias>)",
+                            hint="lock only tenant tables (FOR UPDATE OF <tenant table alias>)",
                         )
                 if kind == "rel" and node.get("schemaname") is None and node["relname"] in ctes:
                     for rel in self.relations_in(ctes[node["relname"]].get("ctequery"), ctes):

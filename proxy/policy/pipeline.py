@@ -15,8 +15,9 @@ from proxy.metrics import REWRITE_SECONDS
 from proxy.policy.cache import RewriteCache
 from proxy.policy.catalog import CatalogSnapshot
 from proxy.policy.classify import classify, refuse_keyword
-from proxy.policy.commands import command_piece
-from proxy.policy.copy import copy_in_check
+from proxy.policy.utility_statements import command_piece
+from proxy.policy.context import Analysis, Effects
+from proxy.policy.copy_fill import copy_in_check
 from proxy.policy.errors import (
     FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
@@ -24,14 +25,15 @@ from proxy.policy.errors import (
     SYNTAX_ERROR,
     PolicyRefusal,
 )
-from proxy.policy.inject import TENANT, TENANT_LASTING, Edit, inject_tenant
+from proxy.policy.edits import TENANT, TENANT_LASTING, Edit
+from proxy.policy.inject import inject_tenant
 from proxy.policy.resets import advisory_unlock_all_piece
 from proxy.policy.lexer import decode_unicode_escapes, first_word, single_numbers, split_statements, statement_count
 from proxy.policy.parse import COMMAND_KEYWORDS, parse_tokens, tokenize_span, _UESC, _refuse_unicode_escapes
-from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, number_literals, render
+from proxy.policy.normalize import QUERY_KEYWORDS, literal_parts, literals_key, number_literals, render_plan
 from proxy.policy.pg_syntax import reduce_tokens
 from proxy.policy.pg_verify import MARKER_SQL, marker_offsets, pg_verify
-from proxy.policy.piece import CopyInSpec, Piece
+from proxy.policy.statement_result import CopyInSpec, Piece
 from proxy.policy.resolve import UnknownRelation
 from proxy.policy.rules import Rules
 from proxy.policy.tenantvalue import TenantParamCheck, tenant_guc_reference, tenant_literal, text_matches, validate_tenant
@@ -69,6 +71,23 @@ class Template:
     norm_parts: tuple | None = None
     # per-tenant finished Analysis objects (hot path of cache hits); bounded in analyze()
     done: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def _effects(tpl: Template) -> Effects:
+    """What running a template's statement changes in the session (prepared names, tenant token)."""
+    if tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token or tpl.requires_prepared:
+        return Effects(prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
+                       tenant_token=tpl.tenant_token, executed=tpl.requires_prepared)
+    return _NO_EFFECTS
+
+
+def _with_sql(proto: Forward, sql: str) -> Forward:
+    """``proto`` with another text: ``dataclasses.replace`` without its cost (a frozen dataclass's
+    __init__ sets each field through object.__setattr__); every field comes from a valid Forward."""
+    f = object.__new__(Forward)
+    f.__dict__.update(proto.__dict__)
+    f.__dict__["sql"] = sql
+    return f
 
 
 def splice(sql: str, edits: list[Edit], start: int = 0, end: int | None = None) -> list:
@@ -164,17 +183,7 @@ class _StatementHandler:
         )
 
 
-_ENGINE_TYPES: list = []
-_NO_EFFECTS: list = []
-
-
-def _engine_types():
-    if not _ENGINE_TYPES:
-        from proxy.policy.engine import Analysis, Effects
-
-        _ENGINE_TYPES.extend((Analysis, Effects))
-        _NO_EFFECTS.append(Effects())
-    return _ENGINE_TYPES
+_NO_EFFECTS = Effects()
 
 
 class Pipeline:
@@ -255,30 +264,38 @@ class Pipeline:
             tenant_token=pieces[0].tenant_token if len(pieces) == 1 else None,
         )
 
+    @staticmethod
+    def key(sql: str, origin) -> tuple:
+        """The exact-text cache key (without the catalog version).  The origin enters as its
+        value: an Enum member hashes in Python code, a str in C (this is the hot path)."""
+        return (sql, origin._value_)
+
     def template(self, sql: str, origin) -> tuple[Template, list[str] | None, bool]:
         """(template, numeric literals to substitute or None, cache hit)."""
         # Exact text first (value: the template and, for a normalised template, this text's
         # numeric literals), so a repeated statement skips normalisation; then the
         # numeric-literal-normalised text; then a cold rewrite.
         version = self.catalog_manager.snapshot.version
-        key = (sql, origin, version)
-        hit = self.cache.lookup(key)
+        o = origin._value_
+        key = (sql, o, version)
+        cache = self.cache
+        hit = cache.lookup(key)
         if hit is not None:
-            self.cache.count(True)
+            cache.count(True)
             return hit[0], hit[1], True
-        norm = number_literals(sql)
+        norm = literals_key(sql)
         if norm is not None:
-            ntpl = self.cache.lookup(("#", norm[0], origin, version))
+            ntpl = cache.lookup(("#", norm[0], o, version))
             if ntpl is not None:  # (not cached by exact text: literals mostly differ each time)
-                self.cache.count(True)
-                return ntpl, [sql[s:e] for s, e in norm[1]], True
-        self.cache.count(False)
+                cache.count(True)
+                return ntpl, norm[1], True
+        cache.count(False)
         t0 = time.perf_counter()
         tpl = self.build(sql, origin)
         REWRITE_SECONDS.observe(time.perf_counter() - t0)
         if norm is not None and tpl.norm_parts is not None:
-            self.cache.put(("#", norm[0], origin, version), tpl)
-        self.cache.put(key, (tpl, None))
+            cache.put(("#", norm[0], o, version), tpl)
+        cache.put(key, (tpl, None))
         return tpl, None, False
 
     # ---- applying a template to a session -------------------------------------------------
@@ -292,7 +309,6 @@ class Pipeline:
         return lit
 
     def analyze(self, sql: str, ctx, origin):
-        Analysis, Effects = _engine_types()
         tpl, literals, cached = self.template(sql, origin)
         if tpl.refusal is not None:
             if tpl.unknown_relation:
@@ -334,16 +350,34 @@ class Pipeline:
             done = tpl.done.get(done_key)
             if done is not None:
                 return done if cached else Analysis(done.decision, done.effects, cached=False)
-        effects = Effects(
-            prepared=tpl.prepared, deallocated=tpl.deallocated, deallocate_all=tpl.deallocate_all,
-            tenant_token=tpl.tenant_token, executed=tpl.requires_prepared,
-        ) if (tpl.prepared or tpl.deallocated or tpl.deallocate_all or tpl.tenant_token
-              or tpl.requires_prepared) else _NO_EFFECTS[0]
+        if literals is not None and not tpl.param_checks and tpl.copy_in is None:
+            # a normalised hit (a cache hit: new numbers in a known statement), the hot path of
+            # pgbench -S and most applications: the tenant-filled segments and the decision's
+            # other fields are kept per template and tenant, only the text is new
+            lit = self.literal(tenant) if tenant is not None else ""
+            if dynamic and origin == Origin.PARSE:
+                lit = tenant_guc_reference(type_)
+            plan = tpl.done.get(("#", lit))
+            if plan is None:
+                if len(tpl.done) >= 64:
+                    tpl.done.clear()
+                base, slots = render_plan(tpl.norm_parts, lit)
+                proto = Forward("", statement_class=tpl.statement_class, pins_session=tpl.pins_session,
+                                changes_settings=tpl.changes_settings, resets_settings=tpl.resets_settings)
+                plan = tpl.done[("#", lit)] = (base, slots, proto, _effects(tpl))
+            buf = plan[0].copy()
+            for i, k in plan[1]:
+                buf[i] = literals[k]
+            return Analysis(_with_sql(plan[2], "".join(buf)), plan[3], True)
+        effects = _effects(tpl)
         lit = self.literal(tenant) if tenant is not None else ""
         if dynamic and origin == Origin.PARSE:
             lit = tenant_guc_reference(type_)
-        if literals is not None:
-            out = render(tpl.norm_parts, lit, literals)
+        if literals is not None:  # with parameter or COPY checks (made per execution below)
+            base, slots = render_plan(tpl.norm_parts, lit)
+            for i, k in slots:
+                base[i] = literals[k]
+            out = "".join(base)
         elif len(tpl.parts) == 1:
             out = tpl.parts[0]
         elif dynamic and tpl.lasting and origin != Origin.PARSE:

@@ -23,9 +23,9 @@ This module works on PostgreSQL's own tokens (:mod:`proxy.policy.lexer`).
 
 from __future__ import annotations
 
-from proxy.policy.inject import Edit
+from proxy.policy.edits import Edit
 from proxy.policy.lexer import tokens_in
-from proxy.policy.piece import Piece
+from proxy.policy.statement_result import Piece
 
 UNLOCK_ALL_ANSWER = "SELECT ''::pg_catalog.void AS pg_advisory_unlock_all"
 

@@ -48,10 +48,6 @@ def fold_identifier(ident: exp.Identifier | str | None) -> str | None:
     return truncate_identifier(name)
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def table_name(table: exp.Table) -> tuple[str | None, str | None, str]:
     """(catalog, schema, name), folded."""
     return (

@@ -76,6 +76,11 @@ class Rules(_Strict):
     credentials: dict[str, str] = Field(
         default_factory=dict, description="Application user name -> the one tenant it is bound to"
     )
+    tenant_regions: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Tenant -> the regions it may be placed in (tenantgate tenant place refuses any other; "
+        "docs/scale-out.md). A tenant not listed may be placed in any configured region",
+    )
     catalog_refresh_s: float = Field(60.0, gt=0, description="Seconds between periodic catalog refreshes")
     backstop: Literal["auto", "required", "off"] = Field(
         "auto",

@@ -35,10 +35,12 @@ from typing import Any, Callable, Sequence
 
 import jwt
 
-from proxy.policy.commands import SAFE_PARAMETERS
-from proxy.policy.engine import DEFAULT_READ_ONLY_MESSAGE, PolicyContext, PolicyEngine
+from proxy.policy.utility_statements import SAFE_PARAMETERS
+from proxy.policy.context import DEFAULT_READ_ONLY_MESSAGE, PolicyContext
+from proxy.policy.engine import PolicyEngine
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, INVALID_AUTHORIZATION, PolicyRefusal
-from proxy.policy.tenantvalue import TENANT_GUC, tenant_literal, validate_tenant
+from proxy.policy.names import TENANT_GUC
+from proxy.policy.tenantvalue import tenant_literal, validate_tenant
 from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,11 @@ class TenantSessionGate:
         # (tenant, mode, local) -> the SQL expression binding the current backend connection, or
         # None when the proxy rebinds by itself (a session-level switch under transaction pooling).
         self.backstop_bind: Callable[[str | None, str, bool], str | None] | None = None
+        # Set by the gatekeeper for a self-service export session (proxy/control/self_export.py):
+        # answers the export's own statements first (None: not one of them, the policy decides),
+        # and records the export's end when the session closes.
+        self.interceptor: Callable[[str, Origin], Decision | None] | None = None
+        self.close_hook: Callable[[], Any] | None = None
 
     #: settings a transaction-pooled session carries from one backend connection to the next
     #: (the SET-able parameters minus the per-transaction ones; the tenant GUC comes from
@@ -180,7 +187,17 @@ class TenantSessionGate:
         """(compute, adopt) for analysing a long statement off the event loop (PolicyEngine.warm_up)."""
         return self.engine.warm_up(sql, origin)
 
+    def pin_tenant(self) -> None:
+        """Keep the session's tenant for its whole life: a later tenant token is refused."""
+        self._allow_tokens = False
+        self._pinned = True
+        self._changed()
+
     def check(self, sql: str, origin: Origin) -> Decision:
+        if self.interceptor is not None:
+            answer = self.interceptor(sql, origin)
+            if answer is not None:
+                return answer
         analysis = self.engine.analyze(sql, self.context, origin)
         decision = analysis.decision
         if isinstance(decision, Refuse):
@@ -213,6 +230,8 @@ class TenantSessionGate:
         if not self._allow_tokens:
             return Refuse(
                 INSUFFICIENT_PRIVILEGE,
+                "this session keeps the tenant it was opened with (an export session)"
+                if getattr(self, "_pinned", False) else
                 "this user is bound to one tenant; tenant tokens are not enabled for it",
             )
         try:
@@ -282,7 +301,8 @@ class TenantSessionGate:
             self._terminate(sqlstate, message)
 
     async def close(self) -> None:
-        return None
+        if self.close_hook is not None:
+            await self.close_hook()
 
 
 def _bind_block(call: str, tenant: str, local: bool) -> str:

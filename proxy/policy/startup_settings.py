@@ -2,7 +2,7 @@
 
 PostgreSQL applies every parameter of the startup packet (and of its ``options`` string) as a
 session setting whose reset value it becomes.  tenantgate does the same for exactly the
-parameters a tenant session may ``SET`` (:data:`proxy.policy.commands.SAFE_PARAMETERS`, one list
+parameters a tenant session may ``SET`` (:data:`proxy.policy.utility_statements.SAFE_PARAMETERS`, one list
 for both), and refuses the connection, naming the parameter, for any other: a setting is never
 dropped silently.
 
@@ -17,9 +17,11 @@ Entry point: :func:`split_startup` -> :class:`StartupSettings`.  Pure: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from proxy.policy.commands import SAFE_PARAMETERS
+from proxy.policy.resolve import fold_identifier, truncate_identifier
+
+from proxy.policy.utility_statements import SAFE_PARAMETERS
 from proxy.seam import client_encoding_is_safe
 
 #: the startup packet's own keys (not settings)
@@ -46,10 +48,30 @@ class StartupSettings:
     gate_options: dict[str, str] = field(default_factory=dict)
 
 
-def split_startup(params: Mapping[str, str], options: Mapping[str, str], *, strict: bool = True) -> StartupSettings:
+def same_search_path(value: str, fixed: Sequence[str]) -> bool:
+    """Whether a ``search_path`` value names exactly the proxy's fixed path (``rules.schemas``):
+    comma-separated identifiers, unquoted ones folded to lower case and every one truncated to
+    NAMEDATALEN, by the same folding the rewriter resolves names with (proxy/policy/resolve.py)."""
+    names = []
+    for part in value.split(","):
+        part = part.strip()
+        if len(part) >= 2 and part[0] == part[-1] == '"':
+            name = truncate_identifier(part[1:-1].replace('""', '"'))
+        elif part and '"' not in part:
+            name = fold_identifier(part)  # ASCII letters only, as PostgreSQL's downcase_identifier
+        else:
+            return False
+        names.append(name)
+    return names == list(fixed)
+
+
+def split_startup(params: Mapping[str, str], options: Mapping[str, str], *, strict: bool = True,
+                  fixed_search_path: Sequence[str] | None = None) -> StartupSettings:
     """Sort the startup packet's parameters and the parsed ``options`` (``-c`` pairs).  As in
     PostgreSQL, ``options`` is applied first and the packet's own keys win over it.
-    ``strict=False`` (passthrough users, which have no policy) forwards every setting."""
+    ``strict=False`` (passthrough users, which have no policy) forwards every setting.
+    ``fixed_search_path``: the proxy's search_path (``rules.schemas``); a ``search_path`` that names
+    exactly it (pgjdbc's ``currentSchema=public``) is accepted and changes nothing."""
     out = StartupSettings()
     pairs = list(options.items())
     pairs += [(k, v) for k, v in params.items() if k.lower() not in PROTOCOL_KEYS]
@@ -58,6 +80,9 @@ def split_startup(params: Mapping[str, str], options: Mapping[str, str], *, stri
         if name.startswith("tenantgate.") or name.startswith("_pq_."):
             out.gate_options[key] = value
             continue
+        if (name == "search_path" and strict and fixed_search_path is not None
+                and same_search_path(value, fixed_search_path)):
+            continue  # already the path every statement is resolved with
         if name not in CONNECT_SETTABLE and strict:
             raise StartupRefusal(
                 "42501",

@@ -14,6 +14,7 @@ import uuid
 from typing import Callable
 
 from proxy.policy.errors import INVALID_AUTHORIZATION, PolicyRefusal
+from proxy.policy.names import TENANT_GUC
 
 
 def validate_tenant(tenant: str, type_: str) -> str:
@@ -35,7 +36,6 @@ def tenant_literal(tenant: str) -> str:
     return "'" + tenant.replace("'", "''") + "'"
 
 
-TENANT_GUC = "tenantgate.tenant_id"
 _GUC_CASTS = {"text": "text", "varchar": "varchar", "uuid": "uuid", "integer": "int4", "bigint": "int8"}
 
 

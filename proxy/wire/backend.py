@@ -27,6 +27,10 @@ EMPTY_QUERY = ord("I")
 PORTAL_SUSPENDED = ord("s")
 PARAMETER_STATUS = ord("S")
 NOTICE_RESPONSE = ord("N")
+PARSE_COMPLETE = ord("1")
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+DATA_ROW = ord("D")
 
 #: what the relay always needs to see
 BASE_INTERESTING = frozenset({READY_FOR_QUERY, ERROR_RESPONSE, COPY_IN_RESPONSE, COPY_BOTH_RESPONSE})

@@ -2,7 +2,7 @@
 
 It knows which message types a client may send in each phase and what each
 message does to the phase.  It does not look at SQL and does no I/O; the
-session (``proxy.client_session``) asks it ``accept(type)`` for every
+session's relay core (``proxy.session.relay``) asks it ``accept(type)`` for every
 message and acts on the answer.
 """
 
@@ -31,8 +31,33 @@ class Action(enum.Enum):
     TERMINATE = "terminate"
 
 
+def _transitions() -> dict[Phase, dict[int, tuple[Action, Phase]]]:
+    """The table: for each phase, message type -> (action, next phase).  A type missing from a
+    phase's row is a protocol violation in that phase (see :data:`_VIOLATION`)."""
+    table: dict[Phase, dict[int, tuple[Action, Phase]]] = {phase: {} for phase in Phase}
+    for t in FRONTEND_TYPES:
+        table[Phase.READY][t] = (Action.PROCESS, Phase.READY)
+        # after an extended-protocol error PostgreSQL skips everything up to Sync
+        table[Phase.DISCARD_UNTIL_SYNC][t] = (Action.DISCARD, Phase.DISCARD_UNTIL_SYNC)
+    table[Phase.DISCARD_UNTIL_SYNC][ord("S")] = (Action.PROCESS, Phase.READY)
+    # COPY FROM STDIN: CopyData, CopyDone, CopyFail; Flush and Sync are allowed (and ignored)
+    for t in b"dcfHS":
+        table[Phase.COPY_IN][t] = (Action.PROCESS, Phase.COPY_IN)
+    for phase in (Phase.READY, Phase.DISCARD_UNTIL_SYNC, Phase.COPY_IN):
+        table[phase][ord("X")] = (Action.TERMINATE, Phase.TERMINATED)
+    return table
+
+
+TRANSITIONS = _transitions()
+#: the error for a known message type that a phase does not accept
+_VIOLATION = {
+    Phase.COPY_IN: ("unexpected message type 0x{t:02X} during COPY from stdin", "copy"),
+    Phase.TERMINATED: ("message after Terminate", "terminated"),
+}
+
+
 class FrontendState:
-    """Tracks the client's phase.  ``accept(t)`` classifies one message type."""
+    """Tracks the client's phase.  ``accept(t)`` classifies one message type by :data:`TRANSITIONS`."""
 
     __slots__ = ("phase",)
 
@@ -40,29 +65,17 @@ class FrontendState:
         self.phase = Phase.READY
 
     def accept(self, t: int) -> Action:
-        if t not in FRONTEND_TYPES:
-            raise ProtocolError(
-                f"invalid frontend message type {t}" + (f" ('{chr(t)}')" if 32 < t < 127 else ""),
-                reason="unknown_type",
-            )
-        phase = self.phase
-        if t == 88:  # X
-            self.phase = Phase.TERMINATED
-            return Action.TERMINATE
-        if phase is Phase.READY:
-            return Action.PROCESS
-        if phase is Phase.DISCARD_UNTIL_SYNC:
-            if t == 83:  # S
-                self.phase = Phase.READY
-                return Action.PROCESS
-            return Action.DISCARD
-        if phase is Phase.COPY_IN:
-            if t in (100, 99, 102):  # d c f
-                return Action.PROCESS
-            if t in (72, 83):  # Flush and Sync are allowed (and ignored by the server) during COPY
-                return Action.PROCESS
-            raise ProtocolError(f"unexpected message type 0x{t:02X} during COPY from stdin", reason="copy")
-        raise ProtocolError("message after Terminate", reason="terminated")
+        step = TRANSITIONS[self.phase].get(t)
+        if step is None:
+            if t not in FRONTEND_TYPES:
+                raise ProtocolError(
+                    f"invalid frontend message type {t}" + (f" ('{chr(t)}')" if 32 < t < 127 else ""),
+                    reason="unknown_type",
+                )
+            message, reason = _VIOLATION[self.phase]
+            raise ProtocolError(message.format(t=t), reason=reason)
+        action, self.phase = step
+        return action
 
     def error_in_extended(self) -> None:
         self.phase = Phase.DISCARD_UNTIL_SYNC

@@ -1,0 +1,45 @@
+"""Transaction pooling: the settings a client's statements must find on a borrowed connection.
+
+``wanted`` is what this session's connection must have (connection-time settings, the
+client's SETs as read back, and the gate's own settings: tenant GUC, backstop binding);
+:mod:`proxy.varcache` compares it with a connection's state.  After a statement that changes
+settings the relay reads them back (the *probe*) before the connection goes back to the pool.
+Pure state; the relay core and :mod:`proxy.session.pooled` use it.
+"""
+
+from __future__ import annotations
+
+from proxy import backstop
+
+
+class PooledSettings:
+    __slots__ = ("pool", "bkey", "probe_names", "probe_values", "connect", "wanted", "wanted_epoch", "reset",
+                 "dirty", "pinned")
+
+    def __init__(self, pool, bkey: bytes | None) -> None:
+        self.pool = pool
+        self.bkey = bkey  # the backstop key, when the gate binds connections (proxy/backstop.py)
+        self.probe_names: tuple[str, ...] = ()
+        self.probe_values: list | None = None
+        self.connect: dict[str, str] = {}  # connection-time settings: RESET ALL's values
+        self.wanted: dict[str, str] = {}
+        self.wanted_epoch = None  # the gate's tenant_epoch ``wanted`` was last updated for
+        self.reset = False  # a RESET ALL / DISCARD ALL ran since the last read-back
+        self.dirty = False  # a SET ran since the connection was lent
+        self.pinned = False  # session state on the connection (SQL PREPARE, WITH HOLD): keep it
+
+    def gate_settings(self, gate) -> dict[str, str]:
+        """The gate's backend settings plus, with the backstop configured, its binding."""
+        settings = gate.backend_settings()
+        if self.bkey is not None:
+            settings[backstop.BINDING_SETTING] = backstop.binding_value(*gate.backstop_binding())
+        return settings
+
+    def refresh_wanted(self, gate) -> dict[str, str]:
+        """``wanted``, updated when the gate's tenant may have changed."""
+        epoch = gate.tenant_epoch
+        wanted = self.wanted
+        if epoch != self.wanted_epoch:
+            wanted.update(self.gate_settings(gate))
+            self.wanted_epoch = epoch
+        return wanted
