@@ -61,7 +61,7 @@ class ServerConn:
     """One pooled backend connection and what is known about its session state."""
 
     __slots__ = ("conn", "pool", "state", "prepared", "created", "last_used", "client", "id", "closed",
-                 "unnamed_owner", "on_lost", "binder", "generation", "tenant")
+                 "unnamed_owner", "on_lost", "binder", "generation", "tenant", "parked_by")
 
     def __init__(self, conn: BackendConnection, pool: "BackendPool"):
         self.conn = conn
@@ -77,6 +77,8 @@ class ServerConn:
         self.generation = pool.generation  # RECONNECT: older generations are closed when they come back
         self.tenant: str | None = None  # while lent: the tenant it counts against (pool.max_per_tenant)
         self.on_lost = lambda exc: pool._lost(self)  # while idle in the pool: PostgreSQL closed it
+        # idle in the pool but still wired to the session that last used it (see BackendPool.park)
+        self.parked_by = None
 
     @property
     def protocol(self):
@@ -166,6 +168,7 @@ class BackendPool:
             if pick is None:
                 pick = next(reversed(idle))
             del idle[pick]
+            self._unpark(pick)
             if pick.healthy():
                 return pick
             self._drop(pick)
@@ -266,9 +269,7 @@ class BackendPool:
         sc.last_used = time.time()
         self.xact_count += 1
         self.xact_time_s += xact_s
-        cfg = self.config.pool
-        if (not sc.healthy() or sc.last_used - sc.created > cfg.server_lifetime_s or sc.generation != self.generation
-                or len(sc.prepared) > cfg.max_prepared_per_server or len(self.servers) > self.size):
+        if not self._reusable(sc):
             self._drop(sc)
             self._serve_waiter_with_new()
             return
@@ -281,6 +282,75 @@ class BackendPool:
                 nxt[0].set_result(self._lend(sc, nxt[1]))
                 return
         self.idle[sc] = None
+
+    def _reusable(self, sc: ServerConn) -> bool:
+        """A connection coming back may be lent again (healthy, young, current generation, not too many prepared)."""
+        cfg = self.config.pool
+        return (sc.healthy() and sc.last_used - sc.created <= cfg.server_lifetime_s and sc.generation == self.generation
+                and len(sc.prepared) <= cfg.max_prepared_per_server and len(self.servers) <= self.size)
+
+    # ------------------------------------------------------------------ parking (the hot path of transaction mode)
+    #
+    # A connection released by a session at the end of its transaction is idle in the pool like
+    # any other: any session may take it.  Parking only spares the releasing session the unwiring
+    # and rewiring of the backend relay when it is the next one to use it (the common case: a
+    # client's next transaction comes before anyone else needs that connection).  Whoever takes a
+    # parked connection from ``idle`` (another session, the janitor, RECONNECT, PAUSE, a lost
+    # connection) unparks it first: the session lets go of it synchronously (:meth:`_unpark`).
+
+    def park(self, sc: ServerConn, session, *, xact_s: float = 0.0) -> bool:
+        """Release ``sc`` into ``idle`` while ``session`` stays wired to it; False (nothing done)
+        when it must be released normally instead (sessions waiting, or not reusable)."""
+        if sc.closed or self.waiters:
+            return False
+        sc.last_used = now = time.time()
+        cfg = self.config.pool
+        if not (now - sc.created <= cfg.server_lifetime_s and sc.generation == self.generation
+                and len(sc.prepared) <= cfg.max_prepared_per_server and len(self.servers) <= self.size
+                and not sc.conn.protocol.closed):
+            return False
+        self._returned(sc)
+        sc.client = None
+        self.xact_count += 1
+        self.xact_time_s += xact_s
+        sc.parked_by = session
+        sc.conn.protocol.on_lost = sc.on_lost
+        self.idle[sc] = None
+        return True
+
+    def reclaim(self, sc: ServerConn, session, tenant: str | None, wanted: dict[str, str]) -> bool:
+        """``session``'s parked connection lent to it again, when nobody took it meanwhile and its
+        settings still match; otherwise it is unparked (and stays idle) and False is returned."""
+        if sc.parked_by is not session:
+            return False
+        if sc.closed or sc.state != wanted or self._at_limit(tenant):
+            self._unpark(sc)
+            return False
+        del self.idle[sc]
+        sc.parked_by = None
+        sc.client = session
+        self._lend(sc, tenant)
+        return True
+
+    def unpark(self, sc: ServerConn) -> None:
+        """The parked session lets go of ``sc`` (it closes, or follows its tenant elsewhere); it stays idle."""
+        self._unpark(sc)
+
+    def unsolicited(self, sc: ServerConn, data: bytes) -> None:
+        """PostgreSQL sent something on a parked connection (a FATAL before closing, say): it is
+        unparked and buffers the bytes, which make it unhealthy, as on any idle connection."""
+        self._unpark(sc)
+        sc.conn.protocol.data_received(data)
+
+    def _unpark(self, sc: ServerConn) -> None:
+        session = sc.parked_by
+        if session is None:
+            return
+        sc.parked_by = None
+        session.parked_connection_taken(sc)
+        p = sc.conn.protocol
+        p.detach()
+        p.on_lost = sc.on_lost
 
     def discard(self, sc: ServerConn) -> None:
         """Close a lent connection whose state is unknown (client gone mid-transaction, pinned, broken)."""
@@ -326,6 +396,7 @@ class BackendPool:
     def _drop(self, sc: ServerConn) -> None:
         if sc.closed:
             return
+        self._unpark(sc)
         self._returned(sc)
         sc.closed = True
         self.servers.discard(sc)

@@ -23,7 +23,7 @@ def _client_state(s) -> str:
     if getattr(s, "held_task", None) is not None:  # held by PAUSE (proxy/holds.py)
         return "waiting"
     if s.pooled:
-        if s.sconn is not None:
+        if s.sconn is not None and not s.parked:  # a parked connection is idle in the pool
             return "active"
         return "waiting" if s.attach_task is not None else "idle"
     return "idle" if s.idle else "active"

@@ -103,6 +103,15 @@ class PooledSession:
 
     def _attach(self) -> bool:
         """Borrow a connection for what the client sent; True when attached right away."""
+        sc = self.sconn
+        if sc is not None:  # parked since this session's last transaction (BackendPool.park)
+            gate = self.gate
+            if self.pool.reclaim(sc, self, getattr(gate, "tenant", None), self.pooled_settings.refresh_wanted(gate)):
+                self.bproto.on_lost = self._backend_lost
+                self._attach_t0 = time.perf_counter()
+                self.request_time = time.time()
+                return True
+            # taken back by the pool (unparked): this session no longer holds it
         sc, ready = take_idle_in_sync(self.pooled_settings, self.gate, self._last_sconn)
         if ready:
             self._bind_server(sc)
@@ -147,7 +156,8 @@ class PooledSession:
         """Give the connection back when nothing is open on it (transaction mode)."""
         sc = self.sconn
         relay = self.relay
-        if sc is None or self.closed or relay.blocked or relay.held is not None or not relay.quiet():
+        if sc is None or self.closed or relay.blocked or relay.held is not None or sc.parked_by is not None \
+                or not relay.quiet():
             return
         if self._cancels_pending:
             # a cancel is on its way to this connection: hold the client's next messages and give
@@ -158,9 +168,29 @@ class PooledSession:
             relay.send_probe()
             self._flush()
             return
-        self._detach_server()
         self.counters.count_pool_bytes()
-        self.pool.release(sc, xact_s=time.perf_counter() - self._attach_t0)
+        xact_s = time.perf_counter() - self._attach_t0
+        # parked: idle in the pool, still wired to this session for its next transaction
+        if not self.pool.park(sc, self, xact_s=xact_s):
+            self._detach_server()
+            self.pool.release(sc, xact_s=xact_s)
+
+    @property
+    def parked(self) -> bool:
+        """Between transactions, with the connection of the last one parked (idle in the pool)."""
+        sc = self.sconn
+        return sc is not None and sc.parked_by is self
+
+    def parked_connection_taken(self, sc: ServerConn) -> None:
+        """The pool took back the connection parked for this session (BackendPool._unpark)."""
+        if self.sconn is sc:
+            self._detach_server()
+
+    def let_go_of_parked(self) -> None:
+        """Unwire the parked connection (it stays idle in the pool)."""
+        sc = self.sconn
+        if sc is not None and sc.parked_by is self:
+            self.pool.unpark(sc)
 
     def _detach_server(self) -> None:
         sc = self.sconn

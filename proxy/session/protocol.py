@@ -328,7 +328,8 @@ class ClientSession(AwaitedSteps, PooledSession, asyncio.Protocol):
             # a cancel is on its way to PostgreSQL: the next statement waits until it has arrived
             relay.blocked = self._cancel_hold = True
             return
-        if self.pooled and self.sconn is None:
+        sc = self.sconn
+        if self.pooled and (sc is None or sc.parked_by is self):  # between transactions
             if not self._wants_backend():
                 return
             if self.server.holds.active and hold_if_paused(self):  # PAUSE: before a transaction starts
@@ -427,6 +428,10 @@ class ClientSession(AwaitedSteps, PooledSession, asyncio.Protocol):
 
     def _on_backend_data(self, data: bytes) -> None:
         relay = self.relay
+        sc = self.sconn
+        if sc is not None and sc.parked_by is self:  # nothing asked: not this session's business
+            self.pool.unsolicited(sc, data)
+            return
         try:
             relay.feed_backend(data)
         except Exception as e:
@@ -574,7 +579,9 @@ class ClientSession(AwaitedSteps, PooledSession, asyncio.Protocol):
         if self.console is not None:
             self.console.close()
         b = self.backend
-        if b is not None:
+        if b is not None and self.parked:
+            self.let_go_of_parked()  # released at the end of the last transaction: idle in the pool already
+        elif b is not None:
             busy = relay is not None and (relay.inflight or relay.fstate.phase is Phase.COPY_IN)
             if cancel_running and busy and not b.protocol.closed:
                 spawn(self.loop, send_cancel(session_backend(self), b.pid, b.secret))

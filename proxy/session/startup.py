@@ -254,6 +254,8 @@ def _retarget(s, region: str) -> bool:
     connection).  False when the session cannot follow (inside a transaction, holding a
     connection, or pinned to one): the gatekeeper then ends it."""
     settings = s.pooled_settings
+    if s.pooled and not s.closed:
+        s.let_go_of_parked()  # between transactions: the connection of the last one stays in the old pool
     if (s.closed or not s.pooled or s.pool is None or settings is None or s.sconn is not None
             or s.lent is not None or s.attach_task is not None or settings.pinned or s.tx_status != b"I"):
         return False

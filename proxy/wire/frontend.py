@@ -59,13 +59,17 @@ _VIOLATION = {
 class FrontendState:
     """Tracks the client's phase.  ``accept(t)`` classifies one message type by :data:`TRANSITIONS`."""
 
-    __slots__ = ("phase",)
+    __slots__ = ("phase", "_row")
 
     def __init__(self) -> None:
-        self.phase = Phase.READY
+        self._enter(Phase.READY)
+
+    def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        self._row = TRANSITIONS[phase]  # (an Enum member hashes in Python code: looked up once per change)
 
     def accept(self, t: int) -> Action:
-        step = TRANSITIONS[self.phase].get(t)
+        step = self._row.get(t)
         if step is None:
             if t not in FRONTEND_TYPES:
                 raise ProtocolError(
@@ -74,15 +78,17 @@ class FrontendState:
                 )
             message, reason = _VIOLATION[self.phase]
             raise ProtocolError(message.format(t=t), reason=reason)
-        action, self.phase = step
+        action, phase = step
+        if phase is not self.phase:
+            self._enter(phase)
         return action
 
     def error_in_extended(self) -> None:
-        self.phase = Phase.DISCARD_UNTIL_SYNC
+        self._enter(Phase.DISCARD_UNTIL_SYNC)
 
     def copy_in_started(self) -> None:
-        self.phase = Phase.COPY_IN
+        self._enter(Phase.COPY_IN)
 
     def copy_in_ended(self) -> None:
         if self.phase is Phase.COPY_IN:
-            self.phase = Phase.READY
+            self._enter(Phase.READY)
