@@ -213,6 +213,8 @@ def test_same_search_path_reads_the_value_as_postgresql_does():
     assert not same_search_path("", ["public"]) and not same_search_path('pu"blic', ["public"])
     # only ASCII letters fold, as in PostgreSQL: the Kelvin sign is not "k"
     assert same_search_path("KIOSK", ["kiosk"]) and not same_search_path("\u212aiosk", ["kiosk"])
+    # only ASCII white space separates, as in PostgreSQL: a no-break space is part of the name
+    assert same_search_path("\tpublic\n", ["public"]) and not same_search_path("public\u00a0", ["public"])
 
 
 async def test_an_unsafe_client_encoding_at_connect_time_is_refused(demo):

@@ -8,10 +8,12 @@ tenant into the text, never the tenant that primed the template.
 
 from __future__ import annotations
 
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.policy.context import PolicyContext
+from proxy.policy.errors import PolicyRefusal
+from proxy.policy.lexer import scan, single_numbers
 from proxy.policy.normalize import literals_key, number_literals
 from proxy.seam import Forward, Origin
 from support.demo_policy import demo_engine
@@ -74,3 +76,62 @@ def test_normalised_hit_in_a_tenant_token_session_follows_the_session():
     simple_cold = engine.check("SELECT status FROM orders WHERE order_id = 1", ctx)
     simple_hit = engine.check("SELECT status FROM orders WHERE order_id = 2", ctx)
     assert "'acme'" in simple_hit.sql and simple_hit.sql == simple_cold.sql.replace("= 1", "= 2")
+
+
+# Python's \d and \w (and str.isdigit) know every script's digits; PostgreSQL's scanner knows only
+# 0-9 and reads any non-ASCII character as part of an identifier: "id = ٣" compares with a column
+# named ٣.  Digits of other scripts are in the alphabet so that disagreement is generated.
+_UNICODE_DIGITS = ["\u0663", "\uff15", "\u0967", "\U0001D7D9", "\u00b2"]
+_ALPHABET_PG = list("0123456789.eE_ $'\"-+\n=,()a") + _UNICODE_DIGITS
+
+
+def _scans(sql: str) -> bool:
+    try:
+        scan(sql)
+    except PolicyRefusal:
+        return False
+    return True
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=_ALPHABET_PG, max_size=30), st.data())
+@example("SELECT id FROM orders WHERE id = 5", None)
+def test_a_normalised_hit_puts_only_numeric_constants_where_the_template_had_them(sql, data):
+    """The soundness of a cache hit, against PostgreSQL's scanner: a template is made only from a
+    text whose normalised spans PostgreSQL reads as single numeric constants (pipeline.build);
+    any other text with the same key (a hit) must again have only single numeric constants there."""
+    cold = number_literals(sql)
+    assume(cold is not None and _scans(sql) and single_numbers(sql, cold[1]))
+    pieces, pos = [], 0
+    for s, e in cold[1]:
+        pieces.append(sql[pos:s])
+        if data is None:
+            pieces.append("\u0663")  # the example: a digit of another script where 5 was
+        else:
+            pieces.append(data.draw(st.text(alphabet=list("0123456789.eE-+") + _UNICODE_DIGITS, min_size=1,
+                                             max_size=6)))
+        pos = e
+    pieces.append(sql[pos:])
+    other = "".join(pieces)
+    fast = literals_key(other)
+    if fast is None or fast[0] != cold[0]:
+        return  # not a hit
+    spans = number_literals(other)[1]
+    assert _scans(other) and single_numbers(other, spans), (other, fast[1])
+    assert all(lit.isascii() for lit in fast[1])
+
+
+def test_digits_of_other_scripts_never_hit_a_normalised_template():
+    """A hit substitutes only what PostgreSQL reads as a number: with ``٣`` (an identifier to
+    PostgreSQL) the statement is rewritten cold, never spliced into the template of ``= 4711``."""
+    engine = demo_engine()
+    acme = PolicyContext(tenant="acme")
+    engine.check("SELECT status FROM orders WHERE order_id = 4711", acme)
+    for digits in ("\u0663", "\uff15\uff15", "4\u0663"):
+        misses = engine.cache.misses
+        decision = engine.check(f"SELECT status FROM orders WHERE order_id = {digits}", acme)
+        assert engine.cache.misses == misses + 1, digits  # a cold rewrite, not a template hit
+        assert literals_key(f"SELECT status FROM orders WHERE order_id = {digits}") is None
+        # whatever the cold path decides, the text keeps the client's characters as they were
+        if isinstance(decision, Forward):
+            assert digits in decision.sql and "'acme'" in decision.sql

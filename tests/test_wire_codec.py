@@ -101,6 +101,9 @@ def test_parse_options():
     for bad in ["-c", "-x", "-c noequals", "plain"]:
         with pytest.raises(ProtocolError):
             parse_options(bad)
+    # PostgreSQL splits options on ASCII white space only: a no-break space is part of the word
+    assert parse_options("-c\tapp=a\u00a0b") == {"app": "a\u00a0b"}
+    assert parse_options("-c\u00a0app=x") == {"\u00a0app": "x"}  # as PostgreSQL: an unknown parameter
 
 
 # ------------------------------------------------------------------ messages

@@ -1,4 +1,4 @@
-"""Numeric-literal normalisation for the rewrite cache.
+r"""Numeric-literal normalisation for the rewrite cache.
 
 ``SELECT abalance FROM pgbench_accounts WHERE aid = 4711`` and ``... aid = 815`` get the same
 cache entry: the template's segments mark where each numeric literal goes, and a hit only
@@ -6,6 +6,11 @@ substitutes the new literals (and the tenant).  This is sound because nothing th
 decides depends on a numeric literal's value; templates where one could (a literal as the
 tenant column value) are never normalised, and string literals are never normalised (the
 function allowlist looks at some of them, e.g. ``set_config('name', ...)``).
+
+Every pattern is ASCII (``re.ASCII``): PostgreSQL's scanner knows only the digits 0-9 and reads
+every non-ASCII character as part of an identifier, while Python's ``\d`` and ``\w`` also match
+other scripts' digits and letters (``٣``, ``５``), which would make a cache hit put an identifier
+where the template has a number.
 
 To stay lexically exact the fast scanner gives up (returns None) on anything it does not
 model: block comments, dollar quotes, backslashes (E'' strings), U& escapes, NUL.  A normalised
@@ -26,7 +31,7 @@ from proxy.policy.edits import TENANT
 # U& escapes, E'' strings; cheap substring tests first, a regex only when the character is there
 _DOLLAR_QUOTE = re.compile(r"\$[^0-9]")
 _U_ESCAPE = re.compile(r"[Uu]&")
-_E_STRING = re.compile(r"(?<![\w$])[Ee]'")
+_E_STRING = re.compile(r"(?<![\w$\x80-\U0010ffff])[Ee]'", re.ASCII)
 
 
 def _unmodelled(sql: str) -> bool:
@@ -38,10 +43,11 @@ def _unmodelled(sql: str) -> bool:
 # identifier characters that starts with a digit or a dot (a numeric literal if _NUMBER matches it
 # fully).  Tokens starting with a letter are never matched: the look-behind only lets a token start
 # where the previous character cannot continue one.
-_TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|(?<![\w$.\x80-\U0010ffff])([\d.][\w$.\x80-\U0010ffff]*)""")
+_TOKENS = re.compile(r"""--[^\n\r]*|'[^']*(?:''[^']*)*'|"[^"]*(?:""[^"]*)*"|(?<![\w$.\x80-\U0010ffff])([\d.][\w$.\x80-\U0010ffff]*)""",
+                     re.ASCII)
 # digits first: a leading-dot form (.5) is one constant to PostgreSQL but not to sqlglot, so a
 # cache hit never forwards a form that a cold rewrite would refuse
-_NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE]\d+)?")
+_NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE]\d+)?", re.ASCII)
 QUERY_KEYWORDS = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "MERGE"})
 
 
@@ -79,7 +85,8 @@ def number_literals(sql: str) -> tuple[str, list[tuple[int, int]]] | None:
 # quotes, comments or anything _unmodelled looks for, _TOKENS can only match group-1 tokens, and
 # a group-1 token that fully matches _NUMBER is exactly a match of this pattern (digits first, no
 # identifier character or dot on either side).  One C-level split gives key and literals.
-_BARE_NUMBER = re.compile(r"(?<![\w$.\x80-\U0010ffff])(\d+(?:\.\d*)?(?:[eE]\d+)?)(?![\w$.\x80-\U0010ffff])")
+_BARE_NUMBER = re.compile(r"(?=\d)(?<![\w$.\x80-\U0010ffff])(\d+(?:\.\d*)?(?:[eE]\d+)?)(?![\w$.\x80-\U0010ffff])",
+                          re.ASCII)
 _NOT_BARE = ("'", '"', "--", "/*", "\\", "$", "&", "\x00")
 
 

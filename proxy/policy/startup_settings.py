@@ -54,7 +54,7 @@ def same_search_path(value: str, fixed: Sequence[str]) -> bool:
     NAMEDATALEN, by the same folding the rewriter resolves names with (proxy/policy/resolve.py)."""
     names = []
     for part in value.split(","):
-        part = part.strip()
+        part = part.strip(" \t\n\r\f\v")  # PostgreSQL's scanner_isspace: ASCII white space only
         if len(part) >= 2 and part[0] == part[-1] == '"':
             name = truncate_identifier(part[1:-1].replace('""', '"'))
         elif part and '"' not in part:

@@ -84,6 +84,9 @@ def parse_startup_packet(payload: bytes) -> StartupPacket:
     return StartupMessage(params)
 
 
+_PG_SPACE = frozenset(" \t\n\r\f\v")
+
+
 def parse_options(options: str) -> dict[str, str]:
     """Parse the libpq ``options`` startup parameter (``-c a=b --c=d``) into a dict.
 
@@ -99,7 +102,7 @@ def parse_options(options: str) -> dict[str, str]:
             esc = False
         elif ch == "\\":
             esc = True
-        elif ch.isspace():
+        elif ch in _PG_SPACE:  # PostgreSQL splits options on ASCII white space only (pg_split_opts)
             if cur:
                 words.append("".join(cur))
                 cur = []
