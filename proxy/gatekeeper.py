@@ -266,27 +266,10 @@ class PolicyGatekeeper:
             bound = self.engine.rules.credentials.get(user.name)
             if bound is not None:
                 user = replace(user, tenant=bound)
-        gate = None
-
-        def tenant_status(chosen: str):
-            # the tenant's lifecycle applies (at connect and on every token switch), and the
-            # session is ended like the tenant's other sessions when its status changes
-            status = self._token_tenant_status(chosen)
-            here = getattr(gate, "region", None)
-            if here is not None and self.region_of(chosen) != here:
-                # a session stays on the backend it connected to (docs/scale-out.md)
-                from proxy.policy.errors import PolicyRefusal
-
-                raise PolicyRefusal("0A000", f'tenant "{chosen}" is in region {self.region_of(chosen)}, but this '
-                                    f"session is connected to the backend of region {here}: a session cannot "
-                                    "switch to a tenant on another backend; open a new connection with that "
-                                    "tenant's token")
-            if gate is not None:
-                self._live.setdefault(chosen, weakref.WeakSet()).add(gate)
-            return status
-
+        tenant_status = _TenantStatus(self)
         gate = open_tenant_session(self.engine, user, startup, token_key=self.config.tokens.resolved_key(),
                                    tenant_status=tenant_status, read_only=read_only)
+        tenant_status.gate = gate
         if gate.tenant is not None:
             self._live.setdefault(gate.tenant, weakref.WeakSet()).add(gate)
         if self.plane is not None:
@@ -379,3 +362,32 @@ async def _backend_may_take_advisory_locks(dsn: str) -> bool:
         return False
     finally:
         await conn.close()
+
+
+class _TenantStatus:
+    """A tenant session's ``tenant_status`` hook (at connect and on every token switch): the
+    tenant's lifecycle applies, the tenant must be in the session's region, and the session is
+    ended like the tenant's other sessions when its status changes.  (A small object rather
+    than a closure: one per session.)"""
+
+    __slots__ = ("keeper", "gate")
+
+    def __init__(self, keeper) -> None:
+        self.keeper = keeper
+        self.gate = None  # set once the gate exists
+
+    def __call__(self, chosen: str):
+        keeper, gate = self.keeper, self.gate
+        status = keeper._token_tenant_status(chosen)
+        here = getattr(gate, "region", None)
+        if here is not None and keeper.region_of(chosen) != here:
+            # a session stays on the backend it connected to (docs/scale-out.md)
+            from proxy.policy.errors import PolicyRefusal
+
+            raise PolicyRefusal("0A000", f'tenant "{chosen}" is in region {keeper.region_of(chosen)}, but this '
+                                f"session is connected to the backend of region {here}: a session cannot "
+                                "switch to a tenant on another backend; open a new connection with that "
+                                "tenant's token")
+        if gate is not None:
+            keeper._live.setdefault(chosen, weakref.WeakSet()).add(gate)
+        return status

@@ -28,6 +28,7 @@ Public API (stable)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import logging
 import time
@@ -44,6 +45,16 @@ from proxy.policy.tenantvalue import tenant_literal, validate_tenant
 from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionKind, SessionRefused, StartupInfo, UserRecord
 
 log = logging.getLogger(__name__)
+
+_NONE_PREPARED: frozenset[str] = frozenset()
+_NO_CLASSES: dict[str, str] = {}  # never written: replaced by a dict of its own at the first PREPARE
+
+
+@functools.lru_cache(maxsize=4096)
+def _setup_sql(tenant: str | None) -> tuple[str, ...]:
+    """The statements that give a session's first backend connection its tenant (one tuple per tenant)."""
+    lit = tenant_literal(tenant) if tenant is not None else "''"
+    return (f"SET {TENANT_GUC} = {lit}",)
 
 TOKEN_OPTION = "tenantgate.tenant"
 
@@ -102,8 +113,10 @@ class TenantSessionGate:
         # (read_only, message) of the session tenant, and of a SET LOCAL tenant while it lasts
         self._status: tuple[bool, str] = (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE)
         self._local_status: tuple[bool, str] | None = None
-        self._prepared: set[str] = set()
-        self._prepared_class: dict[str, str] = {}  # PREPARE name -> its statement's class
+        # SQL PREPAREd names and their statements' classes; shared empty ones until the first
+        # PREPARE (most sessions never use one: an idle session stays small)
+        self._prepared: set[str] | frozenset[str] = _NONE_PREPARED
+        self._prepared_class: dict[str, str] = _NO_CLASSES
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
@@ -113,8 +126,7 @@ class TenantSessionGate:
         # Parse'd statements reference the backend GUC and follow the switch by themselves).
         self.tenant_epoch = 0
         self._epoch_tenant = self.tenant
-        lit = tenant_literal(self._tenant) if self._tenant is not None else "''"
-        self.backend_setup_sql: Sequence[str] = (f"SET {TENANT_GUC} = {lit}",)
+        self.backend_setup_sql: Sequence[str] = _setup_sql(self._tenant)
         # Set by the proxy when the PostgreSQL backstop is configured (proxy/backstop.py):
         # (tenant, mode, local) -> the SQL expression binding the current backend connection, or
         # None when the proxy rebinds by itself (a session-level switch under transaction pooling).
@@ -212,6 +224,8 @@ class TenantSessionGate:
         if eff.tenant_token is not None:
             return self._set_token(*eff.tenant_token)
         if eff.prepared or eff.deallocated or eff.deallocate_all:
+            if self._prepared is _NONE_PREPARED:
+                self._prepared, self._prepared_class = set(), {}
             if eff.deallocate_all:
                 self._prepared.clear()
             self._prepared.difference_update(eff.deallocated)

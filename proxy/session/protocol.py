@@ -38,7 +38,7 @@ from proxy.session.events import (
     RelayFatal,
 )
 from proxy.session.relay import Relay
-from proxy.session.startup import Fatal, run_startup, session_backend
+from proxy.session.startup import Fatal, retarget, run_startup, session_backend
 from proxy.session_events import note_connection
 from proxy.wire import messages as m
 from proxy.wire.buffer import AUTH_MESSAGE_MAX, PREAUTH_BUFFER_MAX, ReceiveBuffer
@@ -254,6 +254,10 @@ class ClientSession(AwaitedSteps, PooledSession, asyncio.Protocol):
         bp.on_resume_writing = self._resume_client
         self._bwrite = bp.transport.write
         bp.start_relay(self._on_backend_data)
+
+    def retarget(self, region: str) -> bool:
+        """The tenant was placed in ``region``: follow it between transactions (startup.retarget)."""
+        return retarget(self, region)
 
     def backstop_call(self, tenant: str | None, mode: str, local: bool) -> str | None:
         """The gate's hook for a tenant switch: a bind call for the current backend connection, or

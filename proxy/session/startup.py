@@ -215,7 +215,7 @@ async def _authenticate_and_connect(s, pkt: StartupMessage) -> None:
     backend_cfg = cfg.backend_of(region)
     database = backend_cfg.database or pkt.database
     if gate.kind is SessionKind.TENANT and cfg.pool_mode_for(s.user, pkt.database) == "transaction":
-        gate.retarget = lambda new_region: _retarget(s, new_region)  # a placement change (gatekeeper)
+        gate.retarget = s.retarget  # a placement change (gatekeeper): retarget(s, region) below
         backend = await _start_pooled(s, gate, database, forwarded, bkey)
         if backend is None:
             return
@@ -247,7 +247,7 @@ def session_backend(s):
     return s.config.backend_of(session_region(s))
 
 
-def _retarget(s, region: str) -> bool:
+def retarget(s, region: str) -> bool:
     """The tenant was placed in ``region`` (``tenant move`` flipped it): a transaction-mode session
     between transactions borrows from that region's pool from now on (statements held by PAUSE
     TENANT then run there; prepared statements are prepared again on first use, as on any new
