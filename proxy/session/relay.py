@@ -41,7 +41,7 @@ from proxy.session.events import OFFLOAD, REFRESH, TERMINATE, WARM_UP
 from proxy.session.ledger import StatementLedger, Wait
 from proxy.session.refusals import Refusals
 from proxy.session.replies import POOLED_INTERESTING, BackendReplies, Entry
-from proxy.session.statements import NO_STATEMENT, PooledStatements
+from proxy.session.statements import NO_STATEMENT, PooledStatements, PooledStatementSteps
 from proxy.wire import messages as m
 from proxy.wire.backend import BackendScanner
 from proxy.wire.errors import ProtocolError
@@ -66,7 +66,7 @@ _FLUSH_B = 72
 _VERBATIM_FIRST = frozenset(b"BESDH")  # the message types proxy/wire/verbatim.py may pass in a run
 
 
-class Relay(Refusals, BackendReplies):
+class Relay(Refusals, BackendReplies, PooledStatementSteps):
     """One session's protocol state and its message handlers (see the module docstring)."""
 
     __slots__ = (
@@ -380,56 +380,6 @@ class Relay(Refusals, BackendReplies):
         # effective when PostgreSQL answers ParseComplete (proxy/session/ledger.py)
         self.ledger.parse_sent(self.seg_sent + 1, name, decision)
         self.counters.n_forwarded += 1
-
-    def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
-        """Transaction mode: what this statement leaves on the connection (pins it, or dirties settings).
-        ``server_name``: the statement it is prepared as (Parse), "" for the unnamed one."""
-        stmts, settings = self.stmts, self.settings
-        if server_name is not None and stmts.setting:
-            stmts.setting.discard(server_name)  # the name now holds this statement
-        if decision.resets_settings:
-            settings.reset = True  # the read-back puts the connection-time settings back
-        if decision.pins_session:
-            settings.pinned = True
-        elif decision.statement_class == "set" or decision.changes_settings:
-            settings.dirty = True
-            if server_name is not None:  # each later Bind of it dirties the settings again
-                stmts.changes_settings(server_name)
-
-    def _ensure_prepared(self, server_name: str) -> None:
-        """Prepare one of this client's statements again on the borrowed connection if it lacks it."""
-        sc = self.sconn
-        if server_name not in sc.prepared:
-            self.to_backend.append(self.stmts.parses[server_name])
-            self.ledger.placeholder_parse_sent(self.seg_sent + 1)
-            self.parse_texts.append((self.seg_sent + 1, None, None))
-            self.stmts.parse_fifo.append((self.seg_sent + 1, True, server_name))
-            sc.prepared.add(server_name)
-
-    def _server_statement(self, name: str, what: str, marker: Callable[[str], bytes]) -> str | None:
-        """The server-side name of client statement ``name`` (prepared on this connection), or None
-        after refusing: a transaction-pooled client only reaches statements it prepared itself."""
-        stmts = self.stmts
-        if not name:
-            sc = self.sconn
-            if sc.unnamed_owner is not self:  # the connection's unnamed statement is not this client's
-                if stmts.unnamed_parse is None:
-                    self._refuse_extended(f"<{what} of the unnamed statement>",
-                                          Refuse("26000", "unnamed prepared statement does not exist"), marker)
-                    return None
-                self.to_backend.append(stmts.unnamed_parse)
-                self.ledger.placeholder_parse_sent(self.seg_sent + 1)
-                self.parse_texts.append((self.seg_sent + 1, None, None))
-                stmts.parse_fifo.append((self.seg_sent + 1, True, None))
-                sc.unnamed_owner = self
-            return ""
-        server = stmts.names.get(name)
-        if server is None:
-            self._refuse_extended(f"<{what} of statement {name!r}>",
-                                  Refuse("26000", f'prepared statement "{name}" does not exist'), marker)
-            return None
-        self._ensure_prepared(server)
-        return server
 
     def _on_bind(self, t: bytes, payload: bytes) -> None:
         ledger = self.ledger

@@ -4,10 +4,15 @@ A transaction-pooled client shares backend connections with other clients, so it
 statements are prepared under server-side names of its own (``tg_<session>_<n>``) and
 prepared again on a connection that lacks them; the unnamed statement is tracked per
 connection (``ServerConn.unnamed_owner``) and re-sent from the client's last unnamed Parse
-when another client's stands there.  Pure bookkeeping: the relay core decides and sends.
+when another client's stands there.  Pure bookkeeping (:class:`PooledStatements`), and the relay core's steps that use it
+(:class:`PooledStatementSteps`, a base class of :class:`proxy.session.relay.Relay`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
+
+from proxy.seam import Forward, Refuse
 
 #: a statement name no client uses: a Close or Describe of it is answered by PostgreSQL as for
 #: a statement that does not exist
@@ -62,3 +67,59 @@ class PooledStatements:
         if self.setting is None:
             self.setting = set()
         self.setting.add(server_name)
+
+
+class PooledStatementSteps:
+    """The relay core's transaction-mode statement steps (state lives in :class:`proxy.session.relay.Relay`)."""
+
+    __slots__ = ()
+
+    def _note_session_state(self, decision: Forward, server_name: str | None = None) -> None:
+        """Transaction mode: what this statement leaves on the connection (pins it, or dirties settings).
+        ``server_name``: the statement it is prepared as (Parse), "" for the unnamed one."""
+        stmts, settings = self.stmts, self.settings
+        if server_name is not None and stmts.setting:
+            stmts.setting.discard(server_name)  # the name now holds this statement
+        if decision.resets_settings:
+            settings.reset = True  # the read-back puts the connection-time settings back
+        if decision.pins_session:
+            settings.pinned = True
+        elif decision.statement_class == "set" or decision.changes_settings:
+            settings.dirty = True
+            if server_name is not None:  # each later Bind of it dirties the settings again
+                stmts.changes_settings(server_name)
+
+    def _ensure_prepared(self, server_name: str) -> None:
+        """Prepare one of this client's statements again on the borrowed connection if it lacks it."""
+        sc = self.sconn
+        if server_name not in sc.prepared:
+            self.to_backend.append(self.stmts.parses[server_name])
+            self.ledger.placeholder_parse_sent(self.seg_sent + 1)
+            self.parse_texts.append((self.seg_sent + 1, None, None))
+            self.stmts.parse_fifo.append((self.seg_sent + 1, True, server_name))
+            sc.prepared.add(server_name)
+
+    def _server_statement(self, name: str, what: str, marker: Callable[[str], bytes]) -> str | None:
+        """The server-side name of client statement ``name`` (prepared on this connection), or None
+        after refusing: a transaction-pooled client only reaches statements it prepared itself."""
+        stmts = self.stmts
+        if not name:
+            sc = self.sconn
+            if sc.unnamed_owner is not self:  # the connection's unnamed statement is not this client's
+                if stmts.unnamed_parse is None:
+                    self._refuse_extended(f"<{what} of the unnamed statement>",
+                                          Refuse("26000", "unnamed prepared statement does not exist"), marker)
+                    return None
+                self.to_backend.append(stmts.unnamed_parse)
+                self.ledger.placeholder_parse_sent(self.seg_sent + 1)
+                self.parse_texts.append((self.seg_sent + 1, None, None))
+                stmts.parse_fifo.append((self.seg_sent + 1, True, None))
+                sc.unnamed_owner = self
+            return ""
+        server = stmts.names.get(name)
+        if server is None:
+            self._refuse_extended(f"<{what} of statement {name!r}>",
+                                  Refuse("26000", f'prepared statement "{name}" does not exist'), marker)
+            return None
+        self._ensure_prepared(server)
+        return server
