@@ -20,7 +20,7 @@ import time
 import asyncpg
 import pytest
 
-from support.pool import local_ports_towards, serve_pooled
+from support.pool import serve_pooled
 
 POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 5}
 
@@ -29,14 +29,6 @@ POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 5}
 def px(demo, tmp_path_factory):  # noqa: F811
     with serve_pooled(demo, tmp_path_factory.mktemp("poolparking"), POOL) as proxy:
         yield proxy
-
-
-async def _pooled_backends(px, admin) -> list[int]:
-    ports = local_ports_towards([px.proc.pid], px.raw["backend"]["port"])
-    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1 AND client_port = ANY($2::int[])"
-                             " AND application_name NOT LIKE 'tenantgate: %'",  # the catalog's own connection
-                             px.backend_role, list(ports))
-    return [r["pid"] for r in rows]
 
 
 async def _tenants_seen(conn) -> tuple[str, set[str]]:
@@ -74,10 +66,10 @@ async def test_a_parked_connection_that_postgresql_ends_goes_unnoticed(px, demo)
     a = await asyncpg.connect(px.dsn("acme"))
     try:
         first = await a.fetchval("SELECT pg_backend_pid()")
-        assert await _pooled_backends(px, admin) == [first]
+        assert await px.backend_pids(admin) == [first]
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", first)
         deadline = time.monotonic() + 10
-        while first in await _pooled_backends(px, admin):
+        while first in await px.backend_pids(admin):
             assert time.monotonic() < deadline, "the pooled backend did not end"
             await asyncio.sleep(0.1)
         # the FATAL PostgreSQL sent on the idle connection never reaches the client
@@ -100,7 +92,7 @@ async def test_a_client_that_leaves_while_parked_leaves_its_connection_to_the_ne
         try:
             assert await b.fetchval("SELECT pg_backend_pid()") == pid
             assert await _tenants_seen(b) == ("globex", {"globex"})
-            assert await _pooled_backends(px, admin) == [pid]
+            assert await px.backend_pids(admin) == [pid]
         finally:
             await b.close()
     finally:

@@ -15,7 +15,7 @@ import time
 import asyncpg
 import pytest
 
-from support.pool import local_ports_towards, serve_pooled
+from support.pool import serve_pooled
 
 POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 5, "server_idle_timeout_s": 1.5,
         "max_prepared_per_server": 3}
@@ -25,14 +25,6 @@ POOL = {"mode": "transaction", "size": 1, "queue_timeout_s": 5, "server_idle_tim
 def px(demo, tmp_path_factory):  # noqa: F811
     with serve_pooled(demo, tmp_path_factory.mktemp("poolupkeep"), POOL) as proxy:
         yield proxy
-
-
-async def _pooled_backends(px, admin) -> list[int]:
-    ports = local_ports_towards([px.proc.pid], px.raw["backend"]["port"])
-    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1 AND client_port = ANY($2::int[])"
-                             " AND application_name NOT LIKE 'tenantgate: %'",  # the catalog's own connections
-                             px.backend_role, list(ports))
-    return [r["pid"] for r in rows]
 
 
 async def test_statement_cap_recycles_connections_transparently(px, demo):  # noqa: F811
@@ -51,7 +43,7 @@ async def test_statement_cap_recycles_connections_transparently(px, demo):  # no
                 assert tuple(await s.fetchrow(10)) == (k + 10, "acme")
             assert await b.fetchval("SELECT min(tenant_id) || $1::text FROM orders", "!") == "globex!"
             pids.add(await a.fetchval("SELECT pg_backend_pid()"))
-            assert len(await _pooled_backends(px, admin)) <= 1
+            assert len(await px.backend_pids(admin)) <= 1
         assert len(pids) >= 3, f"connections were not recycled: {pids}"
     finally:
         await a.close()
@@ -64,14 +56,14 @@ async def test_idle_pooled_connections_are_closed_and_reopened_on_demand(px, dem
     a = await asyncpg.connect(px.dsn("acme"))
     try:
         assert await a.fetchval("SELECT min(tenant_id) FROM customers") == "acme"
-        assert len(await _pooled_backends(px, admin)) == 1
+        assert len(await px.backend_pids(admin)) == 1
         deadline = time.monotonic() + 10
-        while await _pooled_backends(px, admin):
+        while await px.backend_pids(admin):
             assert time.monotonic() < deadline, "the idle pooled connection was never closed"
             await asyncio.sleep(0.2)
         # the client's session is still there and gets a new connection for its next transaction
         assert await a.fetchval("SELECT current_setting('tenantgate.tenant_id')") == "acme"
-        assert len(await _pooled_backends(px, admin)) == 1
+        assert len(await px.backend_pids(admin)) == 1
     finally:
         await a.close()
         await admin.close()

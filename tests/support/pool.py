@@ -75,6 +75,14 @@ class PooledProxy:
     def backend_role(self) -> str:
         return self.raw["backend"]["user"]
 
+    async def backend_pids(self, admin) -> list[int]:
+        """PIDs of this proxy's pooled connections in PostgreSQL (``admin``: an asyncpg connection
+        of a superuser), without the catalog's own connection."""
+        ports = local_ports_towards([self.proc.pid], self.raw["backend"]["port"])
+        rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1 AND client_port = ANY($2::int[])"
+                                 " AND application_name NOT LIKE 'tenantgate: %'", self.backend_role, list(ports))
+        return [r["pid"] for r in rows]
+
     def worker_pids(self) -> dict[int, int]:
         """{worker index: OS pid} of the supervisor's worker processes (``workers`` > 1)."""
         with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
