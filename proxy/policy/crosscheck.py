@@ -14,7 +14,15 @@ form sqlglot cannot model).  What must agree, token by token:
   (on the tree, :func:`reserved_names` refuses a PostgreSQL reserved keyword that sqlglot
   took for a plain name);
 * the value: a string constant's value (continuations joined, E'' escapes decoded) and a
-  quoted identifier's name equal sqlglot's token text.
+  quoted identifier's name equal sqlglot's token text;
+* the name: sqlglot looks keywords and built-in function names up with Python's Unicode
+  ``str.upper()``, PostgreSQL folds only the ASCII letters of an unquoted name and never a
+  quoted one (downcase_identifier; every keyword is ASCII).  So ``ſum(x)`` and ``"SUM"(x)``
+  are sqlglot's built-in SUM, while PostgreSQL calls a function named ``ſum`` or ``SUM`` (a
+  user-defined one if it exists, past the function allowlist); ``falſe``, ``ıs``, ``ınt`` are
+  keywords to sqlglot and names to PostgreSQL.  Refused: a non-ASCII unquoted word that Python's
+  case mapping turns into an ASCII word (:func:`_case_alias`: ı ſ ß ﬁ ﬆ K ...), and a quoted
+  name called as a function that sqlglot maps to a built-in of another name.
 
 So a string continuation that sqlglot reads as two strings, ``0x1F`` that sqlglot reads as
 a hex number, a comment sqlglot misses, or an operator split differently never reaches the
@@ -72,6 +80,42 @@ def _sg_category(t: Token) -> str:
     if txt and (txt[0].isalpha() or txt[0] == "_" or ord(txt[0]) >= 0x80):
         return "word"
     return "op"
+
+
+def _case_alias(word: str) -> str | None:
+    """The ASCII word Python's Unicode case mapping makes of a non-ASCII ``word`` (``ſum`` ->
+    ``SUM``, ``ıs`` -> ``IS``, ``straße`` -> ``STRASSE``, ``\u212aey`` -> ``key``), else None.
+    sqlglot (``text.upper()``) and the proxy's keyword checks compare such a result with ASCII
+    keywords and function names; PostgreSQL folds ASCII A-Z only, so to it the word stays a name."""
+    if word.isascii():
+        return None
+    for fold in (str.upper, str.lower, str.casefold):
+        folded = fold(word)
+        if folded.isascii():
+            return folded
+    return None
+
+
+def _sqlglot_function_names() -> frozenset[str]:
+    """Upper-case names sqlglot's parser maps to a modelled function (it looks them up with
+    ``text.upper()``, for quoted names too)."""
+    from proxy.policy.parse import DIALECT
+
+    p = DIALECT.parser_class
+    return frozenset(p.FUNCTIONS) | frozenset(p.FUNCTION_PARSERS) | frozenset(p.NO_PAREN_FUNCTION_PARSERS)
+
+
+_SG_FUNCTION_NAMES: frozenset[str] | None = None
+
+
+def _quoted_call_differs(name: str) -> bool:
+    """A quoted name before ``(`` that sqlglot takes for the built-in ``name.upper()``, while
+    PostgreSQL calls exactly ``name`` (the built-in's name is lower-case ASCII)."""
+    global _SG_FUNCTION_NAMES
+    if _SG_FUNCTION_NAMES is None:
+        _SG_FUNCTION_NAMES = _sqlglot_function_names()
+    upper = name.upper()
+    return upper in _SG_FUNCTION_NAMES and name != upper.lower()
 
 
 def _refuse(msg: str, state: str = SYNTAX_ERROR) -> PolicyRefusal:
@@ -160,6 +204,13 @@ def compare(sql: str, pg: list[PgToken], sg: list[Token]) -> None:
             raise _refuse(f"{sql[p.start:p.end][:30]!r} is a {pc} to PostgreSQL and a {sc} to tenantgate's parser")
         k = i
         if pc == "word":
+            for t in pg[i:]:
+                if t.start >= s_end:
+                    break
+                alias = _case_alias(sql[t.start:t.end])
+                if alias is not None:
+                    raise _refuse(f"{sql[t.start:t.end][:30]!r} is a name to PostgreSQL, but Unicode case mapping "
+                                  f"makes it {alias[:30]!r} to tenantgate's parser (quote the name)")
             while pg[k].end < s_end:
                 k += 1
                 if k >= npg or _pg_category(sql, pg[k]) != "word" or not _is_space(sql, pg[k - 1].end, pg[k].start):
@@ -172,6 +223,9 @@ def compare(sql: str, pg: list[PgToken], sg: list[Token]) -> None:
         elif pc == "qident":
             if identifier_value(sql, p) != s.text:
                 raise _refuse(f"quoted identifier at offset {p.start}")
+            if k + 1 < npg and pg[k + 1].name == "ASCII_40" and _quoted_call_differs(s.text):
+                raise _refuse(f"function {sql[p.start:p.end][:30]} is not {s.text.upper().lower()}() to PostgreSQL "
+                              "(a quoted name is exact), but tenantgate's parser reads it as that built-in")
         i = k + 1
         j += 1
     if i != npg:

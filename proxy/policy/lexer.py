@@ -180,11 +180,15 @@ def token_at(sql: str, start: int) -> PgToken | None:
 
 
 def first_word(sql: str, start: int) -> str:
-    """Upper-cased first keyword of the statement at ``start`` ('' if it is not a word)."""
+    """Upper-cased first keyword of the statement at ``start`` ('' if it is not a word).
+
+    Only ASCII letters are upper-cased, as PostgreSQL's keywords are ASCII: ``ſet`` is a name to
+    PostgreSQL and must not be routed as SET (Python's ``"ſet".upper()`` is ``"SET"``)."""
     t = token_at(sql, start)
     if t is None or not is_word(sql, t):
         return sql[start : start + 1]
-    return sql[t.start : t.end].upper()
+    word = sql[t.start : t.end]
+    return word.upper() if word.isascii() else word
 
 
 _WORD_RE = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z_0-9$\x80-\U0010ffff]*")
