@@ -99,9 +99,9 @@ def _case_alias(word: str) -> str | None:
 def _sqlglot_function_names() -> frozenset[str]:
     """Upper-case names sqlglot's parser maps to a modelled function (it looks them up with
     ``text.upper()``, for quoted names too)."""
-    from proxy.policy.parse import DIALECT
+    from sqlglot.dialects.postgres import Postgres  # the dialect proxy/policy/parse.py parses with
 
-    p = DIALECT.parser_class
+    p = Postgres.parser_class
     return frozenset(p.FUNCTIONS) | frozenset(p.FUNCTION_PARSERS) | frozenset(p.NO_PAREN_FUNCTION_PARSERS)
 
 
