@@ -119,11 +119,17 @@ class BackendProtocol(asyncio.Protocol):
             sink(rest)
 
     def detach(self) -> None:
-        """Back to buffering (a pooled connection between two clients): no sink, no callbacks."""
+        """Back to buffering (a pooled connection between two clients): no sink, no callbacks.
+        Reading resumes: the last client may have paused it (its socket was full) and that
+        client's resume_writing would no longer reach this connection, whose next client would
+        then never get its replies."""
         self._sink = None
         self.on_lost = None
         self.on_pause_writing = None
         self.on_resume_writing = None
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
 
     def has_buffered_data(self) -> bool:
         return len(self._buf) > 0
