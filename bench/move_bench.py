@@ -33,25 +33,11 @@ import asyncpg
 from proxy.control.plane import ControlPlane
 from proxy.lifecycle.move import MoveHooks, MoveOptions, TableSpec, TenantMove
 from proxy.lifecycle.move_state import MoveStore
+from bench.lifecycle_bench import FILL_SQL, TABLE_SQL  # the same table and rows
 from proxy.pgcluster import _as_postgres, ensure_traversable, make_cluster
 
 LOGICAL_CONF = ("wal_level = logical\nmax_wal_senders = 20\nmax_replication_slots = 20\n"
                 "max_logical_replication_workers = 8\nmax_worker_processes = 16\n")
-
-TABLE_SQL = """
-CREATE TABLE events (
-    tenant_id text NOT NULL, id bigint NOT NULL, created timestamptz NOT NULL,
-    kind text NOT NULL, amount numeric(12,2), payload jsonb, note text,
-    PRIMARY KEY (tenant_id, id));
-"""
-
-FILL_SQL = """
-INSERT INTO events SELECT $1, i, timestamptz '2024-01-01' + i * interval '1 second',
-    (ARRAY['click','view','buy','refund'])[1 + i % 4], (i % 100000) / 100.0,
-    jsonb_build_object('i', i, 'tag', 'tag' || (i % 97)),
-    CASE WHEN i % 10 = 0 THEN NULL ELSE md5(i::text) END
-FROM generate_series($2::bigint, $3::bigint) i
-"""
 
 INSERT_SQL = ("INSERT INTO events VALUES ($1, $2, now(), 'write', 1.5, '{\"w\": true}', 'written during the move')")
 

@@ -33,19 +33,9 @@ async def _run(args) -> int:
 
 
 def _main(args) -> int:
-    from proxy.commands.tenant import _format_error, _run_loop
-    from proxy.lifecycle.tables import LifecycleError
+    from proxy.commands.tenant import _runner  # the same error reporting as the tenant commands
 
-    try:
-        return _run_loop(_run(args))
-    except (LifecycleError, OSError) as e:
-        print(_format_error(e), file=sys.stderr)
-        return 1
-    except Exception as e:
-        if getattr(e, "sqlstate", None):
-            print(_format_error(e), file=sys.stderr)
-            return 1
-        raise
+    return _runner(_run)(args)
 
 
 def register(sub):
