@@ -179,8 +179,9 @@ _MARKERS = {t: _marker_re(tuple(o for o in TENANTS if o != t)) for t in TENANTS}
 
 def leaked_markers(text: str, statement_text: str, tenant: str = TENANT) -> list[str]:
     """Marker values of tenants other than ``tenant`` in ``text`` that the statement itself
-    did not contain."""
-    return sorted({m for m in _MARKERS[tenant].findall(text or "") if m and _core(m) not in statement_text})
+    did not contain (in any letter case: ``upper('cust-B-1')`` shows the statement's own value)."""
+    folded = statement_text.lower()
+    return sorted({m for m in _MARKERS[tenant].findall(text or "") if m and _core(m).lower() not in folded})
 
 
 def _core(marker: str) -> str:
