@@ -135,3 +135,48 @@ def test_digits_of_other_scripts_never_hit_a_normalised_template():
         # whatever the cold path decides, the text keeps the client's characters as they were
         if isinstance(decision, Forward):
             assert digits in decision.sql and "'acme'" in decision.sql
+
+
+# The normalised hit's shortcut (Pipeline.analyze, _HOT: the plan of the tenant the template was
+# last filled in for) against the full path, over interleaved sessions: another tenant, no tenant,
+# a read-only session, a tenant-token session, and Parse as well as simple Query.
+_HOT_STATEMENTS = [
+    "SELECT status FROM orders WHERE order_id = {n}",
+    "UPDATE orders SET status = 'x' WHERE order_id = {n}",
+    "SELECT name FROM products WHERE product_id = {n}",
+    "DELETE FROM order_items WHERE order_id = {n} AND product_id = {m}",
+]
+_HOT_CONTEXTS = [
+    PolicyContext(tenant="acme"),
+    PolicyContext(tenant="globex"),
+    PolicyContext(tenant=None),
+    PolicyContext(tenant="acme", read_only=True),
+    PolicyContext(tenant="globex", tenant_source=lambda: "globex"),
+]
+
+
+def _outcome(decision):
+    if isinstance(decision, Forward):
+        return ("forward", decision.sql, decision.statement_class, decision.param_checks, decision.changes_settings)
+    return ("refuse", decision.sqlstate, decision.message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_HOT_STATEMENTS) - 1), st.integers(0, len(_HOT_CONTEXTS) - 1),
+                          st.sampled_from([Origin.SIMPLE, Origin.PARSE]), st.integers(0, 10**6)),
+                min_size=1, max_size=12))
+def test_the_normalised_shortcut_decides_as_the_full_path(steps):
+    warm, reference = _HOT_ENGINES
+    for i, c, origin, n in steps:
+        sql = _HOT_STATEMENTS[i].format(n=n, m=n + 1)
+        ctx = _HOT_CONTEXTS[c]
+        got = warm.analyze(sql, ctx, origin)
+        for tpl in list(reference.cache.entries.values()):  # the reference never takes the shortcut
+            tpl = tpl[0] if isinstance(tpl, tuple) else tpl
+            tpl.done.clear()
+        want = reference.analyze(sql, ctx, origin)
+        assert _outcome(got.decision) == _outcome(want.decision), (sql, ctx, origin)
+        assert got.effects == want.effects
+
+
+_HOT_ENGINES = (demo_engine(), demo_engine())

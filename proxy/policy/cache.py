@@ -26,9 +26,15 @@ class RewriteCache:
     def __init__(self, maxsize: int = 20000):
         self.maxsize = maxsize
         self._data: OrderedDict[Hashable, Any] = OrderedDict()
-        self.hits = 0
+        # the same mapping, read directly by the hot path (Pipeline.template: get, move_to_end)
+        self.entries = self._data
         self.misses = 0
-        self._unpublished_hits = 0
+        self._published_hits = 0
+        self.unpublished_hits = 0  # the hot path adds 1 per hit and calls publish() at HIT_PUBLISH_EVERY
+
+    @property
+    def hits(self) -> int:
+        return self._published_hits + self.unpublished_hits
 
     def lookup(self, key: Hashable) -> Any | None:
         """The cached value (marked as recently used), or None; the caller counts once per statement."""
@@ -39,9 +45,8 @@ class RewriteCache:
 
     def count(self, hit: bool) -> None:
         if hit:
-            self.hits += 1
-            self._unpublished_hits += 1
-            if self._unpublished_hits >= HIT_PUBLISH_EVERY:
+            self.unpublished_hits += 1
+            if self.unpublished_hits >= HIT_PUBLISH_EVERY:
                 self.publish()
         else:
             self.misses += 1
@@ -49,9 +54,11 @@ class RewriteCache:
 
     def publish(self) -> None:
         """Add the hits counted since the last publication to the Prometheus counter."""
-        if self._unpublished_hits:
-            REWRITE_CACHE_HITS_TOTAL.inc(self._unpublished_hits)
-            self._unpublished_hits = 0
+        n = self.unpublished_hits
+        if n:
+            REWRITE_CACHE_HITS_TOTAL.inc(n)
+            self._published_hits += n
+            self.unpublished_hits = 0
 
     def put(self, key: Hashable, value: Any) -> None:
         if self.maxsize <= 0:

@@ -111,4 +111,4 @@ class PolicyEngine:
 
     def check(self, sql: str, ctx: PolicyContext, origin: Origin = Origin.SIMPLE) -> Forward | Refuse:
         """Forward (the SQL to send, Bind/COPY checks, statement class) or Refuse."""
-        return self.analyze(sql, ctx, origin).decision
+        return self.analyze(sql, ctx, origin)[0]  # .decision (Analysis is a named tuple)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.metrics import REWRITE_SECONDS
-from proxy.policy.cache import RewriteCache
+from proxy.policy.cache import HIT_PUBLISH_EVERY, RewriteCache
 from proxy.policy.catalog import CatalogSnapshot
 from proxy.policy.classify import classify, refuse_keyword
 from proxy.policy.utility_statements import command_piece
@@ -84,10 +84,15 @@ def _effects(tpl: Template) -> Effects:
 def _with_sql(proto: Forward, sql: str) -> Forward:
     """``proto`` with another text: ``dataclasses.replace`` without its cost (a frozen dataclass's
     __init__ sets each field through object.__setattr__); every field comes from a valid Forward."""
-    f = object.__new__(Forward)
-    f.__dict__.update(proto.__dict__)
-    f.__dict__["sql"] = sql
+    f = _new(Forward)
+    d = f.__dict__
+    d.update(proto.__dict__)
+    d["sql"] = sql
     return f
+
+
+_new = object.__new__
+_HOT = object()  # key in Template.done: (tenant, segments, slots, Forward, Effects) of the last normalised hit
 
 
 def splice(sql: str, edits: list[Edit], start: int = 0, end: int | None = None) -> list:
@@ -275,19 +280,28 @@ class Pipeline:
         # Exact text first (value: the template and, for a normalised template, this text's
         # numeric literals), so a repeated statement skips normalisation; then the
         # numeric-literal-normalised text; then a cold rewrite.
+        # (the cache's mapping is read here directly and hits counted inline: the hot path)
         version = self.catalog_manager.snapshot.version
         o = origin._value_
         key = (sql, o, version)
         cache = self.cache
-        hit = cache.lookup(key)
+        entries = cache.entries
+        hit = entries.get(key)
         if hit is not None:
-            cache.count(True)
+            entries.move_to_end(key)
+            cache.unpublished_hits += 1
+            if cache.unpublished_hits >= HIT_PUBLISH_EVERY:
+                cache.publish()
             return hit[0], hit[1], True
         norm = literals_key(sql)
         if norm is not None:
-            ntpl = cache.lookup(("#", norm[0], o, version))
+            nkey = ("#", norm[0], o, version)
+            ntpl = entries.get(nkey)
             if ntpl is not None:  # (not cached by exact text: literals mostly differ each time)
-                cache.count(True)
+                entries.move_to_end(nkey)
+                cache.unpublished_hits += 1
+                if cache.unpublished_hits >= HIT_PUBLISH_EVERY:
+                    cache.publish()
                 return ntpl, norm[1], True
         cache.count(False)
         t0 = time.perf_counter()
@@ -310,6 +324,16 @@ class Pipeline:
 
     def analyze(self, sql: str, ctx, origin):
         tpl, literals, cached = self.template(sql, origin)
+        if literals is not None:
+            # the hot path (pgbench -S, most applications): a normalised hit for the tenant the
+            # template was last filled in for; kept under _HOT by the normalised branch below only
+            # when nothing but the context's tenant, tenant source and read-only flag can change it
+            hot = tpl.done.get(_HOT)
+            if hot is not None and hot[0] == ctx.tenant and ctx.tenant_source is None and not ctx.read_only:
+                buf = hot[1].copy()
+                for i, k in hot[2]:
+                    buf[i] = literals[k]
+                return Analysis(_with_sql(hot[3], "".join(buf)), hot[4], True)
         if tpl.refusal is not None:
             if tpl.unknown_relation:
                 self.catalog_manager.request_refresh("unknown_relation")
@@ -354,7 +378,7 @@ class Pipeline:
             # a normalised hit (a cache hit: new numbers in a known statement), the hot path of
             # pgbench -S and most applications: the tenant-filled segments and the decision's
             # other fields are kept per template and tenant, only the text is new
-            lit = self.literal(tenant) if tenant is not None else ""
+            lit = (self._tenant_cache.get(tenant) or self.literal(tenant)) if tenant is not None else ""
             if dynamic and origin == Origin.PARSE:
                 lit = tenant_guc_reference(type_)
             plan = tpl.done.get(("#", lit))
@@ -365,6 +389,8 @@ class Pipeline:
                 proto = Forward("", statement_class=tpl.statement_class, pins_session=tpl.pins_session,
                                 changes_settings=tpl.changes_settings, resets_settings=tpl.resets_settings)
                 plan = tpl.done[("#", lit)] = (base, slots, proto, _effects(tpl))
+            if not dynamic and not tpl.requires_prepared and not tpl.required_literals and tpl.refusal is None:
+                tpl.done[_HOT] = (tenant, *plan)  # (tenant None: a statement without tenant tables)
             buf = plan[0].copy()
             for i, k in plan[1]:
                 buf[i] = literals[k]
