@@ -16,10 +16,15 @@ class TenantCounters:
         self.transactions: dict[str, int] = {}
         self.refusals: dict[str, int] = {}
 
-    def transaction(self, session) -> None:
-        tenant = session_tenant(session)
-        if tenant is not None:
-            self.transactions[tenant] = self.transactions.get(tenant, 0) + 1
+    @staticmethod
+    def tenant_of(session) -> str | None:
+        """The tenant ``session``'s statements run for now (proxy.holds.session_tenant)."""
+        return session_tenant(session)
+
+    def add_transactions(self, tenant: str, n: int) -> None:
+        """``n`` transactions of ``tenant`` finished (sessions count them locally and add them in
+        bulk: proxy/session/counters.py)."""
+        self.transactions[tenant] = self.transactions.get(tenant, 0) + n
 
     def refusal(self, session) -> None:
         tenant = session_tenant(session)
@@ -34,6 +39,7 @@ def tenant_snapshot(server) -> list[dict]:
     for s in list(server.sessions):
         if not s.relaying or s.console is not None:
             continue
+        s.counters.flush()  # transactions counted by the session and not yet added to its tenant's
         tenant = session_tenant(s)
         if tenant is not None:
             sessions[tenant] = sessions.get(tenant, 0) + 1
