@@ -138,7 +138,9 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
     def idle(self) -> bool:
         if not self.relaying:
             return False
-        return self.relay.idle if self.relay is not None else self.console is not None
+        if self.relay is not None:
+            return self.relay.idle
+        return self.console is not None or self.pooled  # pooled: no core yet, nothing sent (start_relay)
 
     # ------------------------------------------------------------------ asyncio callbacks (client socket)
 
@@ -215,24 +217,36 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
         CLIENT_CONNECTIONS.labels(kind=self.kind_label).inc()
         self._counted = True
         self.counters.started(self.kind_label)
-        catalog = getattr(server.gatekeeper, "catalog", None)
-        self.relay = Relay(
-            self.buf, gate, session_id=self.session_id, limits=self.config.limits, audited=self.audited,
-            copy_full=getattr(self.config.audit, "copy_data", "digest") == "full", counters=self.counters,
-            tx_status=status, pooled_settings=self.pooled_settings,
-            can_refresh=catalog is not None and hasattr(catalog, "refresh_after"))
-        if self.pooled:
-            self.counters.pool = self.pool
-            self._bind_server(self.lent)
-            self.lent = None
-        else:
-            self._start_backend_relay(backend)
         self.relaying = True
         self._startup_task = None  # done: do not keep the finished task alive
         self.buf.compact()
+        if self.pooled:
+            self.counters.pool = self.pool
+            sc, self.lent = self.lent, None
+            if not len(self.buf) and status == b"I" and not self.pooled_settings.dirty:
+                # Nothing to relay yet: the connection borrowed for the startup goes back, and the
+                # relay core (about 1.4 kB) is made at the client's first message (process_client),
+                # so a client that connects and waits holds only this session (an idle pool).
+                self._last_sconn = sc
+                self.pool.release(sc)
+                return
+            self._make_relay(status)
+            self._bind_server(sc)
+        else:
+            self._make_relay(status)
+            self._start_backend_relay(backend)
         self.process_client()
         if self.pooled:
             self._maybe_release()
+
+    def _make_relay(self, status: bytes) -> Relay:
+        catalog = getattr(self.server.gatekeeper, "catalog", None)
+        relay = self.relay = Relay(
+            self.buf, self.gate, session_id=self.session_id, limits=self.config.limits, audited=self.audited,
+            copy_full=getattr(self.config.audit, "copy_data", "digest") == "full", counters=self.counters,
+            tx_status=status, pooled_settings=self.pooled_settings,
+            can_refresh=catalog is not None and hasattr(catalog, "refresh_after"))
+        return relay
 
     def _start_backend_relay(self, backend: BackendConnection) -> None:
         self.backend = backend
@@ -314,7 +328,11 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
             self._process_console()
             return
         relay = self.relay
-        if relay is None or relay.blocked:
+        if relay is None:
+            if not self.pooled or not len(self.buf):
+                return
+            relay = self._make_relay(b"I")  # the first message of a pooled session (start_relay)
+        if relay.blocked:
             return
         if self._cancels_pending and relay.idle and not relay.unsynced:
             # a cancel is on its way to PostgreSQL: the next statement waits until it has arrived

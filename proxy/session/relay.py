@@ -148,11 +148,12 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
             handlers[held[0]](self, *held)
         fstate = self.fstate
         while not self.blocked:
-            if fstate.phase is Phase.READY:
-                data, pos = buf.window()
-                # verbatim_run stops at once at any other type: skip the call (a Query, a Parse)
-                if pos < len(data) and data[pos] in _VERBATIM_FIRST:
-                    self._relay_verbatim_run()
+            data, pos = buf.window()
+            if pos >= len(data):  # all read (the common end of the loop: no call to next_message)
+                break
+            # verbatim_run stops at once at any other type: skip the call (a Query, a Parse)
+            if fstate.phase is Phase.READY and data[pos] in _VERBATIM_FIRST:
+                self._relay_verbatim_run()
             msg = buf.next_message()
             if msg is None:
                 break

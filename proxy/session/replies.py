@@ -151,7 +151,12 @@ class BackendReplies:
                 break
         self.counters.ready(status == b"I", took)
         self.ledger.ready(self.seg_done + 1, status)
-        self._segment_done()
+        # (_segment_done, inline: once per ReadyForQuery)
+        self.seg_done += 1
+        hold = self.hold_seg
+        if hold and self.seg_done >= hold:
+            self.hold_seg = 0
+            self.events.append((UNBLOCK,))
         if self.markers:
             done = self.seg_done
             self.markers = [mk for mk in self.markers if mk[0] > done]
