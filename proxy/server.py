@@ -63,6 +63,10 @@ def install_uvloop() -> bool:
     return True
 
 
+#: seconds of client silence after which a pooled session drops an empty relay core (memory)
+SHED_IDLE_CORE_S = 5
+
+
 class ProxyServer:
     """tenantgate's listener.  One instance per listening address.
 
@@ -110,17 +114,18 @@ class ProxyServer:
     async def _sweep_idle_clients(self) -> None:
         """``pool.client_idle_timeout_s``: close clients that sent nothing for that long and hold
         no transaction open (a tick a second, reset by each chunk the client sends; the setting
-        can change on reload)."""
+        can change on reload).  A pooled session silent for :data:`SHED_IDLE_CORE_S` seconds
+        drops its relay core if it holds nothing (proxy/session/pooled.py, shed_idle_core)."""
         while True:
             await asyncio.sleep(1.0)
             limit = self.config.pool.client_idle_timeout_s
-            if not limit:
-                continue
             for s in list(self.sessions):
                 s.idle_ticks += 1
-                if s.relaying and s.idle and s.idle_ticks > limit:
+                if limit and s.relaying and s.idle and s.idle_ticks > limit:
                     s.fatal("57P05", f"terminating connection due to idle timeout "
                                       f"(pool.client_idle_timeout_s = {limit:g} s)")
+                elif s.idle_ticks == SHED_IDLE_CORE_S and s.pooled:
+                    s.shed_idle_core()
 
     @property
     def host(self) -> str:

@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from support.e2e import RawClient, data_rows
+from support.e2e import RawClient, data_rows, token
 from support.pool import serve_pooled
 from proxy.wire import messages as m
 
@@ -101,3 +101,59 @@ def test_a_statement_sent_before_the_startup_ended_is_answered(px):
             assert data_rows(c.until_ready()) == [[b"globex"]]
         finally:
             c.close()
+
+
+# ---------------------------------------------------------------- idle sessions drop their core
+#
+# A pooled session silent for SHED_IDLE_CORE_S seconds drops its relay core when the core holds
+# nothing a new one would not (proxy/session/pooled.py, shed_idle_core), and lets go of the
+# connection parked for it (a pool larger than the clients: each keeps its parked connection
+# until then).  Its settings, tenant and (if it has any) prepared statements must be as before
+# at its next statement.
+
+
+@pytest.fixture(scope="module")
+def px_verbose(demo, tmp_path_factory):  # noqa: F811
+    with serve_pooled(demo, tmp_path_factory.mktemp("poolshedcore"), {"mode": "transaction", "size": 4,
+                      "queue_timeout_s": 10}, log_level="debug") as proxy:
+        yield proxy
+
+
+def _simple(c: RawClient, sql: str) -> list:
+    c.send(m.encode_query(sql))
+    reply = c.until_ready()
+    failed = [p for t, p in reply if t == b"E"]
+    assert not failed, m.decode_error_fields(failed[0]).message
+    return data_rows(reply)
+
+
+async def test_idle_sessions_drop_their_core_and_go_on_as_before(px_verbose, demo):
+    from proxy.server import SHED_IDLE_CORE_S
+
+    plain = RawClient(px_verbose.dsn("acme"))
+    switching = RawClient(px_verbose.pool_dsn())
+    prepared = await asyncpg.connect(px_verbose.dsn("globex"))
+    try:
+        stmt = await prepared.prepare("SELECT count(*) FROM customers WHERE customer_id > $1")
+        assert await stmt.fetchval(0) == 2
+        # each of these two ends with its connection parked (its own: the pool has room)
+        _simple(plain, "SET statement_timeout = '4321'")
+        assert _simple(plain, "SELECT current_setting('statement_timeout')") == [[b"4321ms"]]
+        _simple(switching, f"SET tenantgate.tenant = '{token(demo, 'globex')}'")
+        assert _simple(switching, "SELECT DISTINCT tenant_id FROM orders") == [[b"globex"]]
+        log = px_verbose.log()
+        dropped, let_go = log.count("relay core dropped"), log.count("its parked connection let go")
+        await asyncio.sleep(SHED_IDLE_CORE_S + 2)
+        log = px_verbose.log()
+        assert log.count("relay core dropped") >= dropped + 2  # plain and switching; prepared keeps its core
+        assert log.count("its parked connection let go") >= let_go + 1  # plain's, at least
+        assert _simple(plain, "SELECT current_setting('statement_timeout'), current_setting('tenantgate.tenant_id')"
+                       ) == [[b"4321ms", b"acme"]]
+        assert _simple(plain, "SELECT DISTINCT tenant_id FROM orders") == [[b"acme"]]
+        assert _simple(switching, "SELECT DISTINCT tenant_id FROM orders") == [[b"globex"]]
+        assert await stmt.fetchval(0) == 2  # a session with a named statement keeps its core
+        assert {r[0] for r in await prepared.fetch("SELECT tenant_id FROM orders")} == {"globex"}
+    finally:
+        plain.close()
+        switching.close()
+        await prepared.close()

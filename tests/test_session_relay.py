@@ -380,3 +380,37 @@ def test_a_clean_connection_stays_quiet_after_terminate_so_it_goes_back_to_the_p
     backend(relay, cc("SELECT 1"), rfq())
     client(relay, m.TERMINATE)
     assert relay.events == [(TERMINATE,)] and relay.quiet()
+
+
+# --------------------------------------------------------------------------- a core that may be dropped
+
+def test_a_core_is_pristine_until_it_holds_something_a_new_one_would_not():
+    relay, _ = make_relay(pooled=True)
+    assert relay.pristine()
+    client(relay, m.encode_query("SELECT * FROM t"))
+    assert not relay.pristine()  # a statement in flight
+    backend(relay, cc("SELECT 0") + rfq())
+    assert relay.pristine()  # answered: nothing left
+    client(relay, m.encode_query("BEGIN"))
+    backend(relay, cc("BEGIN") + rfq(b"T"))
+    assert not relay.pristine()  # a transaction open
+    client(relay, m.encode_query("COMMIT"))
+    backend(relay, cc("COMMIT") + rfq())
+    assert relay.pristine()
+    client(relay, m.encode_parse("s1", "SELECT 1"), m.SYNC)
+    backend(relay, PARSE_COMPLETE + rfq())
+    assert not relay.pristine()  # a named statement: its server name is numbered by this core
+
+
+def test_every_field_of_the_core_is_accounted_for_by_pristine():
+    # Relay.pristine decides whether an idle session may drop its core and make a new one later;
+    # a new field must be added to it (or to the fields set once at construction) and here.
+    from proxy.session.relay import Relay
+
+    given_at_construction = {"buf", "gate", "session_id", "limits", "audited", "copy_full", "counters",
+                             "can_refresh", "pooled", "settings", "sconn"}
+    checked_by_pristine = {"to_backend", "to_client", "events", "blocked", "held", "hold_seg", "offloaded",
+                           "refresh_retried", "inflight", "tx_status", "fstate", "scanner", "ledger", "markers",
+                           "marker_seq", "seg_sent", "seg_done", "unsynced", "unnamed_single", "unnamed_spent",
+                           "copy", "backend_fatal", "saw_ready", "parse_texts", "stmts", "swallowing"}
+    assert set(Relay.__slots__) == given_at_construction | checked_by_pristine

@@ -92,6 +92,10 @@ class StatementLedger:
         self.checked = False
         self._stale = False  # something was dropped since ``checked`` was last computed
 
+    def empty(self) -> bool:
+        """No statement, portal or pending operation known (a new ledger's state)."""
+        return not self.stmts and not self.portals and not self._ops and not self.checked
+
     def _recompute_checked(self) -> None:
         if not self._ops:
             self._stale = False

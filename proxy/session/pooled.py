@@ -175,6 +175,26 @@ class PooledSession:
             self._detach_server()
             self.pool.release(sc, xact_s=xact_s)
 
+    def shed_idle_core(self) -> bool:
+        """A pooled session idle between transactions drops its relay core when the core holds
+        nothing a new one would not (Relay.pristine), letting go of its parked connection (which
+        stays idle in the pool); its next message makes a new core (protocol.process_client).
+        Called by the server's once-a-second sweep; True when the core was dropped."""
+        relay = self.relay
+        if (relay is None or self.closed or not self.relaying or not self.pooled or self.attach_task is not None
+                or self.held_task is not None or self._cancels_pending or self._cancel_hold or len(self.buf)
+                or not relay.pristine()):
+            return False
+        sc = self.sconn
+        if sc is not None:
+            if sc.parked_by is not self:  # lent to this session (pristine says quiet: not expected)
+                return False
+            self.let_go_of_parked()
+        self.relay = None
+        log.debug("session %s: idle, relay core dropped%s", self.session_id,
+                  " and its parked connection let go" if sc is not None else "")
+        return True
+
     @property
     def parked(self) -> bool:
         """Between transactions, with the connection of the last one parked (idle in the pool)."""

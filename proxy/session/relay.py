@@ -136,6 +136,21 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
                 and self.fstate.phase in _QUIET_PHASES and not self.swallowing and self.scanner.at_boundary
                 and not (self.settings is not None and self.settings.pinned))
 
+    def pristine(self) -> bool:
+        """Nothing but what a new core holds: the I/O layer may drop this core while its session
+        idles and make a new one at the next message (transaction pooling; an idle client stays
+        small).  Conservative: a session that ever named a statement keeps its core (the server
+        names it made are numbered per core), as does anything open, held, pending or dirty."""
+        stmts = self.stmts
+        settings = self.settings
+        return (self.quiet() and self.fstate.phase is Phase.READY and not self.blocked and self.held is None
+                and self.offloaded is None and self.refresh_retried is None and not self.events
+                and not self.to_client and not self.markers and not self.parse_texts and not self.unnamed_single
+                and not self.unnamed_spent and self.seg_sent == self.seg_done and not self.hold_seg
+                and self.copy.check is None and not self.copy.failed and not self.backend_fatal
+                and self.ledger.empty() and (stmts is None or stmts.empty())
+                and not (settings is not None and (settings.dirty or settings.reset)))
+
     # ------------------------------------------------------------------ client -> backend
 
     def process_client(self) -> None:

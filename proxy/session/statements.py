@@ -34,6 +34,11 @@ class PooledStatements:
         # None for the unnamed statement), oldest first
         self.parse_fifo: list[tuple[int, bool, str | None]] = []
 
+    def empty(self) -> bool:
+        """Never named a statement, and holds nothing now (a new instance's state)."""
+        return (not self.names and not self.parses and self.seq == 0 and self.unnamed_parse is None
+                and not self.setting and not self.parse_fifo)
+
     def new_server_name(self, session_id: str) -> str:
         self.seq += 1
         return f"tg_{session_id}_{self.seq}"

@@ -129,7 +129,8 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 @contextlib.contextmanager
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
                  user_settings: dict[str, dict] | None = None, limits: dict | None = None,
-                 backend: dict | None = None, rules_file: str | None = None, verbose: bool = False):
+                 backend: dict | None = None, rules_file: str | None = None, verbose: bool = False,
+                 log_level: str | None = None):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
     per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
     port = free_port()
@@ -137,6 +138,8 @@ def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients
     raw["limits"].update(limits or {})
     if rules_file is not None:
         raw["rules_file"] = rules_file
+    if log_level is not None:
+        raw.setdefault("logging", {})["level"] = log_level
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = tmp_path / f"tenantgate-pool-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
