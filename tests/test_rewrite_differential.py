@@ -1,6 +1,6 @@
 """Differential test of the tenant rewriter against PostgreSQL row-level security.
 
-For every generated statement (``sqlgen.statements``):
+For every generated statement (``sqlgen.generate``):
 
 * oracle: the ORIGINAL statement runs as ``rls_user`` under RLS policies
   ``tenant_id = current_setting('app.tenant')`` with app.tenant = 'A';
@@ -22,9 +22,18 @@ parameters, in a tenant-token session (``current_setting`` form) and as a cached
 template reused by a second tenant (see rewrite_modes).
 
 The number of cases comes from TENANTGATE_FUZZ_EXAMPLES (default 20000, spread over
-the modes by MODE_SHARE; ``make fuzz-rewrite`` runs 200000).  Generation is derandomized, so every run
-checks the same statements.  Set TENANTGATE_FUZZ_REPORT=<path> to get the
+the modes by MODE_SHARE; ``make fuzz-rewrite`` runs 200000).  Set TENANTGATE_FUZZ_REPORT=<path> to get the
 summary and every failing statement written to a file.
+
+Reproducible: case ``i`` of a test has the seed ``case_seed(i, salt, TENANTGATE_FUZZ_SEED)``
+(the salt from its mode and chunk, see :func:`plan`), a pure function, so every run and every
+process (whatever PYTHONHASHSEED, test selection or modules loaded) checks the same
+statements; test_plan_is_the_same_in_every_process holds this.  A mismatch, a refusal example
+and a harness error name the case (mode, chunk, case number, seed; in the params and token
+modes also the text sent and its parameters); ``support.sqlgen.generate(seed)`` gives the
+statement again, and ``plan(...)`` the whole case.  To explore other statements set
+TENANTGATE_FUZZ_SEED to another value (default "0"), e.g.
+``TENANTGATE_FUZZ_SEED=$RANDOM make fuzz-rewrite``; keep that value to reproduce a failure.
 
 Two harness self-checks run first: a reference rewriter built from
 per-tenant views must give no mismatch, and "no rewriting at all" must give
@@ -33,13 +42,17 @@ many.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 import zlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
 
 from support import rewrite_schema
 from support.rewrite_oracle import (
@@ -55,9 +68,12 @@ from support.rewrite_oracle import (
     run_case,
 )
 from support.rewrite_modes import SECOND_TENANT, CrossTenantRewriter, ParamRewriter, parametrize
-from support.sqlgen import generate, statements
+from support.sqlgen import GeneratedStatement, case_seed, generate
 
 FUZZ_EXAMPLES = int(os.environ.get("TENANTGATE_FUZZ_EXAMPLES", "20000"))
+# Which statements: the same for every run with the same value (see case_seed); another value
+# explores other statements.
+FUZZ_SEED = os.environ.get("TENANTGATE_FUZZ_SEED", "0")
 # How the cases are spread over the modes of rewrite_modes (fractions of FUZZ_EXAMPLES).
 MODE_SHARE = {"simple": 0.6, "params": 0.2, "token": 0.1, "cache_b": 0.1}
 CHUNK = 2000  # cases per test (see _chunks)
@@ -94,35 +110,73 @@ def _case_rng(sql: str) -> random.Random:
     return random.Random(zlib.crc32(sql.encode()))
 
 
+@dataclass(frozen=True)
+class Case:
+    """One planned case: which statement (from its seed) reaches the engine in which form."""
+
+    mode: str
+    chunk: int
+    index: int  # position in its sequence
+    seed: int  # generate(seed) gives the statement
+    stmt: GeneratedStatement
+    sql: str  # what is sent: the statement, or its parametrized text (params, token)
+    params: tuple[str, ...] | None = None
+    options: tuple[tuple[str, object], ...] = ()  # generator options besides the seed
+
+    def label(self) -> str:
+        """Everything needed to reproduce the case (see the module docstring)."""
+        call = ", ".join([str(self.seed), *(f"{k}={v!r}" for k, v in self.options)])
+        sent = "" if self.params is None else f"\n    sent: {self.sql}\n    params: {list(self.params)}"
+        return (f"mode={self.mode} chunk={self.chunk} case={self.index} seed={self.seed}"
+                f" (TENANTGATE_FUZZ_SEED={FUZZ_SEED}; statement: support.sqlgen.generate({call})){sent}")
+
+    def record(self) -> tuple:
+        return (self.mode, self.chunk, self.index, self.seed, self.stmt.sql, self.stmt.kind, self.sql, self.params)
+
+
+def _salt(mode: str, chunk: int) -> int:
+    # each mode and chunk its own statements (salted seeds), so they add coverage, not repeat it
+    return 0 if (mode, chunk) == ("simple", 0) else zlib.crc32(f"{mode}/{chunk}".encode())
+
+
+def plan(examples: int, mode: str = "simple", chunk: int = 0, **generator_options) -> list[Case]:
+    """The cases of one test: a pure function of its arguments and TENANTGATE_FUZZ_SEED."""
+    salt = _salt(mode, chunk)
+    cases = []
+    for index in range(examples):
+        seed = case_seed(index, salt, FUZZ_SEED)
+        stmt = generate(seed, **generator_options)
+        sql, params = stmt.sql, None
+        if mode in ("params", "token"):
+            p = parametrize(stmt.sql, _case_rng(stmt.sql))
+            if p is not None:
+                sql, params = p[0], tuple(p[1])
+        cases.append(Case(mode, chunk, index, seed, stmt, sql, params, tuple(sorted(generator_options.items()))))
+    return cases
+
+
 def fuzz(runner: StatementRunner, rewriter, examples: int, mode: str = "simple", tally: Tally | None = None,
-         **generator_options) -> Tally:
+         chunk: int = 0, **generator_options) -> Tally:
     """Run ``examples`` generated statements through oracle and rewriter in ``mode``
     (see rewrite_modes; ``rewriter`` is the engine itself for every mode but "simple")."""
     tally = tally if tally is not None else Tally()
-
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(statements(**generator_options))
-    def one_case(stmt):
-        tally.add(stmt.sql, stmt.kind, run_mode(runner, rewriter, stmt.sql, stmt.ordered, mode))
-
-    one_case()
+    for case in plan(examples, mode, chunk, **generator_options):
+        try:
+            verdict = run_mode(runner, rewriter, case)
+        except Exception as e:
+            raise AssertionError(f"harness error in {case.label()}\n    statement: {case.stmt.sql}") from e
+        tally.add(case.stmt.sql, case.stmt.kind, verdict, case=case.label())
     return tally
 
 
-def run_mode(runner: StatementRunner, rewriter, sql: str, ordered: bool, mode: str):
+def run_mode(runner: StatementRunner, rewriter, case: Case):
+    mode, sql, ordered = case.mode, case.stmt.sql, case.stmt.ordered
     if mode == "simple":
         return run_case(runner, rewriter, sql, ordered)
     if mode in ("params", "token"):
-        p = parametrize(sql, _case_rng(sql))
-        psql, params = p if p is not None else (sql, [])
-        return run_case(runner, ParamRewriter(rewriter, params, token=mode == "token"), psql, ordered, params=params)
+        params = list(case.params or ())
+        return run_case(runner, ParamRewriter(rewriter, params, token=mode == "token"), case.sql, ordered,
+                        params=params)
     assert mode == "cache_b", mode
     return run_case(runner, CrossTenantRewriter(rewriter), sql, ordered, tenant=SECOND_TENANT)
 
@@ -177,9 +231,7 @@ def _chunks() -> list[tuple[str, int, int]]:
 def test_rewrite_equals_rls(runner, engine, mode, chunk, examples):
     """The engine's rewrite means what RLS means, in every mode a statement reaches it."""
     rewriter = EngineRewriter(engine) if mode == "simple" else engine
-    # each mode and chunk its own statements (salted seeds), so they add coverage, not repeat it
-    salt = 0 if (mode, chunk) == ("simple", 0) else zlib.crc32(f"{mode}/{chunk}".encode())
-    tally = fuzz(runner, rewriter, examples, mode, salt=salt)
+    tally = fuzz(runner, rewriter, examples, mode, chunk=chunk)
     check_tally(tally, f"engine/{mode}/{chunk}", int(examples * 0.9))
 
 
@@ -238,3 +290,49 @@ def test_an_error_that_shows_another_tenants_value_is_a_mismatch():
     assert compare(oracle, Rewrite("x"), leaky, False, "UPDATE tickets SET code = code").outcome == "mismatch"
     # the statement's own value is no leak
     assert compare(oracle, Rewrite("x"), leaky, False, "INSERT ... 'T-B-4'").outcome == "both_error"
+
+
+def full_plan() -> list[Case]:
+    """Every case test_rewrite_equals_rls runs, in order (each harness test runs a prefix of
+    the simple/0 sequence)."""
+    return [case for mode, chunk, examples in _chunks() for case in plan(examples, mode, chunk)]
+
+
+# Run in a fresh interpreter by test_plan_is_the_same_in_every_process: prints the full plan.
+_PLAN_SCRIPT = """
+import importlib, json, sys
+import test_rewrite_differential as t
+for name in sys.argv[1:]:  # more of the project loaded, as later in a session or in a whole-suite run
+    importlib.import_module(name)
+json.dump([c.record() for c in t.full_plan()], sys.stdout)
+"""
+
+
+def _plan_in_subprocess(hash_seed: str, *imports: str) -> list[list]:
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed,
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT, *imports], env=env, cwd=tests,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def test_plan_is_the_same_in_every_process():
+    """Two fresh processes with different hash seeds (and different modules of the project
+    loaded) plan exactly the same statements, so a failure reported with its seed reproduces."""
+    first = _plan_in_subprocess("1")
+    second = _plan_in_subprocess("2", "proxy.policy.engine", "proxy.catalog_sync", "proxy.server")
+    assert len(first) == len(second) == sum(n for _, _, n in _chunks())
+    for a, b in zip(first, second):
+        assert a == b, f"the plan differs between two processes, first at\n  {a}\n  {b}"
+    assert len({r[4] for r in first}) > 0.95 * len(first), "planned statements repeat"
+
+
+def test_a_case_is_reproduced_from_what_its_label_names():
+    for case in plan(40, "params", 1)[::7] + plan(20, "simple", 0, pk_group_by=False)[::5]:
+        label = case.label()
+        assert f"mode={case.mode} chunk={case.chunk} case={case.index} seed={case.seed}" in label
+        assert case_seed(case.index, _salt(case.mode, case.chunk), FUZZ_SEED) == case.seed
+        assert generate(case.seed, **dict(case.options)) == case.stmt
+        assert case.params is None or (case.sql in label and str(list(case.params)) in label)

@@ -355,16 +355,19 @@ class Tally:
     refusal_examples: dict = field(default_factory=dict)
     seen: set = field(default_factory=set)
 
-    def add(self, sql: str, kind: str, verdict: Verdict) -> None:
+    def add(self, sql: str, kind: str, verdict: Verdict, case: str = "") -> None:
+        """``case``: how to reproduce this case (seed, case number), shown with a mismatch and
+        a refusal example."""
         self.counts["cases"] += 1
         self.seen.add(sql)
         self.counts[verdict.outcome] += 1
         self.kinds[(kind, verdict.outcome)] += 1
+        where = f"\n    case: {case}" if case else ""
         if verdict.outcome == "mismatch":
-            self.failures.append((sql, verdict.reason))
+            self.failures.append((sql, verdict.reason + where))
         if verdict.outcome == "refused":
             self.refusals[verdict.reason[:120]] += 1
-            self.refusal_examples.setdefault(verdict.reason[:120], sql)
+            self.refusal_examples.setdefault(verdict.reason[:120], sql[:300] + where)
         if verdict.outcome in ("refused", "refused_agree") and "not supported by tenantgate (" in verdict.reason:
             self.counts["engine_internal_error"] += 1  # the engine raised and failed closed: a bug
 
@@ -400,7 +403,7 @@ class Tally:
                 f"{k}={r:.1%} of {self.kind_cases(k)}" for k, r in self.kind_refusal_rates().items()),
         ]
         for reason, n in self.refusals.most_common(10):
-            lines.append(f"  refused x{n}: {reason}\n    e.g. {self.refusal_examples[reason][:300]}")
+            lines.append(f"  refused x{n}: {reason}\n    e.g. {self.refusal_examples[reason]}")
         for sql, reason in self.failures[:10]:
             lines.append(f"  MISMATCH: {sql}\n    -> {reason}")
         return "\n".join(lines)

@@ -1,6 +1,6 @@
-"""Hypothesis strategies that generate SQL over the schema of ``rewrite_schema``.
+"""Random SQL over the schema of ``rewrite_schema``, one statement per seed.
 
-:func:`statements` draws :class:`GeneratedStatement` values: SELECT (joins of
+:func:`generate` makes :class:`GeneratedStatement` values: SELECT (joins of
 every kind, LATERAL, derived tables, CTEs incl. recursive ones and CTEs that
 shadow table names, correlated/EXISTS/IN/scalar subqueries, aggregates with
 GROUP BY/HAVING, window functions, DISTINCT, set operations, ORDER BY/LIMIT)
@@ -20,15 +20,15 @@ and the candidate (rewritten SQL) can be compared exactly.  Results are
 compared as multisets unless ``ordered`` is set (the top-level ORDER BY then
 fixes the order completely).
 
-Each statement comes from one seed (:func:`generate` reproduces it).
+Each statement comes from one seed (:func:`generate` reproduces it); :func:`case_seed`
+numbers the seeds of a run, the same in every process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
-
-from hypothesis import strategies as st
 
 from support.rewrite_schema import ALL_TABLES, PRODUCTS, TABLES_BY_NAME, TENANT_TABLES, Table
 
@@ -55,7 +55,7 @@ class GeneratedStatement:
     kind: str  # "select", "insert", "update", "delete", "cte_write", "merge"
     ordered: bool = False  # result order is fully determined by a top-level ORDER BY
 
-    def __str__(self) -> str:  # hypothesis prints this on failure
+    def __str__(self) -> str:
         return self.sql
 
 
@@ -93,9 +93,8 @@ def _table_columns(t: Table) -> tuple[tuple[str, str], ...]:
 class _Gen:
     """Builds SQL text from a seeded random source.
 
-    Hypothesis only draws the seed: its own choice sequences mutate earlier
-    examples and would give many near-duplicates, while a fuzzer wants every
-    case to be fresh.  Derandomized hypothesis still makes the run repeatable.
+    The seed comes from :func:`case_seed`: a fuzzer wants every case fresh (no
+    mutations of earlier examples, no near-duplicates) and every run repeatable.
     """
 
     def __init__(self, rng: random.Random, pk_group_by: bool = True):
@@ -674,19 +673,27 @@ class _Gen:
         return f"WITH {name}({', '.join(n for n, _ in cols)}) AS ({inner}) {main}"
 
 
-@st.composite
-def statements(draw, max_depth: int = 2, pk_group_by: bool = True, salt: int = 0) -> GeneratedStatement:
-    """One SQL statement over the rewrite schema (mostly valid, deterministic).
+def case_seed(index: int, salt: int = 0, run: str = "0") -> int:
+    """The seed of case ``index`` of the sequence ``salt`` (``run`` picks another family of
+    sequences): a pure function of its arguments, the same in every process, whatever
+    PYTHONHASHSEED, the modules loaded or the code under test.
 
-    ``pk_group_by=False`` leaves out GROUP BY a primary key with other columns of
-    that table selected (valid only on base tables, so view-based rewriters fail it).
-    ``salt`` gives another (still derandomized) sequence of statements.
+    (The seeds were once drawn by derandomized hypothesis.  Its derandomized runs are only
+    repeatable for the same code: it mixes integer constants from the source of the imported
+    project modules into its draws, so which of ``proxy``'s modules a session has imported, and
+    any edit of them, changed most of the statements.)
     """
-    return generate(draw(st.integers(0, 2**64 - 1)) ^ salt, max_depth, pk_group_by)
+    digest = hashlib.blake2b(f"{run}/{salt}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def generate(seed: int, max_depth: int = 2, pk_group_by: bool = True) -> GeneratedStatement:
-    """The statement for ``seed`` (also handy to reproduce a reported case)."""
+    """The statement for ``seed`` (also handy to reproduce a reported case): one SQL statement
+    over the rewrite schema (mostly valid, deterministic).
+
+    ``pk_group_by=False`` leaves out GROUP BY a primary key with other columns of
+    that table selected (valid only on base tables, so view-based rewriters fail it).
+    """
     g = _Gen(random.Random(seed), pk_group_by)
     ctx = Ctx()
     kind = g.pick(["select"] * 6 + ["insert", "insert", "update", "update", "delete", "delete", "cte_write", "merge"])
