@@ -156,8 +156,9 @@ class PooledSession:
         """Give the connection back when nothing is open on it (transaction mode)."""
         sc = self.sconn
         relay = self.relay
-        if sc is None or self.closed or relay.blocked or relay.held is not None or sc.parked_by is not None \
-                or not relay.quiet():
+        # (blocked by a PAUSE hold is no reason to keep it: only a borrow or a cancel in progress)
+        if sc is None or self.closed or (relay.blocked and self.held_task is None) or relay.held is not None \
+                or sc.parked_by is not None or not relay.quiet():
             return
         if self._cancels_pending:
             # a cancel is on its way to this connection: hold the client's next messages and give

@@ -347,6 +347,10 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
             if not self._attach():
                 return
         elif self.server.holds.active and relay.idle and not relay.unsynced and hold_if_paused(self):
+            # held between transactions with a connection still lent (just borrowed for this
+            # message, say): give it back, or the sessions PAUSE waits for could not get one
+            if self.pooled:
+                self._maybe_release()
             return
         try:
             relay.process_client()
