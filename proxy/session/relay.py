@@ -35,6 +35,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from proxy.policy.errors import PolicyRefusal
+from proxy.policy.void_params import VOID_OID, drop_void_arguments
 from proxy.seam import Forward, Origin, Refuse
 from proxy.session.copy_in import CopyIn
 from proxy.session.events import OFFLOAD, REFRESH, TERMINATE, WARM_UP
@@ -330,8 +332,14 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
     def _on_parse(self, t: bytes, payload: bytes) -> None:
         p = m.decode_parse(payload)
         decision = None
-        if len(payload) > self.limits.statement_offload_bytes:
-            decision = self._large_statement(t, payload, p.query, Origin.PARSE)
+        query = p.query
+        if VOID_OID in p.param_types:  # pgjdbc's CallableStatement: arguments PostgreSQL drops
+            try:
+                query = drop_void_arguments(query, p.param_types)
+            except PolicyRefusal as e:
+                decision = e.to_refuse()
+        if decision is None and len(payload) > self.limits.statement_offload_bytes:
+            decision = self._large_statement(t, payload, query, Origin.PARSE)
             if decision is None:  # being analysed off the event loop: this message comes back
                 return
         if p.name and not self.pooled and not isinstance(decision, Refuse):  # pooled: renamed, see below
@@ -344,7 +352,7 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
                                       lambda tok: m.encode_parse(p.name, tok))
                 return
         if decision is None:
-            decision = self._check(p.query, Origin.PARSE)
+            decision = self._check(query, Origin.PARSE)
         if isinstance(decision, Refuse) and decision.sqlstate == UNDEFINED_TABLE \
                 and self._recheck_after_refresh(t, payload):
             return

@@ -31,7 +31,7 @@ PROGRAMS_JAVA = {
         ("server prepared true", "rewritten batch [-2, -2, -2, -2]", "failing batch 23505", "timeout 57014",
          "cancel 57014", "savepoint error 23505", "update shared id 1", "other tenant by value []",
          "copy in ok 1", "large object 42501", "listen ERROR 42501", "currentSchema ok",
-         "pg_authid 42501")),
+         "pg_authid 42501", "callable fixed arity ABC", "callable integer 4")),
     "JdbcPoolingApp.java": (
         "pgjdbc, 4 threads (server-prepared statements on pooled backends, interleaved portals, "
         "timeouts in transactions, generated keys)",

@@ -545,6 +545,19 @@ public class JdbcApp {
             cs.execute();
             say("callable", cs.getString(1));
         }
+        // a function of fixed arity: PostgreSQL drops the OUT parameter pgjdbc declares void
+        try (java.sql.CallableStatement cs = c.prepareCall("{? = call upper(?)}")) {
+            cs.registerOutParameter(1, java.sql.Types.VARCHAR);
+            cs.setString(2, "abc");
+            cs.execute();
+            say("callable fixed arity", cs.getString(1));
+        }
+        try (java.sql.CallableStatement cs = c.prepareCall("{? = call length(?)}")) {
+            cs.registerOutParameter(1, java.sql.Types.INTEGER);
+            cs.setString(2, "abcd");
+            cs.execute();
+            say("callable integer", String.valueOf(cs.getInt(1)));
+        }
         say("escapes", query(c, "SELECT {fn ucase(name)}, {d '2024-01-01'} FROM customers WHERE customer_id = {fn abs(-1)}"));
     }
 
