@@ -90,6 +90,14 @@ class ServerConn:
         return not p.closed and not self.closed and not p.has_buffered_data()
 
 
+def _expire(fut: asyncio.Future, pool: "BackendPool", timeout: float) -> None:
+    """A waiter's queue timeout (BackendPool.acquire)."""
+    if not fut.done():
+        fut.set_exception(PoolTimeout(
+            f"no connection to the database server became free within {timeout:g} s "
+            f"(all {pool.size} pooled connections of database {pool.database!r} are busy)"))
+
+
 class BackendPool:
     """The pool of one database.  ``connect()`` opens a new authenticated backend connection."""
 
@@ -192,29 +200,28 @@ class BackendPool:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         entry = (fut, time.monotonic(), tenant)
-        self.waiters.append(entry)
-        POOL_WAITING_CLIENTS.inc()
+        self.waiters.append(entry)  # (counted by PoolManager.publish: no gauge call per wait)
         t0 = time.perf_counter()
+        # the queue timeout as one timer on the future (asyncio.wait_for costs a second future
+        # and callbacks per wait, on the path every transaction takes when the pool is busy)
+        timer = loop.call_later(timeout, _expire, fut, self, timeout)
         got: ServerConn | None = None
         try:
-            got = await asyncio.wait_for(fut, timeout)
+            got = await fut
             return got
-        except asyncio.TimeoutError:
-            raise PoolTimeout(
-                f"no connection to the database server became free within {timeout:g} s "
-                f"(all {self.size} pooled connections of database {self.database!r} are busy)")
         finally:
-            POOL_WAITING_CLIENTS.dec()
+            timer.cancel()
             took = time.perf_counter() - t0
             self.wait_time_s += took
             POOL_WAIT_SECONDS.observe(took)
-            try:
-                self.waiters.remove(entry)
-            except ValueError:
-                pass
-            if got is None and fut.done() and not fut.cancelled() and fut.exception() is None:
-                # timed out or cancelled just after a connection was handed over: pass it on
-                self.release(fut.result())
+            if got is None:
+                # timed out or cancelled (a served waiter was taken off the queue by _next_waiter;
+                # deque.remove's miss would format the entry's repr for its ValueError)
+                if entry in self.waiters:
+                    self.waiters.remove(entry)
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    # cancelled just after a connection was handed over: pass it on
+                    self.release(fut.result())
 
     def _lend_pending(self, tenant: str | None, delta: int) -> None:
         """A connection being opened for ``tenant`` counts against its limit already."""
@@ -507,15 +514,18 @@ class PoolManager:
                     log.exception("pool janitor failed")
 
     def publish(self) -> None:
-        """Set the pool gauges (lent and idle connections) from the pools' state."""
+        """Set the pool gauges (lent and idle connections, waiting clients) from the pools' state."""
         by_region: dict[str, list[int]] = {r: [0, 0] for r in self.config.region_names()}
+        waiting = 0
         for p in self.pools.values():
+            waiting += sum(1 for w in p.waiters if not w[0].done())
             counts = by_region.setdefault(p.region, [0, 0])
             counts[0] += len(p.idle)
             counts[1] += len(p.servers)
         for region, (idle, total) in by_region.items():
             POOL_SERVER_CONNECTIONS.labels(state="idle", region=region).set(idle)
             POOL_SERVER_CONNECTIONS.labels(state="active", region=region).set(total - idle)
+        POOL_WAITING_CLIENTS.set(waiting)
 
     def close(self) -> None:
         if self._janitor is not None:

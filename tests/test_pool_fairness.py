@@ -11,6 +11,7 @@ acme session would take the second connection and globex would queue.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 
 import asyncpg
 import pytest
@@ -24,8 +25,17 @@ TENANT_ROWS = "SELECT DISTINCT tenant_id FROM customers"
 
 @pytest.fixture(scope="module")
 def px(demo, tmp_path_factory):  # noqa: F811
-    with serve_pooled(demo, tmp_path_factory.mktemp("pool_fair"), POOL) as proxy:
+    with serve_pooled(demo, tmp_path_factory.mktemp("pool_fair"), POOL, metrics=True) as proxy:
         yield proxy
+
+
+def _metric(px, name: str) -> float:
+    """A sample without labels from /metrics."""
+    with urllib.request.urlopen(px.metrics_url(), timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def _waiting(px, user: str) -> int:
@@ -45,6 +55,10 @@ async def test_light_tenant_gets_a_connection_while_heavy_tenant_floods(px):
         # the second acme session queues although connection 2 is free: acme is at its limit
         await asyncio.to_thread(wait_until, lambda: _waiting(px, "acme_app") == 1, 20, 0.05,
                                 "the second acme session to queue")
+        waits_before = _metric(px, "tenantgate_pool_wait_seconds_count")
+        # the queued session shows in the pool gauge (published once a second)
+        await asyncio.to_thread(wait_until, lambda: _metric(px, "tenantgate_pool_waiting_clients") == 1, 20, 0.1,
+                                "tenantgate_pool_waiting_clients to count the queued session")
         # the light tenant is served meanwhile, on the second connection
         async with light.transaction():
             assert {r[0] for r in await light.fetch(TENANT_ROWS)} == {"globex"}
@@ -55,6 +69,9 @@ async def test_light_tenant_gets_a_connection_while_heavy_tenant_floods(px):
         await heavy1.execute("COMMIT")
         rows = await asyncio.wait_for(queued, 30)
         assert {r[0] for r in rows} == {"acme"}
+        assert _metric(px, "tenantgate_pool_wait_seconds_count") == waits_before + 1
+        await asyncio.to_thread(wait_until, lambda: _metric(px, "tenantgate_pool_waiting_clients") == 0, 20, 0.1,
+                                "tenantgate_pool_waiting_clients back to 0")
         # and with nothing held, acme runs again, on either connection
         assert {r[0] for r in await heavy1.fetch(TENANT_ROWS)} == {"acme"}
     finally:

@@ -66,7 +66,10 @@ async def sync_server(sc: ServerConn, settings) -> None:
         values = await server_query(sc.conn, varcache.probe_sql(names)) if names else []
         if pool.baseline is None:
             pool.baseline = {n: v.decode() for n, v in zip(names, values) if v is not None}
-    to_set, to_reset = varcache.changes(sc.state, settings.wanted, pool.baseline)
+    wanted = settings.wanted
+    if sc.state == wanted:  # the common case: nothing to send, nothing to copy
+        return
+    to_set, to_reset = varcache.changes(sc.state, wanted, pool.baseline)
     if to_set or to_reset:
         sc.unnamed_owner = None  # a simple Query drops the unnamed statement
         bind = None

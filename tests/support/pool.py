@@ -57,6 +57,12 @@ class PooledProxy:
         user, secret = APP_USERS[tenant]
         return self.dsn_for(user, self.demo.password(secret))
 
+    def metrics_url(self) -> str:
+        """/metrics of this proxy (``serve_pooled(..., metrics=True)``)."""
+        m = self.raw["metrics"]
+        assert m.get("port"), "started without metrics=True"
+        return f"http://{m['host']}:{m['port']}/metrics"
+
     def pool_dsn(self) -> str:
         """DSN of ``pool_app`` (picks its tenant with a signed token)."""
         return self.dsn_for("pool_app", self.demo.password("app:pool"))
@@ -130,11 +136,14 @@ def proxy_config(demo, port: int, pool: dict, workers: int = 1, max_clients: int
 def serve_pooled(demo, tmp_path: Path, pool: dict, workers: int = 1, max_clients: int = 1000,
                  user_settings: dict[str, dict] | None = None, limits: dict | None = None,
                  backend: dict | None = None, rules_file: str | None = None, verbose: bool = False,
-                 log_level: str | None = None):
+                 log_level: str | None = None, metrics: bool = False):
     """``tenantgate serve`` with ``pool`` (e.g. ``{"mode": "transaction", "size": 1}``) and extra
-    per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy."""
+    per-user settings (e.g. ``{"globex_app": {"pool_mode": "session"}}``); yields a PooledProxy
+    (``metrics``: with /metrics on a free port, :meth:`PooledProxy.metrics_url`)."""
     port = free_port()
     raw = proxy_config(demo, port, pool, workers, max_clients, user_settings, backend)
+    if metrics:
+        raw["metrics"]["port"] = free_port()
     raw["limits"].update(limits or {})
     if rules_file is not None:
         raw["rules_file"] = rules_file
