@@ -5,8 +5,9 @@ later tenant-move cutover, through :meth:`proxy.server.ProxyServer.pause_tenant`
 put a hold here; every client session asks :func:`hold_if_paused` before it
 starts a transaction (transaction pooling: before it borrows a connection;
 session mode: when it is idle and the client sends something).  A held session
-stops reading from its client until the hold is lifted; its bytes wait in the
-kernel and in its receive buffer, nothing is refused or lost.
+handles no client message until the hold is lifted; it reads ahead up to
+``BLOCKED_READ_AHEAD`` bytes (proxy/session/protocol.py), then stops reading, so its bytes
+wait in its receive buffer and in the kernel; nothing is refused or lost.
 
 A transaction already open is never held: it runs to its end, and
 :meth:`Holds.wait_quiet` is how a caller learns that every affected session is
@@ -150,7 +151,7 @@ class Holds:
 
 def hold_if_paused(session) -> bool:
     """Called by a client session before it starts a transaction.  True: the session is held
-    (it stops reading its client and resumes by itself when the hold is lifted)."""
+    (it handles no client message and resumes by itself when the hold is lifted)."""
     holds = session.server.holds
     if not holds.active or not holds.holds(session):
         return False

@@ -20,6 +20,8 @@ import contextlib
 import asyncpg
 import pytest
 
+from proxy.wire import messages as m
+from support.e2e import RawClient, data_rows
 from support.pool import ADMIN_PASSWORD, ADMIN_USER, serve_pooled
 
 
@@ -116,3 +118,56 @@ async def test_pause_resume_churn_under_load_loses_no_transaction(px):
     assert failures == []
     assert done == 600
     assert rounds >= 1
+
+
+async def test_a_held_client_that_leaves_is_noticed_while_paused(px):
+    console = await _console(px)
+    leaving = await asyncpg.connect(px.dsn("globex"))
+    try:
+        before = len(await asyncio.to_thread(px.console, "SHOW CLIENTS"))
+        await console.execute("PAUSE")
+        held = asyncio.ensure_future(leaving.fetch("SELECT 1"))
+        await asyncio.sleep(0.3)
+        assert not held.done()
+        leaving.terminate()  # the client goes away while its statement is held
+        with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, ConnectionError):
+            await held
+        for _ in range(100):
+            if len(await asyncio.to_thread(px.console, "SHOW CLIENTS")) == before - 1:
+                break
+            await asyncio.sleep(0.1)
+        assert len(await asyncio.to_thread(px.console, "SHOW CLIENTS")) == before - 1, \
+            "the held session of a client that left is still listed while paused"
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await console.execute("RESUME")
+        await console.close()
+
+
+async def test_a_held_client_pipelining_a_megabyte_loses_nothing(px):
+    """Far more than the read-ahead arrives while held: reading stops, then resumes on RESUME,
+    and every statement is answered in order."""
+    console = await _console(px)
+    client = RawClient(px.dsn("acme"), timeout=60)
+    n = 2000
+    batch = b"".join(m.encode_query(f"SELECT {i} /* {'x' * 500} */") for i in range(n))  # about 1 MB
+
+    def send_and_read() -> list:
+        client.send(batch)  # blocks once the proxy stops reading and the kernel buffers are full
+        values = []
+        for _ in range(n):
+            values += [row[0] for row in data_rows(client.until_ready())]
+        return values
+
+    try:
+        await console.execute("PAUSE")
+        pipelined = asyncio.ensure_future(asyncio.to_thread(send_and_read))
+        await asyncio.sleep(0.5)
+        assert not pipelined.done()
+        await console.execute("RESUME")
+        assert await asyncio.wait_for(pipelined, 60) == [str(i).encode() for i in range(n)]
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await console.execute("RESUME")
+        await console.close()
+        client.close()

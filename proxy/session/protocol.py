@@ -51,6 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("tenantgate.session")
 
+#: bytes a blocked session (borrowing a connection, or held by PAUSE) reads ahead before it
+#: stops reading its client (ClientSession.block)
+BLOCKED_READ_AHEAD = 64 * 1024
+
 _unpack_i32 = struct.Struct("!I").unpack_from
 
 class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
@@ -159,6 +163,8 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
         self.buf.feed(data)
         if self.relaying:
             self.process_client()
+            if len(self.buf) > BLOCKED_READ_AHEAD and (self.attach_task is not None or self.held_task is not None):
+                self._pause_client()  # blocked (block()): the rest waits in the kernel until unblock()
         elif len(self.buf) > PREAUTH_BUFFER_MAX:
             # a client that has not authenticated (or is waiting for its session to open) has
             # no reason to send more than one message ahead: do not buffer for it
@@ -312,9 +318,11 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
         return self.relay is not None and self.relay.blocked
 
     def block(self) -> None:
-        """Stop reading the client (a PAUSE hold, a pooled connection being borrowed)."""
+        """Handle no more client messages for now (a PAUSE hold, a pooled connection being
+        borrowed).  Reading goes on (so a client that leaves is noticed, and a waiting client
+        costs no pause/resume of its socket) until :data:`BLOCKED_READ_AHEAD` bytes wait in the
+        buffer; then :meth:`data_received` stops reading, and :meth:`unblock` resumes."""
         self.relay.blocked = True
-        self._pause_client()
 
     def unblock(self) -> None:
         self.relay.blocked = False
