@@ -33,6 +33,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from functools import partial
 from typing import Awaitable, Callable
 
 from proxy.backend_link import BackendConnection, BackendError, connect_backend
@@ -197,31 +198,47 @@ class BackendPool:
                 finally:
                     self._lend_pending(tenant, -1)
                 return self._lend(sc, tenant)
+        fut = self.enqueue(timeout, tenant)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # cancelled just after a connection was handed over: pass it on
+                self.release(fut.result())
+            raise
+
+    def must_wait(self, tenant: str | None) -> bool:
+        """No idle connection may be lent to ``tenant`` now and no new one may be opened for it
+        (what :meth:`acquire` finds before it queues; ``take_idle`` was asked first)."""
+        return self._at_limit(tenant) or len(self.servers) + self.connecting >= self.size
+
+    def enqueue(self, timeout: float, tenant: str | None = None) -> asyncio.Future:
+        """Queue for the next connection released (FIFO among the sessions whose tenant is below
+        ``pool.max_per_tenant``): a future that gets the connection, or PoolTimeout after
+        ``timeout``; cancelling it leaves the queue.  For callers that checked ``take_idle``
+        and the size limit already (:meth:`acquire`, and a pooled session directly, which adds
+        a done callback instead of awaiting: no task per wait on a busy pool)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         entry = (fut, time.monotonic(), tenant)
         self.waiters.append(entry)  # (counted by PoolManager.publish: no gauge call per wait)
-        t0 = time.perf_counter()
         # the queue timeout as one timer on the future (asyncio.wait_for costs a second future
         # and callbacks per wait, on the path every transaction takes when the pool is busy)
         timer = loop.call_later(timeout, _expire, fut, self, timeout)
-        got: ServerConn | None = None
-        try:
-            got = await fut
-            return got
-        finally:
-            timer.cancel()
-            took = time.perf_counter() - t0
-            self.wait_time_s += took
-            POOL_WAIT_SECONDS.observe(took)
-            if got is None:
-                # timed out or cancelled (a served waiter was taken off the queue by _next_waiter;
-                # deque.remove's miss would format the entry's repr for its ValueError)
-                if entry in self.waiters:
-                    self.waiters.remove(entry)
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    # cancelled just after a connection was handed over: pass it on
-                    self.release(fut.result())
+        fut.add_done_callback(partial(self._waited, entry, timer, time.perf_counter()))
+        return fut
+
+    def _waited(self, entry, timer: asyncio.TimerHandle, t0: float, fut: asyncio.Future) -> None:
+        """A wait ended (served, timed out or cancelled): statistics, and off the queue."""
+        timer.cancel()
+        took = time.perf_counter() - t0
+        self.wait_time_s += took
+        POOL_WAIT_SECONDS.observe(took)
+        if fut.cancelled() or fut.exception() is not None:
+            # a served waiter was taken off the queue by _next_waiter (and deque.remove's miss
+            # would format the entry's repr for its ValueError)
+            if entry in self.waiters:
+                self.waiters.remove(entry)
 
     def _lend_pending(self, tenant: str | None, delta: int) -> None:
         """A connection being opened for ``tenant`` counts against its limit already."""

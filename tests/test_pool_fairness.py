@@ -11,6 +11,7 @@ acme session would take the second connection and globex would queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 
 import asyncpg
@@ -78,4 +79,30 @@ async def test_light_tenant_gets_a_connection_while_heavy_tenant_floods(px):
         if queued is not None and not queued.done():
             queued.cancel()
         for c in (heavy1, heavy2, light):
+            await c.close()
+
+
+async def test_a_queued_client_that_leaves_gives_up_its_place(px):
+    heavy1 = await asyncpg.connect(px.dsn("acme"))
+    leaving = await asyncpg.connect(px.dsn("acme"))
+    later = await asyncpg.connect(px.dsn("acme"))
+    try:
+        await heavy1.execute("BEGIN")
+        assert {r[0] for r in await heavy1.fetch(TENANT_ROWS)} == {"acme"}  # acme is at its limit
+        gone = asyncio.get_running_loop().create_task(leaving.fetch(TENANT_ROWS))
+        await asyncio.to_thread(wait_until, lambda: _waiting(px, "acme_app") == 1, 20, 0.05,
+                                "the second acme session to queue")
+        leaving.terminate()  # leaves while queued: noticed at once, its place is given up
+        with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, ConnectionError):
+            await gone
+        await asyncio.to_thread(wait_until, lambda: _waiting(px, "acme_app") == 0, 20, 0.05,
+                                "the queued session of the client that left to go")
+        queued = asyncio.get_running_loop().create_task(later.fetch(TENANT_ROWS))
+        await asyncio.to_thread(wait_until, lambda: _waiting(px, "acme_app") == 1, 20, 0.05,
+                                "the third acme session to queue")
+        await heavy1.execute("COMMIT")
+        assert {r[0] for r in await asyncio.wait_for(queued, 30)} == {"acme"}
+        assert await asyncio.to_thread(_waiting, px, "acme_app") == 0
+    finally:
+        for c in (heavy1, later):
             await c.close()

@@ -120,8 +120,50 @@ class PooledSession:
             self._bind_server(sc)
             return True
         self.block()
+        pool = self.pool
+        tenant = getattr(self.gate, "tenant", None)
+        if sc is None and pool.must_wait(tenant):
+            # the pool is busy: queue with a callback (no task per transaction on a busy pool)
+            fut = self.attach_task = pool.enqueue(self.config.pool.queue_timeout_s, tenant)
+            fut.add_done_callback(self._attach_handed)
+            return False
         self.attach_task = self.loop.create_task(self._attach_slow(sc))
         return False
+
+    def _attach_handed(self, fut) -> None:
+        """The pool's answer to :meth:`_attach`'s place in the queue (a done callback)."""
+        if self.attach_task is fut:
+            self.attach_task = None
+        if fut.cancelled():  # the session closed while queued (ending.py cancels attach_task)
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._attach_failed(exc, None)
+            return
+        sc = fut.result()
+        if self.closed:
+            self.pool.release(sc)
+            return
+        settings = self.pooled_settings
+        if settings.pool.baseline is None or sc.state != settings.wanted:  # one round trip first
+            self.attach_task = self.loop.create_task(self._attach_slow(sc))
+            return
+        self._bind_server(sc)
+        self.unblock()
+
+    def _attach_failed(self, e: BaseException, sc: ServerConn | None) -> None:
+        """Borrowing failed: the session ends with the error (a connection it got is closed)."""
+        pool = self.pool
+        if isinstance(e, PoolTimeout):
+            self.fatal("53300", str(e), hint="try again later, or raise pool.size")
+            return
+        if sc is not None:
+            pool.discard(sc)
+        if isinstance(e, BackendError):
+            self.fatal(e.sqlstate, "could not prepare a database connection for this session", e.message)
+        elif not isinstance(e, asyncio.CancelledError):
+            log.error("session %s: attaching a pooled connection failed", self.session_id, exc_info=e)
+            self.fatal("XX000", "internal error in tenantgate")
 
     async def _attach_slow(self, sc: ServerConn | None) -> None:
         pool = self.pool
@@ -129,23 +171,8 @@ class PooledSession:
             if sc is None:
                 sc = await pool.acquire(self.config.pool.queue_timeout_s, getattr(self.gate, "tenant", None))
             await sync_server(sc, self.pooled_settings)
-        except PoolTimeout as e:
-            self.fatal("53300", str(e), hint="try again later, or raise pool.size")
-            return
-        except BackendError as e:
-            if sc is not None:
-                pool.discard(sc)
-            self.fatal(e.sqlstate, "could not prepare a database connection for this session", e.message)
-            return
-        except asyncio.CancelledError:
-            if sc is not None:
-                pool.discard(sc)
-            return
-        except Exception:
-            log.exception("session %s: attaching a pooled connection failed", self.session_id)
-            if sc is not None:
-                pool.discard(sc)
-            self.fatal("XX000", "internal error in tenantgate")
+        except (Exception, asyncio.CancelledError) as e:
+            self._attach_failed(e, sc)
             return
         finally:
             self.attach_task = None
