@@ -9,6 +9,7 @@ running (``serve``); the test waits for its banner.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -69,7 +70,8 @@ def test_deploy_readme_walkthrough_from_a_new_cluster(tmp_path):
             script = f"set -euo pipefail\n[ -f {envfile} ] && source {envfile}\n{body}\nexport -p > {envfile}\n"
             if background:
                 log = open(tmp_path / "serve.log", "w")
-                server = subprocess.Popen(["bash", "-c", script], env=env, cwd=ROOT,
+                # its own process group: the shell's child (tenantgate) is stopped with it below
+                server = subprocess.Popen(["bash", "-c", script], env=env, cwd=ROOT, start_new_session=True,
                                           stdout=subprocess.PIPE, stderr=log, text=True)
                 line = server.stdout.readline()
                 assert "listening on" in line, (line, (tmp_path / "serve.log").read_text())
@@ -83,11 +85,14 @@ def test_deploy_readme_walkthrough_from_a_new_cluster(tmp_path):
         lines = [ln.strip() for o in outputs for ln in o.splitlines()]
         assert lines.count(acme) >= 2, outputs  # the tenant's query and the operator's, acme's rows only
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+        if server is not None:
+            # SIGTERM to bash alone left tenantgate running after the suite (reparented to init)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(15)
             except subprocess.TimeoutExpired:
-                server.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
         cluster.destroy()
 
