@@ -58,6 +58,12 @@ def test_the_statement_postgresql_analyses(sql, types, expected):
 @pytest.mark.parametrize("sql", [
     "select substring($1 from $2)",  # SQL-syntax call (a FuncCall PostgreSQL also drops it from)
     "select position($1 in 'abc')",
+    "select concat('a', VARIADIC $1)",  # the reduced text does not parse: 0A000, not an internal error
+    "PREPARE pp(text) AS SELECT concat($1, 'x')",  # not analysed with the Parse's types
+    "COPY (SELECT concat($1, 'x')) TO STDOUT",
+    "select concat(" + ", ".join(["$1"] * 17) + ")",  # bounded work on the event loop
+    "select " + "lower(" * 400 + "upper($1, $2)" + ")" * 400,  # deep nesting
+    "select concat($1, $2) /* " + "x" * 9000 + " */",  # long statement
 ])
 def test_what_cannot_be_removed_exactly_is_refused(sql):
     with pytest.raises(PolicyRefusal) as e:

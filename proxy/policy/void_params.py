@@ -31,6 +31,8 @@ from proxy.policy.errors import FEATURE_NOT_SUPPORTED, PolicyRefusal
 #: the OID of type void (pg_type)
 VOID_OID = 2278
 _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+#: statements PostgreSQL analyses with the Parse message's parameter types (where it drops them)
+_ANALYSED = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 
 
 def _refusal(why: str) -> PolicyRefusal:
@@ -105,7 +107,27 @@ def _without(sql: str, location: int) -> str:
     return sql[:a] + sql[b:]
 
 
+#: bounds of the work done on the event loop (pgjdbc sends one void parameter per OUT
+#: parameter of a short call): longer statements or more void arguments are refused
+MAX_SQL_CHARS = 8192
+MAX_VOID_ARGUMENTS = 16
+
+
 def drop_void_arguments(sql: str, param_types) -> str:
+    """:func:`_drop_void_arguments`, bounded, and failing closed with 0A000 on anything unexpected."""
+    if VOID_OID not in param_types:
+        return sql
+    if len(sql) > MAX_SQL_CHARS:
+        raise _refusal(f"the statement is longer than {MAX_SQL_CHARS} characters")
+    try:
+        return _drop_void_arguments(sql, param_types)
+    except PolicyRefusal:
+        raise
+    except Exception as e:  # noqa: BLE001 - RecursionError, a reparse that fails, ...: refuse
+        raise _refusal(f"the statement could not be analysed ({type(e).__name__})") from None
+
+
+def _drop_void_arguments(sql: str, param_types) -> str:
     """``sql`` as PostgreSQL will analyse it given the Parse message's ``param_types``: the
     void-declared parameters that are positional arguments of function calls removed.  Returns
     ``sql`` itself when there are none; raises :class:`PolicyRefusal` (0A000) when they cannot be
@@ -121,6 +143,10 @@ def drop_void_arguments(sql: str, param_types) -> str:
     _void_args(tree, void, found)
     if not found:
         return sql
+    if len(found) > MAX_VOID_ARGUMENTS:
+        raise _refusal(f"more than {MAX_VOID_ARGUMENTS} void arguments")
+    if next(iter(tree["stmts"][0]["stmt"]), None) not in _ANALYSED or len(tree["stmts"]) != 1:
+        raise _refusal("only in SELECT, INSERT, UPDATE, DELETE and MERGE")
     reduced = sql
     for _ in range(len(found)):  # one argument at a time, each with its own comma
         reduced = _without(reduced, found[0][0])
