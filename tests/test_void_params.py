@@ -151,3 +151,22 @@ def test_a_void_parameter_does_not_widen_a_tenant_read(demo):
         assert _run(client, sql, (V, T), (None, b"nobody"))[:2] == ("rows", [[b"acme"]])
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("sql", "types"), [
+    ("SELECT concat($1::void, tenant_id) FROM customers", ()),  # cast: dropped whatever is declared
+    ("SELECT concat(CAST($1 AS pg_catalog.void), 'x')", (T,)),
+    ("SELECT $1::void, concat($1, 'x')", (0,)),  # void inferred from elsewhere in the statement
+    ("SELECT concat($1::\"void\", 'x')", ()),
+    ("PREPARE pv(void, text) AS SELECT concat($1, $2)", ()),  # SQL-level PREPARE's type list
+])
+def test_void_types_written_in_the_statement_are_refused(demo, sql, types):
+    """Only a void declared in the Parse message is removed exactly; a void the statement names
+    itself would make PostgreSQL run a call other than the one checked: refused (0A000)."""
+    client = RawClient(demo.app("acme"))
+    try:
+        assert _run(client, sql, types, (None,) * len(types)) == ("error", "0A000")
+        client.send(m.encode_query(sql.replace("$1", "NULL")))
+        assert [e.sqlstate for e in errors(client.until_ready())] == ["0A000"]
+    finally:
+        client.close()

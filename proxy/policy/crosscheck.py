@@ -37,7 +37,7 @@ from __future__ import annotations
 from sqlglot.errors import TokenError
 from sqlglot.tokens import Token, TokenType
 
-from proxy.policy.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, PolicyRefusal
+from proxy.policy.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, VOID_TYPE_REFUSAL, PolicyRefusal
 from proxy.policy.lexer import PG_SPACE, NUMBERS, STRINGS, PgToken, identifier_value, is_word, string_value, tokens_in
 
 _SG_STRINGS = frozenset({
@@ -253,6 +253,11 @@ def reserved_names(tree) -> None:
         if not (isinstance(this, exp.Literal) and this.is_string):
             raise _refuse("INTERVAL is a constant to PostgreSQL only before a quoted string; "
                           "write '...'::interval")
+    # a cast to void: PostgreSQL drops a void parameter from a function call's arguments, so the
+    # call it runs has fewer arguments than the one checked (proxy/policy/void_params.py)
+    for node in tree.find_all(exp.DataType):
+        if any(i.this.lower() == "void" for i in node.find_all(exp.Identifier)):
+            raise _refuse(VOID_TYPE_REFUSAL, FEATURE_NOT_SUPPORTED)
     # ``name $1``: PostgreSQL reads a typed constant ($1 cast to type "name"), sqlglot an alias
     for node in tree.find_all(exp.Parameter, exp.Placeholder):
         if node.arg_key == "alias" or isinstance(node.parent, exp.TableAlias):

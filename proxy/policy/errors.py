@@ -26,3 +26,9 @@ class PolicyRefusal(SqlStateError):
 
     def to_refuse(self) -> Refuse:
         return Refuse(self.sqlstate, self.message, self.detail, self.hint, self.reason)
+
+#: the refusal of the type void in a cast or a PREPARE type list: PostgreSQL drops void parameters
+#: from a function call's arguments, so the call it runs would differ from the one checked
+#: (a void-declared Parse parameter is handled: proxy/policy/void_params.py)
+VOID_TYPE_REFUSAL = ("the type void is not supported by tenantgate in casts and PREPARE type lists "
+                     "(PostgreSQL drops void parameters from function calls)")

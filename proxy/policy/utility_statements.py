@@ -19,7 +19,7 @@ from typing import Callable
 from sqlglot.tokens import Token, TokenType
 
 from proxy.policy.catalog_views import setting_hidden
-from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
+from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, VOID_TYPE_REFUSAL, PolicyRefusal
 from proxy.policy.edits import TENANT, TENANT_LASTING, Edit
 from proxy.policy.parse import tokenize_span
 from proxy.policy.statement_result import Piece
@@ -293,6 +293,8 @@ def _prepare(sql, start, end, toks, inner) -> Piece:
                     break
             elif toks[j].token_type == TokenType.SELECT:
                 raise _refuse("unsupported PREPARE parameter types", FEATURE_NOT_SUPPORTED)
+            elif toks[j].text.lower() == "void":  # PostgreSQL drops void parameters from calls
+                raise _refuse(VOID_TYPE_REFUSAL, FEATURE_NOT_SUPPORTED)
             j += 1
         j += 1
     if j >= len(toks) or not (toks[j].token_type == TokenType.ALIAS or _word(toks[j]) == "AS"):
