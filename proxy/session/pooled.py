@@ -85,9 +85,12 @@ def take_idle_in_sync(settings, gate, last: ServerConn | None) -> tuple[ServerCo
     wanted = settings.refresh_wanted(gate)
     pool = settings.pool
     sc = pool.take_idle(last, wanted, getattr(gate, "tenant", None))
-    if sc is not None and (sc.state == wanted or varcache.changes(sc.state, wanted, pool.baseline or {}) == ({}, [])):
-        return sc, True
-    return sc, False
+    return sc, sc is not None and in_sync(sc, wanted, pool)
+
+
+def in_sync(sc: ServerConn, wanted: dict[str, str], pool) -> bool:
+    """Whether ``sc`` already has the settings ``wanted`` (it may be lent without a round trip)."""
+    return sc.state == wanted or varcache.changes(sc.state, wanted, pool.baseline or {}) == ({}, [])
 
 
 class PooledSession:
@@ -145,7 +148,7 @@ class PooledSession:
             self.pool.release(sc)
             return
         settings = self.pooled_settings
-        if settings.pool.baseline is None or sc.state != settings.wanted:  # one round trip first
+        if not in_sync(sc, settings.wanted, settings.pool):  # one round trip first
             self.attach_task = self.loop.create_task(self._attach_slow(sc))
             return
         self._bind_server(sc)
