@@ -47,6 +47,14 @@ GROUP BY n.nspname, c.relname, c.relkind
 """
 
 
+#: every function name PostgreSQL could resolve to something other than a built-in
+USER_FUNCTIONS_QUERY = """
+SELECT DISTINCT p.proname::text AS name
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
 BACKSTOP_TABLES_QUERY = """
 SELECT c.oid, n.nspname AS schema, c.relname AS name
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -74,6 +82,7 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "tenantgate: catalog"})
     try:
         records = await conn.fetch(CATALOG_QUERY, list(rules.schemas))
+        functions = [r["name"] for r in await conn.fetch(USER_FUNCTIONS_QUERY)]
         state = await load_backstop_state(conn, rules) if backstop_required(rules, backstop_key_configured) else None
     finally:
         await conn.close()
@@ -81,7 +90,7 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
         RelationRow(r["schema"], r["name"], r["kind"], tuple(zip(r["colnames"], r["coltypes"], r["colnotnull"])))
         for r in records
     ]
-    return CatalogSnapshot.build(rules, rows, backstop=state)
+    return CatalogSnapshot.build(rules, rows, backstop=state, user_functions=functions)
 
 
 #: the channel deploy/postgres/bootstrap.sql's DDL event trigger notifies
@@ -149,8 +158,9 @@ class CatalogManager:
             started = asyncio.get_running_loop().time()
             snap = await self._loader()
             old = self._snapshot
-            if snap.relations == old.relations:
-                snap = CatalogSnapshot(snap.relations, snap.search_path, old.version, snap.problems)
+            if snap.relations == old.relations and snap.user_functions == old.user_functions:
+                snap = CatalogSnapshot(snap.relations, snap.search_path, old.version, snap.problems,
+                                       snap.user_functions)
             self._snapshot = snap
             self._last_refresh = asyncio.get_running_loop().time()
             self._loaded_at = started  # the snapshot reflects the catalog as of this time

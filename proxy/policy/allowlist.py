@@ -57,6 +57,13 @@ What :meth:`FunctionChecker.check` looks at, anywhere in the tree:
   name that is not a built-in is a user-defined function, same rule.
 * ``set_config(name, ...)``: allowed only with a string literal naming a
   parameter of the safe SET list (``set_config_safe_parameters`` in the YAML).
+* ``current_setting(name, ...)``: allowed only with a string literal naming a
+  setting a tenant may read (:func:`proxy.policy.catalog_views.setting_hidden`).
+  A name the proxy cannot read off the text (a parameter bound at Bind, a column,
+  an expression, a cast) is refused: the check must see the name PostgreSQL uses.
+  String literal means any of PostgreSQL's spellings of a string constant whose
+  value sqlglot holds decoded: ``'...'``, ``E'...'``, ``$tag$...$tag$``
+  (:func:`string_constant`; ``U&'...'`` is decoded by the lexer before parsing).
 * ``OPERATOR(schema.op)``: only schema pg_catalog.
 * every relation (``exp.Table``): pg_catalog / information_schema relations go
   through :meth:`check_relation`; an unqualified name that is a known catalog
@@ -149,6 +156,41 @@ _CREATE_ALTER_OBJECTS: tuple[tuple[str, str], ...] = (
 _SET_PARAMS_REFUSED = {"role": "SET ROLE", "session_authorization": "SET SESSION AUTHORIZATION"}
 
 
+#: string constants other than '...' whose node holds the value PostgreSQL reads: E'...' (escapes
+#: decoded by the tokenizer) and dollar quotes; tests/test_string_constants.py compares the values
+#: with PostgreSQL's own
+_OTHER_STRING_CONSTANTS = (exp.ByteString, exp.RawString)
+
+
+def string_constant(node: exp.Expression | None) -> str | None:
+    """The value of ``node`` if it is a string constant (any spelling), else None.
+
+    Anything else, including a constant in parentheses or with a cast, is None: callers that
+    judge a value refuse what they cannot read."""
+    if isinstance(node, exp.Literal):
+        return node.name if node.is_string else None
+    if type(node) in _OTHER_STRING_CONSTANTS and isinstance(node.this, str):
+        return node.this
+    return None
+
+
+#: casts of a parameter that keep its bound text as it is (sqlglot's names of text and varchar)
+_TEXT_CASTS = (exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR)
+_NO_PARAMS: frozenset[int] = frozenset()
+
+
+def setting_parameter(node: exp.Expression | None) -> int | None:
+    """The 0-based index of ``$n``, ``$n::text`` or ``$n::varchar`` (no length), else None."""
+    if type(node) is exp.Cast:
+        to = node.args.get("to")
+        if not (isinstance(to, exp.DataType) and to.this in _TEXT_CASTS and not to.expressions):
+            return None
+        node = node.this
+    if type(node) is exp.Parameter and isinstance(node.this, exp.Literal) and not node.this.is_string:
+        return int(node.this.this) - 1
+    return None
+
+
 def _normalise_command(node: exp.Command) -> str:
     text = str(node.this or "")
     rest = node.args.get("expression")
@@ -199,12 +241,17 @@ class FunctionChecker:
 
     # -- public API -----------------------------------------------------------------
 
-    def check(self, tree: exp.Expression) -> None:
-        """Raise PolicyRefusal(42501) if anything in ``tree`` is not allowed."""
+    def check(self, tree: exp.Expression) -> frozenset[int]:
+        """Raise PolicyRefusal(42501) if anything in ``tree`` is not allowed.
+
+        Returns the 0-based indexes of parameters that name the setting of a
+        ``current_setting($n)`` call: their values are known only at Bind, where the proxy
+        checks them (:class:`proxy.policy.catalog_views.SettingNameCheck`)."""
         if tree is None:
-            return
+            return _NO_PARAMS
         self._check_statement_kind(tree)
         handlers = self._handlers
+        found = None
         for node in tree.walk():
             cls = type(node)
             try:
@@ -212,7 +259,10 @@ class FunctionChecker:
             except KeyError:
                 handler = handlers[cls] = self._handler_for(cls)
             if handler is not None:
-                handler(node)
+                index = handler(node)
+                if index is not None:
+                    found = (found or set()) | {index}
+        return frozenset(found) if found else _NO_PARAMS
 
     def _handler_for(self, cls: type):
         """Which check a node class gets (computed once per class; order matters: Func before the rest)."""
@@ -222,6 +272,7 @@ class FunctionChecker:
             (exp.Operator, self._check_operator_node),
             (exp.Identifier, self._check_identifier_node),
             (exp.Literal, self._check_literal_node),
+            (_OTHER_STRING_CONSTANTS, self._check_literal_node),
             (exp.Command, self._check_command),
         ):
             if issubclass(cls, base):
@@ -252,8 +303,12 @@ class FunctionChecker:
                 hint="rules/catalogs.yaml lists the catalog relations drivers and psql may read", reason="catalog",
             )
 
-    def check_function(self, schema: str | None, name: str, args: list[exp.Expression] | None = None) -> None:
-        """Judge one call of ``schema.name`` (folded names; schema None = unqualified)."""
+    def check_function(self, schema: str | None, name: str, args: list[exp.Expression] | None = None, *,
+                       judge_arguments: bool = True) -> int | None:
+        """Judge one call of ``schema.name`` (folded names; schema None = unqualified).  Returns the
+        0-based index of a parameter whose value names the setting current_setting() reads.
+        ``judge_arguments=False``: the caller judged the arguments of set_config and
+        current_setting itself (proxy/policy/pg_calls.py, on PostgreSQL's tree)."""
         shown = f"{schema}.{name}" if schema else name
         if schema in self.catalogs.control_schemas:
             raise _refuse(f"function {shown} is in tenantgate's control schema, which no session may reach")
@@ -269,14 +324,11 @@ class FunctionChecker:
                 f"and {shown} is not declared safe in the rules",
             )
         if name == "set_config":
-            self._check_set_config(args)
-            return
-        if name == "current_setting" and args and isinstance(args[0], exp.Literal) and args[0].is_string:
-            from proxy.policy.catalog_views import setting_hidden
-
-            if setting_hidden(args[0].name):
-                raise _refuse(f"current_setting('{args[0].name}') is not allowed: server paths and commands are "
-                              "hidden from tenant sessions")
+            if judge_arguments:
+                self._check_set_config(args)
+            return None
+        if name == "current_setting" and judge_arguments:
+            return self._check_current_setting(args)
         if name in self.allowlist.allowed:
             return
         if schema is None and name in self.declared_safe_functions:
@@ -404,7 +456,7 @@ class FunctionChecker:
             and parent.args.get("expression") is node
         )
 
-    def _check_func_node(self, node: exp.Func) -> None:
+    def _check_func_node(self, node: exp.Func) -> int | None:
         schema = self._call_schema(node)
         if self._is_syntax_not_call(node, schema):
             return
@@ -416,9 +468,9 @@ class FunctionChecker:
                 name = fold_identifier(raw, False)
             else:
                 raise _refuse(f"function call {node.sql('postgres')[:80]} has a name that is not understood")
-            self.check_function(schema, name, list(node.expressions))
-            return
+            return self.check_function(schema, name, list(node.expressions))
         self._check_typed_func(node, schema)
+        return None
 
     def _check_typed_func(self, node: exp.Func, schema: str | None) -> None:
         cls = type(node)
@@ -440,13 +492,41 @@ class FunctionChecker:
             f"built-in on the function allowlist (sqlglot {cls.__name__})",
         )
 
-    def _check_set_config(self, args: list[exp.Expression] | None) -> None:
+    def _check_current_setting(self, args: list[exp.Expression] | None) -> int | None:
         first = args[0] if args else None
-        if isinstance(first, exp.Literal) and first.is_string:
-            param = first.name.strip().lower()
+        index = setting_parameter(first)
+        if index is not None:
+            return index  # judged at Bind
+        self.check_setting_read(string_constant(first))
+        return None
+
+    def check_setting_read(self, name: str | None) -> None:
+        """current_setting(name): ``name`` is the setting's name as PostgreSQL reads it, None when
+        it is not a string constant (refused)."""
+        from proxy.policy.catalog_views import setting_hidden
+
+        if name is None:
+            raise _refuse(
+                "current_setting() is allowed only with the setting's name written as a string literal or as a "
+                "parameter: tenantgate must see which setting is read, and a name from a column or an expression "
+                "is known only when the statement runs",
+                hint="write current_setting('work_mem'), or SHOW work_mem",
+            )
+        if setting_hidden(name):
+            raise _refuse(f"current_setting('{name}') is not allowed: server paths and commands are "
+                          "hidden from tenant sessions")
+
+    def _check_set_config(self, args: list[exp.Expression] | None) -> None:
+        self.check_set_config_name(string_constant(args[0]) if args else None)
+
+    def check_set_config_name(self, value: str | None) -> None:
+        """set_config(name, ...): ``value`` is the name as PostgreSQL reads it, None when it is not
+        a string constant (refused)."""
+        if value is not None:
+            param = value.strip().lower()
             if param in self.safe_set_parameters and not param.startswith("tenantgate."):
                 return
-            raise _refuse(f"set_config('{first.name}', ...) is not allowed: {first.name} is not on the safe SET list")
+            raise _refuse(f"set_config('{value}', ...) is not allowed: {value} is not on the safe SET list")
         raise _refuse("set_config is not allowed here: its first argument must be a string literal naming a "
                       "parameter of the safe SET list")
 
@@ -474,9 +554,10 @@ class FunctionChecker:
     def _check_identifier_node(self, node: exp.Identifier) -> None:
         self._check_control_name(fold_identifier(node.name, bool(node.args.get("quoted"))))
 
-    def _check_literal_node(self, node: exp.Literal) -> None:
-        if node.is_string:
-            self._check_control_literal(node.name)
+    def _check_literal_node(self, node: exp.Expression) -> None:
+        value = string_constant(node)
+        if value is not None:
+            self._check_control_literal(value)
 
     def _check_control_name(self, name: str) -> None:
         if name in self.catalogs.control_schemas:

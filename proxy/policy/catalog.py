@@ -98,10 +98,15 @@ class CatalogSnapshot:
     search_path: tuple[str, ...]  # without the implicit pg_catalog
     version: int
     problems: tuple[str, ...] = field(default=())
+    # names of the functions outside pg_catalog and information_schema (user-defined, extensions,
+    # tenantgate's own): PostgreSQL may call one where a statement names it unqualified or as an
+    # attribute (``x.name``), and the proxy refuses that unless the rules declare it safe
+    user_functions: frozenset[str] = field(default=frozenset())
 
     @classmethod
     def build(cls, rules: Rules, rows: Iterable[RelationRow], version: int | None = None,
-              backstop: dict[tuple[str, str], str | None] | None = None) -> "CatalogSnapshot":
+              backstop: dict[tuple[str, str], str | None] | None = None,
+              user_functions: Iterable[str] = ()) -> "CatalogSnapshot":
         """``backstop``: when given, the backstop is required: (schema, table) -> None if the tenant
         table carries it, else why not (proxy/policy/backstop_state.py).  A tenant table without it
         is denied unless the rules' ``backstop_off`` names it with a reason."""
@@ -158,7 +163,8 @@ class CatalogSnapshot:
             rels[key] = Relation(row.schema, row.name, row.kind, cols, cls_, reason)
         for key in sorted((tenant_keys | shared_keys | view_keys) - seen):
             problems.append(f"{key[0]}.{key[1]}: listed in the rules but does not exist")
-        return cls(rels, tuple(rules.schemas), version if version is not None else next(_versions), tuple(problems))
+        return cls(rels, tuple(rules.schemas), version if version is not None else next(_versions), tuple(problems),
+                   frozenset(user_functions))
 
     def get(self, schema: str, name: str) -> Relation | None:
         return self.relations.get((schema, name))

@@ -42,3 +42,30 @@ _HIDDEN_SETTING = re.compile(r"(file|director|command|librar|conninfo)")
 def setting_hidden(name: str) -> bool:
     """A server setting whose value a tenant session may not read (SHOW, current_setting())."""
     return _HIDDEN_SETTING.search(name.lower()) is not None
+
+
+class SettingNameCheck:
+    """The :class:`proxy.seam.ParamCheck` of ``current_setting($n)``: the bound name must not be a
+    hidden setting.  A NULL name reads nothing (current_setting is strict); a name that is not
+    UTF-8 is refused, since the proxy cannot tell which setting PostgreSQL would read."""
+
+    #: text, varchar, name and unknown: types whose text and binary forms are the name's bytes
+    type_oids = frozenset({25, 1043, 19, 705})
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def accepts(self, format_code: int, value: bytes | None) -> bool:
+        if value is None:
+            return True
+        if format_code not in (0, 1):
+            return False
+        try:
+            name = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return not setting_hidden(name)
+
+    def describe(self) -> str:
+        return (f"parameter ${self.index + 1} names the setting current_setting() reads, and server paths "
+                "and commands are hidden from tenant sessions")

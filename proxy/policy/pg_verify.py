@@ -46,6 +46,7 @@ from pglast.parser import ParseError, parse_sql_json
 
 from proxy.policy.catalog import CatalogSnapshot, Relation
 from proxy.policy.join_plan import nullable_side, on_filters
+from proxy.policy.pg_calls import check_calls
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, INSUFFICIENT_PRIVILEGE, SYNTAX_ERROR, PolicyRefusal
 from proxy.policy.rules import Rules
 
@@ -558,9 +559,13 @@ def pg_verify(
     *,
     param_checks: set[int] = frozenset(),
     required_literals=(),
+    function_checker=None,
+    setting_params: frozenset[int] = frozenset(),
 ) -> None:
     """Parse ``sql`` (one rewritten statement, markers at the byte offsets ``markers``) with
-    PostgreSQL's parser and check it (see module docstring); raises :class:`PolicyRefusal`."""
+    PostgreSQL's parser and check it (see module docstring); raises :class:`PolicyRefusal`.
+    With ``function_checker``, every function call PostgreSQL will make is judged too
+    (:mod:`proxy.policy.pg_calls`)."""
     try:
         text = parse_sql_json(sql)
         tree = json.loads(text)
@@ -576,6 +581,8 @@ def pg_verify(
     t, _ = _unwrap(stmts[0].get("stmt"))
     if t not in _STATEMENTS:
         raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"PostgreSQL reads this statement as {t or 'nothing'}: refused")
+    if function_checker is not None:
+        check_calls(stmts[0]["stmt"], function_checker, snapshot.user_functions, frozenset(setting_params))
     v = _Verifier(snapshot, rules, markers, set(param_checks), frozenset(required_literals))
     # Statements nest inside expressions only through SubLink: without one, expressions are not walked.
     v.deep = '"SubLink"' in text

@@ -36,6 +36,7 @@ from proxy.policy.pg_verify import MARKER_SQL, marker_offsets, pg_verify
 from proxy.policy.statement_result import CopyInSpec, Piece
 from proxy.policy.resolve import UnknownRelation
 from proxy.policy.rules import Rules
+from proxy.policy.catalog_views import SettingNameCheck
 from proxy.policy.tenantvalue import TenantParamCheck, tenant_guc_reference, tenant_literal, text_matches, validate_tenant
 from proxy.seam import Forward, Origin, Refuse
 
@@ -55,6 +56,7 @@ class Template:
     writes: bool = False
     read_write_request: bool = False
     param_checks: tuple[int, ...] = ()
+    setting_params: tuple[int, ...] = ()  # current_setting($n): checked at Bind
     required_literals: tuple[str, ...] = ()
     copy_in: CopyInSpec | None = None
     prepared: tuple[str, ...] = ()
@@ -168,16 +170,18 @@ class _StatementHandler:
             tree = parse_tokens(sql, tokens)
             stage = "unsupported"
             cls, writes = classify(tree, kw)
+            setting_params = frozenset()
             if self.function_checker is not None:
                 stage = "function"
-                self.function_checker.check(tree)
+                setting_params = self.function_checker.check(tree)
             stage = "tenant"
             inj = inject_tenant(tree, tokens, sql, self.snapshot, self.rules)
             # the second opinion, on PostgreSQL's own parse tree (every statement, tenant tables or not):
             # sqlglot decided the edits, libpg_query checks what PostgreSQL will run
             checked, markers = marker_offsets(splice(sql, inj.edits, start, end), MARKER_SQL, TENANT)
             pg_verify(checked, markers, self.snapshot, self.rules,
-                      param_checks=inj.param_checks, required_literals=inj.required_literals)
+                      param_checks=inj.param_checks, required_literals=inj.required_literals,
+                      function_checker=self.function_checker, setting_params=setting_params)
         except PolicyRefusal as e:
             if not e.reason:
                 e.reason = stage
@@ -185,6 +189,7 @@ class _StatementHandler:
         return Piece(
             edits=inj.edits, statement_class=cls, touches_tenant=inj.touches_tenant, writes=writes or inj.writes,
             param_checks=set(inj.param_checks), required_literals=list(inj.required_literals),
+            setting_params=set(setting_params),
         )
 
 
@@ -235,8 +240,10 @@ class Pipeline:
             return Template(parts=(), refusal=e.to_refuse())
         cls = max((p.statement_class for p in pieces), key=lambda c: _CLASS_RANK.get(c, 0))
         param_checks: set[int] = set()
+        setting_params: set[int] = set()
         for p in pieces:
             param_checks |= p.param_checks
+            setting_params |= p.setting_params
         norm_parts = None
         if (
             sql == original
@@ -257,6 +264,7 @@ class Pipeline:
             writes=any(p.writes for p in pieces),
             read_write_request=any(p.read_write_request for p in pieces),
             param_checks=tuple(sorted(param_checks)),
+            setting_params=tuple(sorted(setting_params)),
             required_literals=tuple(lit for p in pieces for lit in p.required_literals),
             copy_in=pieces[0].copy_in if len(pieces) == 1 else None,
             prepared=tuple(n for p in pieces for n in p.prepared),
@@ -374,7 +382,7 @@ class Pipeline:
             done = tpl.done.get(done_key)
             if done is not None:
                 return done if cached else Analysis(done.decision, done.effects, cached=False)
-        if literals is not None and not tpl.param_checks and tpl.copy_in is None:
+        if literals is not None and not tpl.param_checks and not tpl.setting_params and tpl.copy_in is None:
             # a normalised hit (a cache hit: new numbers in a known statement), the hot path of
             # pgbench -S and most applications: the tenant-filled segments and the decision's
             # other fields are kept per template and tenant, only the text is new
@@ -422,6 +430,8 @@ class Pipeline:
             param_checks = tuple(
                 (i, TenantParamCheck(i, checked, type_, self.rules.tenant_column)) for i in tpl.param_checks
             )
+        if tpl.setting_params:
+            param_checks += tuple((i, SettingNameCheck(i)) for i in tpl.setting_params)
         copy_factory = None
         if tpl.copy_in is not None:
             spec = tpl.copy_in

@@ -32,6 +32,8 @@ class Piece:
     writes: bool = False
     read_write_request: bool = False  # BEGIN READ WRITE and friends (refused in read-only sessions)
     param_checks: set[int] = field(default_factory=set)
+    # parameters naming the setting of current_setting($n), checked at Bind (catalog_views.SettingNameCheck)
+    setting_params: set[int] = field(default_factory=set)
     required_literals: list[str] = field(default_factory=list)
     copy_in: CopyInSpec | None = None
     prepared: tuple[str, ...] = ()
@@ -51,6 +53,7 @@ class Piece:
         self.touches_tenant |= other.touches_tenant
         self.writes |= other.writes
         self.param_checks |= other.param_checks
+        self.setting_params |= other.setting_params
         self.required_literals.extend(other.required_literals)
         self.requires_prepared += other.requires_prepared
         self.pins_session |= other.pins_session

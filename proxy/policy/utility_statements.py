@@ -304,6 +304,12 @@ def _prepare(sql, start, end, toks, inner) -> Piece:
     body = inner(sql, toks[j + 1].start, end)
     if body.statement_class not in ("read", "write"):
         raise _refuse("only SELECT, INSERT, UPDATE and DELETE can be prepared", FEATURE_NOT_SUPPORTED)
+    if body.setting_params:
+        raise _refuse(
+            "current_setting($n) is not supported in SQL-level PREPARE: tenantgate checks the setting's name "
+            "when it is bound, and EXECUTE's arguments are not checked; write the name as a string literal",
+            FEATURE_NOT_SUPPORTED,
+        )
     if body.param_checks:
         raise _refuse(
             "a parameter as the tenant column value is not supported in SQL-level PREPARE; "
