@@ -79,7 +79,7 @@ bench: install postgres
 fuzz-rewrite: install postgres
 	TENANTGATE_FUZZ_EXAMPLES=200000 $(BIN)/python -m pytest -p no:cacheprovider tests/test_rewrite_differential.py tests/test_rewrite_families.py -x -q -s
 
-# The wire codec and a live proxy under malformed input: 1,000,000 codec inputs (derandomized),
+# The wire codec and a live proxy under malformed input: 1,000,000 codec inputs (one seed per case),
 # 30,000 round-trip examples per message type, 3,000 malformed streams against a live proxy.
 fuzz-wire: install postgres
 	TENANTGATE_WIRE_FUZZ_INPUTS=1000000 TENANTGATE_WIRE_FUZZ_EXAMPLES=30000 TENANTGATE_WIRE_FUZZ_LIVE=3000 \

@@ -1,12 +1,18 @@
 """Property test: random and mutated byte streams never make the codec raise
-anything but ProtocolError."""
+anything but ProtocolError.
+
+TENANTGATE_WIRE_FUZZ_EXAMPLES inputs per test (default 300).  Every process checks the same
+inputs: case ``i`` of a test is made from its own seed (support.fuzzcases; not hypothesis,
+whose derandomized draws depend on the modules of proxy a process has imported), and a failure
+names the test, case number, seed and input (TENANTGATE_FUZZ_SEED picks other inputs).
+"""
 
 from __future__ import annotations
 
 import os
+import zlib
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 
 from proxy.wire import messages as m
 from proxy.wire.backend import AUDIT_INTERESTING, BackendScanner
@@ -14,6 +20,7 @@ from proxy.wire.buffer import ReceiveBuffer
 from proxy.wire.errors import ProtocolError
 from proxy.wire.frontend import FrontendState
 from proxy.wire.startup import parse_options, parse_startup_packet
+from support.fuzzcases import Draw, assert_same_plan_in_fresh_processes, case_seed, fuzz_cases, rerun, run_seed
 
 EXAMPLES = int(os.environ.get("TENANTGATE_WIRE_FUZZ_EXAMPLES", "300"))
 
@@ -78,7 +85,9 @@ def run_backend(stream: bytes, cut: int) -> None:
             pass
 
 
-mutations = st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8)
+def mutations(d: Draw) -> list[tuple[int, int]]:
+    """Up to 8 (position, byte) overwrites."""
+    return d.lists(lambda: (d.integer(0, 10_000), d.integer(0, 255)), max_size=8)
 
 
 def mutate(data: bytes, muts) -> bytes:
@@ -89,20 +98,15 @@ def mutate(data: bytes, muts) -> bytes:
     return bytes(b)
 
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
-
-
-@FUZZ
-@given(st.binary(max_size=300))
+@fuzz_cases(EXAMPLES, lambda d: {"data": d.binary(max_size=300)})
 def test_random_bytes(data):
     run_frontend(data)
     run_startup(data)
     run_backend(data, len(data) // 2)
 
 
-@FUZZ
-@given(st.lists(st.sampled_from(VALID), min_size=1, max_size=8), mutations, st.integers(0, 400))
+@fuzz_cases(EXAMPLES, lambda d: {"msgs": d.lists(lambda: d.choice(VALID), min_size=1, max_size=8),
+                                  "muts": mutations(d), "cut": d.integer(0, 400)})
 def test_mutated_valid_streams(msgs, muts, cut):
     stream = mutate(b"".join(msgs), muts)
     run_frontend(stream)
@@ -117,12 +121,37 @@ def test_mutated_valid_streams(msgs, muts, cut):
                 pass
 
 
-@FUZZ
-@given(st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=4), mutations,
-       st.text(max_size=40))
+@fuzz_cases(EXAMPLES, lambda d: {
+    "params": d.dictionary(lambda: d.text(min_size=1, max_size=10), lambda: d.text(max_size=20), max_size=4),
+    "muts": mutations(d), "options": d.text(max_size=40)})
 def test_mutated_startup(params, muts, options):
     params = {k.replace("\0", ""): v.replace("\0", "") for k, v in params.items() if k.replace("\0", "")}
     params.setdefault("user", "u")
     params["options"] = options.replace("\0", "")
     run_startup(mutate(m.encode_startup(params), muts))
     run_startup(m.encode_startup(params))
+
+
+def test_inputs_are_the_same_in_every_process():
+    """Two fresh processes with different hash seeds and different modules of proxy loaded make
+    exactly the same inputs (with hypothesis' derandomized draws they did not)."""
+    records = assert_same_plan_in_fresh_processes(
+        __name__, 3 * 300, env={"TENANTGATE_WIRE_FUZZ_EXAMPLES": "300"})  # the default size
+    assert len({r[3] for r in records}) > 0.9 * len(records), "inputs repeat"
+
+
+def test_a_failure_names_its_case_and_rerun_reproduces_it():
+    @fuzz_cases(50, lambda d: {"data": d.binary(max_size=300)})
+    def test_short(data):
+        assert len(data) < 100
+
+    with pytest.raises(AssertionError) as failure:
+        test_short()
+    case = next(c for c in test_short.cases() if len(c.args["data"]) >= 100)  # the first failing one
+    message = str(failure.value)
+    assert f"test_short case={case.index} seed={case.seed} (TENANTGATE_FUZZ_SEED={run_seed()};" in message
+    assert repr(case.args) in message and f"rerun(test_wire_fuzz.test_short, {case.seed})" in message
+    assert case.seed == case_seed(case.index, zlib.crc32(b"test_wire_fuzz/test_short"), run_seed())
+    assert test_short.inputs(Draw(case.seed)) == case.args
+    with pytest.raises(AssertionError):
+        rerun(test_short, case.seed)

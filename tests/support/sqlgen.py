@@ -20,16 +20,16 @@ and the candidate (rewritten SQL) can be compared exactly.  Results are
 compared as multisets unless ``ordered`` is set (the top-level ORDER BY then
 fixes the order completely).
 
-Each statement comes from one seed (:func:`generate` reproduces it); :func:`case_seed`
+Each statement comes from one seed (:func:`generate` reproduces it); :func:`support.fuzzcases.case_seed`
 numbers the seeds of a run, the same in every process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 
+from support.fuzzcases import case_seed as case_seed  # shared with the wire fuzz tests (re-exported)
 from support.rewrite_schema import ALL_TABLES, PRODUCTS, TABLES_BY_NAME, TENANT_TABLES, Table
 
 INT_LITERALS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 20, 30, -1)
@@ -671,20 +671,6 @@ class _Gen:
             if self.chance(0.4):
                 main += f" WHERE {self.cond([main_src], sub_ctx, 0)}"
         return f"WITH {name}({', '.join(n for n, _ in cols)}) AS ({inner}) {main}"
-
-
-def case_seed(index: int, salt: int = 0, run: str = "0") -> int:
-    """The seed of case ``index`` of the sequence ``salt`` (``run`` picks another family of
-    sequences): a pure function of its arguments, the same in every process, whatever
-    PYTHONHASHSEED, the modules loaded or the code under test.
-
-    (The seeds were once drawn by derandomized hypothesis.  Its derandomized runs are only
-    repeatable for the same code: it mixes integer constants from the source of the imported
-    project modules into its draws, so which of ``proxy``'s modules a session has imported, and
-    any edit of them, changed most of the statements.)
-    """
-    digest = hashlib.blake2b(f"{run}/{salt}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
 
 
 def generate(seed: int, max_depth: int = 2, pk_group_by: bool = True) -> GeneratedStatement:
