@@ -27,7 +27,8 @@ from __future__ import annotations
 import struct
 import uuid
 
-from proxy.policy.copy import TenantCopyInCheck, _split_text, binary_header_end, binary_tuple, csv_records, text_lines
+from proxy.policy.copy import TenantCopyInCheck
+from proxy.policy.copy_data import binary_header_end, binary_tuple, csv_records, split_text, text_lines
 from proxy.policy.statement_result import CopyInSpec
 
 #: a row (text line, CSV record or binary tuple) longer than this ends the COPY (54000)
@@ -102,7 +103,7 @@ class CopyFill(TenantCopyInCheck):
                 out += line + ending
                 continue
             self.row += 1
-            n = len(_split_text(line, delim))
+            n = len(split_text(line, delim))
             if n != self.spec.ncols:
                 del buf[:pos]
                 return self._bad(f"expected {self.spec.ncols} columns, got {n}")
