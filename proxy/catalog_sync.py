@@ -93,6 +93,10 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
     return CatalogSnapshot.build(rules, rows, backstop=state, user_functions=functions)
 
 
+#: a refresh that failed because the server could not be reached (down, restarting, shutting down)
+_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError)
+
 #: the channel deploy/postgres/bootstrap.sql's DDL event trigger notifies
 CATALOG_CHANNEL = "tenantgate_catalog"
 
@@ -230,6 +234,8 @@ class CatalogManager:
                 await asyncio.sleep(delay)
             try:
                 await self.refresh(reason)
+            except _UNREACHABLE as e:  # the server is down or restarting: expected, no traceback
+                log.warning("catalog refresh failed: %s (the old snapshot stays in force)", e or type(e).__name__)
             except Exception:  # logged; the old snapshot stays in force
                 log.exception("catalog refresh failed")
 
@@ -273,6 +279,9 @@ class CatalogManager:
                 await asyncio.sleep(self.refresh_interval_s)
                 try:
                     await self.refresh("periodic")
+                except _UNREACHABLE as e:
+                    log.warning("periodic catalog refresh failed: %s (the old snapshot stays in force)",
+                                e or type(e).__name__)
                 except Exception:
                     log.exception("periodic catalog refresh failed")
 

@@ -43,11 +43,13 @@ log = logging.getLogger("tenantgate.gatekeeper")
 TENANT_ENDED_SQLSTATE = "57P01"
 
 
-def backend_dsn(config: Config) -> str:
-    """A libpq URL for the backend role (used for catalog discovery)."""
-    if not config.backend.database:
+def backend_dsn(config: Config, region: str | None = None) -> str:
+    """A libpq URL for the backend role of ``region`` (default: the default region's), used for
+    catalog discovery."""
+    backend = config.backend if region is None else config.backend_of(region)
+    if not backend.database:
         raise ConfigError("backend.database must be set when rules_file is used (catalog discovery needs it)")
-    return config.backend.url()
+    return backend.url()
 
 
 class UserDirectoryChain:
@@ -65,10 +67,16 @@ class UserDirectoryChain:
 
 
 class PolicyGatekeeper:
-    def __init__(self, config: Config, engine, catalog, plane=None):
+    """``engine`` and ``catalog``: the default region's.  ``regional``: region -> (engine, catalog)
+    for every region, each engine over the catalog of its own region's PostgreSQL (tables,
+    columns and the backstop's state can differ between servers); a session's gate uses the
+    engine of the region it is routed to (:meth:`route`)."""
+
+    def __init__(self, config: Config, engine, catalog, plane=None, *, regional: dict | None = None):
         self.config = config
         self.engine = engine
         self.catalog = catalog
+        self.regional: dict[str, tuple] = dict(regional or {})
         self.plane = plane
         self.session_lock = False  # operator sessions hold the tenant's purge lock (see build_gatekeeper)
         self.auth_guard = None
@@ -121,8 +129,8 @@ class PolicyGatekeeper:
             self._rules_task = asyncio.get_running_loop().create_task(self._swap_rules(*swap))
         else:
             log.info("rules reloaded from %s: no change", config.rules_file)
-            if self.catalog is not None:
-                self.catalog.request_refresh("sighup")
+            for catalog in self._catalogs():
+                catalog.request_refresh("sighup")
 
     async def _swap_rules(self, rules, checker, path: str) -> None:
         from proxy.metrics import CONFIG_RELOADS_TOTAL
@@ -130,9 +138,10 @@ class PolicyGatekeeper:
 
         old = self.engine.rules
         try:
-            if self.catalog is not None:
-                await self.catalog.replace_rules(rules)
-            self.engine.replace_rules(rules, checker)
+            for catalog in self._catalogs():
+                await catalog.replace_rules(rules)
+            for engine in self._engines():
+                engine.replace_rules(rules, checker)
         except Exception as e:
             CONFIG_RELOADS_TOTAL.labels(result="error").inc()
             log.error("rules reload from %s failed, keeping the old rules: %s", path, e)
@@ -148,10 +157,31 @@ class PolicyGatekeeper:
                 r = close()
                 if asyncio.iscoroutine(r):
                     await r
-        if self.catalog is not None:
-            await self.catalog.close()
+        for catalog in self._catalogs():
+            await catalog.close()
         if self.plane is not None:
             await self.plane.close()
+
+    def _catalogs(self) -> list:
+        out = [] if self.catalog is None else [self.catalog]
+        return out + [c for _e, c in self.regional.values() if c is not None and c is not self.catalog]
+
+    def _engines(self) -> list:
+        return [self.engine] + [e for e, _c in self.regional.values() if e is not self.engine]
+
+    def engine_for(self, region: str | None):
+        """The policy engine of ``region`` (the default region's for None or an unknown region)."""
+        pair = self.regional.get(region) if region is not None else None
+        return pair[0] if pair is not None else self.engine
+
+    def catalog_for(self, region: str | None):
+        pair = self.regional.get(region) if region is not None else None
+        return pair[1] if pair is not None else self.catalog
+
+    def _use_region(self, gate, region: str) -> None:
+        gate.region = region
+        if type(gate).__name__ == "TenantSessionGate":  # an operator gate's inner gate is made per region
+            gate.engine = self.engine_for(region)
 
     # ---- tenant lifecycle
 
@@ -186,7 +216,7 @@ class PolicyGatekeeper:
         grant = getattr(gate, "grant", None)
         region = self.region_of(grant.tenant if grant is not None else getattr(gate, "tenant", None))
         try:
-            gate.region = region  # a later token switch must stay on this backend (_open_tenant)
+            self._use_region(gate, region)  # a later token switch must stay on this backend (_open_tenant)
         except AttributeError:  # pragma: no cover - a gate without attributes
             pass
         return region
@@ -212,7 +242,7 @@ class PolicyGatekeeper:
                     continue  # a token session now serving another tenant of its backend (a switch back is refused)
                 retarget = getattr(gate, "retarget", None)  # transaction mode, between transactions
                 if retarget is not None and retarget(new):
-                    gate.region = new
+                    self._use_region(gate, new)
                     continue
                 gate.terminate(TENANT_ENDED_SQLSTATE, f'tenant "{tenant}" was moved to region {new}: reconnect')
 
@@ -267,7 +297,8 @@ class PolicyGatekeeper:
             if bound is not None:
                 user = replace(user, tenant=bound)
         tenant_status = _TenantStatus(self)
-        gate = open_tenant_session(self.engine, user, startup, token_key=self.config.tokens.resolved_key(),
+        engine = self.engine_for(self.region_of(user.tenant))
+        gate = open_tenant_session(engine, user, startup, token_key=self.config.tokens.resolved_key(),
                                    tenant_status=tenant_status, read_only=read_only)
         tenant_status.gate = gate
         if gate.tenant is not None:
@@ -298,7 +329,8 @@ class PolicyGatekeeper:
                 read_only = True
                 message = message or (f"grant {grant.id} is a read grant: writes are refused "
                                       "(request a write grant if you need one)")
-            return TenantSessionGate(self.engine, grant.tenant, read_only=read_only, read_only_message=message)
+            return TenantSessionGate(self.engine_for(region), grant.tenant, read_only=read_only,
+                                     read_only_message=message)
 
         try:
             gate = await open_operator_session(self.plane, user, startup, make_inner=make_inner,
@@ -329,18 +361,23 @@ async def build_gatekeeper(config: Config):
     from proxy.policy.rules import load_rules
 
     rules = load_rules(config.rules_file)
-    catalog = await CatalogManager.from_dsn(backend_dsn(config), rules, refresh_interval_s=rules.catalog_refresh_s,
-                                            backstop_key_configured=config.backstop.resolved_key() is not None)
-    catalog.start_periodic()
-    catalog.start_listening(backend_dsn(config))  # DDL event trigger: refresh within a second
-    engine = PolicyEngine(rules, catalog, FunctionChecker.from_rules(rules))
+    checker = FunctionChecker.from_rules(rules)
+    regional = {}
+    for region in config.region_names():  # each region's PostgreSQL has its own catalog
+        dsn = backend_dsn(config, region)
+        catalog = await CatalogManager.from_dsn(dsn, rules, refresh_interval_s=rules.catalog_refresh_s,
+                                                backstop_key_configured=config.backstop.resolved_key() is not None)
+        catalog.start_periodic()
+        catalog.start_listening(dsn)  # DDL event trigger: refresh within a second
+        regional[region] = (PolicyEngine(rules, catalog, checker), catalog)
+    engine, catalog = regional[config.default_region()]
     plane = None
     if config.control.resolved_dsn():
         from proxy.control.plane import ControlPlane
 
         plane = ControlPlane.from_config(config)
         await plane.start()
-    gk = PolicyGatekeeper(config, engine, catalog, plane)
+    gk = PolicyGatekeeper(config, engine, catalog, plane, regional=regional)
     if plane is not None:
         gk.session_lock = await _backend_may_take_advisory_locks(backend_dsn(config))
     await gk.start()

@@ -103,6 +103,9 @@ REWRITE_CACHE_ENTRIES = Gauge("tenantgate_rewrite_cache_entries", "Entries in th
 # Readiness (proxy/readiness.py): refreshed by /readyz and by every /metrics scrape (cached ~1 s).
 BACKEND_UP = Gauge("tenantgate_backend_up", "1 when the last connect to PostgreSQL succeeded, else 0",
                    multiprocess_mode="livemax")
+REGION_BACKEND_UP = Gauge("tenantgate_region_backend_up",
+                          "1 when the last connect to the region's PostgreSQL succeeded, else 0 (every region; "
+                          "tenantgate_backend_up is the default region's)", ["region"], multiprocess_mode="livemax")
 CONTROL_UP = Gauge("tenantgate_control_up",
                    "0 when the control schema is configured and did not answer the last readiness probe, else 1",
                    multiprocess_mode="livemax")

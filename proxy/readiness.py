@@ -12,6 +12,12 @@
 * any extra named check given by the caller (the worker supervisor adds
   ``workers``: at least one worker process is running).
 
+With ``regions``, ``backend`` is the default region's backend, and every other region gets a
+check ``backend:<region>`` of the same kind.  Those are reported (and set
+``tenantgate_region_backend_up{region}``) but do not decide readiness: one region's
+PostgreSQL being down must not take the instances serving every other region out of the load
+balancer (``"required": false`` in the JSON).
+
 Each run also sets ``tenantgate_backend_up`` and ``tenantgate_control_up`` (1 when the
 control schema is not configured),
 and ``/metrics`` triggers a (cached) run before every scrape, so the
@@ -68,6 +74,12 @@ class Readiness:
         checks: dict[str, dict] = {}
         names: list[str] = ["backend"]
         coros: list[Awaitable[tuple[bool, str]]] = [self._backend(cfg, timeout)]
+        default = cfg.default_region()
+        optional = [f"backend:{r}" for r in cfg.region_names() if r != default]
+        for r in cfg.region_names():
+            if r != default:
+                names.append(f"backend:{r}")
+                coros.append(self._backend(cfg, timeout, cfg.backend_of(r)))
         if cfg.rules_file:
             names.append("rules")
             coros.append(self._rules())
@@ -79,6 +91,8 @@ class Readiness:
             if isinstance(r, BaseException):
                 r = (False, f"{type(r).__name__}: {r}")
             checks[name] = {"ok": bool(r[0]), "detail": r[1]}
+            if name in optional:
+                checks[name]["required"] = False
         for name, fn in self.extra.items():
             try:
                 ok, detail = fn()
@@ -86,14 +100,18 @@ class Readiness:
                 ok, detail = False, f"{type(e).__name__}: {e}"
             checks[name] = {"ok": bool(ok), "detail": detail}
         metrics.BACKEND_UP.set(1 if checks["backend"]["ok"] else 0)
+        for r in cfg.region_names():
+            check = checks["backend" if r == default else f"backend:{r}"]
+            metrics.REGION_BACKEND_UP.labels(region=r).set(1 if check["ok"] else 0)
         metrics.CONTROL_UP.set(0 if "control" in checks and not checks["control"]["ok"] else 1)
-        return all(c["ok"] for c in checks.values()), checks
+        return all(c["ok"] for c in checks.values() if c.get("required", True)), checks
 
-    async def _backend(self, cfg, timeout: float) -> tuple[bool, str]:
+    async def _backend(self, cfg, timeout: float, backend=None) -> tuple[bool, str]:
         from proxy.backend_link import BackendError, connect_backend
 
-        backend_cfg = cfg.backend.model_copy(update={"connect_timeout_s": min(timeout, cfg.backend.connect_timeout_s)})
-        database = cfg.backend.database or "postgres"
+        backend = backend or cfg.backend
+        backend_cfg = backend.model_copy(update={"connect_timeout_s": min(timeout, backend.connect_timeout_s)})
+        database = backend.database or "postgres"
         try:
             async with asyncio.timeout(timeout):
                 conn = await connect_backend(backend_cfg, database, {"application_name": "tenantgate-readiness"})
@@ -102,12 +120,12 @@ class Readiness:
                 return True, f"PostgreSQL answered ({e.message})"
             return False, e.message
         except (OSError, TimeoutError) as e:
-            return False, f"could not connect to {cfg.backend.host}:{cfg.backend.port}: {e or 'timeout'}"
+            return False, f"could not connect to {backend.host}:{backend.port}: {e or 'timeout'}"
         try:
             conn.protocol.close(terminate=True)
         except Exception:  # noqa: BLE001 - closing a probe connection must not fail the probe
             pass
-        return True, f"connected to {cfg.backend.host}:{cfg.backend.port}"
+        return True, f"connected to {backend.host}:{backend.port}"
 
     async def _rules(self) -> tuple[bool, str]:
         gk = self.gatekeeper

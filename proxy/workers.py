@@ -217,7 +217,7 @@ class _SupervisorCollector:
     the workers' never-probed values.  (The supervisor's own values live in memory: the CLI
     imported prometheus_client before PROMETHEUS_MULTIPROC_DIR was set.)"""
 
-    _OWN = ("tenantgate_backend_up", "tenantgate_control_up")
+    _OWN = ("tenantgate_backend_up", "tenantgate_control_up", "tenantgate_region_backend_up")
 
     def __init__(self, workers_collector):
         self.workers = workers_collector
@@ -225,24 +225,21 @@ class _SupervisorCollector:
     def _own(self) -> dict:
         from proxy import metrics
 
-        return {"tenantgate_backend_up": metrics.BACKEND_UP, "tenantgate_control_up": metrics.CONTROL_UP}
+        return {"tenantgate_backend_up": metrics.BACKEND_UP, "tenantgate_control_up": metrics.CONTROL_UP,
+                "tenantgate_region_backend_up": metrics.REGION_BACKEND_UP}
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-        from prometheus_client.samples import Sample
-
-        own = {name: gauge._value.get() for name, gauge in self._own().items()}
+        own = {name: next(iter(gauge.collect())) for name, gauge in self._own().items()}
         seen = set()
         for family in self.workers.collect():
             if family.name in own:
                 seen.add(family.name)
-                family.samples = [Sample(family.name, {}, own[family.name])]
+                yield own[family.name]
+                continue
             yield family
         for name in self._OWN:
             if name not in seen:
-                g = GaugeMetricFamily(name, self._own()[name]._documentation)
-                g.add_metric([], own[name])
-                yield g
+                yield own[name]
 
 
 def _start_metrics_endpoint(config: Config, metrics_dir: Path, workers_alive=None) -> None:

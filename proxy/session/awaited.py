@@ -74,7 +74,9 @@ class AwaitedSteps:
         self._resume(t, payload, decision, offloaded=True)
 
     async def _refresh_then_recheck(self, t: bytes, payload: bytes, t0: float) -> None:
-        catalog = self.server.gatekeeper.catalog
+        keeper = self.server.gatekeeper
+        catalog_for = getattr(keeper, "catalog_for", None)  # the catalog of the session's region
+        catalog = catalog_for(getattr(self.gate, "region", None)) if catalog_for is not None else keeper.catalog
         try:
             await asyncio.wait_for(catalog.refresh_after(t0), CATALOG_RECHECK_TIMEOUT_S)
         except Exception:  # the old snapshot stays; the statement is refused as before
