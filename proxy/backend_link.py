@@ -262,6 +262,14 @@ async def connect_backend(
         raise
 
 
+#: how every backend session reads SQL text: the way the proxy's lexer (proxy/policy/lexer.py,
+#: libpg_query's defaults) reads it.  Sent in the startup packet, so a role's or database's
+#: setting (ALTER ROLE ... SET standard_conforming_strings = off) cannot make PostgreSQL read a
+#: backslash in '...' as an escape the proxy did not see; RESET ALL returns to these values.
+#: Clients cannot change either (proxy/policy/utility_statements.py SAFE_PARAMETERS).
+LEXICAL_SETTINGS = {"standard_conforming_strings": "on", "backslash_quote": "safe_encoding"}
+
+
 async def _handshake(loop, proto: BackendProtocol, cfg: BackendConfig, database, startup_params, password):
     tls = False
     # like libpq, sslmode does not apply to unix sockets (local, never on the network)
@@ -283,7 +291,7 @@ async def _handshake(loop, proto: BackendProtocol, cfg: BackendConfig, database,
                 raise BackendError(f"the database server does not support TLS, but backend.sslmode is {cfg.sslmode}")
         else:
             raise BackendError("invalid answer to SSLRequest from the database server")
-    params = {"user": cfg.user, "database": database, **startup_params}
+    params = {"user": cfg.user, "database": database, **startup_params, **LEXICAL_SETTINGS}
     proto.write(m.encode_startup(params))
     if password is None:
         password = cfg.resolved_password()

@@ -15,6 +15,7 @@ Public API (stable)::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -47,11 +48,42 @@ GROUP BY n.nspname, c.relname, c.relkind
 """
 
 
-#: every function name PostgreSQL could resolve to something other than a built-in
+#: function names an unqualified call or an attribute (x.name) may resolve to something other than a
+#: built-in: functions in the schemas of the search path that do not duplicate a pg_catalog function's
+#: signature (pg_catalog comes first, so the built-in wins those); runs_sql: one of them is written in
+#: a language that can run SQL (not C or internal)
 USER_FUNCTIONS_QUERY = """
-SELECT DISTINCT p.proname::text AS name
-FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+SELECT p.proname::text AS name, bool_or(l.lanname NOT IN ('c', 'internal')) AS runs_sql
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE n.nspname = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc b
+                  WHERE b.pronamespace = 'pg_catalog'::regnamespace AND b.proname = p.proname
+                    AND b.proargtypes = p.proargtypes)
+GROUP BY p.proname
+"""
+
+#: operators (on the search path) and casts that call a function outside pg_catalog written in a
+#: language that can run SQL: PostgreSQL calls it where a statement writes the operator or the
+#: cast, and for implicit casts and comparison operators where it writes neither
+HIDDEN_CALLS_QUERY = """
+SELECT 'operator' AS kind, o.oprname::text AS name, fn.nspname || '.' || p.proname AS func, '' AS context
+FROM pg_catalog.pg_operator o
+JOIN pg_catalog.pg_namespace opn ON opn.oid = o.oprnamespace
+JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
+JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE opn.nspname = ANY($1::text[]) AND fn.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND l.lanname NOT IN ('c', 'internal')
+UNION ALL
+SELECT 'cast', t.typname::text, fn.nspname || '.' || p.proname, c.castcontext::text
+FROM pg_catalog.pg_cast c
+JOIN pg_catalog.pg_type t ON t.oid = c.casttarget
+JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
+JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')
 """
 
 
@@ -82,7 +114,8 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "tenantgate: catalog"})
     try:
         records = await conn.fetch(CATALOG_QUERY, list(rules.schemas))
-        functions = [r["name"] for r in await conn.fetch(USER_FUNCTIONS_QUERY)]
+        functions = await conn.fetch(USER_FUNCTIONS_QUERY, list(rules.schemas))
+        hidden_calls = [tuple(r) for r in await conn.fetch(HIDDEN_CALLS_QUERY, list(rules.schemas))]
         state = await load_backstop_state(conn, rules) if backstop_required(rules, backstop_key_configured) else None
     finally:
         await conn.close()
@@ -90,7 +123,9 @@ async def load_snapshot(dsn: str, rules: Rules, *, backstop_key_configured: bool
         RelationRow(r["schema"], r["name"], r["kind"], tuple(zip(r["colnames"], r["coltypes"], r["colnotnull"])))
         for r in records
     ]
-    return CatalogSnapshot.build(rules, rows, backstop=state, user_functions=functions)
+    return CatalogSnapshot.build(rules, rows, backstop=state, user_functions=[r["name"] for r in functions],
+                                 sql_functions=[r["name"] for r in functions if r["runs_sql"]],
+                                 hidden_calls=hidden_calls)
 
 
 #: a refresh that failed because the server could not be reached (down, restarting, shutting down)
@@ -162,9 +197,8 @@ class CatalogManager:
             started = asyncio.get_running_loop().time()
             snap = await self._loader()
             old = self._snapshot
-            if snap.relations == old.relations and snap.user_functions == old.user_functions:
-                snap = CatalogSnapshot(snap.relations, snap.search_path, old.version, snap.problems,
-                                       snap.user_functions)
+            if snap.relations == old.relations and snap.functions_key() == old.functions_key():
+                snap = dataclasses.replace(snap, version=old.version)
             self._snapshot = snap
             self._last_refresh = asyncio.get_running_loop().time()
             self._loaded_at = started  # the snapshot reflects the catalog as of this time

@@ -34,9 +34,10 @@ ORDER BY p.proname, p.oid
 """
 
 
-def _engine(user_functions=(), safe_functions=()) -> PolicyEngine:
+def _engine(user_functions=(), safe_functions=(), sql_functions=None, hidden_calls=()) -> PolicyEngine:
     rules = demo_rules()
-    snap = CatalogSnapshot.build(rules, DEMO_ROWS, user_functions=user_functions)
+    snap = CatalogSnapshot.build(rules, DEMO_ROWS, user_functions=user_functions, sql_functions=sql_functions,
+                                 hidden_calls=hidden_calls)
     checker = FunctionChecker.default(declared_safe_functions=safe_functions)
     return PolicyEngine(rules, CatalogManager.from_snapshot(snap), checker)
 
@@ -119,7 +120,7 @@ def test_allowed_functions_columns_and_fields_still_work(demo):
 def test_a_user_function_named_like_a_builtin_is_refused_unqualified():
     engine = _engine(user_functions={"upper"})
     d = _refused(engine, "SELECT upper(c) FROM customers c")
-    assert "exists outside pg_catalog" in d.message and "pg_catalog.upper" in (d.hint or "")
+    assert "exists in a schema of the search path" in d.message and "pg_catalog.upper" in (d.hint or "")
     _refused(engine, "SELECT upper(name) FROM customers")
     assert "pg_catalog.upper(name)" in _forwarded(engine, "SELECT pg_catalog.upper(name) FROM customers")
     assert "upper(name)" in _forwarded(_engine(), "SELECT upper(name) FROM customers")
@@ -135,3 +136,38 @@ def test_a_user_function_in_attribute_notation_must_be_declared():
         _forwarded(_engine(user_functions={"full_name"}, safe_functions={"public.full_name"}), sql)
     # a name no function has is a column (or PostgreSQL's error)
     _forwarded(engine, "SELECT c.name FROM customers c")
+
+
+def test_c_functions_of_extensions_do_not_shadow_builtins():
+    """citext's strpos(citext, citext) is C: an unqualified strpos() stays allowed (the review found
+    citext and pgcrypto users refused); as an attribute it must still be declared."""
+    engine = _engine(user_functions={"strpos"}, sql_functions=set())
+    _forwarded(engine, "SELECT strpos(name, 'a') FROM customers")
+    _refused(engine, "SELECT c.strpos FROM customers c")
+
+
+def test_tenantgates_own_functions_are_not_on_the_search_path(demo):
+    """tenantgate_guard.key_id and friends are not reachable unqualified: a column named like them works."""
+    with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+        assert conn.execute("SELECT k.key_id, k.bind FROM (VALUES (1, 2)) AS k(key_id, bind)").fetchone() == (1, 2)
+
+
+@pytest.mark.parametrize("hidden, refused, forwarded", [
+    # an operator that calls a SQL function: where the statement writes it
+    (("operator", "@>", "public.f", ""), "SELECT name @> 'x' FROM customers",
+     "SELECT name || 'x' FROM customers"),
+    (("operator", "+", "public.f", ""), "SELECT customer_id + 1 FROM customers", "SELECT customer_id - 1 FROM customers"),
+    (("operator", "<=", "public.f", ""), "SELECT 1 FROM customers WHERE customer_id BETWEEN 1 AND 2", None),
+    # a comparison operator or an implicit cast: PostgreSQL may use it anywhere
+    (("operator", "=", "public.f", ""), "SELECT 1", None),
+    (("cast", "int4", "public.f", "i"), "SELECT 1", None),
+    # an explicit cast: where a non-constant is cast to that type (a constant's cast is its input)
+    (("cast", "int4", "public.f", "e"), "SELECT name::integer FROM customers", "SELECT '1'::integer"),
+    (("cast", "int4", "public.f", "e"), "SELECT int4(name) FROM customers", None),
+])
+def test_operators_and_casts_that_run_user_functions(hidden, refused, forwarded):
+    d = _refused(_engine(hidden_calls=[hidden]), refused)
+    assert "public.f" in d.message and "declare public.f safe" in (d.hint or "")
+    _forwarded(_engine(hidden_calls=[hidden], safe_functions={"public.f"}), refused)
+    if forwarded is not None:
+        _forwarded(_engine(hidden_calls=[hidden]), forwarded)

@@ -247,3 +247,68 @@ def test_string_constant_values_match_postgresql(demo):
             if ours != pg[0][0]:
                 mismatches.append((i, const, ours, pg[0][0]))
     assert not mismatches, f"seed {SEED}: {mismatches[:5]}"
+
+
+# -- found by the review of the change (helper-34) ----------------------------------------------
+
+
+def _pq(conn, call):
+    """Run a libpq call on psycopg's pgconn: (status is OK, error SQLSTATE or None, rows)."""
+    r = call(conn.pgconn)
+    state = r.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+    rows = [[r.get_value(i, j) for j in range(r.nfields)] for i in range(r.ntuples)]
+    return (state.decode() if state else None), rows
+
+
+def test_a_setting_parameter_used_elsewhere_is_refused(demo):
+    """$1 typed bytea by another use: PostgreSQL prints '\\x73...' as the name; the Bind check saw hex."""
+    with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+        conn.execute("SELECT set_config('bytea_output', 'escape', false)")
+        state, _ = _pq(conn, lambda pg: pg.prepare(b"by1", b"SELECT $1::bytea AS x, current_setting($1::text)"))
+        assert state == "42501"
+        state, _ = _pq(conn, lambda pg: pg.prepare(
+            b"by2", b"DECLARE c CURSOR FOR SELECT $1::bytea, current_setting($1::varchar)"))
+        assert state == "42501"
+        # a parameter of its own is still checked at Bind, and works
+        state, _ = _pq(conn, lambda pg: pg.prepare(b"by3", b"SELECT $1::bytea AS x, current_setting($2)"))
+        assert state is None
+        state, rows = _pq(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"work_mem"]))
+        assert state is None and rows[0][1] == conn.execute("SHOW work_mem").fetchone()[0].encode()
+        state, rows = _pq(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"ssl_cert_file"]))
+        assert state == "42501" and not rows
+
+
+@pytest.mark.parametrize("sql", ['SHOW "all"', 'SHOW "ALL"', 'SHOW U&"all"', "SHOW all", "SHOW ssl_crl_dir",
+                                 "SELECT current_setting('ssl_crl_dir')", "SHOW app.jwt_secret",
+                                 "SELECT current_setting('app.jwt_secret', true)"])
+def test_every_spelling_of_show_all_and_custom_settings_are_refused(demo, sql):
+    with psycopg.connect(demo.admin, autocommit=True) as admin:
+        admin.execute("ALTER DATABASE app SET app.jwt_secret = 's3cret'")
+    try:
+        with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+            # the session's own tenant stays readable
+            assert conn.execute("SELECT current_setting('tenantgate.tenant_id', true)").fetchone()[0] == "acme"
+    finally:
+        with psycopg.connect(demo.admin, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE app RESET app.jwt_secret")
+
+
+def test_backend_sessions_read_strings_as_the_proxy_does(demo, tmp_path):
+    """A database or role setting standard_conforming_strings = off would make PostgreSQL read a
+    backslash in '...' as an escape the proxy's lexer did not see: tenantgate pins it on."""
+    from support.pool import serve_pooled
+
+    with psycopg.connect(demo.admin, autocommit=True) as admin:
+        admin.execute("ALTER DATABASE app SET standard_conforming_strings = off")
+    try:
+        with serve_pooled(demo, tmp_path, {"mode": "session"}) as proxy:  # fresh backend connections
+            with psycopg.connect(proxy.dsn("acme"), autocommit=True) as conn:
+                assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+                assert conn.execute("SELECT length('a\\b')").fetchone() == (3,)
+                rows, err = _run(conn, "SELECT current_setting('ssl_cert_fi\\le')")
+                assert rows is None and err.sqlstate in ("42501", "42704"), (rows, err)
+    finally:
+        with psycopg.connect(demo.admin, autocommit=True) as admin:
+            admin.execute("ALTER DATABASE app RESET standard_conforming_strings")

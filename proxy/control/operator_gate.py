@@ -163,6 +163,11 @@ class OperatorSessionGate:
     def on_ready_for_query(self, tx_status: bytes) -> None:
         self.inner.on_ready_for_query(tx_status)
 
+    def protocol_statement(self, name: str, exists: bool) -> None:
+        note = getattr(self.inner, "protocol_statement", None)
+        if note is not None:
+            note(name, exists)
+
     def warm_up(self, sql: str, origin: Origin):
         warm = getattr(self.inner, "warm_up", None)
         return warm(sql, origin) if warm is not None else None

@@ -98,15 +98,25 @@ class CatalogSnapshot:
     search_path: tuple[str, ...]  # without the implicit pg_catalog
     version: int
     problems: tuple[str, ...] = field(default=())
-    # names of the functions outside pg_catalog and information_schema (user-defined, extensions,
-    # tenantgate's own): PostgreSQL may call one where a statement names it unqualified or as an
-    # attribute (``x.name``), and the proxy refuses that unless the rules declare it safe
+    # names of the functions in the search path's schemas that do not duplicate a built-in's
+    # signature (user-defined, extensions): PostgreSQL may call one where a statement names it
+    # unqualified or as an attribute (``x.name``), and the proxy refuses that unless the rules
+    # declare it safe (proxy/policy/pg_calls.py); sql_functions: those of them written in a
+    # language that can run SQL (an unqualified built-in name is refused only for these)
     user_functions: frozenset[str] = field(default=frozenset())
+    sql_functions: frozenset[str] = field(default=frozenset())
+    # operators and casts whose function runs SQL outside pg_catalog: (kind "operator" | "cast",
+    # operator symbol | target type name, "schema.function", cast context "e" | "a" | "i" | "")
+    hidden_calls: tuple[tuple[str, str, str, str], ...] = field(default=())
+
+    def functions_key(self) -> tuple:
+        return self.user_functions, self.sql_functions, self.hidden_calls
 
     @classmethod
     def build(cls, rules: Rules, rows: Iterable[RelationRow], version: int | None = None,
               backstop: dict[tuple[str, str], str | None] | None = None,
-              user_functions: Iterable[str] = ()) -> "CatalogSnapshot":
+              user_functions: Iterable[str] = (), sql_functions: Iterable[str] | None = None,
+              hidden_calls: Iterable[tuple[str, str, str, str]] = ()) -> "CatalogSnapshot":
         """``backstop``: when given, the backstop is required: (schema, table) -> None if the tenant
         table carries it, else why not (proxy/policy/backstop_state.py).  A tenant table without it
         is denied unless the rules' ``backstop_off`` names it with a reason."""
@@ -163,8 +173,10 @@ class CatalogSnapshot:
             rels[key] = Relation(row.schema, row.name, row.kind, cols, cls_, reason)
         for key in sorted((tenant_keys | shared_keys | view_keys) - seen):
             problems.append(f"{key[0]}.{key[1]}: listed in the rules but does not exist")
+        user_functions = frozenset(user_functions)
         return cls(rels, tuple(rules.schemas), version if version is not None else next(_versions), tuple(problems),
-                   frozenset(user_functions))
+                   user_functions, user_functions if sql_functions is None else frozenset(sql_functions),
+                   tuple(sorted(hidden_calls)))
 
     def get(self, schema: str, name: str) -> Relation | None:
         return self.relations.get((schema, name))

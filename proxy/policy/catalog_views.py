@@ -34,14 +34,19 @@ CATALOG_ROW_FILTERS: dict[tuple[str, str], str] = {
     ),
 }
 
-#: settings a tenant may not read with SHOW or current_setting() either: file and directory names,
-#: commands (archive_command may carry credentials), libraries, connection strings
-_HIDDEN_SETTING = re.compile(r"(file|director|command|librar|conninfo)")
+#: settings a tenant may not read with SHOW or current_setting() either: file and directory names
+#: (ssl_crl_dir, data_directory), commands (archive_command may carry credentials), libraries,
+#: connection strings, and custom (dotted) settings, which deployments use for secrets
+#: (``ALTER DATABASE ... SET app.jwt_secret``), as the pg_settings row filter above hides them
+_HIDDEN_SETTING = re.compile(r"(file|dir|command|librar|conninfo|[.])")
+#: the one custom setting a tenant session may read: its own tenant
+_READABLE_CUSTOM = frozenset({"tenantgate.tenant_id"})
 
 
 def setting_hidden(name: str) -> bool:
     """A server setting whose value a tenant session may not read (SHOW, current_setting())."""
-    return _HIDDEN_SETTING.search(name.lower()) is not None
+    folded = name.lower()
+    return _HIDDEN_SETTING.search(folded) is not None and folded not in _READABLE_CUSTOM
 
 
 class SettingNameCheck:

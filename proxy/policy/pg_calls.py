@@ -71,23 +71,51 @@ def _parameter(node) -> int | None:
     return None
 
 
+#: operators PostgreSQL also uses where a statement does not write them (ORDER BY, GROUP BY,
+#: DISTINCT, UNION, IN, JOIN USING, CASE x WHEN, min/max, ...)
+_IMPLICIT_OPERATORS = frozenset({"=", "<>", "<", ">", "<=", ">="})
+_BETWEEN_KINDS = frozenset({"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM"})
+
+
 class _Calls:
-    def __init__(self, checker, user_functions: frozenset[str], setting_params: frozenset[int]):
+    def __init__(self, checker, snapshot, setting_params: frozenset[int]):
         self.checker = checker
-        self.user_functions = user_functions
+        self.user_functions = snapshot.user_functions
+        self.sql_functions = snapshot.sql_functions
         self.setting_params = setting_params
         declared = checker.declared_safe_functions
         self.declared_names = frozenset(d.rpartition(".")[2] for d in declared)
+        # operators and casts whose function runs SQL and is not declared safe
+        self.operators: dict[str, str] = {}
+        self.explicit_casts: dict[str, str] = {}
+        for kind, name, func, context in snapshot.hidden_calls:
+            if func in declared or func.rpartition(".")[2] in declared:
+                continue
+            if kind == "operator":
+                self.operators.setdefault(name, func)
+                if name in _IMPLICIT_OPERATORS:
+                    raise _hidden_call(f"the database defines the operator {name} with the function {func}, which "
+                                       "PostgreSQL may call where a statement only sorts, groups or compares", func)
+            elif context in ("i", "a"):
+                raise _hidden_call(f"the database defines an implicit cast to {name} with the function {func}, which "
+                                   "PostgreSQL may call where a statement writes no cast", func)
+            else:
+                self.explicit_casts.setdefault(name, func)
+        self.param_uses: dict[int, int] = {}  # $n -> how often the statement uses it
+        self.setting_names: set[int] = set()  # parameters that name a setting
 
     def call(self, body: dict) -> None:
         names = _names(body.get("funcname"))
         if not names or len(names) > 2:
             raise _refuse("a function call with a name tenantgate does not understand")
         schema, name = (names[0], names[1]) if len(names) == 2 else (None, names[0])
-        if schema is None and name in self.user_functions and name not in self.checker.declared_safe_functions:
+        if name in self.explicit_casts and len(body.get("args") or ()) == 1:  # int4(x): a cast
+            raise _hidden_call(f"{name}(...) may be the cast to {name} with the function {self.explicit_casts[name]}",
+                               self.explicit_casts[name])
+        if schema is None and name in self.sql_functions and name not in self.checker.declared_safe_functions:
             raise _refuse(
-                f"function {name} is not allowed: a function of that name exists outside pg_catalog, PostgreSQL may "
-                "call it instead of a built-in, and user-defined functions run SQL unrewritten",
+                f"function {name} is not allowed: a function of that name exists in a schema of the search path, "
+                "PostgreSQL may call it instead of a built-in, and user-defined functions run SQL unrewritten",
                 hint=f"declare it safe in the rules (safe_functions: [{name}]), or call pg_catalog.{name}(...)",
             )
         self.checker.check_function(schema, name, judge_arguments=False)
@@ -105,6 +133,8 @@ class _Calls:
         elif index not in self.setting_params:  # the sqlglot pass did not see it: no Bind check
             raise _refuse("current_setting() with this parameter is not allowed: tenantgate and PostgreSQL "
                           "read the statement differently")
+        else:
+            self.setting_names.add(index)
 
     def attribute(self, name: str) -> None:
         if name in _JUDGED_BY_ARGUMENTS:
@@ -120,6 +150,32 @@ class _Calls:
         if group is not None:  # every built-in is either allowed or excluded (rules/generate_functions.py)
             raise _refuse(f".{name} may be a call of {name}() in PostgreSQL's attribute notation, and {name} is "
                           f"not allowed: {group.reason}", hint="name the column or field differently")
+
+    def operator(self, body: dict) -> None:
+        if not self.operators:
+            return
+        names = _names(body.get("name")) or [""]
+        if body.get("kind") in _BETWEEN_KINDS:
+            symbols = ["<", ">", "<=", ">="]
+        elif len(names) == 2 and names[0] == "pg_catalog":
+            return  # OPERATOR(pg_catalog.op): the built-in
+        else:
+            symbols = names[-1:]
+        for symbol in symbols:
+            func = self.operators.get(symbol)
+            if func is not None:
+                raise _hidden_call(f"the operator {symbol} may be the one the database defines with the function "
+                                   f"{func}", func)
+
+    def cast(self, body: dict) -> None:
+        if not self.explicit_casts:
+            return
+        names = _names((body.get("typeName") or {}).get("names")) or [""]
+        func = self.explicit_casts.get(names[-1])
+        t, _b = _node(body.get("arg"))
+        if func is not None and t not in ("A_Const", "ParamRef"):  # a constant's cast is its type's input
+            raise _hidden_call(f"the cast to {names[-1]} may be the one the database defines with the function {func}",
+                               func)
 
     def walk(self, node) -> None:
         stack = [node]
@@ -139,6 +195,12 @@ class _Calls:
                         last = _names(fields[-1:])
                         if last:
                             self.attribute(last[0])
+                elif key == "A_Expr":
+                    self.operator(body)
+                elif key == "TypeCast":
+                    self.cast(body)
+                elif key == "ParamRef" and isinstance(body.get("number"), int):
+                    self.param_uses[body["number"] - 1] = self.param_uses.get(body["number"] - 1, 0) + 1
                 elif key == "A_Indirection":
                     for item2 in body.get("indirection") or ():
                         t, b = _node(item2)
@@ -148,7 +210,21 @@ class _Calls:
                     stack.append(body)
 
 
-def check_calls(stmt, checker, user_functions: frozenset[str], setting_params: frozenset[int]) -> None:
+def _hidden_call(what: str, func: str):
+    return _refuse(f"{what}: user-defined functions run SQL unrewritten, and {func} is not declared safe",
+                   hint=f"declare {func} safe in the rules (safe_functions), or drop the operator or cast")
+
+
+def check_calls(stmt, checker, snapshot, setting_params: frozenset[int]) -> None:
     """Judge every function call PostgreSQL will make in ``stmt`` (libpg_query's JSON tree of one
-    statement); raises PolicyRefusal (42501) like the allowlist."""
-    _Calls(checker, user_functions, setting_params).walk(stmt)
+    statement) against the function allowlist and ``snapshot``'s user-defined functions, operators
+    and casts; raises PolicyRefusal (42501) like the allowlist."""
+    calls = _Calls(checker, snapshot, setting_params)
+    calls.walk(stmt)
+    for index in calls.setting_names:
+        # used elsewhere too, $n may get another type there (bytea: '\x73...'::bytea), and the
+        # text PostgreSQL then makes of it is not the bound value the Bind check reads
+        if calls.param_uses.get(index, 0) != 1:
+            raise _refuse(f"current_setting(${index + 1}) is allowed only when ${index + 1} is used nowhere else "
+                          "in the statement: tenantgate checks the bound value as the setting's name",
+                          hint="pass the setting's name as a parameter of its own")

@@ -582,7 +582,7 @@ def pg_verify(
     if t not in _STATEMENTS:
         raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"PostgreSQL reads this statement as {t or 'nothing'}: refused")
     if function_checker is not None:
-        check_calls(stmts[0]["stmt"], function_checker, snapshot.user_functions, frozenset(setting_params))
+        check_calls(stmts[0]["stmt"], function_checker, snapshot, frozenset(setting_params))
     v = _Verifier(snapshot, rules, markers, set(param_checks), frozenset(required_literals))
     # Statements nest inside expressions only through SubLink: without one, expressions are not walked.
     v.deep = '"SubLink"' in text

@@ -117,6 +117,9 @@ class TenantSessionGate:
         # PREPARE (most sessions never use one: an idle session stays small)
         self._prepared: set[str] | frozenset[str] = _NONE_PREPARED
         self._prepared_class: dict[str, str] = _NO_CLASSES
+        # names of protocol-level (Parse) statements PostgreSQL holds in this session's namespace
+        # (session mode; pooled sessions' are renamed tg_...): SQL PREPARE and EXECUTE share it
+        self._protocol_names: set[str] | frozenset[str] = _NONE_PREPARED
         self._tx_status = b"I"
         self._ctx: PolicyContext | None = None
         self._terminate: Callable[[str, str], None] | None = None
@@ -223,11 +226,20 @@ class TenantSessionGate:
         eff = analysis.effects
         if eff.tenant_token is not None:
             return self._set_token(*eff.tenant_token)
+        if eff.prepared and self._protocol_names and any(n in self._protocol_names for n in eff.prepared):
+            # PostgreSQL would refuse it too (42P05); recording it would let EXECUTE run the
+            # protocol statement with values no Bind check saw
+            name = next(n for n in eff.prepared if n in self._protocol_names)
+            return Refuse("42P05", f'prepared statement "{name}" already exists')
         if eff.prepared or eff.deallocated or eff.deallocate_all:
             if self._prepared is _NONE_PREPARED:
                 self._prepared, self._prepared_class = set(), {}
             if eff.deallocate_all:
                 self._prepared.clear()
+                if self._protocol_names:
+                    self._protocol_names.clear()  # DEALLOCATE ALL / DISCARD ALL drop those too
+            elif self._protocol_names:
+                self._protocol_names.difference_update(eff.deallocated)
             self._prepared.difference_update(eff.deallocated)
             self._prepared.update(eff.prepared)
             self._changed()
@@ -239,6 +251,20 @@ class TenantSessionGate:
             if cls != "other":
                 decision = dataclasses.replace(decision, statement_class=cls)
         return decision
+
+    def protocol_statement(self, name: str, exists: bool) -> None:
+        """The relay made (Parse) or closed (Close) the protocol-level statement ``name`` as
+        PostgreSQL names it.  Either way an SQL PREPAREd statement of that name is gone or
+        replaced, so EXECUTE of the name is refused from now on."""
+        if self._prepared and name in self._prepared:
+            self._prepared.discard(name)
+            self._changed()
+        if exists:
+            if self._protocol_names is _NONE_PREPARED:
+                self._protocol_names = set()
+            self._protocol_names.add(name)
+        elif self._protocol_names:
+            self._protocol_names.discard(name)
 
     def _set_token(self, token: str, local: bool) -> Decision:
         if not self._allow_tokens:

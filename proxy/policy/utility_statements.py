@@ -69,6 +69,20 @@ def _name(t: Token) -> str:
     return fold_identifier(t.text)
 
 
+#: the prefix of the server-side names tenantgate gives protocol-level statements of pooled
+#: sessions (proxy/session/statements.py): SQL PREPARE / EXECUTE / DEALLOCATE of such a name
+#: would reach a statement whose Bind checks EXECUTE skips
+RESERVED_STATEMENT_PREFIX = "tg_"
+
+
+def _statement_name(t: Token) -> str:
+    name = _name(t)
+    if name.startswith(RESERVED_STATEMENT_PREFIX):
+        raise _refuse(f'prepared statement names beginning with "{RESERVED_STATEMENT_PREFIX}" are reserved for '
+                      "tenantgate's own statements", INSUFFICIENT_PRIVILEGE)
+    return name
+
+
 def fold_identifier_quoted(text: str) -> str:
     from proxy.policy.resolve import truncate_identifier
 
@@ -229,7 +243,8 @@ def _show(sql, start, end, toks, inner) -> Piece:
         if t.token_type not in (TokenType.VAR, TokenType.IDENTIFIER, TokenType.DOT) and not t.text.isalpha():
             raise _refuse("unsupported form of SHOW", FEATURE_NOT_SUPPORTED)
     name = "".join(t.text for t in toks)
-    if len(toks) == 1 and _word(toks[0]) == "ALL":
+    # PostgreSQL compares the name with "all" ignoring case, quoted or not: SHOW "all" is SHOW ALL
+    if name.lower() == "all":
         raise _refuse("SHOW ALL is not allowed in a tenant session: it lists server paths and commands",
                       INSUFFICIENT_PRIVILEGE)
     if setting_hidden(name):
@@ -280,7 +295,7 @@ def _prepare(sql, start, end, toks, inner) -> Piece:
         raise _refuse("PREPARE without a name", SYNTAX_ERROR)
     if _word(toks[0]) == "TRANSACTION":
         raise _refuse("two-phase commit is not supported through tenantgate", FEATURE_NOT_SUPPORTED)
-    name = _name(toks[0])
+    name = _statement_name(toks[0])
     j = 1
     if j < len(toks) and toks[j].token_type == TokenType.L_PAREN:
         depth = 0
@@ -333,7 +348,7 @@ _EXECUTE_ARG_TYPES = {TokenType.STRING, TokenType.NUMBER, TokenType.NULL, TokenT
 def _execute(sql, start, end, toks, inner) -> Piece:
     if not toks:
         raise _refuse("EXECUTE without a name", SYNTAX_ERROR)
-    name = _name(toks[0])
+    name = _statement_name(toks[0])
     args = toks[1:]
     if args:
         if args[0].token_type != TokenType.L_PAREN or args[-1].token_type != TokenType.R_PAREN:
@@ -359,7 +374,7 @@ def _deallocate(sql, start, end, toks, inner) -> Piece:
     # (pins) the connection, which is then never lent to anybody else
     if _word(rest[0]) == "ALL":
         return Piece(statement_class="other", deallocate_all=True, pins_session=True)
-    return Piece(statement_class="other", deallocated=(_name(rest[0]),), pins_session=True)
+    return Piece(statement_class="other", deallocated=(_statement_name(rest[0]),), pins_session=True)
 
 
 # ---- EXPLAIN, cursors -----------------------------------------------------------------------

@@ -397,6 +397,8 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
                 self.sconn.unnamed_owner = self
                 self.to_backend.append(msg)
         else:
+            if name:  # session mode: the name is PostgreSQL's, shared with SQL PREPARE (policy/session.py)
+                _note_protocol_statement(self.gate, name, True)
             self.to_backend.append(m.frame(t, payload) if decision.sql == p.query
                                    else m.encode_parse(p.name, decision.sql, p.param_types))
         self.parse_texts.append((self.seg_sent + 1, p.query, decision.sql) if decision.sql != p.query
@@ -518,6 +520,8 @@ class Relay(Refusals, BackendReplies, PooledStatementSteps):
                 payload = b"S" + NO_STATEMENT.encode() + b"\0"
             self.stmts.unnamed_dropped()
             self.unnamed_single = False
+        elif c.kind == b"S" and name:
+            _note_protocol_statement(self.gate, name, False)
         self.ledger.close_sent(self.seg_sent + 1, c.kind, name)  # effective at CloseComplete
         self.to_backend.append(m.frame(t, payload))
 
@@ -570,6 +574,12 @@ def too_long(n: int, limit: int) -> Refuse:
     return Refuse("54000", f"statement too long: {n} bytes, tenantgate accepts at most {limit}",
                   hint="raise limits.max_statement_bytes in tenantgate's config, or send bulk data with COPY",
                   reason="other")
+
+
+def _note_protocol_statement(gate, name: str, exists: bool) -> None:
+    note = getattr(gate, "protocol_statement", None)
+    if note is not None:
+        note(name, exists)
 
 
 def _check_declared_types(decision: Forward, param_types) -> Forward | Refuse:
