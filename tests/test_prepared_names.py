@@ -20,7 +20,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from support.e2e import admin_rows, fresh_ids
+from support.e2e import admin_rows, fresh_ids, pq_call
 from support.pool import serve_pooled
 
 INSERT = b"INSERT INTO customers (tenant_id, customer_id, name) VALUES ($1, $2, $3)"
@@ -32,45 +32,38 @@ def session_proxy(demo, tmp_path_factory):
         yield proxy
 
 
-def _pq(conn, call):
-    r = call(conn.pgconn)
-    state = r.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
-    rows = [[r.get_value(i, j) for j in range(r.nfields)] for i in range(r.ntuples)]
-    return (state.decode() if state else None), rows
-
-
 def test_a_failed_prepare_over_a_protocol_statement_is_not_executable(session_proxy):
     with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
-        assert _pq(conn, lambda pg: pg.prepare(b"s", b"SELECT current_setting($1)"))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_(b"PREPARE s AS SELECT 1"))[0] == "42P05"
-        state, rows = _pq(conn, lambda pg: pg.exec_(b"EXECUTE s('ssl_cert_file')"))
+        assert pq_call(conn, lambda pg: pg.prepare(b"s", b"SELECT current_setting($1)"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s AS SELECT 1"))[0] == "42P05"
+        state, rows = pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s('ssl_cert_file')"))
         assert state == "42501" and not rows
         # the protocol statement still works, with its Bind check
-        assert _pq(conn, lambda pg: pg.exec_prepared(b"s", [b"work_mem"]))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_prepared(b"s", [b"ssl_cert_file"]))[0] == "42501"
+        assert pq_call(conn, lambda pg: pg.exec_prepared(b"s", [b"work_mem"]))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_prepared(b"s", [b"ssl_cert_file"]))[0] == "42501"
 
 
 def test_a_protocol_close_and_parse_replace_an_sql_prepared_name(session_proxy):
     with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
-        assert _pq(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 1"))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_(b"EXECUTE s2"))[1] == [[b"1"]]
-        assert _pq(conn, lambda pg: pg.close_prepared(b"s2"))[0] is None
-        assert _pq(conn, lambda pg: pg.prepare(b"s2", b"SELECT current_setting($1)"))[0] is None
-        state, rows = _pq(conn, lambda pg: pg.exec_(b"EXECUTE s2('archive_command')"))
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 1"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s2"))[1] == [[b"1"]]
+        assert pq_call(conn, lambda pg: pg.close_prepared(b"s2"))[0] is None
+        assert pq_call(conn, lambda pg: pg.prepare(b"s2", b"SELECT current_setting($1)"))[0] is None
+        state, rows = pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s2('archive_command')"))
         assert state == "42501" and not rows
         # an SQL PREPARE of a name the protocol holds is refused as PostgreSQL would refuse it
-        assert _pq(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] == "42P05"
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] == "42P05"
         # after the protocol Close the name is free again for SQL
-        assert _pq(conn, lambda pg: pg.close_prepared(b"s2"))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_(b"EXECUTE s2"))[1] == [[b"2"]]
+        assert pq_call(conn, lambda pg: pg.close_prepared(b"s2"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s2"))[1] == [[b"2"]]
 
 
 def test_the_tenant_column_check_cannot_be_skipped_through_execute(demo, session_proxy):
     [cid] = fresh_ids(1)
     with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
-        assert _pq(conn, lambda pg: pg.prepare(b"ins", INSERT))[0] is None
-        assert _pq(conn, lambda pg: pg.exec_(b"PREPARE ins AS SELECT 1"))[0] == "42P05"
+        assert pq_call(conn, lambda pg: pg.prepare(b"ins", INSERT))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE ins AS SELECT 1"))[0] == "42P05"
         r = conn.pgconn.exec_(f"EXECUTE ins('globex', {cid}, 'x')".encode())
         message = (r.error_field(psycopg.pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode()
         # tenantgate's refusal, not only the RLS backstop's (which also says 42501)

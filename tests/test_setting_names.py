@@ -23,6 +23,7 @@ from proxy.policy.allowlist import string_constant
 from proxy.policy.catalog_views import setting_hidden
 from proxy.policy.errors import PolicyRefusal
 from proxy.policy.parse import parse_statements
+from support.e2e import pq_call
 
 SEED = int(os.environ.get("TENANTGATE_FUZZ_SEED", "20261205"))
 
@@ -252,29 +253,21 @@ def test_string_constant_values_match_postgresql(demo):
 # -- found by the review of the change (helper-34) ----------------------------------------------
 
 
-def _pq(conn, call):
-    """Run a libpq call on psycopg's pgconn: (status is OK, error SQLSTATE or None, rows)."""
-    r = call(conn.pgconn)
-    state = r.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
-    rows = [[r.get_value(i, j) for j in range(r.nfields)] for i in range(r.ntuples)]
-    return (state.decode() if state else None), rows
-
-
 def test_a_setting_parameter_used_elsewhere_is_refused(demo):
     """$1 typed bytea by another use: PostgreSQL prints '\\x73...' as the name; the Bind check saw hex."""
     with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
         conn.execute("SELECT set_config('bytea_output', 'escape', false)")
-        state, _ = _pq(conn, lambda pg: pg.prepare(b"by1", b"SELECT $1::bytea AS x, current_setting($1::text)"))
+        state, _ = pq_call(conn, lambda pg: pg.prepare(b"by1", b"SELECT $1::bytea AS x, current_setting($1::text)"))
         assert state == "42501"
-        state, _ = _pq(conn, lambda pg: pg.prepare(
+        state, _ = pq_call(conn, lambda pg: pg.prepare(
             b"by2", b"DECLARE c CURSOR FOR SELECT $1::bytea, current_setting($1::varchar)"))
         assert state == "42501"
         # a parameter of its own is still checked at Bind, and works
-        state, _ = _pq(conn, lambda pg: pg.prepare(b"by3", b"SELECT $1::bytea AS x, current_setting($2)"))
+        state, _ = pq_call(conn, lambda pg: pg.prepare(b"by3", b"SELECT $1::bytea AS x, current_setting($2)"))
         assert state is None
-        state, rows = _pq(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"work_mem"]))
+        state, rows = pq_call(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"work_mem"]))
         assert state is None and rows[0][1] == conn.execute("SHOW work_mem").fetchone()[0].encode()
-        state, rows = _pq(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"ssl_cert_file"]))
+        state, rows = pq_call(conn, lambda pg: pg.exec_prepared(b"by3", [b"\\x00", b"ssl_cert_file"]))
         assert state == "42501" and not rows
 
 

@@ -202,3 +202,12 @@ def assert_refused_by_tenantgate(err, sqlstate: str = "42501") -> None:
         state, source = err.sqlstate, getattr(err, "server_source_filename", None)
     assert state == sqlstate, (state, str(err))
     assert source is None, f"refused by PostgreSQL ({source}), not by tenantgate: {err}"
+
+
+def pq_call(conn, call) -> tuple[str | None, list[list[bytes | None]]]:
+    """Run ``call(pgconn)`` (a libpq call on psycopg's connection, e.g. a protocol-level
+    ``prepare`` or ``close_prepared``): (the error's SQLSTATE or None, the rows)."""
+    r = call(conn.pgconn)
+    state = r.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+    rows = [[r.get_value(i, j) for j in range(r.nfields)] for i in range(r.ntuples)]
+    return (state.decode() if state else None), rows
