@@ -268,6 +268,11 @@ async def connect_backend(
 #: backslash in '...' as an escape the proxy did not see; RESET ALL returns to these values.
 #: Clients cannot change either (proxy/policy/utility_statements.py SAFE_PARAMETERS).
 LEXICAL_SETTINGS = {"standard_conforming_strings": "on", "backslash_quote": "safe_encoding"}
+#: settings the policy engine resolves names with, sent at every backend connection's startup the
+#: same way: ``search_path`` (the rules' schemas), set by proxy.gatekeeper.build_gatekeeper, so
+#: a role's or database's search_path (or a schema named like the backend role, "$user") cannot
+#: make PostgreSQL resolve a table, function or operator the proxy did not see
+PINNED_SETTINGS: dict[str, str] = {}
 
 
 async def _handshake(loop, proto: BackendProtocol, cfg: BackendConfig, database, startup_params, password):
@@ -291,7 +296,7 @@ async def _handshake(loop, proto: BackendProtocol, cfg: BackendConfig, database,
                 raise BackendError(f"the database server does not support TLS, but backend.sslmode is {cfg.sslmode}")
         else:
             raise BackendError("invalid answer to SSLRequest from the database server")
-    params = {"user": cfg.user, "database": database, **startup_params, **LEXICAL_SETTINGS}
+    params = {"user": cfg.user, "database": database, **startup_params, **LEXICAL_SETTINGS, **PINNED_SETTINGS}
     proto.write(m.encode_startup(params))
     if password is None:
         password = cfg.resolved_password()

@@ -53,7 +53,14 @@ GROUP BY n.nspname, c.relname, c.relkind
 #: signature (pg_catalog comes first, so the built-in wins those); runs_sql: one of them is written in
 #: a language that can run SQL (not C or internal)
 USER_FUNCTIONS_QUERY = """
-SELECT p.proname::text AS name, bool_or(l.lanname NOT IN ('c', 'internal')) AS runs_sql
+SELECT p.proname::text AS name,
+       bool_or(CASE WHEN p.prokind = 'a' THEN EXISTS (  -- an aggregate runs its support functions
+                 SELECT 1 FROM pg_catalog.pg_aggregate a
+                 JOIN pg_catalog.pg_proc s ON s.oid IN (a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn,
+                                                       a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn)
+                 JOIN pg_catalog.pg_language sl ON sl.oid = s.prolang
+                 WHERE a.aggfnoid = p.oid AND sl.lanname NOT IN ('c', 'internal'))
+               ELSE l.lanname NOT IN ('c', 'internal') END) AS runs_sql
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -66,24 +73,39 @@ GROUP BY p.proname
 
 #: operators (on the search path) and casts that call a function outside pg_catalog written in a
 #: language that can run SQL: PostgreSQL calls it where a statement writes the operator or the
-#: cast, and for implicit casts and comparison operators where it writes neither
+#: cast, and for implicit casts and comparison operators where it writes neither; a cast's rows
+#: name its target type and every domain over it; operator classes (btree, hash, ...) whose
+#: support functions or operators run SQL are used by ORDER BY, GROUP BY, DISTINCT, joins, ...
 HIDDEN_CALLS_QUERY = """
-SELECT 'operator' AS kind, o.oprname::text AS name, fn.nspname || '.' || p.proname AS func, '' AS context
+WITH RECURSIVE sqlfn AS (
+  SELECT p.oid, fn.nspname || '.' || p.proname AS func
+  FROM pg_catalog.pg_proc p
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+  WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')
+), cast_targets AS (
+  SELECT c.casttarget AS target, c.casttarget AS named, f.func, c.castcontext::text AS context
+  FROM pg_catalog.pg_cast c JOIN sqlfn f ON f.oid = c.castfunc
+  UNION
+  SELECT ct.target, d.oid, ct.func, ct.context
+  FROM cast_targets ct JOIN pg_catalog.pg_type d ON d.typtype = 'd' AND d.typbasetype = ct.named
+)
+SELECT 'cast' AS kind, t.typname::text AS name, ct.func, ct.context
+FROM cast_targets ct JOIN pg_catalog.pg_type t ON t.oid = ct.named
+UNION ALL
+SELECT 'opclass', opf.opfname::text, f.func, 'i'
+FROM pg_catalog.pg_amproc ap JOIN pg_catalog.pg_opfamily opf ON opf.oid = ap.amprocfamily
+JOIN sqlfn f ON f.oid = ap.amproc
+UNION ALL
+SELECT 'opclass', opf.opfname::text, f.func, 'i'
+FROM pg_catalog.pg_amop ao JOIN pg_catalog.pg_opfamily opf ON opf.oid = ao.amopfamily
+JOIN pg_catalog.pg_operator o ON o.oid = ao.amopopr JOIN sqlfn f ON f.oid = o.oprcode
+UNION ALL
+SELECT 'operator', o.oprname::text, f.func, ''
 FROM pg_catalog.pg_operator o
 JOIN pg_catalog.pg_namespace opn ON opn.oid = o.oprnamespace
-JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
-JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
-JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-WHERE opn.nspname = ANY($1::text[]) AND fn.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND l.lanname NOT IN ('c', 'internal')
-UNION ALL
-SELECT 'cast', t.typname::text, fn.nspname || '.' || p.proname, c.castcontext::text
-FROM pg_catalog.pg_cast c
-JOIN pg_catalog.pg_type t ON t.oid = c.casttarget
-JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
-JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
-JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')
+JOIN sqlfn f ON f.oid = o.oprcode
+WHERE opn.nspname = ANY($1::text[])
 """
 
 

@@ -142,6 +142,7 @@ class PolicyGatekeeper:
                 await catalog.replace_rules(rules)
             for engine in self._engines():
                 engine.replace_rules(rules, checker)
+            pin_search_path(rules)  # backend connections opened from now on
         except Exception as e:
             CONFIG_RELOADS_TOTAL.labels(result="error").inc()
             log.error("rules reload from %s failed, keeping the old rules: %s", path, e)
@@ -361,6 +362,7 @@ async def build_gatekeeper(config: Config):
     from proxy.policy.rules import load_rules
 
     rules = load_rules(config.rules_file)
+    pin_search_path(rules)
     checker = FunctionChecker.from_rules(rules)
     regional = {}
     for region in config.region_names():  # each region's PostgreSQL has its own catalog
@@ -382,6 +384,14 @@ async def build_gatekeeper(config: Config):
         gk.session_lock = await _backend_may_take_advisory_locks(backend_dsn(config))
     await gk.start()
     return gk
+
+
+def pin_search_path(rules) -> None:
+    """Backend sessions resolve names with the rules' schemas, as the policy engine does."""
+    from proxy.backend_link import PINNED_SETTINGS
+    from proxy.policy.names import quote_ident
+
+    PINNED_SETTINGS["search_path"] = ", ".join(quote_ident(s) for s in rules.schemas)
 
 
 async def _backend_may_take_advisory_locks(dsn: str) -> bool:

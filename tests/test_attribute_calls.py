@@ -161,6 +161,10 @@ def test_tenantgates_own_functions_are_not_on_the_search_path(demo):
     # a comparison operator or an implicit cast: PostgreSQL may use it anywhere
     (("operator", "=", "public.f", ""), "SELECT 1", None),
     (("cast", "int4", "public.f", "i"), "SELECT 1", None),
+    # an operator class whose support function or operator runs SQL: ORDER BY, GROUP BY, joins
+    (("opclass", "mood_ops", "public.f", "i"), "SELECT 1", None),
+    # a cast of a number is a cast function, only a string constant's is the type's input
+    (("cast", "int8", "public.f", "e"), "SELECT 5::bigint", "SELECT '5'::bigint"),
     # an explicit cast: where a non-constant is cast to that type (a constant's cast is its input)
     (("cast", "int4", "public.f", "e"), "SELECT name::integer FROM customers", "SELECT '1'::integer"),
     (("cast", "int4", "public.f", "e"), "SELECT int4(name) FROM customers", None),

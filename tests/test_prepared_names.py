@@ -51,12 +51,36 @@ def test_a_protocol_close_and_parse_replace_an_sql_prepared_name(session_proxy):
         assert pq_call(conn, lambda pg: pg.prepare(b"s2", b"SELECT current_setting($1)"))[0] is None
         state, rows = pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s2('archive_command')"))
         assert state == "42501" and not rows
-        # an SQL PREPARE of a name the protocol holds is refused as PostgreSQL would refuse it
+        # an SQL PREPARE of a name the protocol used is refused, as PostgreSQL refuses it while the
+        # statement exists; also after a Close, which may have failed or been skipped
         assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] == "42P05"
-        # after the protocol Close the name is free again for SQL
         assert pq_call(conn, lambda pg: pg.close_prepared(b"s2"))[0] is None
-        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] is None
-        assert pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s2"))[1] == [[b"2"]]
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s2 AS SELECT 2"))[0] == "42P05"
+        # other names work as before
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE s3 AS SELECT 3"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"EXECUTE s3"))[1] == [[b"3"]]
+
+
+def test_a_deallocate_or_close_postgresql_skipped_does_not_free_the_name(session_proxy):
+    """Review 2: the gate learns of DEALLOCATE and Close when they are sent; an error earlier in
+    the same query string or pipeline makes PostgreSQL skip them."""
+    with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
+        assert pq_call(conn, lambda pg: pg.prepare(b"d1", b"SELECT current_setting($1)"))[0] is None
+        assert pq_call(conn, lambda pg: pg.exec_(b"SELECT 1/0; DEALLOCATE d1"))[0] == "22012"
+        assert pq_call(conn, lambda pg: pg.exec_(b"PREPARE d1 AS SELECT 1"))[0] == "42P05"
+        state, rows = pq_call(conn, lambda pg: pg.exec_(b"EXECUTE d1('ssl_cert_file')"))
+        assert state == "42501" and not rows
+
+
+def test_names_postgresql_would_truncate_are_refused(session_proxy):
+    """Review 2: PostgreSQL keeps statements under the first 63 bytes of their names."""
+    with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
+        # a protocol violation to tenantgate (FATAL 42622, the connection ends)
+        r = conn.pgconn.prepare(b"a" * 63 + b"xyz", b"SELECT current_setting($1)")
+        assert r.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert conn.pgconn.status == psycopg.pq.ConnStatus.BAD
+    with psycopg.connect(session_proxy.dsn("acme"), autocommit=True) as conn:
+        assert pq_call(conn, lambda pg: pg.prepare(b"a" * 63, b"SELECT 1"))[0] is None  # 63 bytes work
 
 
 def test_the_tenant_column_check_cannot_be_skipped_through_execute(demo, session_proxy):

@@ -305,3 +305,11 @@ def test_backend_sessions_read_strings_as_the_proxy_does(demo, tmp_path):
     finally:
         with psycopg.connect(demo.admin, autocommit=True) as admin:
             admin.execute("ALTER DATABASE app RESET standard_conforming_strings")
+
+
+def test_backend_sessions_resolve_names_with_the_rules_schemas(demo):
+    """Review 2: the backend ran with the role's default search_path ("$user", public), so a schema
+    named like the backend role, or a role setting, could change what a name resolves to."""
+    with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+        assert conn.execute("SHOW search_path").fetchone()[0] in ("public", "\"public\"")
+        assert conn.execute("SELECT current_schemas(true)").fetchone() == (["pg_catalog", "public"],)

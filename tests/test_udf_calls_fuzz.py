@@ -41,6 +41,13 @@ CREATE FUNCTION public.tgu_cast(customers) RETURNS integer LANGUAGE plpgsql AS $
 CREATE OPERATOR public.### (LEFTARG = text, RIGHTARG = text, FUNCTION = public.tgu_op);
 CREATE OPERATOR public.+ (LEFTARG = customers, RIGHTARG = integer, FUNCTION = public.tgu_plus);
 CREATE CAST (customers AS integer) WITH FUNCTION public.tgu_cast(customers);
+CREATE FUNCTION public.tgu_sfunc(bigint, text) RETURNS bigint LANGUAGE plpgsql AS $${_RAISE}$$;
+CREATE AGGREGATE public.count(text) (SFUNC = public.tgu_sfunc, STYPE = bigint, INITCOND = '0');
+CREATE OPERATOR public.@> (LEFTARG = text, RIGHTARG = text, FUNCTION = public.tgu_op);
+CREATE TYPE public.tgu_t AS (x integer);
+CREATE FUNCTION public.tgu_mk(integer) RETURNS public.tgu_t LANGUAGE plpgsql AS $${_RAISE}$$;
+CREATE CAST (integer AS public.tgu_t) WITH FUNCTION public.tgu_mk(integer);
+CREATE DOMAIN public.tgu_td AS public.tgu_t;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO PUBLIC;
 """
 
@@ -56,6 +63,11 @@ CALLS = [
     ("(c.name ### 'x')::text", "customers c"), ("(c + 1)::text", "customers c"), ("(c::integer)::text", "customers c"),
     ("(CAST(c AS integer))::text", "customers c"), ("(c.name OPERATOR(public.###) 'x')::text", "customers c"),
     ("(SELECT s FROM tgu_set(1) s LIMIT 1)::text", "customers c"),
+    ("(SELECT count(c2.name) FROM customers c2)::text", "customers c"),  # an aggregate shadowing count
+    ("('x' @> ANY (SELECT name FROM customers))::text", "customers c"),
+    ("('x' @> ALL (SELECT name FROM customers))::text", "customers c"),
+    ("(5::tgu_t)::text", "customers c"), ("(c.customer_id::tgu_t)::text", "customers c"),
+    ("(c.customer_id::tgu_td)::text", "customers c"), ("(CAST(7 AS tgu_td))::text", "customers c"),
     ("(SELECT s FROM ROWS FROM (tgu_set(1)) AS r(s) LIMIT 1)::text", "customers c"),
 ]
 

@@ -96,6 +96,9 @@ class _Calls:
                 if name in _IMPLICIT_OPERATORS:
                     raise _hidden_call(f"the database defines the operator {name} with the function {func}, which "
                                        "PostgreSQL may call where a statement only sorts, groups or compares", func)
+            elif kind == "opclass":
+                raise _hidden_call(f"the database defines the operator family {name} with the function {func}, "
+                                   "which PostgreSQL may call where a statement only sorts, groups or compares", func)
             elif context in ("i", "a"):
                 raise _hidden_call(f"the database defines an implicit cast to {name} with the function {func}, which "
                                    "PostgreSQL may call where a statement writes no cast", func)
@@ -172,8 +175,8 @@ class _Calls:
             return
         names = _names((body.get("typeName") or {}).get("names")) or [""]
         func = self.explicit_casts.get(names[-1])
-        t, _b = _node(body.get("arg"))
-        if func is not None and t not in ("A_Const", "ParamRef"):  # a constant's cast is its type's input
+        t, b = _node(body.get("arg"))
+        if func is not None and not (t == "A_Const" and "sval" in b):  # a string constant's cast is its type's input
             raise _hidden_call(f"the cast to {names[-1]} may be the one the database defines with the function {func}",
                                func)
 
@@ -197,6 +200,8 @@ class _Calls:
                             self.attribute(last[0])
                 elif key == "A_Expr":
                     self.operator(body)
+                elif key == "SubLink" and body.get("operName"):  # x op ANY / ALL (subquery)
+                    self.operator({"name": body["operName"]})
                 elif key == "TypeCast":
                     self.cast(body)
                 elif key == "ParamRef" and isinstance(body.get("number"), int):

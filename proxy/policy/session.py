@@ -47,6 +47,10 @@ from proxy.seam import Decision, Forward, Origin, Outcome, Refuse, SessionKind, 
 log = logging.getLogger(__name__)
 
 _NONE_PREPARED: frozenset[str] = frozenset()
+#: protocol statement names a session notes (policy/session.py protocol_statement); past that, a
+#: marker that no name can equal (names hold no NUL) refuses every SQL PREPARE
+_MAX_PROTOCOL_NAMES = 4096
+_PROTOCOL_NAMES_FULL = "\0full"
 _NO_CLASSES: dict[str, str] = {}  # never written: replaced by a dict of its own at the first PREPARE
 
 
@@ -226,20 +230,20 @@ class TenantSessionGate:
         eff = analysis.effects
         if eff.tenant_token is not None:
             return self._set_token(*eff.tenant_token)
-        if eff.prepared and self._protocol_names and any(n in self._protocol_names for n in eff.prepared):
-            # PostgreSQL would refuse it too (42P05); recording it would let EXECUTE run the
-            # protocol statement with values no Bind check saw
-            name = next(n for n in eff.prepared if n in self._protocol_names)
-            return Refuse("42P05", f'prepared statement "{name}" already exists')
+        if eff.prepared and self._protocol_names and any(
+                n in self._protocol_names or _PROTOCOL_NAMES_FULL in self._protocol_names for n in eff.prepared):
+            # the protocol statement may still exist (a Close or DEALLOCATE of it may have failed or
+            # been skipped): PostgreSQL would then refuse the PREPARE (42P05), and recording it would
+            # let EXECUTE run the protocol statement with values no Bind check saw
+            name = eff.prepared[0]
+            return Refuse("42P05", f'prepared statement "{name}" already exists, or was a protocol-level '
+                                   "prepared statement in this session",
+                          hint="give SQL PREPARE a name no Parse message of this session used")
         if eff.prepared or eff.deallocated or eff.deallocate_all:
             if self._prepared is _NONE_PREPARED:
                 self._prepared, self._prepared_class = set(), {}
             if eff.deallocate_all:
                 self._prepared.clear()
-                if self._protocol_names:
-                    self._protocol_names.clear()  # DEALLOCATE ALL / DISCARD ALL drop those too
-            elif self._protocol_names:
-                self._protocol_names.difference_update(eff.deallocated)
             self._prepared.difference_update(eff.deallocated)
             self._prepared.update(eff.prepared)
             self._changed()
@@ -253,18 +257,20 @@ class TenantSessionGate:
         return decision
 
     def protocol_statement(self, name: str, exists: bool) -> None:
-        """The relay made (Parse) or closed (Close) the protocol-level statement ``name`` as
-        PostgreSQL names it.  Either way an SQL PREPAREd statement of that name is gone or
-        replaced, so EXECUTE of the name is refused from now on."""
+        """The relay sent a Parse (``exists``) or a Close of the protocol-level statement ``name``
+        as PostgreSQL names it.  Either way an SQL PREPAREd statement of that name may be gone or
+        replaced, so EXECUTE of the name is refused from now on.  The name stays noted after a
+        Close: the message may fail or be skipped (an error earlier in the pipeline), and the
+        gate learns statements when they are sent, not when PostgreSQL carries them out."""
         if self._prepared and name in self._prepared:
             self._prepared.discard(name)
             self._changed()
-        if exists:
-            if self._protocol_names is _NONE_PREPARED:
-                self._protocol_names = set()
+        if self._protocol_names is _NONE_PREPARED:
+            self._protocol_names = set()
+        if len(self._protocol_names) < _MAX_PROTOCOL_NAMES:
             self._protocol_names.add(name)
-        elif self._protocol_names:
-            self._protocol_names.discard(name)
+        else:  # bounded memory: from here on, no SQL PREPARE in this session
+            self._protocol_names.add(_PROTOCOL_NAMES_FULL)
 
     def _set_token(self, token: str, local: bool) -> Decision:
         if not self._allow_tokens:

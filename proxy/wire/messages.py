@@ -106,6 +106,19 @@ def decode_text(b: bytes) -> str:
 
 # --------------------------------------------------------------------------- frontend messages
 
+#: PostgreSQL keeps prepared statements and portals under the first 63 bytes of their names
+#: (NAMEDATALEN - 1): two longer names with the same start are one statement to it, and two to a
+#: proxy that tracks what stands behind each name.  Longer names are refused.
+MAX_NAME_BYTES = 63
+
+
+def _short_name(name: str, what: str) -> str:
+    if len(name) > MAX_NAME_BYTES // 4 and len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ProtocolError(f"{what} name longer than {MAX_NAME_BYTES} bytes: PostgreSQL would truncate it, and "
+                            "tenantgate does not accept names it reads differently", sqlstate="42622",
+                            reason="malformed")
+    return name
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
@@ -167,7 +180,7 @@ def encode_query(sql: str) -> bytes:
 
 def decode_parse(payload: bytes) -> Parse:
     r = Reader(payload)
-    name = r.cstring()
+    name = _short_name(r.cstring(), "prepared statement")
     query = r.cstring()
     n = r.int16()
     if n < 0:
@@ -187,8 +200,8 @@ def encode_parse(name: str, query: str, param_types: tuple[int, ...] = ()) -> by
 
 def decode_bind(payload: bytes) -> Bind:
     r = Reader(payload)
-    portal = r.cstring()
-    stmt = r.cstring()
+    portal = _short_name(r.cstring(), "portal")
+    stmt = _short_name(r.cstring(), "prepared statement")
     nf = r.int16()
     if nf < 0:
         raise ProtocolError("negative format count in Bind")
@@ -247,12 +260,15 @@ def validate_bind(payload: bytes) -> None:
     Raises ProtocolError exactly when :func:`decode_bind` would (names are
     checked for termination only, not for UTF-8)."""
     n = len(payload)
-    p = payload.find(b"\0")
-    if p < 0:
+    p0 = payload.find(b"\0")
+    if p0 < 0:
         raise ProtocolError("message is truncated", reason="truncated")
-    p = payload.find(b"\0", p + 1)
+    p = payload.find(b"\0", p0 + 1)
     if p < 0 or p + 3 > n:
         raise ProtocolError("message is truncated", reason="truncated")
+    if p0 > MAX_NAME_BYTES or p - p0 - 1 > MAX_NAME_BYTES:
+        _short_name(decode_text(payload[:p0]), "portal")
+        _short_name(decode_text(payload[p0 + 1:p]), "prepared statement")
     p += 1
     (nf,) = _unpack_h(payload, p)
     p += 2
@@ -285,8 +301,10 @@ def validate_bind(payload: bytes) -> None:
 def bind_statement_name(payload: bytes) -> str:
     """Only the statement name of a Bind (cheap; for the hot path)."""
     r = Reader(payload)
-    r.cstring_bytes()
-    return r.cstring()
+    portal = r.cstring_bytes()
+    if len(portal) > MAX_NAME_BYTES:
+        _short_name(decode_text(portal), "portal")
+    return _short_name(r.cstring(), "prepared statement")
 
 
 def decode_describe(payload: bytes) -> Describe:
@@ -294,7 +312,7 @@ def decode_describe(payload: bytes) -> Describe:
     kind = r.byte()
     if kind not in (b"S", b"P"):
         raise ProtocolError(f"invalid DESCRIBE message subtype {kind!r}")
-    d = Describe(kind, r.cstring())
+    d = Describe(kind, _short_name(r.cstring(), "portal" if kind == b"P" else "prepared statement"))
     r.end()
     return d
 
@@ -305,7 +323,7 @@ def encode_describe(kind: bytes, name: str) -> bytes:
 
 def decode_execute(payload: bytes) -> Execute:
     r = Reader(payload)
-    e = Execute(r.cstring(), r.int32())
+    e = Execute(_short_name(r.cstring(), "portal"), r.int32())
     r.end()
     return e
 
@@ -319,7 +337,7 @@ def decode_close(payload: bytes) -> Close:
     kind = r.byte()
     if kind not in (b"S", b"P"):
         raise ProtocolError(f"invalid CLOSE message subtype {kind!r}")
-    c = Close(kind, r.cstring())
+    c = Close(kind, _short_name(r.cstring(), "portal" if kind == b"P" else "prepared statement"))
     r.end()
     return c
 
