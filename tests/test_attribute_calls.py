@@ -134,6 +134,9 @@ def test_a_user_function_in_attribute_notation_must_be_declared():
         d = _refused(engine, sql)
         assert "full_name" in d.message and "attribute notation" in d.message
         _forwarded(_engine(user_functions={"full_name"}, safe_functions={"public.full_name"}), sql)
+    # a declaration in a schema off the search path does not cover the name (review 2)
+    _refused(_engine(user_functions={"full_name"}, safe_functions={"hid.full_name"}),
+             "SELECT c.full_name FROM customers c")
     # a name no function has is a column (or PostgreSQL's error)
     _forwarded(engine, "SELECT c.name FROM customers c")
 

@@ -75,3 +75,25 @@ def test_writes_and_hidden_catalogs_stay_refused(demo, sql):
     with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(sql)
+
+
+def test_per_role_settings_are_not_readable_through_the_role_catalogs(demo):
+    """Review 2: ALTER ROLE ... SET app.jwt_secret was hidden from SHOW and current_setting(),
+    and readable as pg_roles.rolconfig / pg_user.useconfig."""
+    with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+        role = conn.execute("SELECT current_user").fetchone()[0]
+    with psycopg.connect(demo.admin, autocommit=True) as admin:
+        admin.execute(f'ALTER ROLE "{role}" SET app.jwt_secret = \'sekrit-role\'')
+    try:
+        with psycopg.connect(demo.app("acme"), autocommit=True) as conn:
+            rows = conn.execute("SELECT rolname, rolconfig FROM pg_roles WHERE rolname = current_user").fetchall()
+            assert rows == [(role, None)]
+            assert conn.execute("SELECT r.* FROM pg_catalog.pg_roles r WHERE r.rolname = current_user") \
+                .fetchone()[11] is None
+            assert conn.execute("SELECT useconfig FROM pg_user WHERE usename = current_user").fetchone() == (None,)
+        with psycopg.connect(demo.admin, autocommit=True) as admin:  # it is there
+            assert admin.execute("SELECT rolconfig FROM pg_roles WHERE rolname = %s", [role]).fetchone()[0] \
+                == ["app.jwt_secret=sekrit-role"]
+    finally:
+        with psycopg.connect(demo.admin, autocommit=True) as admin:
+            admin.execute(f'ALTER ROLE "{role}" RESET app.jwt_secret')

@@ -11,7 +11,7 @@ drivers' metadata calls and ORMs' reflection keep working and simply do not show
 |---|---|---|
 | ``pg_namespace`` | every schema except ``tenantgate_*`` (control, copy views, the backstop's guard) | tenantgate's machinery is not the application's |
 | ``pg_database`` | the database it is connected to | other databases' names are other applications' (or other customers') |
-| ``pg_roles``, ``pg_user`` | its backend role and PostgreSQL's built-in ``pg_*`` roles | role names reveal who else uses the server |
+| ``pg_roles``, ``pg_user`` | its backend role and PostgreSQL's built-in ``pg_*`` roles, with ``rolconfig`` / ``useconfig`` NULL | role names reveal who else uses the server; per-role settings may hold secrets that SHOW and current_setting() hide |
 | ``pg_settings`` | preset (``internal``) and client-settable (``user``) parameters, without file and directory names, commands, libraries, connection strings, search paths or custom (dotted) settings | drivers read limits such as ``max_index_keys`` (pgjdbc); paths and commands are the server's business. PostgreSQL itself hides the superuser-only ones (``data_directory``, ``config_file``, ...) from the backend role |
 
 Writes to these catalogs stay refused (they are not tenant or shared tables).  Functions that
@@ -31,6 +31,20 @@ CATALOG_ROW_FILTERS: dict[tuple[str, str], str] = {
     ("pg_catalog", "pg_user"): "(usename = CURRENT_USER OR usename ~ '^pg_')",
     ("pg_catalog", "pg_settings"): (
         "context IN ('internal', 'user') AND name !~ '(file|director|command|librar|conninfo|path|[.])'"
+    ),
+}
+
+#: (schema, relation) -> the select list a tenant session reads it through (default ``*``): the
+#: same columns in the same order, with per-role settings (``ALTER ROLE ... SET app.secret``,
+#: which SHOW and current_setting() hide) as NULL
+CATALOG_COLUMNS: dict[tuple[str, str], str] = {
+    ("pg_catalog", "pg_roles"): (
+        "rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin, rolreplication, rolconnlimit, "
+        "rolpassword, rolvaliduntil, rolbypassrls, NULL::pg_catalog.text[] AS rolconfig, oid"
+    ),
+    ("pg_catalog", "pg_user"): (
+        "usename, usesysid, usecreatedb, usesuper, userepl, usebypassrls, passwd, valuntil, "
+        "NULL::pg_catalog.text[] AS useconfig"
     ),
 }
 

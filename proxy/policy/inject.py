@@ -37,7 +37,7 @@ from typing import Callable
 from sqlglot import exp
 from sqlglot.tokens import Token, TokenType
 
-from proxy.policy.catalog_views import CATALOG_ROW_FILTERS
+from proxy.policy.catalog_views import CATALOG_COLUMNS, CATALOG_ROW_FILTERS
 from proxy.policy.catalog import CatalogSnapshot, Relation
 from proxy.policy.join_plan import from_item_index, join_plan
 from proxy.policy.errors import FEATURE_NOT_SUPPORTED, PolicyRefusal
@@ -137,7 +137,7 @@ class _Injector(WriteInjection):
         if rel is not None and rel.classification == "system":
             where = CATALOG_ROW_FILTERS.get((rel.schema, rel.name))
             if where is not None:  # a catalog a tenant sees only in part (catalog_views.py)
-                self.wrap_catalog(table, where)
+                self.wrap_catalog(table, where, CATALOG_COLUMNS.get((rel.schema, rel.name), "*"))
             return
         if rel is None:
             return
@@ -176,7 +176,7 @@ class _Injector(WriteInjection):
         else:
             self.add(start, end, *wrapped, " AS ", quote_ident(rel.name))
 
-    def wrap_catalog(self, table: exp.Table, where: str) -> None:
+    def wrap_catalog(self, table: exp.Table, where: str, columns: str = "*") -> None:
         """A catalog view a tenant may read only in part: ``(SELECT * FROM <it> WHERE <where>)``
         under the name (or alias) it had."""
         if table.args.get("only") or any(table.args.get(k) for k in ("sample", "version", "hints", "pivots")):
@@ -185,7 +185,7 @@ class _Injector(WriteInjection):
         i = self.tok_index(start)
         if i > 0 and self.tokens[i - 1].token_type == TokenType.TABLE:
             raise PolicyRefusal(FEATURE_NOT_SUPPORTED, f"TABLE {display_name(table)}")
-        wrapped = ("(SELECT * FROM pg_catalog.", quote_ident(table.name.lower()), " WHERE ", where, ")")
+        wrapped = ("(SELECT ", columns, " FROM pg_catalog.", quote_ident(table.name.lower()), " WHERE ", where, ")")
         has_alias = isinstance(table.args.get("alias"), exp.TableAlias) and table.args["alias"].this is not None
         if has_alias:
             self.add(start, end, *wrapped)

@@ -84,7 +84,11 @@ class _Calls:
         self.sql_functions = snapshot.sql_functions
         self.setting_params = setting_params
         declared = checker.declared_safe_functions
-        self.declared_names = frozenset(d.rpartition(".")[2] for d in declared)
+        # what x.name may resolve to through the search path: an unqualified declaration, or one
+        # in a schema of the path (a declared hid.f does not make public.f safe)
+        path = set(snapshot.search_path)
+        self.declared_names = frozenset(
+            d.rpartition(".")[2] for d in declared if "." not in d or d.rpartition(".")[0] in path)
         # operators and casts whose function runs SQL and is not declared safe
         self.operators: dict[str, str] = {}
         self.explicit_casts: dict[str, str] = {}
