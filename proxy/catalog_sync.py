@@ -288,14 +288,19 @@ class CatalogManager:
         async def run() -> None:
             if delay:
                 await asyncio.sleep(delay)
-            try:
-                await self.refresh(reason)
-            except _UNREACHABLE as e:  # the server is down or restarting: expected, no traceback
-                log.warning("catalog refresh failed: %s (the old snapshot stays in force)", e or type(e).__name__)
-            except Exception:  # logged; the old snapshot stays in force
-                log.exception("catalog refresh failed")
+            await self._refresh_logged(reason)
 
         self._pending = loop.create_task(run())
+
+    async def _refresh_logged(self, reason: str) -> None:
+        """:meth:`refresh`, its failure logged (the old snapshot stays in force)."""
+        try:
+            await self.refresh(reason)
+        except _UNREACHABLE as e:  # the server is down or restarting: expected, no traceback
+            log.warning("catalog refresh (%s) failed: %s (the old snapshot stays in force)", reason,
+                        e or type(e).__name__)
+        except Exception:
+            log.exception("catalog refresh (%s) failed", reason)
 
     def start_listening(self, dsn: str) -> None:
         """LISTEN on the backend for the bootstrap's DDL event trigger (channel
@@ -333,13 +338,7 @@ class CatalogManager:
         async def loop_() -> None:
             while True:
                 await asyncio.sleep(self.refresh_interval_s)
-                try:
-                    await self.refresh("periodic")
-                except _UNREACHABLE as e:
-                    log.warning("periodic catalog refresh failed: %s (the old snapshot stays in force)",
-                                e or type(e).__name__)
-                except Exception:
-                    log.exception("periodic catalog refresh failed")
+                await self._refresh_logged("periodic")
 
         self._periodic = asyncio.get_running_loop().create_task(loop_())
 

@@ -75,10 +75,11 @@ class Readiness:
         names: list[str] = ["backend"]
         coros: list[Awaitable[tuple[bool, str]]] = [self._backend(cfg, timeout)]
         default = cfg.default_region()
-        optional = [f"backend:{r}" for r in cfg.region_names() if r != default]
-        for r in cfg.region_names():
-            if r != default:
-                names.append(f"backend:{r}")
+        check_of = {r: "backend" if r == default else f"backend:{r}" for r in cfg.region_names()}
+        optional = {name for name in check_of.values() if name != "backend"}  # reported, not required
+        for r, name in check_of.items():
+            if name in optional:
+                names.append(name)
                 coros.append(self._backend(cfg, timeout, cfg.backend_of(r)))
         if cfg.rules_file:
             names.append("rules")
@@ -100,9 +101,8 @@ class Readiness:
                 ok, detail = False, f"{type(e).__name__}: {e}"
             checks[name] = {"ok": bool(ok), "detail": detail}
         metrics.BACKEND_UP.set(1 if checks["backend"]["ok"] else 0)
-        for r in cfg.region_names():
-            check = checks["backend" if r == default else f"backend:{r}"]
-            metrics.REGION_BACKEND_UP.labels(region=r).set(1 if check["ok"] else 0)
+        for r, name in check_of.items():
+            metrics.REGION_BACKEND_UP.labels(region=r).set(1 if checks[name]["ok"] else 0)
         metrics.CONTROL_UP.set(0 if "control" in checks and not checks["control"]["ok"] else 1)
         return all(c["ok"] for c in checks.values() if c.get("required", True)), checks
 

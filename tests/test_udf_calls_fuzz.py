@@ -139,7 +139,9 @@ def _called(conn, sql) -> bool | None:
     """True: PostgreSQL ran a tgu function; False: it ran the statement without one; None: an error
     before that (a refusal, or PostgreSQL's own error)."""
     try:
-        conn.execute(sql).fetchall() if sql.lstrip().upper().startswith(("SELECT", "WITH")) else conn.execute(sql)
+        cur = conn.execute(sql)
+        if cur.description is not None:  # rows: read them all (the function may run per row)
+            cur.fetchall()
         return False
     except psycopg.Error as e:
         if "tgu called" in str(e):

@@ -251,7 +251,7 @@ class FunctionChecker:
             return _NO_PARAMS
         self._check_statement_kind(tree)
         handlers = self._handlers
-        found = None
+        found: set[int] | None = None
         for node in tree.walk():
             cls = type(node)
             try:
@@ -261,7 +261,9 @@ class FunctionChecker:
             if handler is not None:
                 index = handler(node)
                 if index is not None:
-                    found = (found or set()) | {index}
+                    if found is None:
+                        found = set()
+                    found.add(index)
         return frozenset(found) if found else _NO_PARAMS
 
     def _handler_for(self, cls: type):

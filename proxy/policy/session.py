@@ -230,8 +230,8 @@ class TenantSessionGate:
         eff = analysis.effects
         if eff.tenant_token is not None:
             return self._set_token(*eff.tenant_token)
-        if eff.prepared and self._protocol_names and any(
-                n in self._protocol_names or _PROTOCOL_NAMES_FULL in self._protocol_names for n in eff.prepared):
+        names = self._protocol_names
+        if eff.prepared and names and (_PROTOCOL_NAMES_FULL in names or any(n in names for n in eff.prepared)):
             # the protocol statement may still exist (a Close or DEALLOCATE of it may have failed or
             # been skipped): PostgreSQL would then refuse the PREPARE (42P05), and recording it would
             # let EXECUTE run the protocol statement with values no Bind check saw
