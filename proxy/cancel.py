@@ -27,6 +27,8 @@ _PID_SPAN = 2**31 - 1 - _PID_FLOOR
 
 
 class Cancellable(Protocol):
+    key: tuple[int, int] | None  # what register() returned (the registry keeps no copy of it)
+
     def cancel_backend_query(self) -> None: ...
 
 
@@ -41,14 +43,15 @@ class CancelRegistry:
         self.worker_index = worker_index
         self.worker_count = worker_count
         self.forward = forward
-        self._by_pid: dict[int, tuple[int, Cancellable]] = {}
+        self._by_pid: dict[int, Cancellable] = {}
 
     def owner_of(self, pid: int) -> int:
         """The worker index that handed out ``pid``."""
         return pid % self.worker_count
 
     def register(self, session: Cancellable) -> tuple[int, int]:
-        """A fresh (pid, secret) for ``session``; the pid names this worker."""
+        """A fresh (pid, secret) for ``session``, which keeps it as ``session.key``; the pid
+        names this worker."""
         n, i = self.worker_count, self.worker_index
         while True:
             pid = secrets.randbelow(_PID_SPAN) + _PID_FLOOR
@@ -56,8 +59,9 @@ class CancelRegistry:
             if pid >= _PID_FLOOR and pid not in self._by_pid:
                 break
         secret = struct.unpack("!i", secrets.token_bytes(4))[0]
-        self._by_pid[pid] = (secret, session)
-        return pid, secret
+        self._by_pid[pid] = session
+        session.key = (pid, secret)
+        return session.key
 
     def unregister(self, pid: int) -> None:
         self._by_pid.pop(pid, None)
@@ -74,13 +78,14 @@ class CancelRegistry:
 
     def cancel_local(self, pid: int, secret: int) -> bool:
         """Cancel a session of this process when (pid, secret) matches exactly."""
-        entry = self._by_pid.get(pid)
-        ok = entry is not None and hmac.compare_digest(struct.pack("!i", entry[0]), struct.pack("!i", secret))
+        session = self._by_pid.get(pid)
+        key = session.key if session is not None else None
+        ok = key is not None and hmac.compare_digest(struct.pack("!i", key[1]), struct.pack("!i", secret))
         if not ok:
             CANCEL_REQUESTS_TOTAL.labels(result="unknown_key").inc()
             return False
         CANCEL_REQUESTS_TOTAL.labels(result="forwarded").inc()
-        entry[1].cancel_backend_query()
+        session.cancel_backend_query()
         return True
 
     def __len__(self) -> int:

@@ -347,7 +347,7 @@ class BackendPool:
         settings still match; otherwise it is unparked (and stays idle) and False is returned."""
         if sc.parked_by is not session:
             return False
-        if sc.closed or sc.state != wanted or self._at_limit(tenant):
+        if sc.closed or (sc.state is not wanted and sc.state != wanted) or self._at_limit(tenant):
             self._unpark(sc)
             return False
         del self.idle[sc]

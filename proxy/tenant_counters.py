@@ -39,7 +39,8 @@ def tenant_snapshot(server) -> list[dict]:
     for s in list(server.sessions):
         if not s.relaying or s.console is not None:
             continue
-        s.counters.flush()  # transactions counted by the session and not yet added to its tenant's
+        if s.counters is not None:  # an idle pooled session holds none (protocol._drop_counters)
+            s.counters.flush()  # transactions counted by the session and not yet added to its tenant's
         tenant = session_tenant(s)
         if tenant is not None:
             sessions[tenant] = sessions.get(tenant, 0) + 1

@@ -52,6 +52,7 @@ _NONE_PREPARED: frozenset[str] = frozenset()
 _MAX_PROTOCOL_NAMES = 4096
 _PROTOCOL_NAMES_FULL = "\0full"
 _NO_CLASSES: dict[str, str] = {}  # never written: replaced by a dict of its own at the first PREPARE
+_WRITABLE = (False, DEFAULT_READ_ONLY_MESSAGE)  # the status of most sessions, shared
 
 
 @functools.lru_cache(maxsize=4096)
@@ -106,7 +107,9 @@ class TenantSessionGate:
         tenant_status: Callable[[str], tuple[bool, str | None]] | None = None,
     ):
         self.engine = engine
-        self._tenant_status = tenant_status
+        # asked when a tenant token chooses the tenant (a bound session's tenant was checked at
+        # connect, by open_tenant_session: its gate keeps no hook)
+        self._tenant_status = tenant_status if allow_tokens else None
         type_ = engine.rules.tenant_column_type
         self._type = type_
         self._bound = tenant is not None and not allow_tokens
@@ -115,7 +118,9 @@ class TenantSessionGate:
         self._token_key = token_key
         self._allow_tokens = allow_tokens
         # (read_only, message) of the session tenant, and of a SET LOCAL tenant while it lasts
-        self._status: tuple[bool, str] = (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE)
+        self._status: tuple[bool, str] = (
+            _WRITABLE if not read_only and read_only_message is None
+            else (read_only, read_only_message or DEFAULT_READ_ONLY_MESSAGE))
         self._local_status: tuple[bool, str] | None = None
         # SQL PREPAREd names and their statements' classes; shared empty ones until the first
         # PREPARE (most sessions never use one: an idle session stays small)

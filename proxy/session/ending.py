@@ -147,7 +147,7 @@ class SessionEnd:
             self.transport.close()
         if self.key is not None:
             self.server.cancels.unregister(self.key[0])
-        self.counters.flush()
+        self._drop_counters()
         if self._counted:
             CLIENT_CONNECTIONS.labels(kind=self.kind_label).dec()
         gate = self.gate

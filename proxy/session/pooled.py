@@ -76,7 +76,7 @@ async def sync_server(sc: ServerConn, settings) -> None:
         if backstop.BINDING_SETTING in to_set or backstop.BINDING_SETTING in to_reset:
             bind = (await server_binder(sc, settings.bkey)).call_value
         await server_query(sc.conn, varcache.apply_sql(to_set, to_reset, bind))
-    sc.state = dict(settings.wanted)
+    sc.state = settings.wanted  # read-only and shared (proxy.session.settings.shared)
 
 
 def take_idle_in_sync(settings, gate, last: ServerConn | None) -> tuple[ServerConn | None, bool]:
@@ -225,6 +225,7 @@ class PooledSession:
                 return False
             self.let_go_of_parked()
         self.relay = None
+        self._drop_counters()
         log.debug("session %s: idle, relay core dropped%s", self.session_id,
                   " and its parked connection let go" if sc is not None else "")
         return True

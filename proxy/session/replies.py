@@ -312,8 +312,7 @@ class BackendReplies:
                 baseline = settings.pool.baseline or {}
                 actual = varcache.from_probe(names, [None if v is None else v.decode() for v in values], baseline)
                 self.sconn.state = actual
-                settings.wanted = dict(actual)
-                settings.wanted.update(settings.gate_settings(self.gate))
+                settings.want(actual, self.gate)
             else:  # the probe failed: the connection's state is unknown, do not lend it again
                 settings.pinned = True
 

@@ -21,7 +21,7 @@ from proxy.policy.startup_settings import StartupRefusal, split_startup
 from proxy.scram import ScramError, ScramServerExchange, mock_verifier, parse_verifier
 from proxy.seam import BackstopBound, PooledGate, SessionKind, SessionRefused, StartupInfo
 from proxy.session.pooled import server_query, sync_server
-from proxy.session.settings import PooledSettings
+from proxy.session.settings import PooledSettings, shared
 from proxy.session_events import note_connection
 from proxy.wire import messages as m
 from proxy.wire.errors import ProtocolError
@@ -215,7 +215,8 @@ async def _authenticate_and_connect(s, pkt: StartupMessage) -> None:
     backend_cfg = cfg.backend_of(region)
     database = backend_cfg.database or pkt.database
     if gate.kind is SessionKind.TENANT and cfg.pool_mode_for(s.user, pkt.database) == "transaction":
-        gate.retarget = s.retarget  # a placement change (gatekeeper): retarget(s, region) below
+        if len(cfg.regions) > 1:  # a placement change (gatekeeper): retarget(s, region) below
+            gate.retarget = s.retarget
         backend = await _start_pooled(s, gate, database, forwarded, bkey)
         if backend is None:
             return
@@ -271,12 +272,10 @@ async def _start_pooled(s, gate: PooledGate, database: str, forwarded: dict[str,
     s.pooled = True
     pool = s.pool = s.server.pools.get(database, session_region(s))
     settings = s.pooled_settings = PooledSettings(pool, bkey)
-    gate_settings = settings.gate_settings(gate)
-    names = tuple(gate.tracked_parameters) + tuple(sorted(gate_settings))
+    names = tuple(gate.tracked_parameters) + tuple(sorted(settings.gate_settings(gate)))
     settings.probe_names = pool.probe_names.setdefault(names, names)  # one shared tuple per pool
-    settings.connect = {k.lower(): v for k, v in forwarded.items()}
-    settings.wanted = dict(settings.connect)
-    settings.wanted.update(gate_settings)
+    settings.connect = shared({k.lower(): v for k, v in forwarded.items()})
+    settings.want(settings.connect, gate)
     gate.pooled = True  # RESET ALL / DISCARD ALL are followed by a settings read-back
     try:
         sc = await pool.acquire(s.config.pool.queue_timeout_s)

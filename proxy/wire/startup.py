@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from proxy.wire.errors import FEATURE_NOT_SUPPORTED, ProtocolError
@@ -77,7 +78,9 @@ def parse_startup_packet(payload: bytes) -> StartupPacket:
             break
         if name in params:
             raise ProtocolError(f"duplicate startup parameter \"{name}\"", reason="bad_startup")
-        params[name] = r.cstring()
+        # interned: the sessions of one application share their user, database and settings
+        # strings (an idle session keeps a few of them)
+        params[sys.intern(name)] = sys.intern(r.cstring())
     r.end()
     if not params.get("user"):
         raise ProtocolError("no PostgreSQL user name specified in startup packet", reason="bad_startup")
