@@ -81,7 +81,15 @@ def issue17(res: "Results") -> list[str]:
         out.append(f"Fairness: light tenant p99 {fair['unloaded_p99_us']:.0f} µs alone, {fair['loaded_p99_us']:.0f} µs"
                    f" while a heavy tenant runs {fair['heavy_clients']} clients against pool.size {fair['pool_size']}"
                    f" with pool.max_per_tenant {fair['max_per_tenant']}; without the limit:"
-                   f" {fair['no_limit_unloaded_p99_us']:.0f} µs alone, {fair['no_limit_loaded_p99_us']:.0f} µs loaded.")
+                   f" {fair['no_limit_unloaded_p99_us']:.0f} µs alone, {fair['no_limit_loaded_p99_us']:.0f} µs loaded."
+                   + (f" tenantgate used {fair['proxy_cores_loaded']:.2f} cores during the loaded run (one event loop:"
+                      " the light tenant's messages wait for the heavy tenant's already in it)."
+                      if fair.get("proxy_cores_loaded") else ""))
+        if fair.get("direct_unloaded_p99_us"):
+            d0, d1 = fair["direct_unloaded_p99_us"], fair["direct_loaded_p99_us"]
+            out.append(f"With no proxy (both straight to PostgreSQL, the heavy tenant with {fair['max_per_tenant']}"
+                       f" clients, the connections the limit lends it): {d0:.0f} µs alone, {d1:.0f} µs loaded,"
+                       f" {d1 / d0:.2f}x: the share of the ratio this machine's CPU contention causes.")
     return out
 
 
