@@ -213,9 +213,9 @@ class ClientSession(AwaitedSteps, PooledSession, SessionEnd, asyncio.Protocol):
     def start_relay(self, backend: BackendConnection, status: bytes) -> None:
         """Startup is done: report the backend's parameters, our BackendKeyData, ReadyForQuery."""
         server, gate = self.server, self.gate
-        self.key = server.cancels.register(self)
+        key = server.cancels.register(self)  # (also kept as self.key by the registry)
         out = [m.encode_parameter_status(k, v) for k, v in backend.parameters.items()]
-        out.append(m.encode_backend_key_data(*self.key))
+        out.append(m.encode_backend_key_data(*key))
         out.append(m.encode_ready_for_query(status))
         self.transport.write(b"".join(out))
         gate.on_ready_for_query(status)
